@@ -1,0 +1,477 @@
+"""The allocator: contexts of inference memory that can move between tiers.
+
+``enable()`` starts the C++ core over the CUDA driver (or over simulated devices) and sets
+the tiers' budgets. ``with context(tag):`` routes the calling thread's CUDA allocations to
+the context's pool: one ``torch.cuda.MemPool`` per (device, context), whose allocator is the
+core's ``aqua_malloc`` / ``aqua_free``. PyTorch's caching allocator stays in front (it
+splits and caches blocks inside the pool) and asks the core only for new segments; weights
+and activations made outside a context never reach the core.
+
+``park`` marks a context as not running (a candidate for eviction), ``resume`` brings its
+bytes back to its GPU, ``evict`` moves them now, ``where`` says where they are. Every move
+keeps each tensor's ``data_ptr()`` and bytes.
+
+Thread-safety: every function may be called from any thread. Routing is per thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import dataclasses
+import threading
+from typing import Any, Iterator
+
+from . import _native, config, events
+from ._native import TIER_AUTO, TIER_HOST, TIER_NONE, Backend, check
+
+_lock = threading.RLock()
+_state: "_State | None" = None
+_tags_by_id: dict[int, str] = {}   # every context id ever made -> tag (for events)
+_routing = threading.local()       # .stack: [(context, pool_ctx)] of this thread
+
+
+class NoDeviceError(RuntimeError):
+    """aqua_alloc was asked to use CUDA where there is no usable GPU or driver."""
+
+
+class ContextError(RuntimeError):
+    """A context was misused: unknown or released tag, wrong device, in use."""
+
+
+@dataclasses.dataclass
+class _Context:
+    tag: str
+    id: int
+    device: int
+    pool: Any = None       # torch.cuda.MemPool (CUDA backend)
+    users: int = 0         # threads inside `with context(tag)` now
+
+
+@dataclasses.dataclass
+class _State:
+    settings: config.Settings
+    plan: config.Plan
+    backend: Backend
+    num_devices: int
+    contexts: dict[str, _Context] = dataclasses.field(default_factory=dict)
+    torch_allocator: Any = None  # CUDAPluggableAllocator, kept for the process's life
+    prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+_keep_alive: list[Any] = []  # pluggable allocators: torch may call them until exit
+
+
+def tier_name(tier: int) -> str:
+    return "host" if tier == TIER_HOST else f"gpu{tier}"
+
+
+def parse_tier(tier: int | str, num_devices: int) -> int:
+    """'host', 'gpuN', 'auto' or a device ordinal -> the core's tier number."""
+    if isinstance(tier, str):
+        t = tier.strip().lower()
+        if t == "host":
+            return TIER_HOST
+        if t == "auto":
+            return TIER_AUTO
+        if t.startswith("gpu") and t[3:].isdigit():
+            tier = int(t[3:])
+        elif t.startswith("cuda:") and t[5:].isdigit():
+            tier = int(t[5:])
+        else:
+            raise ValueError(f"tier={tier!r}: expected 'host', 'auto', 'gpuN' or a device ordinal")
+    if isinstance(tier, bool) or not isinstance(tier, int) or not 0 <= tier < num_devices:
+        raise ValueError(f"tier={tier!r}: no such GPU ({num_devices} devices)")
+    return tier
+
+
+# --- enable / disable -----------------------------------------------------------------------
+
+
+def is_enabled() -> bool:
+    return _state is not None
+
+
+def settings() -> config.Settings | None:
+    return _state.settings if _state else None
+
+
+def enable(**overrides: Any) -> None:
+    """Start aqua_alloc. Settings: ``AQUA_*`` variables, overridden by these arguments
+    (see :class:`aqua_alloc.config.Settings`). A bad value raises ConfigError naming it.
+    Calling it again while enabled with no arguments does nothing."""
+    global _state
+    with _lock:
+        if _state is not None:
+            if overrides:
+                raise ContextError("aqua_alloc is already enabled; call disable() before enabling with new settings")
+            return
+        settings = config.Settings.from_env(**overrides)
+        lib = _native.lib()
+        if settings.backend == "sim":
+            n = settings.sim_devices
+            caps = (ctypes.c_uint64 * n)(*([settings.sim_device_bytes] * n))
+            matrix = settings.sim_peer_access or tuple(tuple(True for _ in range(n)) for _ in range(n))
+            if len(matrix) != n:
+                raise config.ConfigError(f"sim_peer_access: expected a {n}x{n} matrix, got {len(matrix)} rows")
+            peer = (ctypes.c_uint8 * (n * n))(*[int(x) for row in matrix for x in row])
+            check(lib.aqua_init_sim(n, caps, settings.sim_host_bytes, peer, 0), "starting simulated devices")
+            backend = Backend.SIM
+        else:
+            status = lib.aqua_init_cuda()
+            if status == _native.Status.NO_DEVICE:
+                raise NoDeviceError(f"aqua_alloc needs a CUDA GPU: {_native.last_error()}. "
+                                    "(Tests with no GPU use enable(backend='sim').)")
+            check(status, "starting the CUDA backend")
+            backend = Backend.CUDA
+        try:
+            plan, num_devices = _configure(lib, settings, backend)
+        except BaseException:
+            lib.aqua_shutdown(1)
+            raise
+        _state = _State(settings=settings, plan=plan, backend=backend, num_devices=num_devices)
+        if backend == Backend.CUDA:
+            _install_hooks()
+        if settings.trace:
+            from . import trace  # noqa: PLC0415 - only when tracing is asked for
+            trace.install_exit_hook(settings.trace, snapshot=settings.trace_snapshot)
+
+
+def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) -> tuple[config.Plan, int]:
+    n = ctypes.c_int()
+    check(lib.aqua_device_count(ctypes.byref(n)), "counting devices")
+    num_devices = n.value
+    peer = [[False] * num_devices for _ in range(num_devices)]
+    for i in range(num_devices):
+        for j in range(num_devices):
+            can = ctypes.c_int()
+            check(lib.aqua_can_access_peer(i, j, ctypes.byref(can)), "asking peer access")
+            peer[i][j] = bool(can.value)
+    total, free = {}, {}
+    for d in range(num_devices):
+        f, t = ctypes.c_uint64(), ctypes.c_uint64()
+        check(lib.aqua_mem_info(d, ctypes.byref(f), ctypes.byref(t)), f"reading memory of GPU {d}")
+        total[d], free[d] = t.value, f.value
+    if backend == Backend.SIM:
+        host_total = host_available = settings.sim_host_bytes
+        nvlink = peer
+    else:
+        from . import topology  # noqa: PLC0415
+
+        topo = topology.discover(peer)
+        host_total, host_available = topo.host_total_bytes, topo.host_available_bytes
+        nvlink = topo.nvlink if len(topo.nvlink) == num_devices else [[False] * num_devices] * num_devices
+    plan = config.resolve(settings, total, free, host_total, host_available)
+    check(lib.aqua_set_chunk_bytes(settings.chunk), "AQUA_CHUNK")
+    for d in range(num_devices):
+        check(lib.aqua_set_local_budget(d, plan.local_budget[d]), f"AQUA_LOCAL_BUDGET for GPU {d}")
+        check(lib.aqua_set_lend_budget(d, plan.lend[d]), f"AQUA_LEND for GPU {d}")
+        for p in range(num_devices):
+            if p != d:
+                # NVLink peers first; PCIe peers after; no access: never.
+                rank = -1 if not peer[d][p] else (0 if nvlink[d][p] else 1)
+                check(lib.aqua_set_peer_rank(d, p, rank), f"peer rank {d}->{p}")
+    check(lib.aqua_set_host_budget(plan.host_budget), "AQUA_HOST_BUDGET")
+    check(lib.aqua_events_set_capacity(settings.trace_events), "AQUA_TRACE_EVENTS")
+    check(lib.aqua_host_pool_reserve(plan.host_reserve, 1), "AQUA_HOST_RESERVE (creating pinned host backing)")
+    return plan, num_devices
+
+
+def _install_hooks() -> None:
+    try:
+        from . import hf_generate  # noqa: PLC0415
+    except ImportError:
+        return  # transformers is optional
+    hf_generate.install_generate_hook()
+
+
+def _uninstall_hooks() -> None:
+    try:
+        from . import hf_generate  # noqa: PLC0415
+    except ImportError:
+        return
+    hf_generate.uninstall_generate_hook()
+
+
+def disable() -> None:
+    """Stop aqua_alloc. Every context is first brought home to its GPU; if that cannot be
+    done, nothing changes and ContextError says why. Tensors made in contexts stay valid;
+    the core keeps serving their frees and is shut down once none is left."""
+    global _state
+    with _lock:
+        state = _require()
+        lib = _native.lib()
+        for ctx in list(state.contexts.values()):
+            moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
+            check(lib.aqua_resume(ctx.id, ctypes.byref(moved), ctypes.byref(elsewhere)), f"bringing {ctx.tag!r} home")
+            if elsewhere.value:
+                raise ContextError(f"disable(): context {ctx.tag!r} still has {elsewhere.value} bytes off its GPU "
+                                   "(no room to bring them home); release contexts or free memory first")
+        if state.prefetcher:
+            state.prefetcher.shutdown(wait=True)
+        if state.backend == Backend.CUDA:
+            _uninstall_hooks()
+        for ctx in list(state.contexts.values()):
+            _release_locked(state, ctx)
+        _state = None
+        status = lib.aqua_shutdown(0)
+        if status != _native.Status.OK:
+            # Live tensors remain in released contexts; the core stays up to serve their frees.
+            pass
+
+
+def _require() -> _State:
+    if _state is None:
+        raise ContextError("aqua_alloc is not enabled: call aqua_alloc.enable() (or set AQUA_ALLOC=1)")
+    return _state
+
+
+# --- contexts -------------------------------------------------------------------------------
+
+
+def _resolve_device(state: _State, device: Any) -> int:
+    if device is None:
+        if state.backend == Backend.CUDA:
+            import torch  # noqa: PLC0415
+
+            return torch.cuda.current_device()
+        return 0
+    index = getattr(device, "index", device)  # torch.device
+    if getattr(device, "type", "cuda") != "cuda":
+        raise ValueError(f"device={device!r}: aqua_alloc contexts live on CUDA devices")
+    if isinstance(device, str):
+        s = device.strip().lower()
+        index = int(s[5:]) if s.startswith("cuda:") and s[5:].isdigit() else (0 if s == "cuda" else None)
+        if index is None:
+            raise ValueError(f"device={device!r}: expected 'cuda:N' or a device ordinal")
+    if index is None:
+        index = 0
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < state.num_devices:
+        raise ValueError(f"device={device!r}: no such GPU ({state.num_devices} devices)")
+    return index
+
+
+def _get_or_create(state: _State, tag: str, device: Any) -> _Context:
+    if not isinstance(tag, str) or not tag:
+        raise ValueError(f"context tag must be a non-empty string, got {tag!r}")
+    ctx = state.contexts.get(tag)
+    if ctx is not None:
+        if device is not None and _resolve_device(state, device) != ctx.device:
+            raise ContextError(f"context {tag!r} lives on GPU {ctx.device}, not on {device!r}")
+        return ctx
+    dev = _resolve_device(state, device)
+    lib = _native.lib()
+    out = ctypes.c_int()
+    check(lib.aqua_context_create(dev, tag.encode(), ctypes.byref(out)), f"creating context {tag!r}")
+    ctx = _Context(tag=tag, id=out.value, device=dev)
+    if state.backend == Backend.CUDA:
+        import torch  # noqa: PLC0415
+
+        if state.torch_allocator is None:
+            state.torch_allocator = torch.cuda.memory.CUDAPluggableAllocator(
+                _native.library_path(), "aqua_malloc", "aqua_free")
+            _keep_alive.append(state.torch_allocator)
+        with torch.cuda.device(dev):
+            ctx.pool = torch.cuda.MemPool(state.torch_allocator.allocator())
+    state.contexts[tag] = ctx
+    _tags_by_id[ctx.id] = tag
+    return ctx
+
+
+@contextlib.contextmanager
+def context(tag: str, device: Any = None) -> Iterator[str]:
+    """Route this thread's CUDA allocations to context `tag` (made on first use, on
+    `device` or the current device). Nested contexts: the innermost wins."""
+    with _lock:
+        state = _require()
+        ctx = _get_or_create(state, tag, device)
+        ctx.users += 1
+    lib = _native.lib()
+    prev = ctypes.c_int()
+    lib.aqua_set_thread_context(ctx.id, ctypes.byref(prev))
+    stack = getattr(_routing, "stack", None)
+    if stack is None:
+        stack = _routing.stack = []
+    stack.append(tag)
+    try:
+        if ctx.pool is not None:
+            import torch  # noqa: PLC0415
+
+            with torch.cuda.use_mem_pool(ctx.pool, device=ctx.device):
+                yield tag
+        else:
+            yield tag
+    finally:
+        stack.pop()
+        lib.aqua_set_thread_context(prev.value, None)
+        with _lock:
+            ctx.users -= 1
+
+
+def current_context() -> str | None:
+    """The tag this thread allocates into now, or None."""
+    stack = getattr(_routing, "stack", None)
+    return stack[-1] if stack else None
+
+
+def _find(tag: str) -> _Context:
+    state = _require()
+    ctx = state.contexts.get(tag)
+    if ctx is None:
+        raise ContextError(f"no context {tag!r} (unknown, or already released)")
+    return ctx
+
+
+def _current_stream(ctx: _Context) -> int:
+    if _state is not None and _state.backend == Backend.CUDA:
+        import torch  # noqa: PLC0415
+
+        return torch.cuda.current_stream(ctx.device).cuda_stream
+    return 0
+
+
+def park(tag: str) -> None:
+    """Mark `tag` as not running: it becomes a candidate for eviction, least recently run
+    first. Records an event on the current stream; moves of the context wait for it."""
+    with _lock:
+        ctx = _find(tag)
+    check(_native.lib().aqua_park(ctx.id, _current_stream(ctx)), f"park({tag!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoveResult:
+    bytes_moved: int       # bytes brought back to the context's GPU
+    bytes_elsewhere: int   # bytes still on other tiers (no room); usable in place
+
+
+def resume(tag: str, wait: bool = True) -> MoveResult | concurrent.futures.Future:
+    """Mark `tag` running and bring its bytes back to its GPU, as far as room allows
+    (parked contexts are evicted first). With wait=False, returns a Future at once; do not
+    launch kernels on the context before it is done."""
+    with _lock:
+        state = _require()
+        ctx = _find(tag)
+        if not wait and state.prefetcher is None:
+            state.prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="aqua-prefetch")
+
+    def run() -> MoveResult:
+        moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
+        check(_native.lib().aqua_resume(ctx.id, ctypes.byref(moved), ctypes.byref(elsewhere)), f"resume({tag!r})")
+        return MoveResult(moved.value, elsewhere.value)
+
+    if wait:
+        return run()
+    return state.prefetcher.submit(run)
+
+
+def evict(tag: str, tier: int | str = "auto") -> int:
+    """Move every byte of `tag` off its GPU now: to `tier` ('host', 'gpuN') or, with
+    'auto', to the best tier with room. All or nothing. Parks the context first if it is
+    running. Returns the bytes moved."""
+    with _lock:
+        state = _require()
+        ctx = _find(tag)
+        target = parse_tier(tier, state.num_devices)
+    lib = _native.lib()
+    check(lib.aqua_park(ctx.id, _current_stream(ctx)), f"evict({tag!r})")
+    moved = ctypes.c_uint64()
+    check(lib.aqua_evict(ctx.id, target, ctypes.byref(moved)), f"evict({tag!r}, tier={tier!r})")
+    return moved.value
+
+
+def _release_locked(state: _State, ctx: _Context) -> None:
+    check(_native.lib().aqua_context_release(ctx.id), f"release({ctx.tag!r})")
+    del state.contexts[ctx.tag]
+    ctx.pool = None  # torch frees the pool's segments once its tensors are gone
+
+
+def release(tag: str) -> None:
+    """Free context `tag`: its memory goes back to the tiers it came from once its
+    tensors are gone (at once if none is alive). Releasing twice raises ContextError."""
+    with _lock:
+        state = _require()
+        ctx = _find(tag)
+        if ctx.users:
+            raise ContextError(f"release({tag!r}): the context is in use by {ctx.users} `with context()` block(s)")
+        _release_locked(state, ctx)
+
+
+def contexts() -> list[str]:
+    with _lock:
+        return list(_require().contexts)
+
+
+def where(tag_or_tensor: Any) -> dict[str, int]:
+    """Bytes of a context (by tag, or the context holding a tensor) per tier:
+    ``{"gpu0": ..., "gpu1": ..., "host": ...}``."""
+    with _lock:
+        state = _require()
+        if isinstance(tag_or_tensor, str):
+            ctx_id = _find(tag_or_tensor).id
+        else:
+            ptr = tag_or_tensor.data_ptr() if hasattr(tag_or_tensor, "data_ptr") else int(tag_or_tensor)
+            out_id = ctypes.c_int()
+            check(_native.lib().aqua_pointer_context(ptr, ctypes.byref(out_id)), "where(tensor)")
+            ctx_id = out_id.value
+        n = state.num_devices
+        buf = (ctypes.c_uint64 * (n + 1))()
+        check(_native.lib().aqua_context_where(ctx_id, buf, n + 1), "where")
+        result = {f"gpu{d}": buf[d] for d in range(n)}
+        result["host"] = buf[n]
+        return result
+
+
+def stats() -> dict[str, Any]:
+    """Per tier current/peak/total bytes and budgets; moves and bytes moved; counts."""
+    with _lock:
+        state = _require()
+        lib = _native.lib()
+        tiers = {}
+        for tier in [*range(state.num_devices), TIER_HOST]:
+            s = _native.TierStats()
+            check(lib.aqua_tier_stats_get(tier, ctypes.byref(s)), "stats")
+            tiers[tier_name(tier)] = {name: getattr(s, name) for name, _ in _native.TierStats._fields_}
+        num_contexts, num_segments = ctypes.c_int(), ctypes.c_int()
+        lib.aqua_context_count(ctypes.byref(num_contexts))
+        lib.aqua_segment_count(ctypes.byref(num_segments))
+        return {
+            "tiers": tiers,
+            "num_moves": sum(t["num_moves_in"] for t in tiers.values()),
+            "bytes_moved": sum(t["bytes_in"] for t in tiers.values()),
+            "num_contexts": num_contexts.value,
+            "num_segments": num_segments.value,
+        }
+
+
+# --- events ---------------------------------------------------------------------------------
+
+
+def drain_core_events() -> list[events.Event]:
+    """Take the core's recorded events out, as :class:`aqua_alloc.events.Event`."""
+    try:
+        lib = _native.lib()
+    except ImportError:
+        return []
+    out: list[events.Event] = []
+    buf = (_native.CoreEvent * 4096)()
+    while True:
+        n = lib.aqua_events_drain(buf, len(buf))
+        for e in buf[:n]:
+            kind = events.CORE_KIND_CODES.get(e.kind)
+            if kind is None:
+                continue
+            out.append(events.Event(
+                t_ns=e.t_ns, kind=kind, context=_tags_by_id.get(e.context, f"context-{e.context}") if e.context >= 0 else None,
+                src=None if e.src_tier == TIER_NONE else tier_name(e.src_tier),
+                dst=None if e.dst_tier == TIER_NONE else tier_name(e.dst_tier),
+                bytes=e.bytes, dur_ns=e.dur_ns, status=e.status, args={"addr": e.addr} if e.addr else {}))
+        if n < len(buf):
+            return out
+
+
+def num_core_events_dropped() -> int:
+    try:
+        return int(_native.lib().aqua_events_dropped())
+    except ImportError:
+        return 0

@@ -1,0 +1,301 @@
+"""Settings: every ``AQUA_*`` environment variable and ``enable()`` argument, parsed and
+validated in one place.
+
+Sizes are written ``1073741824``, ``512MiB``, ``8GiB``, ``1.5G`` (binary units: K, M, G, T,
+KiB, MiB, GiB, TiB; decimal: KB, MB, GB, TB) or, where a total exists, ``80%`` of it.
+Per-device settings take one size for every device or a list ``0:20GiB,1:40%``.
+
+A bad value is refused with :class:`ConfigError`, whose message names the setting and the
+value. Values that depend on the machine (more than exists, an unknown GPU) are checked by
+:func:`resolve` against the :class:`~aqua_alloc.topology.Topology` that ``enable()`` sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from typing import Any, Mapping
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kib": KiB, "kb": 1000,
+    "m": MiB, "mib": MiB, "mb": 1000**2,
+    "g": GiB, "gib": GiB, "gb": 1000**3,
+    "t": TiB, "tib": TiB, "tb": 1000**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+_PERCENT_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value. The message names the setting and the value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Percent:
+    """A size given as a share of a total (the device's or the host's memory)."""
+
+    value: float  # 0..100
+
+    def of(self, total: int) -> int:
+        return int(total * self.value / 100)
+
+
+Size = int | Percent
+
+
+def parse_size(text: Any, setting: str, allow_percent: bool = True) -> Size:
+    """Parse one size; raise ConfigError naming `setting` when it is not one."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{setting}={text!r}: not a size (examples: 512MiB, 8GiB, 80%)")
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"{setting}={text}: a size cannot be negative")
+        return text
+    if isinstance(text, float):
+        if text < 0 or text != text:
+            raise ConfigError(f"{setting}={text}: a size cannot be negative or NaN")
+        return int(text)
+    if isinstance(text, Percent):
+        return text
+    if not isinstance(text, str):
+        raise ConfigError(f"{setting}={text!r}: not a size (examples: 512MiB, 8GiB, 80%)")
+    s = text.strip()
+    if s.startswith("-"):
+        raise ConfigError(f"{setting}={text!r}: a size cannot be negative")
+    m = _PERCENT_RE.match(s)
+    if m:
+        if not allow_percent:
+            raise ConfigError(f"{setting}={text!r}: a percentage is not allowed here; give bytes (e.g. 64MiB)")
+        value = float(m.group(1))
+        if value > 100:
+            raise ConfigError(f"{setting}={text!r}: a percentage must be at most 100%")
+        return Percent(value)
+    m = _SIZE_RE.match(s)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{setting}={text!r}: not a size (examples: 512MiB, 8GiB, 80%)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_per_device(text: Any, setting: str) -> dict[int, Size] | Size:
+    """One size for every device, or ``{device: size}`` from ``"0:20GiB,1:40%"`` or a dict."""
+    if isinstance(text, Mapping):
+        out: dict[int, Size] = {}
+        for key, value in text.items():
+            if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+                raise ConfigError(f"{setting}: device {key!r} is not a device ordinal (0, 1, ...)")
+            out[key] = parse_size(value, f"{setting}[{key}]")
+        return out
+    if isinstance(text, str) and ":" in text:
+        out = {}
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            dev, sep, value = part.partition(":")
+            if not sep or not dev.strip().isdigit():
+                raise ConfigError(f"{setting}={text!r}: expected 'DEVICE:SIZE,...' (e.g. 0:20GiB,1:40%), got {part!r}")
+            if int(dev) in out:
+                raise ConfigError(f"{setting}={text!r}: device {int(dev)} is given twice")
+            out[int(dev)] = parse_size(value, f"{setting}[{int(dev)}]")
+        return out
+    return parse_size(text, setting)
+
+
+def parse_bool(text: Any, setting: str) -> bool:
+    if isinstance(text, bool):
+        return text
+    s = str(text).strip().lower()
+    if s in _TRUE:
+        return True
+    if s in _FALSE:
+        return False
+    raise ConfigError(f"{setting}={text!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def parse_int(text: Any, setting: str, low: int, high: int) -> int:
+    try:
+        if isinstance(text, bool):
+            raise ValueError
+        value = int(str(text).strip()) if not isinstance(text, int) else text
+    except ValueError:
+        raise ConfigError(f"{setting}={text!r}: not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{setting}={text!r}: must be in {low}..{high}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What ``enable()`` uses. Each field: its variable, its unit, its default."""
+
+    backend: str = "cuda"                          # AQUA_BACKEND: "cuda" or "sim" (simulated devices)
+    local_budget: dict[int, Size] | Size | None = None  # AQUA_LOCAL_BUDGET: bytes of contexts a GPU holds
+                                                   #   for itself; default: all of the GPU's memory
+    lend: dict[int, Size] | Size | None = None     # AQUA_LEND: bytes a GPU lends to other GPUs' contexts;
+                                                   #   default: its free memory less lend_margin
+    lend_margin: Size = Percent(10)                # AQUA_LEND_MARGIN: free memory a lender keeps
+                                                   #   (default: 10% of the GPU's memory)
+    host_budget: Size | None = None                # AQUA_HOST_BUDGET: pinned host bytes for contexts;
+                                                   #   default: available memory less host_margin
+    host_margin: Size = Percent(10)                # AQUA_HOST_MARGIN: host memory left to the system
+                                                   #   (default: 10% of the host's memory)
+    host_reserve: Size = 1 * GiB                   # AQUA_HOST_RESERVE: pinned host backing made ahead
+                                                   #   at enable() and kept topped up (bytes)
+    chunk: int = 64 * MiB                          # AQUA_CHUNK: largest piece a segment moves in (bytes)
+    trace: str | None = None                       # AQUA_TRACE: write a trace here at exit
+    trace_snapshot: bool = False                   # AQUA_TRACE_SNAPSHOT: also PyTorch's memory snapshot
+    trace_events: int = 1 << 20                    # AQUA_TRACE_EVENTS: event buffer capacity (events)
+    sim_devices: int = 8                           # AQUA_SIM_DEVICES: simulated GPUs (backend "sim")
+    sim_device_bytes: int = 1 * GiB                # AQUA_SIM_DEVICE_BYTES: capacity of each (bytes)
+    sim_host_bytes: int = 4 * GiB                  # AQUA_SIM_HOST_BYTES: simulated host memory (bytes)
+    sim_peer_access: tuple[tuple[bool, ...], ...] | None = None  # simulated peer matrix; default all
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Settings from ``AQUA_*`` variables, then ``overrides`` (enable()'s arguments)."""
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        for var, field in _ENV_TO_FIELD.items():
+            if var in env:
+                raw[field] = (env[var], var)
+        unknown = sorted(v for v in env if v.startswith("AQUA_") and v not in _ENV_TO_FIELD and v not in _OTHER_ENV)
+        if unknown:
+            warnings.warn(f"aqua_alloc: unknown setting(s) {', '.join(unknown)} ignored "
+                          f"(known: {', '.join(sorted(_ENV_TO_FIELD))})", stacklevel=2)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for name, value in overrides.items():
+            if name not in fields:
+                raise ConfigError(f"enable(): unknown setting {name!r} (known: {', '.join(sorted(fields))})")
+            raw[name] = (value, name)
+        return cls(**{name: _parse_field(name, value, label) for name, (value, label) in raw.items()})
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as plain values, with the variable that sets each."""
+        out = {}
+        for var, field in sorted(_ENV_TO_FIELD.items()):
+            value = getattr(self, field)
+            out[var] = _show(value)
+        return out
+
+
+_ENV_TO_FIELD = {
+    "AQUA_BACKEND": "backend",
+    "AQUA_LOCAL_BUDGET": "local_budget",
+    "AQUA_LEND": "lend",
+    "AQUA_LEND_MARGIN": "lend_margin",
+    "AQUA_HOST_BUDGET": "host_budget",
+    "AQUA_HOST_MARGIN": "host_margin",
+    "AQUA_HOST_RESERVE": "host_reserve",
+    "AQUA_CHUNK": "chunk",
+    "AQUA_TRACE": "trace",
+    "AQUA_TRACE_SNAPSHOT": "trace_snapshot",
+    "AQUA_TRACE_EVENTS": "trace_events",
+    "AQUA_SIM_DEVICES": "sim_devices",
+    "AQUA_SIM_DEVICE_BYTES": "sim_device_bytes",
+    "AQUA_SIM_HOST_BYTES": "sim_host_bytes",
+}
+_OTHER_ENV = {"AQUA_ALLOC"}  # read by the start-up hook, not a setting
+
+
+def _show(value: Any) -> Any:
+    if isinstance(value, Percent):
+        return f"{value.value:g}%"
+    if isinstance(value, dict):
+        return {k: _show(v) for k, v in value.items()}
+    return value
+
+
+def _parse_field(name: str, value: Any, label: str) -> Any:
+    if name == "backend":
+        if value not in ("cuda", "sim"):
+            raise ConfigError(f"{label}={value!r}: expected 'cuda' or 'sim'")
+        return value
+    if name in ("local_budget", "lend"):
+        return None if value is None else parse_per_device(value, label)
+    if name in ("host_budget",):
+        return None if value is None else parse_size(value, label)
+    if name in ("lend_margin", "host_margin", "host_reserve"):
+        return parse_size(value, label)
+    if name in ("chunk", "sim_device_bytes", "sim_host_bytes"):
+        size = parse_size(value, label, allow_percent=False)
+        if name == "chunk" and (size < 2 * MiB or size % (2 * MiB)):
+            raise ConfigError(f"{label}={value!r}: must be a positive multiple of 2MiB (the mapping granularity)")
+        if name == "sim_device_bytes" and size % (2 * MiB):
+            raise ConfigError(f"{label}={value!r}: must be a multiple of 2MiB")
+        return size
+    if name == "trace":
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"{label}={value!r}: expected a file path")
+        return None if value in (None, "") else os.fspath(value)
+    if name == "trace_snapshot":
+        return parse_bool(value, label)
+    if name == "trace_events":
+        return parse_int(value, label, 1, 1 << 26)
+    if name == "sim_devices":
+        return parse_int(value, label, 1, 64)
+    if name == "sim_peer_access":
+        if value is None:
+            return None
+        try:
+            matrix = tuple(tuple(bool(x) for x in row) for row in value)
+        except TypeError:
+            raise ConfigError(f"{label}: expected a square matrix of booleans") from None
+        if any(len(row) != len(matrix) for row in matrix):
+            raise ConfigError(f"{label}: expected a square matrix of booleans")
+        return matrix
+    raise ConfigError(f"unknown setting {label!r}")  # pragma: no cover - fields are fixed
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Settings resolved against the machine: concrete bytes for every tier."""
+
+    local_budget: dict[int, int]   # device -> bytes of its own contexts it holds
+    lend: dict[int, int]           # device -> bytes it lends to other devices' contexts
+    host_budget: int               # pinned host bytes
+    host_reserve: int              # pinned host bytes made ahead
+
+
+def _per_device(spec: dict[int, Size] | Size | None, totals: dict[int, int], default: dict[int, int],
+                label: str) -> dict[int, int]:
+    out = dict(default)
+    if spec is None:
+        return out
+    items = spec.items() if isinstance(spec, dict) else ((d, spec) for d in totals)
+    for device, size in items:
+        if device not in totals:
+            known = ", ".join(str(d) for d in sorted(totals)) or "none"
+            raise ConfigError(f"{label}: unknown GPU {device} (GPUs: {known})")
+        value = size.of(totals[device]) if isinstance(size, Percent) else size
+        if value > totals[device]:
+            raise ConfigError(f"{label}={value} bytes for GPU {device} is more than it has ({totals[device]} bytes)")
+        out[device] = value
+    return out
+
+
+def resolve(settings: Settings, device_total: dict[int, int], device_free: dict[int, int],
+            host_total: int, host_available: int) -> Plan:
+    """Concrete budgets for this machine. Raises ConfigError for values that do not fit it."""
+    local = _per_device(settings.local_budget, device_total, dict(device_total), "AQUA_LOCAL_BUDGET")
+    lend_margin = {d: settings.lend_margin.of(t) if isinstance(settings.lend_margin, Percent) else settings.lend_margin
+                   for d, t in device_total.items()}
+    default_lend = {d: max(0, device_free[d] - lend_margin[d]) for d in device_total} if len(device_total) > 1 else {
+        d: 0 for d in device_total}
+    lend = _per_device(settings.lend, device_total, default_lend, "AQUA_LEND")
+    margin = settings.host_margin.of(host_total) if isinstance(settings.host_margin, Percent) else settings.host_margin
+    if settings.host_budget is None:
+        host_budget = max(0, host_available - margin)
+    else:
+        host_budget = (settings.host_budget.of(host_total) if isinstance(settings.host_budget, Percent)
+                       else settings.host_budget)
+        if host_budget > host_total:
+            raise ConfigError(f"AQUA_HOST_BUDGET={host_budget} bytes is more than the host has ({host_total} bytes)")
+    reserve = (settings.host_reserve.of(host_budget) if isinstance(settings.host_reserve, Percent)
+               else settings.host_reserve)
+    return Plan(local_budget=local, lend=lend, host_budget=host_budget, host_reserve=min(reserve, host_budget))

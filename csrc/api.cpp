@@ -1,0 +1,323 @@
+// Every exported C symbol, as thin wrappers over the Core. See aqua_alloc.h for contracts.
+//
+// Nothing here throws across the C boundary: each entry point catches what the C++
+// standard library may throw (bad_alloc) and turns it into a status and a message.
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <new>
+
+#include "aqua_alloc.h"
+#include "core.h"
+
+namespace aqua {
+const std::string& last_error();
+void set_last_error(const std::string& message);
+}  // namespace aqua
+
+using aqua::Core;
+
+namespace {
+
+std::mutex g_lifecycle;               // init and shutdown
+std::atomic<Core*> g_core{nullptr};
+thread_local int t_context = -1;      // the calling thread's context (aqua_set_thread_context)
+std::string g_cuda_probe;             // why the driver could not be loaded
+
+int no_core() {
+  aqua::set_last_error("aqua_alloc is not initialized (call aqua_alloc.enable())");
+  return AQUA_ERR_STATE;
+}
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    aqua::set_last_error("host out of memory inside aqua_alloc");
+    return AQUA_ERR_OUT_OF_MEMORY;
+  } catch (...) {
+    aqua::set_last_error("unexpected C++ exception inside aqua_alloc");
+    return AQUA_ERR_STATE;
+  }
+}
+
+#define WITH_CORE(core)               \
+  Core* core = g_core.load();         \
+  if (!core) return no_core();
+
+int install(aqua::Backend* backend, aqua::SimControl* sim) {
+  g_core.store(new Core(std::unique_ptr<aqua::Backend>(backend), sim));
+  return AQUA_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+int aqua_init_cuda(void) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lock(g_lifecycle);
+    if (g_core.load()) {
+      aqua::set_last_error("aqua_alloc is already initialized");
+      return static_cast<int>(AQUA_ERR_STATE);
+    }
+    std::string why;
+    aqua::Backend* backend = aqua::make_cuda_backend(&why);
+    if (!backend) {
+      g_cuda_probe = why;
+      aqua::set_last_error(why);
+      return static_cast<int>(AQUA_ERR_NO_DEVICE);
+    }
+    return install(backend, nullptr);
+  });
+}
+
+int aqua_init_sim(int num_devices, const uint64_t* capacities, uint64_t host_capacity, const uint8_t* peer_access,
+                  uint64_t granularity) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lock(g_lifecycle);
+    if (g_core.load()) {
+      aqua::set_last_error("aqua_alloc is already initialized");
+      return static_cast<int>(AQUA_ERR_STATE);
+    }
+    if (num_devices < 1 || num_devices > 64) {
+      aqua::set_last_error("simulated devices: num_devices must be 1..64, got " + std::to_string(num_devices));
+      return static_cast<int>(AQUA_ERR_INVALID);
+    }
+    aqua::SimConfig config;
+    config.num_devices = num_devices;
+    config.host_capacity = host_capacity;
+    config.granularity = granularity ? granularity : (2ull << 20);
+    for (int i = 0; i < num_devices; ++i) config.device_capacity[i] = capacities ? capacities[i] : 0;
+    for (int i = 0; i < num_devices * num_devices; ++i) config.peer_access[i] = peer_access ? peer_access[i] : 1;
+    std::string why;
+    aqua::Backend* backend = aqua::make_sim_backend(config, &why);
+    if (!backend) {
+      aqua::set_last_error("simulated backend: " + why);
+      return static_cast<int>(AQUA_ERR_INVALID);
+    }
+    return install(backend, dynamic_cast<aqua::SimControl*>(backend));
+  });
+}
+
+int aqua_shutdown(int force) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> lock(g_lifecycle);
+    Core* core = g_core.load();
+    if (!core) return static_cast<int>(AQUA_OK);
+    int r = core->shutdown(force != 0);
+    if (r != AQUA_OK) return r;
+    g_core.store(nullptr);
+    delete core;
+    return static_cast<int>(AQUA_OK);
+  });
+}
+
+int aqua_backend(void) {
+  Core* core = g_core.load();
+  return core ? core->backend().kind() : AQUA_BACKEND_NONE;
+}
+
+const char* aqua_last_error(void) { return aqua::last_error().c_str(); }
+
+const char* aqua_cuda_probe(void) {
+  std::lock_guard<std::mutex> lock(g_lifecycle);
+  return g_cuda_probe.c_str();
+}
+
+int aqua_device_count(int* out) {
+  WITH_CORE(core);
+  *out = core->num_devices();
+  return AQUA_OK;
+}
+
+int aqua_can_access_peer(int device, int peer, int* out) {
+  WITH_CORE(core);
+  *out = core->backend().can_access_peer(device, peer) ? 1 : 0;
+  return AQUA_OK;
+}
+
+int aqua_mem_info(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
+  WITH_CORE(core);
+  size_t f = 0, t = 0;
+  if (int r = core->backend().mem_info(device, &f, &t)) {
+    aqua::set_last_error("mem_info(" + std::to_string(device) + ") failed: " + core->backend().error_name(r));
+    return AQUA_ERR_DRIVER;
+  }
+  *free_bytes = f;
+  *total_bytes = t;
+  return AQUA_OK;
+}
+
+uint64_t aqua_granularity(void) {
+  Core* core = g_core.load();
+  return core ? core->backend().granularity() : 0;
+}
+
+int aqua_set_local_budget(int device, uint64_t bytes) {
+  WITH_CORE(core);
+  return guarded([&] { return core->set_local_budget(device, bytes); });
+}
+int aqua_set_lend_budget(int device, uint64_t bytes) {
+  WITH_CORE(core);
+  return guarded([&] { return core->set_lend_budget(device, bytes); });
+}
+int aqua_set_host_budget(uint64_t bytes) {
+  WITH_CORE(core);
+  return guarded([&] { return core->set_host_budget(bytes); });
+}
+int aqua_set_peer_rank(int device, int peer, int rank) {
+  WITH_CORE(core);
+  return guarded([&] { return core->set_peer_rank(device, peer, rank); });
+}
+int aqua_set_chunk_bytes(uint64_t bytes) {
+  WITH_CORE(core);
+  return guarded([&] { return core->set_chunk_bytes(bytes); });
+}
+int aqua_host_pool_reserve(uint64_t bytes, int background) {
+  WITH_CORE(core);
+  return guarded([&] { return core->host_pool_reserve(bytes, background != 0); });
+}
+int aqua_host_pool_trim(uint64_t keep_bytes) {
+  WITH_CORE(core);
+  return guarded([&] { return core->host_pool_trim(keep_bytes); });
+}
+
+int aqua_context_create(int device, const char* tag, int* out_id) {
+  WITH_CORE(core);
+  return guarded([&] { return core->context_create(device, tag, out_id); });
+}
+int aqua_context_release(int id) {
+  WITH_CORE(core);
+  return guarded([&] { return core->context_release(id); });
+}
+int aqua_set_thread_context(int id, int* prev) {
+  if (prev) *prev = t_context;
+  t_context = id;
+  return AQUA_OK;
+}
+int aqua_park(int id, uint64_t stream) {
+  WITH_CORE(core);
+  return guarded([&] { return core->park(id, stream); });
+}
+int aqua_resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
+  WITH_CORE(core);
+  return guarded([&] { return core->resume(id, bytes_moved, bytes_elsewhere); });
+}
+int aqua_evict(int id, int tier, uint64_t* bytes_moved) {
+  WITH_CORE(core);
+  return guarded([&] { return core->evict(id, tier, bytes_moved); });
+}
+int aqua_context_where(int id, uint64_t* out, int len) {
+  WITH_CORE(core);
+  return guarded([&] { return core->where(id, out, len); });
+}
+int aqua_pointer_context(uint64_t ptr, int* out_id) {
+  WITH_CORE(core);
+  return guarded([&] { return core->pointer_context(ptr, out_id); });
+}
+int aqua_context_count(int* out) {
+  WITH_CORE(core);
+  return core->counts(out, nullptr);
+}
+int aqua_segment_count(int* out) {
+  WITH_CORE(core);
+  return core->counts(nullptr, out);
+}
+
+int aqua_tier_stats_get(int tier, aqua_tier_stats* out) {
+  WITH_CORE(core);
+  return guarded([&] { return core->tier_stats(tier, out); });
+}
+int aqua_events_set_capacity(uint64_t capacity) {
+  WITH_CORE(core);
+  if (capacity == 0 || capacity > (1ull << 26)) {
+    aqua::set_last_error("event buffer capacity must be 1..67108864 events, got " + std::to_string(capacity));
+    return AQUA_ERR_INVALID;
+  }
+  return guarded([&] {
+    core->events().set_capacity(capacity);
+    return static_cast<int>(AQUA_OK);
+  });
+}
+int aqua_events_drain(aqua_event* out, int max_events) {
+  Core* core = g_core.load();
+  if (!core || max_events <= 0) return 0;
+  return core->events().drain(out, max_events);
+}
+uint64_t aqua_events_dropped(void) {
+  Core* core = g_core.load();
+  return core ? core->events().dropped() : 0;
+}
+
+void* aqua_malloc(size_t size, int device, void* /*stream*/) {
+  Core* core = g_core.load();
+  if (!core) return nullptr;
+  try {
+    return core->malloc(size, device, t_context);
+  } catch (...) {
+    return nullptr;  // torch raises its out-of-memory error
+  }
+}
+
+void aqua_free(void* ptr, size_t /*size*/, int /*device*/, void* /*stream*/) {
+  Core* core = g_core.load();
+  if (!core || !ptr) return;
+  try {
+    core->free(ptr);
+  } catch (...) {
+    // The free path never throws.
+  }
+}
+
+#define WITH_SIM(sim)                                                          \
+  Core* core_ = g_core.load();                                                 \
+  aqua::SimControl* sim = core_ ? core_->sim() : nullptr;                      \
+  if (!sim) {                                                                  \
+    aqua::set_last_error("failure injection needs the simulated backend");     \
+    return AQUA_ERR_STATE;                                                     \
+  }
+
+int aqua_sim_fail_nth(int op, uint64_t nth, uint64_t count) {
+  WITH_SIM(sim);
+  if (op < 0 || op >= AQUA_OP_COUNT) {
+    aqua::set_last_error("unknown op " + std::to_string(op));
+    return AQUA_ERR_INVALID;
+  }
+  sim->fail_nth(op, nth, count);
+  return AQUA_OK;
+}
+int aqua_sim_fail_random(double p, uint64_t seed, uint32_t op_mask) {
+  WITH_SIM(sim);
+  if (!(p >= 0 && p <= 1)) {
+    aqua::set_last_error("failure probability must be in [0, 1]");
+    return AQUA_ERR_INVALID;
+  }
+  sim->fail_random(p, seed, op_mask);
+  return AQUA_OK;
+}
+int aqua_sim_fail_clear(void) {
+  WITH_SIM(sim);
+  sim->fail_clear();
+  return AQUA_OK;
+}
+uint64_t aqua_sim_op_count(int op) {
+  Core* core = g_core.load();
+  return core && core->sim() ? core->sim()->op_count(op) : 0;
+}
+uint64_t aqua_sim_failures(void) {
+  Core* core = g_core.load();
+  return core && core->sim() ? core->sim()->failures() : 0;
+}
+int aqua_sim_usage(int tier, uint64_t* physical_bytes, uint64_t* num_mappings) {
+  WITH_SIM(sim);
+  if (sim->usage(tier, physical_bytes, num_mappings)) {
+    aqua::set_last_error("unknown tier " + std::to_string(tier));
+    return AQUA_ERR_INVALID;
+  }
+  return AQUA_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,83 @@
+// Backend: the driver operations the core needs, behind one interface.
+//
+// Two implementations: CudaBackend (the CUDA driver, loaded at run time) and SimBackend
+// (simulated devices made of host memory, with failure injection). The core never
+// branches on which one it runs over. Every operation returns 0 on success or the
+// backend's error code; error_name() turns a code into text for messages.
+//
+// Addresses are integers (CUdeviceptr in CUDA, a host virtual address in the simulation).
+// Handles, streams and events are opaque 64-bit values.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "aqua_alloc.h"
+
+namespace aqua {
+
+using Handle = uint64_t;
+using Stream = uint64_t;
+using Event = uint64_t;
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual int kind() const = 0;  // enum aqua_backend_kind
+  virtual int device_count() const = 0;
+  virtual size_t granularity() const = 0;  // bytes; sizes and addresses are multiples
+  virtual bool can_access_peer(int device, int peer) const = 0;
+  virtual std::string error_name(int code) const = 0;
+  virtual bool is_out_of_memory(int code) const = 0;
+
+  // Make `device` current on the calling thread for the calls that follow.
+  virtual int bind(int device) = 0;
+  virtual int mem_info(int device, size_t* free_bytes, size_t* total_bytes) = 0;
+
+  virtual int reserve(size_t size, uintptr_t* va) = 0;
+  virtual int free_va(uintptr_t va, size_t size) = 0;
+  // Physical memory on a tier (device ordinal or AQUA_TIER_HOST).
+  virtual int create(int tier, size_t size, Handle* handle) = 0;
+  virtual int release(Handle handle) = 0;
+  // Map the first `size` bytes of `handle` at va (size <= the handle's size).
+  virtual int map(uintptr_t va, size_t size, Handle handle) = 0;
+  virtual int unmap(uintptr_t va, size_t size) = 0;
+  // Grant `device` read/write access to a mapped range.
+  virtual int set_access(uintptr_t va, size_t size, int device) = 0;
+
+  virtual int stream_create(int device, Stream* stream) = 0;
+  virtual int copy_async(uintptr_t dst, uintptr_t src, size_t size, Stream stream) = 0;
+  virtual int event_create(Event* event) = 0;
+  virtual int event_destroy(Event event) = 0;
+  virtual int event_record(Event event, Stream stream) = 0;
+  virtual int event_sync(Event event) = 0;
+  virtual int stream_wait_event(Stream stream, Event event) = 0;
+};
+
+// The real driver. Returns nullptr and sets *why when libcuda or a device is missing.
+Backend* make_cuda_backend(std::string* why);
+
+struct SimConfig {
+  int num_devices = 0;
+  uint64_t device_capacity[64] = {};
+  uint64_t host_capacity = 0;
+  uint8_t peer_access[64 * 64] = {};
+  uint64_t granularity = 2ull << 20;
+};
+Backend* make_sim_backend(const SimConfig& config, std::string* why);
+
+// Simulated backend only: failure injection and usage (no-ops elsewhere).
+class SimControl {
+ public:
+  virtual ~SimControl() = default;
+  virtual void fail_nth(int op, uint64_t nth, uint64_t count) = 0;
+  virtual void fail_random(double p, uint64_t seed, uint32_t op_mask) = 0;
+  virtual void fail_clear() = 0;
+  virtual uint64_t op_count(int op) const = 0;
+  virtual uint64_t failures() const = 0;
+  virtual int usage(int tier, uint64_t* physical_bytes, uint64_t* num_mappings) const = 0;
+};
+
+}  // namespace aqua

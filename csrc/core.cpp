@@ -1,0 +1,870 @@
+// Core: see core.h for the model and its invariants.
+#include "core.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <sstream>
+
+namespace aqua {
+
+thread_local std::string t_last_error;
+
+const std::string& last_error() { return t_last_error; }
+void set_last_error(const std::string& message) { t_last_error = message; }
+
+namespace {
+
+constexpr uint64_t kMiB = 1ull << 20;
+constexpr int kRestoreAttempts = 4;  // a restore step is retried before giving up
+
+uint64_t round_up(uint64_t x, uint64_t unit) { return (x + unit - 1) / unit * unit; }
+
+std::string bytes_text(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / kMiB);
+  return buf;
+}
+
+}  // namespace
+
+// One piece's move from its current tier to `dst`.
+struct Core::Step {
+  Segment* segment;
+  size_t index;          // into segment->pieces
+  int src = 0;
+  int dst = 0;
+  Handle handle = 0;     // the new backing
+  uint64_t handle_bytes = 0;
+  bool staged = false;   // new backing mapped at the shadow
+  Event copied = 0;      // recorded after the copy
+};
+
+Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
+    : backend_(std::move(backend)), sim_(sim) {
+  num_devices_ = backend_->device_count();
+  granularity_ = backend_->granularity();
+  chunk_bytes_ = round_up(64 * kMiB, granularity_);
+  host_pool_.configure(granularity_, chunk_bytes_);
+  local_budget_.assign(num_devices_, 0);
+  lend_budget_.assign(num_devices_, 0);
+  own_used_.assign(num_devices_, 0);
+  lent_used_.assign(num_devices_, 0);
+  peer_rank_.assign(num_devices_, std::vector<int>(num_devices_, -1));
+  counters_.assign(num_devices_ + 1, TierCounters{});
+  streams_.assign(num_devices_, 0);
+  for (int d = 0; d < num_devices_; ++d) {
+    size_t free_bytes = 0, total = 0;
+    if (backend_->mem_info(d, &free_bytes, &total) == 0) local_budget_[d] = total;
+    for (int p = 0; p < num_devices_; ++p)
+      if (p != d && backend_->can_access_peer(d, p)) peer_rank_[d][p] = 0;
+  }
+}
+
+Core::~Core() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pool_thread_stop_ = true;
+  }
+  pool_cv_.notify_all();
+  if (pool_thread_.joinable()) pool_thread_.join();
+}
+
+// --- errors and events -----------------------------------------------------------------
+
+int Core::fail(int code, const std::string& message) {
+  set_last_error(message);
+  return code;
+}
+
+int Core::driver_fail(const char* what, int code) {
+  return fail(AQUA_ERR_DRIVER, std::string(what) + " failed: " + backend_->error_name(code));
+}
+
+void Core::record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
+                  int status) {
+  aqua_event e{};
+  e.t_ns = now_ns();
+  e.kind = kind;
+  e.context = context;
+  e.src_tier = src;
+  e.dst_tier = dst;
+  e.bytes = bytes;
+  e.dur_ns = dur_ns;
+  e.addr = addr;
+  e.status = status;
+  events_.record(e);
+}
+
+std::string Core::tier_name(int tier) const {
+  return tier == AQUA_TIER_HOST ? "host" : "gpu" + std::to_string(tier);
+}
+
+std::string Core::usage_line() const {
+  std::ostringstream out;
+  for (int d = 0; d < num_devices_; ++d)
+    out << tier_name(d) << ": own " << bytes_text(own_used_[d]) << " of budget " << bytes_text(local_budget_[d])
+        << ", lent " << bytes_text(lent_used_[d]) << " of " << bytes_text(lend_budget_[d]) << "; ";
+  out << "host: " << bytes_text(host_used_) << " in use, pool " << bytes_text(host_pool_.idle_bytes())
+      << " idle of " << bytes_text(host_pool_.total_bytes()) << " created, budget " << bytes_text(host_budget_);
+  return out.str();
+}
+
+// --- settings ----------------------------------------------------------------------------
+
+int Core::set_local_budget(int device, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (device < 0 || device >= num_devices_)
+    return fail(AQUA_ERR_INVALID, "local budget: unknown device " + std::to_string(device));
+  local_budget_[device] = bytes;
+  record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 0, 0);
+  return AQUA_OK;
+}
+
+int Core::set_lend_budget(int device, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (device < 0 || device >= num_devices_)
+    return fail(AQUA_ERR_INVALID, "lend budget: unknown device " + std::to_string(device));
+  lend_budget_[device] = bytes;
+  record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 1, 0);
+  return AQUA_OK;
+}
+
+int Core::set_host_budget(uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  host_budget_ = bytes;
+  record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, AQUA_TIER_HOST, bytes, 0, 0, 0);
+  return AQUA_OK;
+}
+
+int Core::set_peer_rank(int device, int peer, int rank) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (device < 0 || device >= num_devices_ || peer < 0 || peer >= num_devices_ || device == peer)
+    return fail(AQUA_ERR_INVALID, "peer rank: bad device pair (" + std::to_string(device) + ", " +
+                                      std::to_string(peer) + ")");
+  if (rank >= 0 && !backend_->can_access_peer(device, peer))
+    return fail(AQUA_ERR_INVALID, "peer rank: " + tier_name(device) + " cannot access " + tier_name(peer) +
+                                      " (no peer access)");
+  peer_rank_[device][peer] = rank;
+  return AQUA_OK;
+}
+
+int Core::set_chunk_bytes(uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (bytes == 0 || bytes % granularity_)
+    return fail(AQUA_ERR_INVALID, "chunk bytes: " + std::to_string(bytes) + " is not a positive multiple of " +
+                                      std::to_string(granularity_));
+  if (host_pool_.total_bytes() > 0 || !segments_.empty())
+    return fail(AQUA_ERR_STATE, "chunk bytes can only change before the first allocation");
+  chunk_bytes_ = bytes;
+  host_pool_.configure(granularity_, chunk_bytes_);
+  return AQUA_OK;
+}
+
+// --- host pool ---------------------------------------------------------------------------
+
+int Core::host_pool_reserve(uint64_t bytes, bool background) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  pool_reserve_ = bytes;
+  // Blocking fill, creating outside the lock so that allocations proceed meanwhile.
+  for (;;) {
+    uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
+    if (cls == 0 || host_pool_.total_bytes() + cls > host_budget_) break;
+    lock.unlock();
+    Handle h = 0;
+    int r = backend_->bind(0);
+    if (r == 0) r = backend_->create(AQUA_TIER_HOST, cls, &h);
+    lock.lock();
+    if (r != 0) {
+      if (backend_->is_out_of_memory(r)) break;  // the pool holds what the system could give
+      return driver_fail("creating pinned host backing", r);
+    }
+    host_pool_.add_idle(h, cls);
+  }
+  if (background && !pool_thread_.joinable()) pool_thread_ = std::thread(&Core::pool_thread_main, this);
+  return AQUA_OK;
+}
+
+void Core::pool_thread_main() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!pool_thread_stop_) {
+    uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
+    if (cls == 0 || host_pool_.total_bytes() + cls > host_budget_) {
+      pool_cv_.wait_for(lock, std::chrono::milliseconds(50));
+      continue;
+    }
+    lock.unlock();
+    Handle h = 0;
+    int r = backend_->bind(0);
+    if (r == 0) r = backend_->create(AQUA_TIER_HOST, cls, &h);
+    lock.lock();
+    if (r != 0) {
+      pool_cv_.wait_for(lock, std::chrono::milliseconds(200));  // back off; retried later
+      continue;
+    }
+    host_pool_.add_idle(h, cls);
+  }
+}
+
+int Core::host_pool_trim(uint64_t keep_bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [h, bytes] : host_pool_.trim(keep_bytes)) {
+    (void)bytes;
+    if (int r = backend_->release(h)) std::fprintf(stderr, "[aqua_alloc] releasing host backing failed: %s\n",
+                                                   backend_->error_name(r).c_str());
+  }
+  return AQUA_OK;
+}
+
+// --- contexts ----------------------------------------------------------------------------
+
+Context* Core::find_context(int id) {
+  auto it = contexts_.find(id);
+  return it == contexts_.end() || it->second->released ? nullptr : it->second.get();
+}
+
+Context* Core::default_context(int device) {
+  auto it = default_contexts_.find(device);
+  if (it != default_contexts_.end()) return contexts_.at(it->second).get();
+  auto ctx = std::make_unique<Context>();
+  ctx->id = next_context_id_++;
+  ctx->device = device;
+  ctx->tag = "untagged:gpu" + std::to_string(device);
+  ctx->last_run = ++clock_;
+  Context* raw = ctx.get();
+  default_contexts_[device] = raw->id;
+  contexts_[raw->id] = std::move(ctx);
+  record(AQUA_EV_CONTEXT_CREATE, raw->id, AQUA_TIER_NONE, device, 0, 0, 0, 0);
+  return raw;
+}
+
+int Core::context_create(int device, const char* tag, int* out_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (device < 0 || device >= num_devices_)
+    return fail(AQUA_ERR_INVALID, "context: unknown device " + std::to_string(device) + " (" +
+                                      std::to_string(num_devices_) + " devices)");
+  auto ctx = std::make_unique<Context>();
+  ctx->id = next_context_id_++;
+  ctx->device = device;
+  ctx->tag = tag ? tag : "";
+  ctx->last_run = ++clock_;
+  *out_id = ctx->id;
+  contexts_[ctx->id] = std::move(ctx);
+  record(AQUA_EV_CONTEXT_CREATE, *out_id, AQUA_TIER_NONE, device, 0, 0, 0, 0);
+  return AQUA_OK;
+}
+
+int Core::context_release(int id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Context* ctx = find_context(id);
+  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "release: no live context with id " + std::to_string(id));
+  ctx->released = true;
+  record(AQUA_EV_CONTEXT_RELEASE, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
+  if (ctx->segments.empty()) {
+    if (ctx->park_event) idle_events_.push_back(ctx->park_event);
+    contexts_.erase(id);
+  }
+  return AQUA_OK;
+}
+
+int Core::park(int id, uint64_t stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Context* ctx = find_context(id);
+  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "park: no live context with id " + std::to_string(id));
+  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  if (!ctx->park_event) {
+    if (int r = take_event(&ctx->park_event)) return driver_fail("creating the park event", r);
+  }
+  if (int r = backend_->event_record(ctx->park_event, stream)) return driver_fail("recording the park event", r);
+  ctx->park_recorded = true;
+  ctx->parked = true;
+  ctx->last_run = ++clock_;
+  record(AQUA_EV_CONTEXT_PARK, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
+  return AQUA_OK;
+}
+
+int Core::where(int id, uint64_t* out, int len) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Context* ctx = find_context(id);
+  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "where: no live context with id " + std::to_string(id));
+  if (len < num_devices_ + 1)
+    return fail(AQUA_ERR_INVALID, "where: the output needs " + std::to_string(num_devices_ + 1) + " entries");
+  std::fill(out, out + len, 0);
+  for (uintptr_t va : ctx->segments)
+    for (const Piece& p : segments_.at(va)->pieces) out[tier_index(p.tier)] += p.size;
+  return AQUA_OK;
+}
+
+int Core::pointer_context(uint64_t ptr, int* out_id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = segments_.upper_bound(static_cast<uintptr_t>(ptr));
+  if (it != segments_.begin()) {
+    --it;
+    if (ptr >= it->first && ptr < it->first + it->second->size) {
+      *out_id = it->second->context;
+      return AQUA_OK;
+    }
+  }
+  return fail(AQUA_ERR_NOT_FOUND, "no aqua_alloc segment holds the pointer");
+}
+
+int Core::counts(int* contexts, int* segments) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int n = 0;
+  for (auto& [id, ctx] : contexts_) {
+    (void)id;
+    if (!ctx->released) n++;
+  }
+  if (contexts) *contexts = n;
+  if (segments) *segments = static_cast<int>(segments_.size());
+  return AQUA_OK;
+}
+
+int Core::tier_stats(int tier, aqua_tier_stats* out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!valid_tier(tier)) return fail(AQUA_ERR_INVALID, "tier stats: unknown tier " + std::to_string(tier));
+  const TierCounters& c = counters_[tier_index(tier)];
+  std::memset(out, 0, sizeof *out);
+  out->current = c.current;
+  out->peak = c.peak;
+  out->total = c.total;
+  out->num_moves_in = c.moves_in;
+  out->num_moves_out = c.moves_out;
+  out->bytes_in = c.bytes_in;
+  out->bytes_out = c.bytes_out;
+  if (tier == AQUA_TIER_HOST) {
+    out->budget = host_budget_;
+    out->pool_free = host_pool_.idle_bytes();
+    out->pool_total = host_pool_.total_bytes();
+  } else {
+    out->budget = local_budget_[tier];
+    out->lend_budget = lend_budget_[tier];
+    out->lent = lent_used_[tier];
+  }
+  return AQUA_OK;
+}
+
+// --- placement and budgets --------------------------------------------------------------
+
+bool Core::room_on(int tier, int home, uint64_t size, bool for_move) const {
+  if (tier == AQUA_TIER_HOST) {
+    if (host_pool_.can_take(size)) return true;
+    // New allocations may create host backing (a move never does: DESIGN.md).
+    uint64_t cls = host_pool_.class_for(size);
+    return !for_move && cls && host_pool_.total_bytes() + cls <= host_budget_;
+  }
+  if (tier == home) return own_used_[tier] + size <= local_budget_[tier];
+  return peer_rank_[home][tier] >= 0 && lent_used_[tier] + size <= lend_budget_[tier];
+}
+
+// Where a context of `home` spills, best first: peers by rank then most lendable bytes
+// left, then host.
+std::vector<int> Core::spill_order(int home) const {
+  std::vector<int> peers;
+  for (int p = 0; p < num_devices_; ++p)
+    if (p != home && peer_rank_[home][p] >= 0) peers.push_back(p);
+  std::sort(peers.begin(), peers.end(), [&](int a, int b) {
+    if (peer_rank_[home][a] != peer_rank_[home][b]) return peer_rank_[home][a] < peer_rank_[home][b];
+    uint64_t left_a = lend_budget_[a] > lent_used_[a] ? lend_budget_[a] - lent_used_[a] : 0;
+    uint64_t left_b = lend_budget_[b] > lent_used_[b] ? lend_budget_[b] - lent_used_[b] : 0;
+    return left_a > left_b;
+  });
+  peers.push_back(AQUA_TIER_HOST);
+  return peers;
+}
+
+int Core::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
+  if (tier == AQUA_TIER_HOST) {
+    if (host_pool_.take(size, handle, handle_bytes)) {
+      pool_cv_.notify_all();  // the background thread may top the pool up
+      return 0;
+    }
+    uint64_t cls = host_pool_.class_for(size);
+    if (for_move || !cls || host_pool_.total_bytes() + cls > host_budget_) return -1;
+    if (int r = backend_->create(AQUA_TIER_HOST, cls, handle)) return r;
+    host_pool_.add_idle(*handle, cls);
+    host_pool_.take(size, handle, handle_bytes);
+    return 0;
+  }
+  *handle_bytes = size;
+  return backend_->create(tier, size, handle);
+}
+
+void Core::give_back(int tier, Handle handle, uint64_t handle_bytes) {
+  if (tier == AQUA_TIER_HOST) {
+    host_pool_.give_back(handle, handle_bytes);
+    return;
+  }
+  if (int r = backend_->release(handle))
+    std::fprintf(stderr, "[aqua_alloc] releasing %s backing failed (leaked): %s\n", tier_name(tier).c_str(),
+                 backend_->error_name(r).c_str());
+}
+
+void Core::account_add(int tier, int home, uint64_t size, bool moved_in) {
+  if (tier == AQUA_TIER_HOST) host_used_ += size;
+  else if (tier == home) own_used_[tier] += size;
+  else lent_used_[tier] += size;
+  TierCounters& c = counters_[tier_index(tier)];
+  c.current += size;
+  c.peak = std::max(c.peak, c.current);
+  c.total += size;
+  if (moved_in) c.bytes_in += size;
+}
+
+void Core::account_remove(int tier, int home, uint64_t size, bool moved_out) {
+  if (tier == AQUA_TIER_HOST) host_used_ -= size;
+  else if (tier == home) own_used_[tier] -= size;
+  else lent_used_[tier] -= size;
+  TierCounters& c = counters_[tier_index(tier)];
+  c.current -= size;
+  if (moved_out) c.bytes_out += size;
+}
+
+// Frees local room for `need` bytes by evicting pieces of parked contexts of `device`,
+// least recently run first. Returns whether the budget now has the room.
+bool Core::make_local_room(int device, uint64_t need, int exclude_context) {
+  while (own_used_[device] + need > local_budget_[device]) {
+    Context* victim = nullptr;
+    for (auto& [id, ctx] : contexts_) {
+      (void)id;
+      if (ctx->id == exclude_context || ctx->device != device || !ctx->parked) continue;
+      bool has_local = false;
+      for (uintptr_t va : ctx->segments)
+        for (const Piece& p : segments_.at(va)->pieces) has_local |= p.tier == device;
+      if (has_local && (!victim || ctx->last_run < victim->last_run)) victim = ctx.get();
+    }
+    if (!victim) return false;
+    uint64_t deficit = own_used_[device] + need - local_budget_[device];
+    if (evict_pieces_of(*victim, deficit) == 0) return false;
+  }
+  return true;
+}
+
+// Moves local pieces of `victim` to the best spill tiers until `need` bytes left its
+// device. Returns the bytes moved (0 when nothing could move).
+uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
+  std::vector<Step> steps;
+  uint64_t planned = 0;
+  std::vector<int> order = spill_order(victim.device);
+  for (uintptr_t va : victim.segments) {
+    Segment* seg = segments_.at(va).get();
+    for (size_t i = 0; i < seg->pieces.size() && planned < need; ++i) {
+      const Piece& p = seg->pieces[i];
+      if (p.tier != victim.device) continue;
+      Step step{seg, i, p.tier};
+      bool placed = false;
+      for (int tier : order) {
+        if (!room_on(tier, victim.device, p.size, true)) continue;
+        if (acquire(tier, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+        step.dst = tier;
+        account_add(tier, victim.device, p.size, false);
+        placed = true;
+        break;
+      }
+      if (!placed) break;
+      steps.push_back(step);
+      planned += p.size;
+    }
+    if (planned >= need) break;
+  }
+  if (steps.empty()) return 0;
+  uint64_t moved = 0;
+  if (execute_move(victim, steps, &moved) != AQUA_OK) {
+    std::fprintf(stderr, "[aqua_alloc] evicting context '%s' failed: %s\n", victim.tag.c_str(),
+                 last_error().c_str());
+    return 0;
+  }
+  return moved;
+}
+
+// Backs one new piece at va: the local device if its budget has room (after evicting
+// parked contexts), else the spill tiers in order. Maps it with access for the device.
+int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
+  int home = ctx.device;
+  std::vector<int> order{home};
+  for (int t : spill_order(home)) order.push_back(t);
+  int last_error_code = 0;
+  for (int tier : order) {
+    if (tier == home) make_local_room(home, piece->size, ctx.id);
+    if (!room_on(tier, home, piece->size, false)) continue;
+    int r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
+    if (r != 0 && tier == home && backend_->is_out_of_memory(r)) {
+      // The budget had room but the device did not (other users of the GPU): evict parked
+      // contexts' local pieces to make physical room, then try once more.
+      for (auto& [id, other] : contexts_) {
+        (void)id;
+        if (other->id != ctx.id && other->device == home && other->parked && evict_pieces_of(*other, piece->size))
+          break;
+      }
+      r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
+    }
+    if (r != 0) {
+      if (r > 0) last_error_code = r;
+      continue;
+    }
+    int m = backend_->map(va + piece->offset, piece->size, piece->handle);
+    if (m == 0) m = backend_->set_access(va + piece->offset, piece->size, home);
+    if (m != 0) {
+      backend_->unmap(va + piece->offset, piece->size);  // harmless if the map failed
+      give_back(tier, piece->handle, piece->handle_bytes);
+      return driver_fail("mapping a new segment", m);
+    }
+    piece->tier = tier;
+    account_add(tier, home, piece->size, false);
+    return AQUA_OK;
+  }
+  std::string why = last_error_code ? "; last driver error " + backend_->error_name(last_error_code) : "";
+  return fail(AQUA_ERR_OUT_OF_MEMORY, "no tier has room for " + bytes_text(piece->size) + why);
+}
+
+// --- allocator callbacks ----------------------------------------------------------------
+
+void* Core::malloc(size_t size, int device, int thread_context) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (device < 0 || device >= num_devices_) {
+    set_last_error("aqua_malloc: unknown device " + std::to_string(device));
+    return nullptr;
+  }
+  Context* ctx = find_context(thread_context);
+  if (!ctx || ctx->device != device) ctx = default_context(device);
+  if (ctx->parked) {  // allocating means running
+    ctx->parked = false;
+    ctx->last_run = ++clock_;
+  }
+  if (int r = backend_->bind(device)) {
+    driver_fail("binding the device", r);
+    return nullptr;
+  }
+  uint64_t bytes = round_up(size == 0 ? 1 : size, granularity_);
+  auto seg = std::make_unique<Segment>();
+  seg->size = bytes;
+  seg->context = ctx->id;
+  int r = backend_->reserve(bytes, &seg->va);
+  if (r == 0) {
+    r = backend_->reserve(bytes, &seg->shadow);
+    if (r != 0) backend_->free_va(seg->va, bytes);
+  }
+  if (r != 0) {
+    driver_fail("reserving address space", r);
+    record(AQUA_EV_ALLOC_FAILED, ctx->id, AQUA_TIER_NONE, AQUA_TIER_NONE, bytes, 0, 0, r);
+    return nullptr;
+  }
+  for (uint64_t off = 0; off < bytes; off += chunk_bytes_) {
+    Piece piece;
+    piece.offset = off;
+    piece.size = std::min<uint64_t>(chunk_bytes_, bytes - off);
+    int status = place_new_piece(*ctx, seg->va, &piece);
+    if (status != AQUA_OK) {
+      std::string why = last_error();
+      for (const Piece& p : seg->pieces) {
+        backend_->unmap(seg->va + p.offset, p.size);
+        account_remove(p.tier, ctx->device, p.size, false);
+        give_back(p.tier, p.handle, p.handle_bytes);
+      }
+      backend_->free_va(seg->va, bytes);
+      backend_->free_va(seg->shadow, bytes);
+      record(AQUA_EV_ALLOC_FAILED, ctx->id, AQUA_TIER_NONE, AQUA_TIER_NONE, bytes, 0, 0, status);
+      std::string message = "out of memory: context '" + ctx->tag + "' asked for " + bytes_text(bytes) + ": " +
+                            why + ". Tiers: " + usage_line();
+      std::fprintf(stderr, "[aqua_alloc] %s\n", message.c_str());
+      set_last_error(message);
+      return nullptr;
+    }
+    seg->pieces.push_back(piece);
+  }
+  for (const Piece& p : seg->pieces) record(AQUA_EV_MAP, ctx->id, AQUA_TIER_NONE, p.tier, p.size, 0, seg->va + p.offset, 0);
+  record(AQUA_EV_SEGMENT_ALLOC, ctx->id, AQUA_TIER_NONE, seg->pieces.front().tier, bytes, 0, seg->va, 0);
+  void* ptr = reinterpret_cast<void*>(seg->va);
+  ctx->segments.insert(seg->va);
+  segments_[seg->va] = std::move(seg);
+  return ptr;
+}
+
+void Core::free(void* ptr) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = segments_.find(reinterpret_cast<uintptr_t>(ptr));
+  if (it == segments_.end()) {
+    std::fprintf(stderr, "[aqua_alloc] aqua_free: %p is not a segment of aqua_alloc; ignored\n", ptr);
+    set_last_error("aqua_free: unknown pointer");
+    return;
+  }
+  Segment* seg = it->second.get();
+  auto ctx_it = contexts_.find(seg->context);
+  int home = ctx_it->second->device;
+  for (const Piece& p : seg->pieces) {
+    if (int r = backend_->unmap(seg->va + p.offset, p.size))
+      std::fprintf(stderr, "[aqua_alloc] unmapping a freed segment failed: %s\n", backend_->error_name(r).c_str());
+    record(AQUA_EV_UNMAP, seg->context, p.tier, AQUA_TIER_NONE, p.size, 0, seg->va + p.offset, 0);
+    account_remove(p.tier, home, p.size, false);
+    give_back(p.tier, p.handle, p.handle_bytes);
+  }
+  backend_->free_va(seg->va, seg->size);
+  backend_->free_va(seg->shadow, seg->size);
+  record(AQUA_EV_SEGMENT_FREE, seg->context, AQUA_TIER_NONE, AQUA_TIER_NONE, seg->size, 0, seg->va, 0);
+  Context* ctx = ctx_it->second.get();
+  ctx->segments.erase(seg->va);
+  segments_.erase(it);
+  if (ctx->released && ctx->segments.empty()) {
+    if (ctx->park_event) idle_events_.push_back(ctx->park_event);
+    contexts_.erase(ctx_it);
+  }
+}
+
+// --- moves -------------------------------------------------------------------------------
+
+int Core::resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Context* ctx = find_context(id);
+  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
+  ctx->parked = false;
+  ctx->last_run = ++clock_;
+  record(AQUA_EV_CONTEXT_RESUME, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
+  *bytes_moved = 0;
+  *bytes_elsewhere = 0;
+  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  uint64_t need = 0;
+  for (uintptr_t va : ctx->segments)
+    for (const Piece& p : segments_.at(va)->pieces)
+      if (p.tier != ctx->device) need += p.size;
+  if (need == 0) return AQUA_OK;
+  make_local_room(ctx->device, need, ctx->id);
+  std::vector<Step> steps;
+  for (uintptr_t va : ctx->segments) {
+    Segment* seg = segments_.at(va).get();
+    for (size_t i = 0; i < seg->pieces.size(); ++i) {
+      const Piece& p = seg->pieces[i];
+      if (p.tier == ctx->device || !room_on(ctx->device, ctx->device, p.size, true)) continue;
+      Step step{seg, i, p.tier, ctx->device};
+      if (acquire(ctx->device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+      account_add(ctx->device, ctx->device, p.size, false);
+      steps.push_back(step);
+    }
+  }
+  int status = steps.empty() ? AQUA_OK : execute_move(*ctx, steps, bytes_moved);
+  for (uintptr_t va : ctx->segments)
+    for (const Piece& p : segments_.at(va)->pieces)
+      if (p.tier != ctx->device) *bytes_elsewhere += p.size;
+  return status;
+}
+
+int Core::evict(int id, int tier, uint64_t* bytes_moved) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  *bytes_moved = 0;
+  Context* ctx = find_context(id);
+  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "evict: no live context with id " + std::to_string(id));
+  if (tier != AQUA_TIER_AUTO && !valid_tier(tier))
+    return fail(AQUA_ERR_INVALID, "evict: unknown tier " + std::to_string(tier));
+  if (tier == ctx->device)
+    return fail(AQUA_ERR_INVALID, "evict: " + tier_name(tier) + " is the context's own device; use resume");
+  if (tier >= 0 && peer_rank_[ctx->device][tier] < 0)
+    return fail(AQUA_ERR_INVALID, "evict: " + tier_name(ctx->device) + " may not use " + tier_name(tier) +
+                                      " (no peer access, or disabled)");
+  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  std::vector<int> order = tier == AQUA_TIER_AUTO ? spill_order(ctx->device) : std::vector<int>{tier};
+  std::vector<Step> steps;
+  for (uintptr_t va : ctx->segments) {
+    Segment* seg = segments_.at(va).get();
+    for (size_t i = 0; i < seg->pieces.size(); ++i) {
+      const Piece& p = seg->pieces[i];
+      if (tier == AQUA_TIER_AUTO ? p.tier != ctx->device : p.tier == tier) continue;
+      Step step{seg, i, p.tier};
+      bool placed = false;
+      for (int t : order) {
+        if (!room_on(t, ctx->device, p.size, true)) continue;
+        if (acquire(t, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+        step.dst = t;
+        account_add(t, ctx->device, p.size, false);
+        placed = true;
+        break;
+      }
+      if (!placed) {
+        for (Step& s : steps) {
+          account_remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
+          give_back(s.dst, s.handle, s.handle_bytes);
+        }
+        std::string target = tier == AQUA_TIER_AUTO ? "any spill tier" : tier_name(tier);
+        return fail(AQUA_ERR_OUT_OF_MEMORY, "evict '" + ctx->tag + "': " + target + " has no room for " +
+                                                bytes_text(p.size) + ". Tiers: " + usage_line());
+      }
+      steps.push_back(step);
+    }
+  }
+  if (steps.empty()) return AQUA_OK;
+  return execute_move(*ctx, steps, bytes_moved);
+}
+
+int Core::take_event(Event* event) {
+  if (!idle_events_.empty()) {
+    *event = idle_events_.back();
+    idle_events_.pop_back();
+    return 0;
+  }
+  return backend_->event_create(event);
+}
+
+int Core::mover_stream(int device, Stream* stream) {
+  if (!streams_[device]) {
+    if (int r = backend_->stream_create(device, &streams_[device])) return r;
+  }
+  *stream = streams_[device];
+  return 0;
+}
+
+bool Core::retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size) {
+  for (int i = 0; i < kRestoreAttempts; ++i)
+    if ((backend_.get()->*op)(va, size) == 0) return true;
+  return false;
+}
+
+// Undo a failed move: steps [0, num_committed) are mapped at home with their new backing
+// and get their old backing back; the rest are unstaged. Every new backing is returned.
+// Old backings were never modified, so the bytes are as before the move.
+void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) {
+  for (size_t k = 0; k < steps.size(); ++k) {
+    Step& s = steps[k];
+    Piece& p = s.segment->pieces[s.index];
+    uintptr_t home = s.segment->va + p.offset;
+    bool ok = true;
+    if (k < num_committed) {
+      ok = retry(&Backend::unmap, home, p.size);
+      bool mapped = false;
+      for (int i = 0; ok && i < kRestoreAttempts && !mapped; ++i) mapped = backend_->map(home, p.size, p.handle) == 0;
+      bool access = false;
+      for (int i = 0; mapped && i < kRestoreAttempts && !access; ++i)
+        access = backend_->set_access(home, p.size, ctx.device) == 0;
+      ok = ok && mapped && access;
+    } else if (s.staged) {
+      ok = retry(&Backend::unmap, s.segment->shadow + p.offset, p.size);
+    }
+    if (!ok)
+      std::fprintf(stderr, "[aqua_alloc] rolling back a move of context '%s' failed at 0x%lx: the range may be "
+                   "unusable\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
+    account_remove(s.dst, ctx.device, p.size, false);
+    give_back(s.dst, s.handle, s.handle_bytes);
+    if (s.copied) idle_events_.push_back(s.copied);
+  }
+}
+
+// Moves every step's piece to its new backing (already acquired and accounted on the
+// destination). Stage all, copy all on the mover stream after the park event, then commit
+// piece by piece as its copy completes, so remaps overlap the copies still in flight.
+int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved) {
+  uint64_t start = now_ns();
+  uint64_t total = 0;
+  for (Step& s : steps) total += s.segment->pieces[s.index].size;
+  int src_tier = steps.front().src, dst_tier = steps.front().dst;
+  record(AQUA_EV_MOVE_START, ctx.id, src_tier, dst_tier, total, 0, steps.front().segment->va, 0);
+  auto failed = [&](size_t num_committed, const char* what, int code) {
+    unwind(ctx, steps, num_committed);
+    record(AQUA_EV_MOVE_FAILED, ctx.id, src_tier, dst_tier, total, now_ns() - start, 0, code);
+    return fail(AQUA_ERR_DRIVER, "moving context '" + ctx.tag + "' (" + bytes_text(total) + ", " +
+                                     tier_name(src_tier) + " -> " + tier_name(dst_tier) + "): " + what +
+                                     " failed: " + backend_->error_name(code) + "; rolled back, bytes intact");
+  };
+
+  Stream stream = 0;
+  if (int r = mover_stream(ctx.device, &stream)) return failed(0, "creating the mover stream", r);
+  for (Step& s : steps) {
+    const Piece& p = s.segment->pieces[s.index];
+    uintptr_t shadow = s.segment->shadow + p.offset;
+    if (int r = backend_->map(shadow, p.size, s.handle)) return failed(0, "staging map", r);
+    s.staged = true;
+    if (int r = backend_->set_access(shadow, p.size, ctx.device)) return failed(0, "staging set-access", r);
+  }
+  // Order the copies after the context's last kernels (recorded at park).
+  if (ctx.park_recorded) {
+    if (int r = backend_->stream_wait_event(stream, ctx.park_event)) return failed(0, "waiting for the park event", r);
+  }
+  for (Step& s : steps) {
+    const Piece& p = s.segment->pieces[s.index];
+    int r = backend_->copy_async(s.segment->shadow + p.offset, s.segment->va + p.offset, p.size, stream);
+    if (r == 0) r = take_event(&s.copied);
+    if (r == 0) r = backend_->event_record(s.copied, stream);
+    if (r != 0) {
+      for (Step& q : steps)
+        if (q.copied) backend_->event_sync(q.copied);  // let issued copies drain
+      return failed(0, "copy", r);
+    }
+  }
+  for (size_t k = 0; k < steps.size(); ++k) {
+    Step& s = steps[k];
+    Piece& p = s.segment->pieces[s.index];
+    uintptr_t home = s.segment->va + p.offset;
+    if (int r = backend_->event_sync(s.copied)) {
+      for (size_t j = k + 1; j < steps.size(); ++j) backend_->event_sync(steps[j].copied);
+      return failed(k, "waiting for the copy", r);
+    }
+    if (int r = backend_->unmap(s.segment->shadow + p.offset, p.size)) return failed(k, "unstaging unmap", r);
+    s.staged = false;
+    if (int r = backend_->unmap(home, p.size)) return failed(k, "unmap", r);
+    int r = backend_->map(home, p.size, s.handle);
+    if (r == 0) {
+      r = backend_->set_access(home, p.size, ctx.device);
+      if (r != 0) retry(&Backend::unmap, home, p.size);
+    }
+    if (r != 0) {
+      // Put the old backing back at home; then unwind the committed steps.
+      bool mapped = false, access = false;
+      for (int i = 0; i < kRestoreAttempts && !mapped; ++i) mapped = backend_->map(home, p.size, p.handle) == 0;
+      for (int i = 0; mapped && i < kRestoreAttempts && !access; ++i)
+        access = backend_->set_access(home, p.size, ctx.device) == 0;
+      if (!access)
+        std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
+      for (size_t j = k + 1; j < steps.size(); ++j) backend_->event_sync(steps[j].copied);
+      return failed(k, "map at home", r);
+    }
+  }
+  // Commit: every piece now maps its new backing at home. Release the old backings and
+  // settle the accounts (until here an unwind could map the old ones back).
+  std::set<int> tiers_out, tiers_in;  // a move counts once per tier it touches
+  for (Step& s : steps) {
+    Piece& p = s.segment->pieces[s.index];
+    account_remove(p.tier, ctx.device, p.size, true);
+    tiers_out.insert(tier_index(p.tier));
+    tiers_in.insert(tier_index(s.dst));
+    counters_[tier_index(s.dst)].bytes_in += p.size;
+    give_back(p.tier, p.handle, p.handle_bytes);
+    p.tier = s.dst;
+    p.handle = s.handle;
+    p.handle_bytes = s.handle_bytes;
+    idle_events_.push_back(s.copied);
+  }
+  for (int t : tiers_out) counters_[t].moves_out++;
+  for (int t : tiers_in) counters_[t].moves_in++;
+  *bytes_moved = total;
+  record(AQUA_EV_MOVE_END, ctx.id, src_tier, dst_tier, total, now_ns() - start, steps.front().segment->va, 0);
+  return AQUA_OK;
+}
+
+// --- teardown ----------------------------------------------------------------------------
+
+int Core::shutdown(bool force) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!segments_.empty() && !force)
+      return fail(AQUA_ERR_STATE, std::to_string(segments_.size()) +
+                                      " segments are still live (tensors allocated in contexts); free them first");
+    pool_thread_stop_ = true;
+  }
+  pool_cv_.notify_all();
+  if (pool_thread_.joinable()) pool_thread_.join();
+  std::vector<void*> live;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [va, seg] : segments_) {
+      (void)seg;
+      live.push_back(reinterpret_cast<void*>(va));
+    }
+  }
+  for (void* ptr : live) free(ptr);
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [h, bytes] : host_pool_.trim(0)) {
+    (void)bytes;
+    backend_->release(h);
+  }
+  for (Event e : idle_events_) backend_->event_destroy(e);
+  idle_events_.clear();
+  return AQUA_OK;
+}
+
+}  // namespace aqua

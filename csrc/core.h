@@ -1,0 +1,167 @@
+// Core: contexts, segments and where their bytes live.
+//
+// A segment is what the PyTorch caching allocator asked aqua_malloc for: a home VA range
+// (the pointer torch keeps, never changed) plus a shadow VA range of the same size used as
+// the copy target while a move is staged. The segment is cut into pieces of at most
+// chunk_bytes; each piece is mapped by one physical handle on one tier (the context's
+// device, a peer device, or pinned host memory). Moving a piece: map the new handle at the
+// shadow, copy home -> shadow on the mover stream, then unmap the old handle at home and map
+// the new one there. Pointers never change; bytes follow the copy.
+//
+// Invariants kept under mutex_:
+// - every piece of a live segment is mapped at home with access for the context's device;
+// - own_used_[d] + lent_used_[d] == bytes of pieces on device d; host_used_ == bytes on host;
+// - own_used_[d] <= local_budget_[d] and lent_used_[d] <= lend_budget_[d] after any move or
+//   allocation made by the core (budgets lowered later are enforced on the next placement);
+// - a move is all or nothing: when it fails, every piece is mapped as before with its bytes.
+// Thread-safe: one mutex; moves run under it (allocator callbacks wait for a move).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend.h"
+#include "event_log.h"
+#include "host_pool.h"
+
+namespace aqua {
+
+struct Piece {
+  uint64_t offset = 0;        // bytes from the segment's base
+  uint64_t size = 0;          // bytes mapped
+  int tier = 0;               // device ordinal or AQUA_TIER_HOST
+  Handle handle = 0;
+  uint64_t handle_bytes = 0;  // physical bytes of the handle (>= size for host pool classes)
+};
+
+struct Segment {
+  uintptr_t va = 0;      // home address: what torch holds
+  uintptr_t shadow = 0;  // staging address range, same size
+  uint64_t size = 0;
+  int context = -1;
+  std::vector<Piece> pieces;
+};
+
+struct Context {
+  int id = -1;
+  int device = 0;
+  std::string tag;
+  bool parked = false;
+  bool released = false;
+  uint64_t last_run = 0;      // logical clock of the last park or resume (LRU order)
+  Event park_event = 0;       // recorded at park; every move of the context waits for it
+  bool park_recorded = false;
+  std::set<uintptr_t> segments;
+};
+
+struct TierCounters {
+  uint64_t current = 0, peak = 0, total = 0;
+  uint64_t moves_in = 0, moves_out = 0, bytes_in = 0, bytes_out = 0;
+};
+
+class Core {
+ public:
+  Core(std::unique_ptr<Backend> backend, SimControl* sim);
+  ~Core();
+
+  Backend& backend() { return *backend_; }
+  SimControl* sim() { return sim_; }
+  EventLog& events() { return events_; }
+  int num_devices() const { return num_devices_; }
+
+  int set_local_budget(int device, uint64_t bytes);
+  int set_lend_budget(int device, uint64_t bytes);
+  int set_host_budget(uint64_t bytes);
+  int set_peer_rank(int device, int peer, int rank);
+  int set_chunk_bytes(uint64_t bytes);
+  int host_pool_reserve(uint64_t bytes, bool background);
+  int host_pool_trim(uint64_t keep_bytes);
+
+  int context_create(int device, const char* tag, int* out_id);
+  int context_release(int id);
+  int park(int id, uint64_t stream);
+  int resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
+  int evict(int id, int tier, uint64_t* bytes_moved);
+  int where(int id, uint64_t* out, int len);
+  int pointer_context(uint64_t ptr, int* out_id);
+  int counts(int* contexts, int* segments);
+  int tier_stats(int tier, aqua_tier_stats* out);
+
+  // Allocator callbacks: never throw; failures are logged and recorded as events.
+  void* malloc(size_t size, int device, int thread_context);
+  void free(void* ptr);
+
+  // Unmaps and frees everything (force) or refuses while segments are live.
+  int shutdown(bool force);
+
+ private:
+  struct Step;  // one piece's move, see core.cpp
+
+  int tier_index(int tier) const { return tier == AQUA_TIER_HOST ? num_devices_ : tier; }
+  bool valid_tier(int tier) const { return tier == AQUA_TIER_HOST || (tier >= 0 && tier < num_devices_); }
+  Context* find_context(int id);
+  Context* default_context(int device);
+  std::string tier_name(int tier) const;
+  std::string usage_line() const;
+
+  // Placement and budgets (mutex_ held).
+  bool room_on(int tier, int home, uint64_t size, bool for_move) const;
+  std::vector<int> spill_order(int home) const;
+  int acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
+  void give_back(int tier, Handle handle, uint64_t handle_bytes);
+  void account_add(int tier, int home, uint64_t size, bool moved_in);
+  void account_remove(int tier, int home, uint64_t size, bool moved_out);
+  int place_new_piece(Context& ctx, uintptr_t va, Piece* piece);
+  bool make_local_room(int device, uint64_t need, int exclude_context);
+  uint64_t evict_pieces_of(Context& victim, uint64_t need);
+
+  // The mover (mutex_ held): all or nothing over `steps`.
+  int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);
+  void unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed);
+  bool retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size);
+  int take_event(Event* event);
+  int mover_stream(int device, Stream* stream);
+  void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
+              int status);
+  int fail(int code, const std::string& message);
+  int driver_fail(const char* what, int code);
+
+  void pool_thread_main();
+
+  std::unique_ptr<Backend> backend_;
+  SimControl* sim_;
+  int num_devices_ = 0;
+  uint64_t granularity_ = 0;
+  uint64_t chunk_bytes_ = 0;
+
+  std::mutex mutex_;
+  std::map<int, std::unique_ptr<Context>> contexts_;
+  std::map<int, int> default_contexts_;  // device -> context id
+  int next_context_id_ = 1;
+  uint64_t clock_ = 0;
+  std::map<uintptr_t, std::unique_ptr<Segment>> segments_;  // home va -> segment
+
+  std::vector<uint64_t> local_budget_, lend_budget_, own_used_, lent_used_;
+  uint64_t host_budget_ = 0, host_used_ = 0;
+  std::vector<std::vector<int>> peer_rank_;  // [home][peer], < 0: never
+  std::vector<TierCounters> counters_;       // per tier index
+  HostPool host_pool_;
+  std::vector<Stream> streams_;              // mover stream per device, 0 until made
+  std::vector<Event> idle_events_;
+
+  uint64_t pool_reserve_ = 0;
+  bool pool_thread_stop_ = false;
+  std::condition_variable pool_cv_;
+  std::thread pool_thread_;
+
+  EventLog events_;
+};
+
+}  // namespace aqua

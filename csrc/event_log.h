@@ -1,0 +1,68 @@
+// EventLog: a bounded ring of aqua_event records, drained by Python for traces.
+//
+// When full, the oldest events are kept and new ones are dropped and counted, so a trace
+// says how much it is missing. Thread-safe; record() never allocates after construction.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "aqua_alloc.h"
+
+namespace aqua {
+
+inline uint64_t now_ns() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+}
+
+class EventLog {
+ public:
+  explicit EventLog(size_t capacity = 1 << 16) { set_capacity(capacity); }
+
+  void set_capacity(size_t capacity) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ring_.assign(capacity, aqua_event{});
+    head_ = 0;
+    size_ = 0;
+  }
+
+  void record(const aqua_event& event) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (size_ == ring_.size()) {
+      dropped_++;
+      return;
+    }
+    ring_[(head_ + size_) % ring_.size()] = event;
+    size_++;
+  }
+
+  // Copies up to max events out, oldest first, and removes them. Returns the count.
+  int drain(aqua_event* out, int max) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int n = 0;
+    while (n < max && size_ > 0) {
+      out[n++] = ring_[head_];
+      head_ = (head_ + 1) % ring_.size();
+      size_--;
+    }
+    return n;
+  }
+
+  uint64_t dropped() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return dropped_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<aqua_event> ring_;
+  size_t head_ = 0;
+  size_t size_ = 0;
+  uint64_t dropped_ = 0;
+};
+
+}  // namespace aqua
