@@ -51,6 +51,10 @@ class Op(enum.IntEnum):
     SYNC = 8
 
 
+# Phases of a move (enum aqua_phase), in order.
+PHASES = ("acquire", "stage", "issue", "wait", "remap", "release")
+
+
 class CoreEvent(ctypes.Structure):
     """struct aqua_event (56 bytes)."""
 
@@ -119,7 +123,7 @@ _SIGNATURES = {
     "aqua_set_thread_context": (_i, [_i, _pi]),
     "aqua_park": (_i, [_i, _u64]),
     "aqua_resume": (_i, [_i, _pu64, _pu64]),
-    "aqua_evict": (_i, [_i, _i, _pu64]),
+    "aqua_evict": (_i, [_i, _i, _u64, _pu64]),
     "aqua_context_where": (_i, [_i, _pu64, _i]),
     "aqua_pointer_context": (_i, [_u64, _pi]),
     "aqua_context_count": (_i, [_pi]),
@@ -128,6 +132,9 @@ _SIGNATURES = {
     "aqua_events_set_capacity": (_i, [_u64]),
     "aqua_events_drain": (_i, [ctypes.POINTER(CoreEvent), _i]),
     "aqua_events_dropped": (_u64, []),
+    "aqua_profile_get": (_i, [_pu64, _pu64, _i]),
+    "aqua_profile_reset": (_i, []),
+    "aqua_flush_releases": (_i, []),
     "aqua_malloc": (_p, [ctypes.c_size_t, _i, _p]),
     "aqua_free": (None, [_p, ctypes.c_size_t, _i, _p]),
     "aqua_sim_fail_nth": (_i, [_i, _u64, _u64]),

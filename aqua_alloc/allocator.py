@@ -58,6 +58,7 @@ class _State:
     contexts: dict[str, _Context] = dataclasses.field(default_factory=dict)
     torch_allocator: Any = None  # CUDAPluggableAllocator, kept for the process's life
     prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
+    released_pools: list[Any] = dataclasses.field(default_factory=list)  # see _sweep_released_pools
 
 
 _keep_alive: list[Any] = []  # pluggable allocators: torch may call them until exit
@@ -109,6 +110,12 @@ def enable(**overrides: Any) -> None:
             return
         settings = config.Settings.from_env(**overrides)
         lib = _native.lib()
+        if lib.aqua_backend() != Backend.NONE:
+            # A core left up by disable() while tensors were alive: shut it down now if they
+            # are gone; otherwise say what holds it.
+            if lib.aqua_shutdown(0) != _native.Status.OK:
+                raise ContextError(f"enable(): the previous aqua_alloc session still serves live tensors "
+                                   f"({_native.last_error()}); free them before enabling again")
         if settings.backend == "sim":
             n = settings.sim_devices
             caps = (ctypes.c_uint64 * n)(*([settings.sim_device_bytes] * n))
@@ -139,6 +146,7 @@ def enable(**overrides: Any) -> None:
 
 
 def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) -> tuple[config.Plan, int]:
+    check(lib.aqua_events_set_capacity(settings.trace_events), "AQUA_TRACE_EVENTS")  # first: it clears the buffer
     n = ctypes.c_int()
     check(lib.aqua_device_count(ctypes.byref(n)), "counting devices")
     num_devices = n.value
@@ -173,7 +181,6 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
                 rank = -1 if not peer[d][p] else (0 if nvlink[d][p] else 1)
                 check(lib.aqua_set_peer_rank(d, p, rank), f"peer rank {d}->{p}")
     check(lib.aqua_set_host_budget(plan.host_budget), "AQUA_HOST_BUDGET")
-    check(lib.aqua_events_set_capacity(settings.trace_events), "AQUA_TRACE_EVENTS")
     check(lib.aqua_host_pool_reserve(plan.host_reserve, 1), "AQUA_HOST_RESERVE (creating pinned host backing)")
     return plan, num_devices
 
@@ -214,6 +221,7 @@ def disable() -> None:
             _uninstall_hooks()
         for ctx in list(state.contexts.values()):
             _release_locked(state, ctx)
+        _keep_alive.extend(state.released_pools)  # pools with live tensors outlive the state
         _state = None
         status = lib.aqua_shutdown(0)
         if status != _native.Status.OK:
@@ -373,17 +381,36 @@ def evict(tag: str, tier: int | str = "auto") -> int:
         state = _require()
         ctx = _find(tag)
         target = parse_tier(tier, state.num_devices)
-    lib = _native.lib()
-    check(lib.aqua_park(ctx.id, _current_stream(ctx)), f"evict({tag!r})")
     moved = ctypes.c_uint64()
-    check(lib.aqua_evict(ctx.id, target, ctypes.byref(moved)), f"evict({tag!r}, tier={tier!r})")
+    check(_native.lib().aqua_evict(ctx.id, target, _current_stream(ctx), ctypes.byref(moved)),
+          f"evict({tag!r}, tier={tier!r})")
     return moved.value
+
+
+def _pool_has_live_blocks(pool: Any) -> bool:
+    """Whether any tensor still holds a block of `pool` (torch's snapshot of the pool)."""
+    for segment in pool.snapshot():
+        for block in segment.get("blocks", ()):
+            if block.get("state") == "active_allocated":
+                return True
+    return False
+
+
+def _sweep_released_pools(state: _State) -> None:
+    """Drop the pools of released contexts whose tensors are all gone: deleting a MemPool
+    makes torch free its segments (aqua_free). A pool must not die while a tensor still
+    holds one of its blocks (torch aborts when that tensor is freed later), so released
+    contexts with live tensors wait here."""
+    state.released_pools = [p for p in state.released_pools if _pool_has_live_blocks(p)]
 
 
 def _release_locked(state: _State, ctx: _Context) -> None:
     check(_native.lib().aqua_context_release(ctx.id), f"release({ctx.tag!r})")
     del state.contexts[ctx.tag]
-    ctx.pool = None  # torch frees the pool's segments once its tensors are gone
+    if ctx.pool is not None:
+        state.released_pools.append(ctx.pool)
+        ctx.pool = None
+        _sweep_released_pools(state)
 
 
 def release(tag: str) -> None:
@@ -422,10 +449,20 @@ def where(tag_or_tensor: Any) -> dict[str, int]:
         return result
 
 
+def flush_releases() -> None:
+    """Give the GPU back, now, the memory of backings that moves and frees returned
+    (normally released a few ms later, or reused by the next resume)."""
+    with _lock:
+        state = _require()
+        _sweep_released_pools(state)
+        check(_native.lib().aqua_flush_releases(), "flush_releases")
+
+
 def stats() -> dict[str, Any]:
     """Per tier current/peak/total bytes and budgets; moves and bytes moved; counts."""
     with _lock:
         state = _require()
+        _sweep_released_pools(state)
         lib = _native.lib()
         tiers = {}
         for tier in [*range(state.num_devices), TIER_HOST]:
@@ -447,6 +484,12 @@ def stats() -> dict[str, Any]:
 # --- events ---------------------------------------------------------------------------------
 
 
+def _event_args(kind: events.EventKind, e: _native.CoreEvent) -> dict[str, Any]:
+    if kind == events.EventKind.BUDGET:
+        return {"budget": "lend" if e.addr == 1 else "local"}
+    return {"addr": e.addr} if e.addr else {}
+
+
 def drain_core_events() -> list[events.Event]:
     """Take the core's recorded events out, as :class:`aqua_alloc.events.Event`."""
     try:
@@ -465,9 +508,22 @@ def drain_core_events() -> list[events.Event]:
                 t_ns=e.t_ns, kind=kind, context=_tags_by_id.get(e.context, f"context-{e.context}") if e.context >= 0 else None,
                 src=None if e.src_tier == TIER_NONE else tier_name(e.src_tier),
                 dst=None if e.dst_tier == TIER_NONE else tier_name(e.dst_tier),
-                bytes=e.bytes, dur_ns=e.dur_ns, status=e.status, args={"addr": e.addr} if e.addr else {}))
+                bytes=e.bytes, dur_ns=e.dur_ns, status=e.status, args=_event_args(kind, e)))
         if n < len(buf):
             return out
+
+
+def move_profile(reset: bool = False) -> dict[str, dict[str, float]]:
+    """Where moves spent their time since enable() (or the last reset): per phase
+    (acquire, stage, issue, wait, remap, release) total milliseconds and calls."""
+    _require()
+    lib = _native.lib()
+    n = len(_native.PHASES)
+    ns, calls = (ctypes.c_uint64 * n)(), (ctypes.c_uint64 * n)()
+    check(lib.aqua_profile_get(ns, calls, n), "move_profile")
+    if reset:
+        check(lib.aqua_profile_reset(), "move_profile")
+    return {phase: {"ms": ns[i] / 1e6, "calls": calls[i]} for i, phase in enumerate(_native.PHASES)}
 
 
 def num_core_events_dropped() -> int:

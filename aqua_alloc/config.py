@@ -13,6 +13,7 @@ value. Values that depend on the machine (more than exists, an unknown GPU) are 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import warnings
@@ -57,11 +58,11 @@ def parse_size(text: Any, setting: str, allow_percent: bool = True) -> Size:
     if isinstance(text, int):
         if text < 0:
             raise ConfigError(f"{setting}={text}: a size cannot be negative")
-        return text
+        return _bounded(text, text, setting)
     if isinstance(text, float):
-        if text < 0 or text != text:
-            raise ConfigError(f"{setting}={text}: a size cannot be negative or NaN")
-        return int(text)
+        if not math.isfinite(text) or text < 0:
+            raise ConfigError(f"{setting}={text}: a size cannot be negative or NaN or infinite")
+        return _bounded(int(text), text, setting)
     if isinstance(text, Percent):
         return text
     if not isinstance(text, str):
@@ -78,9 +79,24 @@ def parse_size(text: Any, setting: str, allow_percent: bool = True) -> Size:
             raise ConfigError(f"{setting}={text!r}: a percentage must be at most 100%")
         return Percent(value)
     m = _SIZE_RE.match(s)
-    if not m or m.group(2).lower() not in _UNITS:
+    if not m or not m.group(1).isascii() or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"{setting}={text!r}: not a size (examples: 512MiB, 8GiB, 80%)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    number, unit = m.group(1), _UNITS[m.group(2).lower()]
+    if "." not in number:
+        return _bounded(int(number) * unit, text, setting)  # exact, however large
+    value = float(number) * unit
+    if not math.isfinite(value):
+        raise ConfigError(f"{setting}={text!r}: too large")
+    return _bounded(int(value), text, setting)
+
+
+_MAX_SIZE = 1 << 64  # bytes: no machine has more
+
+
+def _bounded(size: int, text: Any, setting: str) -> int:
+    if size >= _MAX_SIZE:
+        raise ConfigError(f"{setting}={text!r}: too large (at most {_MAX_SIZE - 1} bytes)")
+    return size
 
 
 def parse_per_device(text: Any, setting: str) -> dict[int, Size] | Size:
@@ -98,7 +114,7 @@ def parse_per_device(text: Any, setting: str) -> dict[int, Size] | Size:
             if not part.strip():
                 continue
             dev, sep, value = part.partition(":")
-            if not sep or not dev.strip().isdigit():
+            if not sep or not (dev.strip().isascii() and dev.strip().isdigit()):
                 raise ConfigError(f"{setting}={text!r}: expected 'DEVICE:SIZE,...' (e.g. 0:20GiB,1:40%), got {part!r}")
             if int(dev) in out:
                 raise ConfigError(f"{setting}={text!r}: device {int(dev)} is given twice")
@@ -120,7 +136,7 @@ def parse_bool(text: Any, setting: str) -> bool:
 
 def parse_int(text: Any, setting: str, low: int, high: int) -> int:
     try:
-        if isinstance(text, bool):
+        if isinstance(text, bool) or (isinstance(text, str) and not text.strip().isascii()):
             raise ValueError
         value = int(str(text).strip()) if not isinstance(text, int) else text
     except ValueError:
@@ -147,7 +163,8 @@ class Settings:
                                                    #   (default: 10% of the host's memory)
     host_reserve: Size = 1 * GiB                   # AQUA_HOST_RESERVE: pinned host backing made ahead
                                                    #   at enable() and kept topped up (bytes)
-    chunk: int = 64 * MiB                          # AQUA_CHUNK: largest piece a segment moves in (bytes)
+    chunk: int = 64 * MiB                          # AQUA_CHUNK: largest piece a segment moves in (bytes;
+                                                   #   2MiB times a power of two)
     trace: str | None = None                       # AQUA_TRACE: write a trace here at exit
     trace_snapshot: bool = False                   # AQUA_TRACE_SNAPSHOT: also PyTorch's memory snapshot
     trace_events: int = 1 << 20                    # AQUA_TRACE_EVENTS: event buffer capacity (events)
@@ -224,8 +241,8 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
         return parse_size(value, label)
     if name in ("chunk", "sim_device_bytes", "sim_host_bytes"):
         size = parse_size(value, label, allow_percent=False)
-        if name == "chunk" and (size < 2 * MiB or size % (2 * MiB)):
-            raise ConfigError(f"{label}={value!r}: must be a positive multiple of 2MiB (the mapping granularity)")
+        if name == "chunk" and (size < 2 * MiB or size % (2 * MiB) or (size // (2 * MiB)) & (size // (2 * MiB) - 1)):
+            raise ConfigError(f"{label}={value!r}: must be 2MiB times a power of two (2MiB, 4MiB, ... 64MiB, ...)")
         if name == "sim_device_bytes" and size % (2 * MiB):
             raise ConfigError(f"{label}={value!r}: must be a multiple of 2MiB")
         return size

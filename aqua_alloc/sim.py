@@ -80,6 +80,7 @@ def usage(tier: int | str) -> tuple[int, int]:
     """(physical bytes held, live mappings) of a simulated tier ('host', 'gpuN', N)."""
     state = _sim_state()
     t = parse_tier(tier, state.num_devices) if tier != TIER_HOST else TIER_HOST
+    check(_native.lib().aqua_flush_releases(), "flushing deferred releases")
     nbytes, nmaps = ctypes.c_uint64(), ctypes.c_uint64()
     check(_native.lib().aqua_sim_usage(t, ctypes.byref(nbytes), ctypes.byref(nmaps)), "usage")
     return nbytes.value, nmaps.value

@@ -206,9 +206,9 @@ int aqua_resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   WITH_CORE(core);
   return guarded([&] { return core->resume(id, bytes_moved, bytes_elsewhere); });
 }
-int aqua_evict(int id, int tier, uint64_t* bytes_moved) {
+int aqua_evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   WITH_CORE(core);
-  return guarded([&] { return core->evict(id, tier, bytes_moved); });
+  return guarded([&] { return core->evict(id, tier, stream, bytes_moved); });
 }
 int aqua_context_where(int id, uint64_t* out, int len) {
   WITH_CORE(core);
@@ -250,6 +250,23 @@ int aqua_events_drain(aqua_event* out, int max_events) {
 uint64_t aqua_events_dropped(void) {
   Core* core = g_core.load();
   return core ? core->events().dropped() : 0;
+}
+
+int aqua_profile_get(uint64_t* ns, uint64_t* calls, int n) {
+  WITH_CORE(core);
+  return core->profile_get(ns, calls, n);
+}
+int aqua_flush_releases(void) {
+  WITH_CORE(core);
+  return guarded([&] {
+    core->flush_releases();
+    return static_cast<int>(AQUA_OK);
+  });
+}
+int aqua_profile_reset(void) {
+  WITH_CORE(core);
+  core->profile_reset();
+  return AQUA_OK;
 }
 
 void* aqua_malloc(size_t size, int device, void* /*stream*/) {

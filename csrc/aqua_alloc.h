@@ -148,9 +148,10 @@ AQUA_EXPORT int aqua_park(int id, uint64_t stream);
 /* Mark running and bring its bytes back to its device as far as room allows.
  * *bytes_moved: bytes brought back; *bytes_elsewhere: bytes still on other tiers. */
 AQUA_EXPORT int aqua_resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
-/* Move every byte of the context that is not on `tier` to `tier` (AQUA_TIER_AUTO: the best
- * tier other than its device with room, per piece). All or nothing. */
-AQUA_EXPORT int aqua_evict(int id, int tier, uint64_t* bytes_moved);
+/* Park the context (its event recorded on `stream`) and move every byte of it that is not
+ * on `tier` to `tier` (AQUA_TIER_AUTO: the best tier other than its device with room, per
+ * piece). All or nothing. A refused request (bad tier) leaves the context as it was. */
+AQUA_EXPORT int aqua_evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved);
 /* Bytes of the context per tier: out[0..n_devices-1] devices, out[n_devices] host. */
 AQUA_EXPORT int aqua_context_where(int id, uint64_t* out, int len);
 /* The context owning a pointer (anywhere inside a segment), and that segment's tiers. */
@@ -164,6 +165,23 @@ AQUA_EXPORT int aqua_tier_stats_get(int tier, aqua_tier_stats* out);
 AQUA_EXPORT int aqua_events_set_capacity(uint64_t capacity);
 AQUA_EXPORT int aqua_events_drain(aqua_event* out, int max_events);
 AQUA_EXPORT uint64_t aqua_events_dropped(void);
+
+/* Where moves spend their time, cumulative since start or the last reset: ns[i] and
+ * calls[i] for phase i (AQUA_PHASE_*), n entries at most. */
+enum aqua_phase {
+  AQUA_PHASE_ACQUIRE = 0, /* taking or creating the new backings */
+  AQUA_PHASE_STAGE = 1,   /* mapping them at the shadow range, with access */
+  AQUA_PHASE_ISSUE = 2,   /* issuing the copies and their events */
+  AQUA_PHASE_WAIT = 3,    /* waiting for a piece's copy to complete */
+  AQUA_PHASE_REMAP = 4,   /* unmap shadow and old, map new at home, access */
+  AQUA_PHASE_RELEASE = 5, /* releasing the old backings, accounting */
+  AQUA_PHASE_COUNT = 6,
+};
+AQUA_EXPORT int aqua_profile_get(uint64_t* ns, uint64_t* calls, int n);
+AQUA_EXPORT int aqua_profile_reset(void);
+/* Device backings given back by moves and frees are released a few ms later by a
+ * background thread (a context switch reuses them instead); this releases them now. */
+AQUA_EXPORT int aqua_flush_releases(void);
 
 /* --- the PyTorch pluggable allocator ---------------------------------------------------- */
 

@@ -68,6 +68,8 @@ Core::~Core() {
   }
   pool_cv_.notify_all();
   if (pool_thread_.joinable()) pool_thread_.join();
+  std::lock_guard<std::mutex> lock(mutex_);
+  release_deferred(-1, 0);
 }
 
 // --- errors and events -----------------------------------------------------------------
@@ -83,8 +85,13 @@ int Core::driver_fail(const char* what, int code) {
 
 void Core::record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
                   int status) {
+  record_at(now_ns(), kind, context, src, dst, bytes, dur_ns, addr, status);
+}
+
+void Core::record_at(uint64_t t_ns, int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns,
+                     uint64_t addr, int status) {
   aqua_event e{};
-  e.t_ns = now_ns();
+  e.t_ns = t_ns;
   e.kind = kind;
   e.context = context;
   e.src_tier = src;
@@ -151,9 +158,10 @@ int Core::set_peer_rank(int device, int peer, int rank) {
 
 int Core::set_chunk_bytes(uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (bytes == 0 || bytes % granularity_)
-    return fail(AQUA_ERR_INVALID, "chunk bytes: " + std::to_string(bytes) + " is not a positive multiple of " +
-                                      std::to_string(granularity_));
+  uint64_t units = granularity_ ? bytes / granularity_ : 0;
+  if (bytes == 0 || bytes % granularity_ || (units & (units - 1)) != 0)
+    return fail(AQUA_ERR_INVALID, "chunk bytes: " + std::to_string(bytes) + " is not a power of two times " +
+                                      std::to_string(granularity_) + " bytes");
   if (host_pool_.total_bytes() > 0 || !segments_.empty())
     return fail(AQUA_ERR_STATE, "chunk bytes can only change before the first allocation");
   chunk_bytes_ = bytes;
@@ -181,13 +189,20 @@ int Core::host_pool_reserve(uint64_t bytes, bool background) {
     }
     host_pool_.add_idle(h, cls);
   }
-  if (background && !pool_thread_.joinable()) pool_thread_ = std::thread(&Core::pool_thread_main, this);
+  if (background) start_background_thread();
   return AQUA_OK;
 }
 
 void Core::pool_thread_main() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (!pool_thread_stop_) {
+    if (!to_release_.empty()) {
+      release_deferred(-1, kReleaseDelayNs);
+      if (!to_release_.empty()) {
+        pool_cv_.wait_for(lock, std::chrono::nanoseconds(kReleaseDelayNs));
+        continue;
+      }
+    }
     uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
     if (cls == 0 || host_pool_.total_bytes() + cls > host_budget_) {
       pool_cv_.wait_for(lock, std::chrono::milliseconds(50));
@@ -272,14 +287,21 @@ int Core::park(int id, uint64_t stream) {
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "park: no live context with id " + std::to_string(id));
   if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
-  if (!ctx->park_event) {
-    if (int r = take_event(&ctx->park_event)) return driver_fail("creating the park event", r);
+  return record_park(*ctx, stream);
+}
+
+// Marks `ctx` parked and records its park event on `stream` (mutex held, device bound).
+int Core::record_park(Context& ctx, uint64_t stream) {
+  if (!ctx.park_event) {
+    if (int r = take_event(&ctx.park_event)) return driver_fail("creating the park event", r);
   }
-  if (int r = backend_->event_record(ctx->park_event, stream)) return driver_fail("recording the park event", r);
-  ctx->park_recorded = true;
-  ctx->parked = true;
-  ctx->last_run = ++clock_;
-  record(AQUA_EV_CONTEXT_PARK, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
+  if (int r = backend_->event_record(ctx.park_event, stream)) return driver_fail("recording the park event", r);
+  ctx.park_recorded = true;
+  if (!ctx.parked) {
+    ctx.parked = true;
+    ctx.last_run = ++clock_;
+    record(AQUA_EV_CONTEXT_PARK, ctx.id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
+  }
   return AQUA_OK;
 }
 
@@ -348,6 +370,7 @@ int Core::tier_stats(int tier, aqua_tier_stats* out) {
 
 bool Core::room_on(int tier, int home, uint64_t size, bool for_move) const {
   if (tier == AQUA_TIER_HOST) {
+    if (host_used_ + size > host_budget_) return false;
     if (host_pool_.can_take(size)) return true;
     // New allocations may create host backing (a move never does: DESIGN.md).
     uint64_t cls = host_pool_.class_for(size);
@@ -374,6 +397,32 @@ std::vector<int> Core::spill_order(int home) const {
 }
 
 int Core::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
+  uint64_t t0 = now_ns();
+  int r = acquire_untimed(tier, size, for_move, handle, handle_bytes);
+  profile(kPhaseAcquire, t0, now_ns());
+  return r;
+}
+
+void Core::profile(int phase, uint64_t t0, uint64_t t1) {
+  profile_ns_[phase] += t1 - t0;
+  profile_calls_[phase]++;
+}
+
+int Core::profile_get(uint64_t* ns, uint64_t* calls, int n) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (int i = 0; i < n && i < kNumPhases; ++i) {
+    ns[i] = profile_ns_[i];
+    calls[i] = profile_calls_[i];
+  }
+  return AQUA_OK;
+}
+
+void Core::profile_reset() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (int i = 0; i < kNumPhases; ++i) profile_ns_[i] = profile_calls_[i] = 0;
+}
+
+int Core::acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
   if (tier == AQUA_TIER_HOST) {
     if (host_pool_.take(size, handle, handle_bytes)) {
       pool_cv_.notify_all();  // the background thread may top the pool up
@@ -387,7 +436,13 @@ int Core::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64
     return 0;
   }
   *handle_bytes = size;
-  return backend_->create(tier, size, handle);
+  if (reuse_deferred(tier, size, handle)) return 0;
+  int r = backend_->create(tier, size, handle);
+  if (r != 0 && backend_->is_out_of_memory(r) && !to_release_.empty()) {
+    release_deferred(tier, 0);  // memory still held by deferred releases
+    r = backend_->create(tier, size, handle);
+  }
+  return r;
 }
 
 void Core::give_back(int tier, Handle handle, uint64_t handle_bytes) {
@@ -395,20 +450,63 @@ void Core::give_back(int tier, Handle handle, uint64_t handle_bytes) {
     host_pool_.give_back(handle, handle_bytes);
     return;
   }
-  if (int r = backend_->release(handle))
-    std::fprintf(stderr, "[aqua_alloc] releasing %s backing failed (leaked): %s\n", tier_name(tier).c_str(),
-                 backend_->error_name(r).c_str());
+  to_release_.push_back(DeferredRelease{tier, handle, handle_bytes, now_ns()});
+  start_background_thread();
+  pool_cv_.notify_all();
+}
+
+bool Core::reuse_deferred(int tier, uint64_t size, Handle* handle) {
+  for (auto it = to_release_.rbegin(); it != to_release_.rend(); ++it) {
+    if (it->tier == tier && it->bytes == size) {
+      *handle = it->handle;
+      to_release_.erase(std::next(it).base());
+      return true;
+    }
+  }
+  return false;
+}
+
+void Core::release_deferred(int tier, uint64_t older_than_ns) {
+  uint64_t now = now_ns();
+  auto keep = to_release_.begin();
+  for (auto it = to_release_.begin(); it != to_release_.end(); ++it) {
+    if ((tier < 0 || it->tier == tier) && now - it->since_ns >= older_than_ns) {
+      int r = backend_->release(it->handle);
+      for (int i = 1; r != 0 && i < kRestoreAttempts; ++i) r = backend_->release(it->handle);
+      if (r != 0)
+        std::fprintf(stderr, "[aqua_alloc] releasing %s backing failed (leaked): %s\n", tier_name(it->tier).c_str(),
+                     backend_->error_name(r).c_str());
+    } else {
+      *keep++ = *it;
+    }
+  }
+  to_release_.erase(keep, to_release_.end());
+}
+
+void Core::flush_releases() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  release_deferred(-1, 0);
+}
+
+void Core::start_background_thread() {
+  if (!pool_thread_.joinable() && !pool_thread_stop_) pool_thread_ = std::thread(&Core::pool_thread_main, this);
 }
 
 void Core::account_add(int tier, int home, uint64_t size, bool moved_in) {
-  if (tier == AQUA_TIER_HOST) host_used_ += size;
-  else if (tier == home) own_used_[tier] += size;
-  else lent_used_[tier] += size;
+  reserve_on(tier, home, size);
   TierCounters& c = counters_[tier_index(tier)];
-  c.current += size;
   c.peak = std::max(c.peak, c.current);
   c.total += size;
   if (moved_in) c.bytes_in += size;
+}
+
+// Holds budget room on `tier` for a planned move; its totals and peak are charged only when
+// the move commits, so a rolled-back move leaves them as they were.
+void Core::reserve_on(int tier, int home, uint64_t size) {
+  if (tier == AQUA_TIER_HOST) host_used_ += size;
+  else if (tier == home) own_used_[tier] += size;
+  else lent_used_[tier] += size;
+  counters_[tier_index(tier)].current += size;
 }
 
 void Core::account_remove(int tier, int home, uint64_t size, bool moved_out) {
@@ -457,7 +555,7 @@ uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
         if (!room_on(tier, victim.device, p.size, true)) continue;
         if (acquire(tier, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
         step.dst = tier;
-        account_add(tier, victim.device, p.size, false);
+        reserve_on(tier, victim.device, p.size);
         placed = true;
         break;
       }
@@ -549,10 +647,21 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     record(AQUA_EV_ALLOC_FAILED, ctx->id, AQUA_TIER_NONE, AQUA_TIER_NONE, bytes, 0, 0, r);
     return nullptr;
   }
-  for (uint64_t off = 0; off < bytes; off += chunk_bytes_) {
+  // Pieces: whole chunks, then the rest cut into powers of two (times the granularity),
+  // largest first, so that every piece has the size of a host pool class.
+  std::vector<uint64_t> sizes;
+  for (uint64_t left = bytes; left > 0;) {
+    uint64_t piece = chunk_bytes_;
+    while (piece > left) piece /= 2;
+    sizes.push_back(piece);
+    left -= piece;
+  }
+  uint64_t off = 0;
+  for (uint64_t piece_size : sizes) {
     Piece piece;
     piece.offset = off;
-    piece.size = std::min<uint64_t>(chunk_bytes_, bytes - off);
+    piece.size = piece_size;
+    off += piece_size;
     int status = place_new_piece(*ctx, seg->va, &piece);
     if (status != AQUA_OK) {
       std::string why = last_error();
@@ -636,7 +745,7 @@ int Core::resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
       if (p.tier == ctx->device || !room_on(ctx->device, ctx->device, p.size, true)) continue;
       Step step{seg, i, p.tier, ctx->device};
       if (acquire(ctx->device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-      account_add(ctx->device, ctx->device, p.size, false);
+      reserve_on(ctx->device, ctx->device, p.size);
       steps.push_back(step);
     }
   }
@@ -647,7 +756,7 @@ int Core::resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   return status;
 }
 
-int Core::evict(int id, int tier, uint64_t* bytes_moved) {
+int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   std::lock_guard<std::mutex> lock(mutex_);
   *bytes_moved = 0;
   Context* ctx = find_context(id);
@@ -660,7 +769,10 @@ int Core::evict(int id, int tier, uint64_t* bytes_moved) {
     return fail(AQUA_ERR_INVALID, "evict: " + tier_name(ctx->device) + " may not use " + tier_name(tier) +
                                       " (no peer access, or disabled)");
   if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  // Valid request: the context is parked now (its moves wait for work already on `stream`).
+  if (int r = record_park(*ctx, stream)) return r;
   std::vector<int> order = tier == AQUA_TIER_AUTO ? spill_order(ctx->device) : std::vector<int>{tier};
+  int driver_error = 0;
   std::vector<Step> steps;
   for (uintptr_t va : ctx->segments) {
     Segment* seg = segments_.at(va).get();
@@ -671,9 +783,12 @@ int Core::evict(int id, int tier, uint64_t* bytes_moved) {
       bool placed = false;
       for (int t : order) {
         if (!room_on(t, ctx->device, p.size, true)) continue;
-        if (acquire(t, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+        if (int r = acquire(t, p.size, true, &step.handle, &step.handle_bytes)) {
+          if (r > 0 && !backend_->is_out_of_memory(r)) driver_error = r;
+          continue;
+        }
         step.dst = t;
-        account_add(t, ctx->device, p.size, false);
+        reserve_on(t, ctx->device, p.size);
         placed = true;
         break;
       }
@@ -682,6 +797,7 @@ int Core::evict(int id, int tier, uint64_t* bytes_moved) {
           account_remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
           give_back(s.dst, s.handle, s.handle_bytes);
         }
+        if (driver_error) return driver_fail(("evict '" + ctx->tag + "': creating backing").c_str(), driver_error);
         std::string target = tier == AQUA_TIER_AUTO ? "any spill tier" : tier_name(tier);
         return fail(AQUA_ERR_OUT_OF_MEMORY, "evict '" + ctx->tag + "': " + target + " has no room for " +
                                                 bytes_text(p.size) + ". Tiers: " + usage_line());
@@ -746,17 +862,24 @@ void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) 
 }
 
 // Moves every step's piece to its new backing (already acquired and accounted on the
-// destination). Stage all, copy all on the mover stream after the park event, then commit
-// piece by piece as its copy completes, so remaps overlap the copies still in flight.
+// destination). Each piece is staged (new backing mapped at the shadow) and its copy issued
+// at once on the mover stream, after the park event; then pieces are committed in order as
+// their copies complete (unmap old at home, map new), so remaps overlap copies in flight.
+// Old backings are released only when every piece has committed: until then an unwind can
+// map them back, and their bytes were never touched.
 int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved) {
   uint64_t start = now_ns();
   uint64_t total = 0;
   for (Step& s : steps) total += s.segment->pieces[s.index].size;
   int src_tier = steps.front().src, dst_tier = steps.front().dst;
-  record(AQUA_EV_MOVE_START, ctx.id, src_tier, dst_tier, total, 0, steps.front().segment->va, 0);
+  record_at(start, AQUA_EV_MOVE_START, ctx.id, src_tier, dst_tier, total, 0, steps.front().segment->va, 0);
+  auto drain_issued = [&](size_t from) {
+    for (size_t j = from; j < steps.size(); ++j)
+      if (steps[j].copied) backend_->event_sync(steps[j].copied);
+  };
   auto failed = [&](size_t num_committed, const char* what, int code) {
     unwind(ctx, steps, num_committed);
-    record(AQUA_EV_MOVE_FAILED, ctx.id, src_tier, dst_tier, total, now_ns() - start, 0, code);
+    record_at(start, AQUA_EV_MOVE_FAILED, ctx.id, src_tier, dst_tier, total, now_ns() - start, 0, code);
     return fail(AQUA_ERR_DRIVER, "moving context '" + ctx.tag + "' (" + bytes_text(total) + ", " +
                                      tier_name(src_tier) + " -> " + tier_name(dst_tier) + "): " + what +
                                      " failed: " + backend_->error_name(code) + "; rolled back, bytes intact");
@@ -764,39 +887,55 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
 
   Stream stream = 0;
   if (int r = mover_stream(ctx.device, &stream)) return failed(0, "creating the mover stream", r);
-  for (Step& s : steps) {
-    const Piece& p = s.segment->pieces[s.index];
-    uintptr_t shadow = s.segment->shadow + p.offset;
-    if (int r = backend_->map(shadow, p.size, s.handle)) return failed(0, "staging map", r);
-    s.staged = true;
-    if (int r = backend_->set_access(shadow, p.size, ctx.device)) return failed(0, "staging set-access", r);
-  }
   // Order the copies after the context's last kernels (recorded at park).
   if (ctx.park_recorded) {
     if (int r = backend_->stream_wait_event(stream, ctx.park_event)) return failed(0, "waiting for the park event", r);
   }
   for (Step& s : steps) {
     const Piece& p = s.segment->pieces[s.index];
-    int r = backend_->copy_async(s.segment->shadow + p.offset, s.segment->va + p.offset, p.size, stream);
+    uintptr_t shadow = s.segment->shadow + p.offset;
+    uint64_t t0 = now_ns();
+    int r = backend_->map(shadow, p.size, s.handle);
+    if (r != 0) {
+      drain_issued(0);
+      return failed(0, "staging map", r);
+    }
+    s.staged = true;
+    if ((r = backend_->set_access(shadow, p.size, ctx.device)) != 0) {
+      drain_issued(0);
+      return failed(0, "staging set-access", r);
+    }
+    uint64_t t1 = now_ns();
+    r = backend_->copy_async(shadow, s.segment->va + p.offset, p.size, stream);
     if (r == 0) r = take_event(&s.copied);
     if (r == 0) r = backend_->event_record(s.copied, stream);
     if (r != 0) {
-      for (Step& q : steps)
-        if (q.copied) backend_->event_sync(q.copied);  // let issued copies drain
+      drain_issued(0);
       return failed(0, "copy", r);
     }
+    profile(kPhaseStage, t0, t1);
+    profile(kPhaseIssue, t1, now_ns());
   }
   for (size_t k = 0; k < steps.size(); ++k) {
     Step& s = steps[k];
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
+    uint64_t t0 = now_ns();
     if (int r = backend_->event_sync(s.copied)) {
-      for (size_t j = k + 1; j < steps.size(); ++j) backend_->event_sync(steps[j].copied);
+      drain_issued(k + 1);
       return failed(k, "waiting for the copy", r);
     }
-    if (int r = backend_->unmap(s.segment->shadow + p.offset, p.size)) return failed(k, "unstaging unmap", r);
+    uint64_t t1 = now_ns();
+    profile(kPhaseWait, t0, t1);
+    if (int r = backend_->unmap(s.segment->shadow + p.offset, p.size)) {
+      drain_issued(k + 1);
+      return failed(k, "unstaging unmap", r);
+    }
     s.staged = false;
-    if (int r = backend_->unmap(home, p.size)) return failed(k, "unmap", r);
+    if (int r = backend_->unmap(home, p.size)) {
+      drain_issued(k + 1);
+      return failed(k, "unmap", r);
+    }
     int r = backend_->map(home, p.size, s.handle);
     if (r == 0) {
       r = backend_->set_access(home, p.size, ctx.device);
@@ -810,19 +949,26 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
         access = backend_->set_access(home, p.size, ctx.device) == 0;
       if (!access)
         std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
-      for (size_t j = k + 1; j < steps.size(); ++j) backend_->event_sync(steps[j].copied);
+      drain_issued(k + 1);
       return failed(k, "map at home", r);
     }
+    profile(kPhaseRemap, t1, now_ns());
   }
   // Commit: every piece now maps its new backing at home. Release the old backings and
-  // settle the accounts (until here an unwind could map the old ones back).
+  // settle the accounts.
+  uint64_t t_release = now_ns();
   std::set<int> tiers_out, tiers_in;  // a move counts once per tier it touches
+  std::map<std::pair<int, int>, uint64_t> bytes_by_pair;
   for (Step& s : steps) {
     Piece& p = s.segment->pieces[s.index];
     account_remove(p.tier, ctx.device, p.size, true);
     tiers_out.insert(tier_index(p.tier));
     tiers_in.insert(tier_index(s.dst));
-    counters_[tier_index(s.dst)].bytes_in += p.size;
+    TierCounters& in = counters_[tier_index(s.dst)];
+    in.bytes_in += p.size;
+    in.total += p.size;
+    in.peak = std::max(in.peak, in.current);
+    bytes_by_pair[{p.tier, s.dst}] += p.size;
     give_back(p.tier, p.handle, p.handle_bytes);
     p.tier = s.dst;
     p.handle = s.handle;
@@ -831,8 +977,11 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   }
   for (int t : tiers_out) counters_[t].moves_out++;
   for (int t : tiers_in) counters_[t].moves_in++;
+  profile(kPhaseRelease, t_release, now_ns());
   *bytes_moved = total;
-  record(AQUA_EV_MOVE_END, ctx.id, src_tier, dst_tier, total, now_ns() - start, steps.front().segment->va, 0);
+  uint64_t dur = now_ns() - start;
+  for (auto& [pair, nbytes] : bytes_by_pair)
+    record_at(start, AQUA_EV_MOVE_END, ctx.id, pair.first, pair.second, nbytes, dur, steps.front().segment->va, 0);
   return AQUA_OK;
 }
 
@@ -858,6 +1007,7 @@ int Core::shutdown(bool force) {
   }
   for (void* ptr : live) free(ptr);
   std::lock_guard<std::mutex> lock(mutex_);
+  release_deferred(-1, 0);
   for (auto& [h, bytes] : host_pool_.trim(0)) {
     (void)bytes;
     backend_->release(h);

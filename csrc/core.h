@@ -88,7 +88,7 @@ class Core {
   int context_release(int id);
   int park(int id, uint64_t stream);
   int resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
-  int evict(int id, int tier, uint64_t* bytes_moved);
+  int evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved);
   int where(int id, uint64_t* out, int len);
   int pointer_context(uint64_t ptr, int* out_id);
   int counts(int* contexts, int* segments);
@@ -100,6 +100,13 @@ class Core {
 
   // Unmaps and frees everything (force) or refuses while segments are live.
   int shutdown(bool force);
+  // Release every deferred device backing now.
+  void flush_releases();
+
+  // Where moves spend their time: ns and calls per phase (aqua_alloc.h, AQUA_PHASE_*).
+  static constexpr int kNumPhases = 6;
+  int profile_get(uint64_t* ns, uint64_t* calls, int n);
+  void profile_reset();
 
  private:
   struct Step;  // one piece's move, see core.cpp
@@ -115,8 +122,13 @@ class Core {
   bool room_on(int tier, int home, uint64_t size, bool for_move) const;
   std::vector<int> spill_order(int home) const;
   int acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
+  int acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
+  enum { kPhaseAcquire = 0, kPhaseStage = 1, kPhaseIssue = 2, kPhaseWait = 3, kPhaseRemap = 4, kPhaseRelease = 5 };
+  void profile(int phase, uint64_t t0, uint64_t t1);
   void give_back(int tier, Handle handle, uint64_t handle_bytes);
   void account_add(int tier, int home, uint64_t size, bool moved_in);
+  void reserve_on(int tier, int home, uint64_t size);
+  int record_park(Context& ctx, uint64_t stream);
   void account_remove(int tier, int home, uint64_t size, bool moved_out);
   int place_new_piece(Context& ctx, uintptr_t va, Piece* piece);
   bool make_local_room(int device, uint64_t need, int exclude_context);
@@ -130,6 +142,8 @@ class Core {
   int mover_stream(int device, Stream* stream);
   void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
               int status);
+  void record_at(uint64_t t_ns, int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns,
+                 uint64_t addr, int status);
   int fail(int code, const std::string& message);
   int driver_fail(const char* what, int code);
 
@@ -156,10 +170,28 @@ class Core {
   std::vector<Stream> streams_;              // mover stream per device, 0 until made
   std::vector<Event> idle_events_;
 
+  // Device backings given back by moves and frees, released by the background thread
+  // after kReleaseDelayNs unless a move to the same device and size reuses them first
+  // (a context switch: park one context, resume another).
+  struct DeferredRelease {
+    int tier;
+    Handle handle;
+    uint64_t bytes;
+    uint64_t since_ns;
+  };
+  static constexpr uint64_t kReleaseDelayNs = 5'000'000;
+  std::vector<DeferredRelease> to_release_;
+  bool reuse_deferred(int tier, uint64_t size, Handle* handle);
+  void release_deferred(int tier, uint64_t older_than_ns);  // mutex_ held; tier -1: all tiers
+  void start_background_thread();
+
   uint64_t pool_reserve_ = 0;
   bool pool_thread_stop_ = false;
   std::condition_variable pool_cv_;
   std::thread pool_thread_;
+
+  uint64_t profile_ns_[kNumPhases] = {};
+  uint64_t profile_calls_[kNumPhases] = {};
 
   EventLog events_;
 };

@@ -2,15 +2,17 @@
 //
 // Creating pinned host memory costs about 200 ms per GiB (DESIGN.md), so it never happens
 // on a move's path: moves take idle handles from the pool and give them back. Handles come
-// in power-of-two size classes from the granularity up to the chunk size; a piece of S
-// bytes takes the smallest idle class >= S (cuMemMap may map the first S bytes of a larger
-// handle), so a few classes serve every piece. An optional background thread keeps the
-// idle bytes at the reserve level set by aqua_host_pool_reserve.
+// in power-of-two size classes from the granularity up to the chunk size, and the core cuts
+// segments into pieces of exactly those sizes: a piece takes a handle of its own size.
+// (Mapping the first S bytes of a larger handle is allowed by cuda.h's text but returned
+// CUDA_ERROR_NOT_SUPPORTED for pinned host handles on an H200, driver 580.) A background
+// thread keeps the idle bytes at the reserve level set by aqua_host_pool_reserve.
 //
 // Not thread-safe by itself: the core calls it under its own mutex, except create_ahead(),
 // which runs unlocked and hands finished handles over through add_idle().
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <vector>
@@ -21,6 +23,8 @@ namespace aqua {
 
 class HostPool {
  public:
+  static constexpr uint64_t kSmallClassHandles = 16;  // idle handles kept per smaller class
+
   // Size classes: granularity * 2^k up to chunk_bytes (a multiple of the granularity).
   void configure(uint64_t granularity, uint64_t chunk_bytes) {
     classes_.clear();
@@ -30,30 +34,27 @@ class HostPool {
 
   const std::vector<uint64_t>& classes() const { return classes_; }
 
-  // Smallest class that holds `size` bytes, or 0 if none does.
+  // The class of a piece of `size` bytes (its own size), or 0 if it is not a class.
   uint64_t class_for(uint64_t size) const {
     for (uint64_t c : classes_)
-      if (c >= size) return c;
+      if (c == size) return c;
     return 0;
   }
 
-  // An idle handle of the smallest class >= size; false if none is idle.
+  // An idle handle of exactly `size` bytes; false if none is idle.
   bool take(uint64_t size, Handle* handle, uint64_t* handle_bytes) {
-    for (auto it = idle_.lower_bound(size); it != idle_.end(); ++it) {
-      if (it->second.empty()) continue;
-      *handle = it->second.back();
-      it->second.pop_back();
-      *handle_bytes = it->first;
-      idle_bytes_ -= it->first;
-      return true;
-    }
-    return false;
+    auto it = idle_.find(size);
+    if (it == idle_.end() || it->second.empty()) return false;
+    *handle = it->second.back();
+    it->second.pop_back();
+    *handle_bytes = size;
+    idle_bytes_ -= size;
+    return true;
   }
 
   bool can_take(uint64_t size) const {
-    for (auto it = idle_.lower_bound(size); it != idle_.end(); ++it)
-      if (!it->second.empty()) return true;
-    return false;
+    auto it = idle_.find(size);
+    return it != idle_.end() && !it->second.empty();
   }
 
   void give_back(Handle handle, uint64_t handle_bytes) {
@@ -70,20 +71,20 @@ class HostPool {
   // Forget a handle that is being released (after take()).
   void forget(uint64_t handle_bytes) { total_bytes_ -= handle_bytes; }
 
-  // The class to create next so that the idle pool approaches `reserve` bytes with about
-  // three quarters in the largest class and the rest spread over the smaller ones; 0 when
-  // the pool is at its reserve.
+  // The class to create next so that the idle pool approaches `reserve` bytes: each
+  // smaller class keeps a few handles (for the tail piece of a segment and for PyTorch's
+  // 2 MiB small-pool segments), the largest class takes the rest; 0 when at the reserve.
   uint64_t next_class_to_create(uint64_t reserve) const {
     if (idle_bytes_ >= reserve || classes_.empty()) return 0;
-    uint64_t largest = classes_.back();
-    uint64_t small_share = reserve / 4 / classes_.size();
+    uint64_t small_share = classes_.size() > 1 ? reserve / 4 / (classes_.size() - 1) : 0;
     for (size_t i = 0; i + 1 < classes_.size(); ++i) {
       uint64_t c = classes_[i];
+      uint64_t target = std::min<uint64_t>(small_share, kSmallClassHandles * c);
       auto it = idle_.find(c);
       uint64_t have = it == idle_.end() ? 0 : it->second.size() * c;
-      if (have < small_share || have == 0) return c;
+      if (have < target) return c;
     }
-    return largest;
+    return classes_.back();
   }
 
   // Idle handles beyond keep_bytes, removed from the pool (the caller releases them).

@@ -1,0 +1,163 @@
+"""The core on a real GPU: moves keep pointers and bytes, memory leaves and returns,
+kernels work in place on host, moves wait for writers, out-of-memory is torch's error.
+
+Marked `gpu`: skipped with a reason on machines with no CUDA device (CI).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import aqua_alloc as aq  # noqa: E402
+from aqua_alloc import sim  # noqa: E402,F401 - imported for parity with the CPU suite
+from conftest import reset_aqua  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+MiB, GiB = 1 << 20, 1 << 30
+
+
+@pytest.fixture
+def gpu(request):
+    settings = dict(host_reserve="3GiB")
+    settings.update(getattr(request, "param", {}))
+    aq.enable(backend="cuda", **settings)
+    yield
+    torch.cuda.synchronize()
+    gc.collect()
+    reset_aqua()
+
+
+def _free_bytes() -> int:
+    torch.cuda.synchronize()
+    aq.allocator.flush_releases()   # backings given back are released a few ms later otherwise
+    return torch.cuda.mem_get_info()[0]
+
+
+def test_move_to_host_and_back_keeps_pointer_and_bytes(gpu):
+    with aq.context("t1"):
+        x = torch.randn(96 * MiB // 4, device="cuda")     # a large segment (96 MiB)
+        y = torch.arange(1000, device="cuda")               # a small-pool segment (2 MiB)
+    ptr_x, ptr_y = x.data_ptr(), y.data_ptr()
+    ref_x, ref_y = x.cpu(), y.cpu()
+    total = sum(aq.where("t1").values())
+    assert total >= 96 * MiB + 2 * MiB
+    assert aq.where("t1")["gpu0"] == total
+
+    free_before = _free_bytes()
+    aq.park("t1")
+    moved = aq.evict("t1", "host")
+    free_parked = _free_bytes()
+    assert moved == total
+    assert aq.where("t1") == {**{k: 0 for k in aq.where("t1")}, "host": total}
+    assert free_parked - free_before >= 96 * MiB, "the GPU should get the context's memory back"
+    assert (x.data_ptr(), y.data_ptr()) == (ptr_x, ptr_y)
+    assert torch.equal(x.cpu(), ref_x) and torch.equal(y.cpu(), ref_y)   # read in place over PCIe
+
+    result = aq.resume("t1")
+    assert result.bytes_moved == total and result.bytes_elsewhere == 0
+    assert free_parked - _free_bytes() >= 96 * MiB, "the memory should come back on resume"
+    assert aq.where("t1")["gpu0"] == total
+    assert (x.data_ptr(), y.data_ptr()) == (ptr_x, ptr_y)
+    assert torch.equal(x.cpu(), ref_x) and torch.equal(y.cpu(), ref_y)
+    s = aq.stats()
+    assert s["tiers"]["host"]["peak"] >= total and s["bytes_moved"] == 2 * total
+
+
+def test_kernels_read_and_write_in_place_on_host(gpu):
+    with aq.context("inplace"):
+        x = torch.randn(64 * MiB // 4, device="cuda")
+    ref = x.cpu()
+    aq.evict("inplace", "host")
+    assert aq.where("inplace")["host"] > 0
+    x.mul_(2).add_(1)                      # kernels on host-backed memory
+    assert torch.equal(x.cpu(), ref * 2 + 1)
+    aq.resume("inplace")
+    assert torch.equal(x.cpu(), ref * 2 + 1)
+
+
+def test_move_waits_for_a_kernel_still_writing(gpu):
+    with aq.context("writer"):
+        z = torch.zeros(256 * MiB // 4, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(400_000_000)     # ~0.2 s of spinning before the write
+        z.fill_(7.0)
+        aq.park("writer")                  # the park event is recorded on `side`
+    aq.evict("writer", "host")             # must wait for fill_ before copying
+    assert aq.where("writer")["host"] > 0
+    assert bool((z == 7.0).all())
+    aq.resume("writer")
+    assert bool((z == 7.0).all())
+
+
+@pytest.mark.parametrize("gpu", [dict(local_budget="512MiB", host_reserve="1GiB")], indirect=True)
+def test_parked_context_is_evicted_under_pressure(gpu):
+    with aq.context("old"):
+        a = torch.full((300 * MiB // 4,), 3.0, device="cuda")
+    aq.park("old")
+    with aq.context("new"):
+        b = torch.full((300 * MiB // 4,), 5.0, device="cuda")   # does not fit beside "old"
+    assert aq.where("old")["gpu0"] < 300 * MiB, "the parked context should have been evicted"
+    assert aq.where("new")["gpu0"] >= 300 * MiB
+    assert bool((a == 3.0).all()) and bool((b == 5.0).all())
+
+
+@pytest.mark.parametrize("gpu", [dict(local_budget="256MiB", host_budget="512MiB", host_reserve="512MiB",
+                                      lend="0")], indirect=True)
+def test_out_of_memory_on_every_tier_is_torch_oom(gpu, capfd):
+    with aq.context("ok"):
+        keep = torch.ones(64 * MiB // 4, device="cuda")
+    with pytest.raises(torch.OutOfMemoryError):
+        with aq.context("huge"):
+            torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
+    err = capfd.readouterr().err
+    assert "out of memory" in err and "host:" in err and "gpu0:" in err
+    assert bool((keep == 1).all())         # the other context goes on
+    with aq.context("ok"):
+        more = torch.ones(16 * MiB // 4, device="cuda")
+    assert bool((more == 1).all())
+
+
+def test_weights_outside_contexts_are_not_touched(gpu):
+    w = torch.randn(1024, 1024, device="cuda")
+    segments_before = aq.stats()["num_segments"]
+    with pytest.raises(aq.CoreError):
+        aq.where(w)
+    with aq.context("kv"):
+        kv = torch.randn(1024, 1024, device="cuda")
+        act = w @ kv                       # allocated inside the context too
+    assert aq.stats()["num_segments"] > segments_before
+    assert aq.where(kv)["gpu0"] > 0
+    del act
+
+
+def test_release_gives_the_memory_back(gpu):
+    with aq.context("short"):
+        t = torch.empty(128 * MiB, dtype=torch.uint8, device="cuda")
+    before = aq.stats()["num_segments"]
+    assert before >= 1
+    del t
+    aq.release("short")
+    gc.collect()
+    torch.cuda.synchronize()
+    assert aq.stats()["num_segments"] == before - 1
+    with pytest.raises(aq.ContextError):
+        aq.release("short")
+
+
+def test_peer_tier_needs_two_gpus(gpu):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("peer tier: this machine has one GPU; needs two or more")
+    with aq.context("p", device=0):
+        x = torch.randn(64 * MiB // 4, device="cuda:0")
+    ref = x.cpu()
+    aq.evict("p", "gpu1")
+    assert aq.where("p")["gpu1"] > 0
+    x.add_(1)
+    aq.resume("p")
+    assert torch.equal(x.cpu(), ref + 1)
