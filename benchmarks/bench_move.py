@@ -1,0 +1,195 @@
+"""Move benchmark: park/resume bandwidth of a context against the raw copy of the same link.
+
+For contexts of 64 MiB .. 8 GiB and each available tier pair (local->host; local->peer
+when a second GPU exists) it times:
+- park: evict(tag, tier) of a parked context, GiB/s;
+- resume: resume(tag) back to the local GPU, GiB/s;
+- raw: the same bytes copied by cudaMemcpyAsync between a device buffer and pinned host
+  memory (host) or a peer device buffer (peer), measured in the same run, GiB/s;
+and their ratio. Then the latency of a context switch (park and evict one context, resume
+another of the same size) and of a 2 MiB context. Every move is checked: the context's
+checksum after the moves equals the one before.
+
+Writes benchmarks/results/bench_move-<gpu-name>-<n>gpu.json (rows as issue 3 specifies)
+and prints a table. Run: python benchmarks/bench_move.py [--sizes 64M,256M,1G,4G,8G]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import aqua_alloc as aq
+from aqua_alloc import _native
+from aqua_alloc.config import parse_size
+
+MiB, GiB = 1 << 20, 1 << 30
+
+
+def timed(fn, repeat: int) -> list[float]:
+    """Wall seconds of fn() each time, with the device idle before and after."""
+    out = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def checksum(t: torch.Tensor) -> int:
+    return int(t.view(torch.int64).sum().item())
+
+
+def raw_host_gib_s(nbytes: int, repeat: int) -> tuple[float, float]:
+    """(device->host, host->device) GiB/s of one cudaMemcpyAsync of nbytes, pinned host."""
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    d2h = timed(lambda: host.copy_(dev, non_blocking=True), repeat)
+    h2d = timed(lambda: dev.copy_(host, non_blocking=True), repeat)
+    del dev, host
+    return nbytes / statistics.median(d2h) / GiB, nbytes / statistics.median(h2d) / GiB
+
+
+def raw_peer_gib_s(nbytes: int, peer: int, repeat: int) -> tuple[float, float]:
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    b = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{peer}")
+    out = timed(lambda: b.copy_(a, non_blocking=True), repeat)
+    back = timed(lambda: a.copy_(b, non_blocking=True), repeat)
+    del a, b
+    return nbytes / statistics.median(out) / GiB, nbytes / statistics.median(back) / GiB
+
+
+def make_context(tag: str, nbytes: int) -> torch.Tensor:
+    with aq.context(tag, device=0):
+        t = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    t.view(torch.int32).random_()
+    return t
+
+
+def bench_pair(tier: str, nbytes: int, repeat: int, log) -> list[dict]:
+    tag = f"bench-{tier}-{nbytes}"
+    t = make_context(tag, nbytes)
+    ptr, before = t.data_ptr(), checksum(t)
+    aq.park(tag)
+    parks, resumes = [], []
+    for _ in range(repeat):
+        parks += timed(lambda: aq.evict(tag, tier), 1)
+        resumes += timed(lambda: aq.resume(tag), 1)
+        aq.park(tag)
+    assert t.data_ptr() == ptr and checksum(t) == before, f"{tag}: bytes changed across moves"
+    if tier == "host":
+        raw_out, raw_back = raw_host_gib_s(nbytes, repeat)
+    else:
+        raw_out, raw_back = raw_peer_gib_s(nbytes, int(tier[3:]), repeat)
+    del t
+    aq.release(tag)
+    gc.collect()
+    prof = aq.allocator.move_profile(reset=True)
+    log(f"  profile of {nbytes / MiB:.0f} MiB moves: " + ", ".join(
+        f"{k} {v['ms']:.1f} ms/{v['calls']}" for k, v in prof.items()))
+    pair = f"local->{'host' if tier == 'host' else 'peer'}"
+    rows = []
+    for direction, times, raw in (("park", parks, raw_out), ("resume", resumes, raw_back)):
+        gib_s = nbytes / statistics.median(times) / GiB
+        rows.append(dict(tier_pair=pair, direction=direction, bytes=nbytes, gib_s=round(gib_s, 2),
+                         raw_gib_s=round(raw, 2), ratio=round(gib_s / raw, 3)))
+        log(f"{pair:13s} {direction:6s} {nbytes / MiB:8.0f} MiB  {gib_s:7.2f} GiB/s  raw {raw:7.2f} GiB/s  "
+            f"ratio {gib_s / raw:5.3f}  (median of {len(times)}: {[round(x * 1e3, 2) for x in times]} ms)")
+    return rows
+
+
+def bench_switch(tier: str, nbytes: int, repeat: int, log) -> dict:
+    """Switch from A (running, local) to B (parked on `tier`): park+evict A, resume B."""
+    a, b = make_context("switch-a", nbytes), make_context("switch-b", nbytes)
+    sums = (checksum(a), checksum(b))
+    aq.evict("switch-b", tier)
+    times = []
+    for i in range(repeat):
+        out, into = ("switch-a", "switch-b") if i % 2 == 0 else ("switch-b", "switch-a")
+
+        def switch():
+            aq.park(out)
+            aq.evict(out, tier)
+            aq.resume(into)
+
+        times += timed(switch, 1)
+    assert (checksum(a), checksum(b)) == sums, "switch: bytes changed"
+    del a, b
+    aq.release("switch-a")
+    aq.release("switch-b")
+    gc.collect()
+    ms = statistics.median(times) * 1e3
+    log(f"switch {nbytes / MiB:.0f} MiB contexts over {tier}: {ms:.2f} ms (median of {len(times)}: "
+        f"{[round(x * 1e3, 2) for x in times]})")
+    return dict(switch_bytes=nbytes, tier=tier, ms=round(ms, 3))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="64MiB,256MiB,1GiB,4GiB,8GiB")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--chunk", default="64MiB", help="AQUA_CHUNK: largest piece a segment moves in")
+    parser.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/...)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_move: needs a CUDA GPU; none here", file=sys.stderr)
+        return 2
+    sizes = [parse_size(s, "--sizes", allow_percent=False) for s in args.sizes.split(",")]
+    n = torch.cuda.device_count()
+    name = torch.cuda.get_device_name(0)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    log(f"bench_move: {name} x{n}, torch {torch.__version__}, sizes {args.sizes}, repeat {args.repeat}, "
+        f"chunk {args.chunk}")
+    t0 = time.perf_counter()
+    aq.enable(backend="cuda", host_reserve=max(sizes) * 2 + GiB, chunk=args.chunk)
+    log(f"enable(): {time.perf_counter() - t0:.2f} s (pinned host backing made ahead: "
+        f"{aq.stats()['tiers']['host']['pool_total'] / GiB:.1f} GiB)")
+    torch.cuda.synchronize()
+    tiers = ["host"] + ([f"gpu{p}" for p in range(1, n) if aq.stats()["tiers"][f"gpu{p}"]["lend_budget"] > 0][:1])
+    if n < 2:
+        log("peer tier: skipped (one GPU on this machine)")
+    rows, switches = [], []
+    for tier in tiers:
+        # Warm up the mover stream, events and the driver's paths.
+        bench_pair(tier, 64 * MiB, 2, lambda _line: None)
+        aq.allocator.move_profile(reset=True)
+        for nbytes in sizes:
+            rows += bench_pair(tier, nbytes, args.repeat, log)
+        switches.append(bench_switch(tier, GiB, args.repeat * 2, log))
+    switches.append(bench_switch("host", 2 * MiB, args.repeat * 4, log))
+
+    result = {"gpu": name, "num_gpus": n, "torch": torch.__version__, "chunk": args.chunk, "rows": rows,
+              "switches": switches}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"bench_move-{name.replace(' ', '_')}-{n}gpu.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    log(f"wrote {out}")
+    log("")
+    log(f"{'tier pair':13s} {'dir':6s} {'size':>9s} {'GiB/s':>7s} {'raw':>7s} {'ratio':>6s}")
+    for r in rows:
+        log(f"{r['tier_pair']:13s} {r['direction']:6s} {r['bytes'] / MiB:7.0f}Mi {r['gib_s']:7.2f} "
+            f"{r['raw_gib_s']:7.2f} {r['ratio']:6.3f}")
+    for s in switches:
+        log(f"switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']}: {s['ms']:.2f} ms")
+    _native.lib().aqua_shutdown(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
