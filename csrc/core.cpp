@@ -37,6 +37,8 @@ struct Core::Step {
   Handle handle = 0;     // the new backing
   uint64_t handle_bytes = 0;
   bool staged = false;   // new backing mapped at the shadow
+  uintptr_t target = 0;  // where the copy writes: the shadow, or the host backing's own mapping
+  bool prestaged = false;  // host backing mapped once when created: no staging map
   Event copied = 0;      // recorded after the copy
 };
 
@@ -171,6 +173,40 @@ int Core::set_chunk_bytes(uint64_t bytes) {
 
 // --- host pool ---------------------------------------------------------------------------
 
+// Creates pinned host backing and maps it once, for good, at an address of its own with
+// access for every device: a move to host copies straight into it, so staging (a map and
+// an access grant of host memory, ~0.6 ms per 64 MiB on an H200) leaves the park path.
+// Driver calls only: callable without mutex_; the caller records *va in host_staging_.
+int Core::create_host_backing(uint64_t size, Handle* handle, uintptr_t* va) {
+  int r = backend_->bind(0);
+  if (r == 0) r = backend_->create(AQUA_TIER_HOST, size, handle);
+  if (r != 0) return r;
+  if ((r = backend_->reserve(size, va)) != 0) {
+    backend_->release(*handle);
+    return r;
+  }
+  if ((r = backend_->map(*va, size, *handle)) == 0) {
+    for (int d = 0; d < num_devices_ && r == 0; ++d) r = backend_->set_access(*va, size, d);
+    if (r != 0) backend_->unmap(*va, size);
+  }
+  if (r != 0) {
+    backend_->free_va(*va, size);
+    backend_->release(*handle);
+  }
+  return r;
+}
+
+void Core::release_host_backing(Handle handle, uint64_t size) {
+  auto it = host_staging_.find(handle);
+  if (it != host_staging_.end()) {
+    backend_->unmap(it->second, size);
+    backend_->free_va(it->second, size);
+    host_staging_.erase(it);
+  }
+  if (int r = backend_->release(handle))
+    std::fprintf(stderr, "[aqua_alloc] releasing host backing failed: %s\n", backend_->error_name(r).c_str());
+}
+
 int Core::host_pool_reserve(uint64_t bytes, bool background) {
   std::unique_lock<std::mutex> lock(mutex_);
   pool_reserve_ = bytes;
@@ -180,13 +216,14 @@ int Core::host_pool_reserve(uint64_t bytes, bool background) {
     if (cls == 0 || host_pool_.total_bytes() + cls > host_budget_) break;
     lock.unlock();
     Handle h = 0;
-    int r = backend_->bind(0);
-    if (r == 0) r = backend_->create(AQUA_TIER_HOST, cls, &h);
+    uintptr_t va = 0;
+    int r = create_host_backing(cls, &h, &va);
     lock.lock();
     if (r != 0) {
       if (backend_->is_out_of_memory(r)) break;  // the pool holds what the system could give
       return driver_fail("creating pinned host backing", r);
     }
+    host_staging_[h] = va;
     host_pool_.add_idle(h, cls);
   }
   if (background) start_background_thread();
@@ -210,24 +247,21 @@ void Core::pool_thread_main() {
     }
     lock.unlock();
     Handle h = 0;
-    int r = backend_->bind(0);
-    if (r == 0) r = backend_->create(AQUA_TIER_HOST, cls, &h);
+    uintptr_t va = 0;
+    int r = create_host_backing(cls, &h, &va);
     lock.lock();
     if (r != 0) {
       pool_cv_.wait_for(lock, std::chrono::milliseconds(200));  // back off; retried later
       continue;
     }
+    host_staging_[h] = va;
     host_pool_.add_idle(h, cls);
   }
 }
 
 int Core::host_pool_trim(uint64_t keep_bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& [h, bytes] : host_pool_.trim(keep_bytes)) {
-    (void)bytes;
-    if (int r = backend_->release(h)) std::fprintf(stderr, "[aqua_alloc] releasing host backing failed: %s\n",
-                                                   backend_->error_name(r).c_str());
-  }
+  for (auto& [h, bytes] : host_pool_.trim(keep_bytes)) release_host_backing(h, bytes);
   return AQUA_OK;
 }
 
@@ -430,7 +464,9 @@ int Core::acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle
     }
     uint64_t cls = host_pool_.class_for(size);
     if (for_move || !cls || host_pool_.total_bytes() + cls > host_budget_) return -1;
-    if (int r = backend_->create(AQUA_TIER_HOST, cls, handle)) return r;
+    uintptr_t va = 0;
+    if (int r = create_host_backing(cls, handle, &va)) return r;
+    host_staging_[*handle] = va;
     host_pool_.add_idle(*handle, cls);
     host_pool_.take(size, handle, handle_bytes);
     return 0;
@@ -700,14 +736,20 @@ void Core::free(void* ptr) {
   Segment* seg = it->second.get();
   auto ctx_it = contexts_.find(seg->context);
   int home = ctx_it->second->device;
+  bool all_unmapped = true;
   for (const Piece& p : seg->pieces) {
-    if (int r = backend_->unmap(seg->va + p.offset, p.size))
-      std::fprintf(stderr, "[aqua_alloc] unmapping a freed segment failed: %s\n", backend_->error_name(r).c_str());
     record(AQUA_EV_UNMAP, seg->context, p.tier, AQUA_TIER_NONE, p.size, 0, seg->va + p.offset, 0);
     account_remove(p.tier, home, p.size, false);
-    give_back(p.tier, p.handle, p.handle_bytes);
+    if (retry(&Backend::unmap, seg->va + p.offset, p.size)) {
+      give_back(p.tier, p.handle, p.handle_bytes);
+    } else {
+      // Still mapped: never hand this backing to anyone else (leaked, and said so).
+      all_unmapped = false;
+      std::fprintf(stderr, "[aqua_alloc] unmapping a freed segment at 0x%lx failed; its %s backing is leaked\n",
+                   static_cast<unsigned long>(seg->va + p.offset), tier_name(p.tier).c_str());
+    }
   }
-  backend_->free_va(seg->va, seg->size);
+  if (all_unmapped) backend_->free_va(seg->va, seg->size);
   backend_->free_va(seg->shadow, seg->size);
   record(AQUA_EV_SEGMENT_FREE, seg->context, AQUA_TIER_NONE, AQUA_TIER_NONE, seg->size, 0, seg->va, 0);
   Context* ctx = ctx_it->second.get();
@@ -834,27 +876,60 @@ bool Core::retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t siz
 
 // Undo a failed move: steps [0, num_committed) are mapped at home with their new backing
 // and get their old backing back; the rest are unstaged. Every new backing is returned.
-// Old backings were never modified, so the bytes are as before the move.
+// Old backings were never modified, so the bytes are as before the move. A committed piece
+// whose new backing cannot be unmapped (after retries) keeps it instead: its bytes are the
+// same, and memory that may still be mapped is never given back for reuse.
 void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) {
   for (size_t k = 0; k < steps.size(); ++k) {
     Step& s = steps[k];
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
-    bool ok = true;
     if (k < num_committed) {
-      ok = retry(&Backend::unmap, home, p.size);
-      bool mapped = false;
-      for (int i = 0; ok && i < kRestoreAttempts && !mapped; ++i) mapped = backend_->map(home, p.size, p.handle) == 0;
-      bool access = false;
+      bool unmapped = retry(&Backend::unmap, home, p.size);
+      bool mapped = false, access = false;
+      for (int i = 0; unmapped && i < kRestoreAttempts && !mapped; ++i) mapped = backend_->map(home, p.size, p.handle) == 0;
       for (int i = 0; mapped && i < kRestoreAttempts && !access; ++i)
         access = backend_->set_access(home, p.size, ctx.device) == 0;
-      ok = ok && mapped && access;
-    } else if (s.staged) {
-      ok = retry(&Backend::unmap, s.segment->shadow + p.offset, p.size);
+      if (!access) {
+        if (mapped) retry(&Backend::unmap, home, p.size);
+        bool kept = !unmapped;  // the new backing is still mapped at home
+        if (unmapped) {
+          bool remapped = false, granted = false;
+          for (int i = 0; i < kRestoreAttempts && !remapped; ++i) remapped = backend_->map(home, p.size, s.handle) == 0;
+          for (int i = 0; remapped && i < kRestoreAttempts && !granted; ++i)
+            granted = backend_->set_access(home, p.size, ctx.device) == 0;
+          kept = granted;
+        }
+        if (kept) {
+          // Keep the piece on its new backing: the move of this piece stands.
+          std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' at 0x%lx could not restore the old "
+                       "backing; the piece stays on %s (bytes intact)\n", ctx.tag.c_str(),
+                       static_cast<unsigned long>(home), tier_name(s.dst).c_str());
+          account_remove(p.tier, ctx.device, p.size, true);
+          TierCounters& in = counters_[tier_index(s.dst)];
+          in.bytes_in += p.size;
+          in.total += p.size;
+          in.peak = std::max(in.peak, in.current);
+          give_back(p.tier, p.handle, p.handle_bytes);
+          p.tier = s.dst;
+          p.handle = s.handle;
+          p.handle_bytes = s.handle_bytes;
+        } else {
+          // Neither backing could be mapped back: keep both (leaked, never reused).
+          std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' failed at 0x%lx: the range is unmapped; "
+                       "its backings are kept and never reused\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
+        }
+        if (s.copied) idle_events_.push_back(s.copied);
+        continue;
+      }
+    } else if (s.staged && !retry(&Backend::unmap, s.target, p.size)) {
+      // Still mapped at the shadow: keep the backing out of reuse (leaked, counted below).
+      std::fprintf(stderr, "[aqua_alloc] unstaging a move of context '%s' failed: a backing is leaked\n",
+                   ctx.tag.c_str());
+      account_remove(s.dst, ctx.device, p.size, false);
+      if (s.copied) idle_events_.push_back(s.copied);
+      continue;
     }
-    if (!ok)
-      std::fprintf(stderr, "[aqua_alloc] rolling back a move of context '%s' failed at 0x%lx: the range may be "
-                   "unusable\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
     account_remove(s.dst, ctx.device, p.size, false);
     give_back(s.dst, s.handle, s.handle_bytes);
     if (s.copied) idle_events_.push_back(s.copied);
@@ -893,20 +968,26 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   }
   for (Step& s : steps) {
     const Piece& p = s.segment->pieces[s.index];
-    uintptr_t shadow = s.segment->shadow + p.offset;
     uint64_t t0 = now_ns();
-    int r = backend_->map(shadow, p.size, s.handle);
-    if (r != 0) {
-      drain_issued(0);
-      return failed(0, "staging map", r);
-    }
-    s.staged = true;
-    if ((r = backend_->set_access(shadow, p.size, ctx.device)) != 0) {
-      drain_issued(0);
-      return failed(0, "staging set-access", r);
+    int r = 0;
+    auto prestaged = s.dst == AQUA_TIER_HOST ? host_staging_.find(s.handle) : host_staging_.end();
+    if (prestaged != host_staging_.end()) {
+      s.target = prestaged->second;
+      s.prestaged = true;
+    } else {
+      s.target = s.segment->shadow + p.offset;
+      if ((r = backend_->map(s.target, p.size, s.handle)) != 0) {
+        drain_issued(0);
+        return failed(0, "staging map", r);
+      }
+      s.staged = true;
+      if ((r = backend_->set_access(s.target, p.size, ctx.device)) != 0) {
+        drain_issued(0);
+        return failed(0, "staging set-access", r);
+      }
     }
     uint64_t t1 = now_ns();
-    r = backend_->copy_async(shadow, s.segment->va + p.offset, p.size, stream);
+    r = backend_->copy_async(s.target, s.segment->va + p.offset, p.size, stream);
     if (r == 0) r = take_event(&s.copied);
     if (r == 0) r = backend_->event_record(s.copied, stream);
     if (r != 0) {
@@ -927,11 +1008,13 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     }
     uint64_t t1 = now_ns();
     profile(kPhaseWait, t0, t1);
-    if (int r = backend_->unmap(s.segment->shadow + p.offset, p.size)) {
-      drain_issued(k + 1);
-      return failed(k, "unstaging unmap", r);
+    if (s.staged) {
+      if (int r = backend_->unmap(s.target, p.size)) {
+        drain_issued(k + 1);
+        return failed(k, "unstaging unmap", r);
+      }
+      s.staged = false;
     }
-    s.staged = false;
     if (int r = backend_->unmap(home, p.size)) {
       drain_issued(k + 1);
       return failed(k, "unmap", r);
@@ -1008,10 +1091,7 @@ int Core::shutdown(bool force) {
   for (void* ptr : live) free(ptr);
   std::lock_guard<std::mutex> lock(mutex_);
   release_deferred(-1, 0);
-  for (auto& [h, bytes] : host_pool_.trim(0)) {
-    (void)bytes;
-    backend_->release(h);
-  }
+  for (auto& [h, bytes] : host_pool_.trim(0)) release_host_backing(h, bytes);
   for (Event e : idle_events_) backend_->event_destroy(e);
   idle_events_.clear();
   return AQUA_OK;

@@ -148,6 +148,8 @@ class Core {
   int driver_fail(const char* what, int code);
 
   void pool_thread_main();
+  int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
+  void release_host_backing(Handle handle, uint64_t size);  // mutex_ held
 
   std::unique_ptr<Backend> backend_;
   SimControl* sim_;
@@ -167,6 +169,7 @@ class Core {
   std::vector<std::vector<int>> peer_rank_;  // [home][peer], < 0: never
   std::vector<TierCounters> counters_;       // per tier index
   HostPool host_pool_;
+  std::map<Handle, uintptr_t> host_staging_;  // host backing -> its own mapping (see create_host_backing)
   std::vector<Stream> streams_;              // mover stream per device, 0 until made
   std::vector<Event> idle_events_;
 
