@@ -1,0 +1,661 @@
+"""Fair time-sharing of one device between HuggingFace ``generate`` calls.
+
+Each ``generate`` call is one scheduled *prompt* (a batched call is one prompt). It runs in its
+caller's thread; only one prompt runs at a time on the scheduler's device. A prompt yields at
+step boundaries: transformers calls a stopping criterion once per decode step (public API), and
+ours blocks the prompt's thread there when its slice (``slice_steps`` decode steps) is over and
+the policy picks another prompt. Because every decode step of every prompt runs whole and alone,
+greedy output is bit-identical to the same call run alone, whatever the interleaving.
+
+Policies (vLLM v1 style: an enum and a lookup table; the smallest key runs next):
+
+- ``fair``: least attained service first. Service is the number of tokens generated per
+  sequence. A newcomer starts at the least service among the live prompts, so it runs at the
+  next slice boundary (its first token comes after at most one slice of the running prompt),
+  yet it cannot jump a prompt that has waited longer at the same service: between two slices
+  of any prompt, every other prompt runs at most once, newcomers included (no starvation).
+- ``rr``: round robin by slices, in order of (re)queueing.
+- ``fcfs``: run to completion in arrival order (the baseline batching engines approximate).
+
+Memory side (only when aqua_alloc is enabled and the model is on CUDA): each prompt's KV cache
+is a :class:`~aqua_alloc.kv_cache.ContextKVCache` in its own context (tag = the prompt's tag).
+At a switch the outgoing context is parked (``allocator.park``: moved only if the incoming
+prompt needs the room), the incoming one resumed; while a prompt runs, the context of the
+prompt predicted to run next is prefetched (``allocator.resume(tag, wait=False)``). On CPU, or
+with aqua_alloc off, the scheduler only schedules.
+
+Faults: an exception in one prompt is raised in its caller's thread, its context is released
+and the others go on. :meth:`Scheduler.cancel` (and cancelling an :meth:`Scheduler.agenerate`
+task) makes the prompt raise :class:`PromptCancelled` at its next step boundary (or at once if it
+waits) and frees its context. :meth:`Scheduler.shutdown` fails every prompt in flight with
+:class:`SchedulerShutdown`.
+
+Thread-safety: every public method may be called from any thread at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import functools
+import itertools
+import logging
+import threading
+import time
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+from transformers import StoppingCriteria
+
+from aqua_alloc.events import EventKind, emit
+from aqua_alloc.hf_generate import (
+    describe_call,
+    make_context_cache,
+    model_device,
+    unscheduled_generate,
+    with_stopping_criterion,
+)
+from aqua_alloc.kv_cache import ContextKVCache, allocator_for
+
+log = logging.getLogger(__name__)
+
+_HISTORY = 10_000  # finished prompts and slices kept for stats()
+_prompt_numbers = itertools.count()  # process-wide, so tags stay unique across schedulers
+
+
+def _wait_move(handle: Any) -> Any:
+    """Wait for ``allocator.resume(tag, wait=False)``'s handle (a Future, or anything with wait())."""
+    return handle.result() if hasattr(handle, "result") else handle.wait()
+
+
+class SchedulerShutdown(RuntimeError):
+    """The scheduler was shut down while this prompt was in flight (or before it arrived)."""
+
+
+class PromptCancelled(RuntimeError):
+    """The prompt was cancelled (``Scheduler.cancel`` or its asyncio task was cancelled)."""
+
+
+class Policy(str, enum.Enum):
+    FAIR = "fair"   # least attained service (tokens) runs next
+    RR = "rr"       # round robin by slices
+    FCFS = "fcfs"   # run to completion in arrival order
+
+
+class PromptState(str, enum.Enum):
+    WAITING = "waiting"      # queued: not started, or parked between slices
+    RUNNING = "running"      # holds the device
+    FINISHED = "finished"    # generate returned
+    FAILED = "failed"        # generate raised (or the scheduler shut down)
+    CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    key: Callable[["_Prompt"], tuple]  # the waiting prompt with the smallest key runs next
+    preemptive: bool                   # whether a running prompt yields when its slice ends
+
+
+_RULES: dict[Policy, _Rule] = {
+    Policy.FAIR: _Rule(key=lambda p: (p.service, p.queued_seq), preemptive=True),
+    Policy.RR: _Rule(key=lambda p: (p.queued_seq,), preemptive=True),
+    Policy.FCFS: _Rule(key=lambda p: (p.arrival_seq,), preemptive=False),
+}
+
+
+def pick_next(policy: Policy, waiting: list["_Prompt"]) -> "_Prompt | None":
+    """The prompt that runs next, or None when nobody waits."""
+    return min(waiting, key=_RULES[policy].key) if waiting else None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptStats:
+    """Metrics of one prompt. Times are CLOCK_MONOTONIC ns (``time.monotonic_ns``, as in events);
+    ``*_step`` fields read the scheduler's step clock (decode steps run on it so far, all prompts)."""
+
+    tag: str
+    state: PromptState
+    batch_size: int                 # sequences in the call
+    arrival_ns: int
+    first_token_ns: int | None
+    finish_ns: int | None
+    arrival_step: int
+    arrival_slice: int              # slices begun before it arrived (SliceRecord.index of the next one)
+    first_token_step: int | None    # step clock at the prompt's first token
+    finish_step: int | None
+    num_tokens: int                 # tokens generated per sequence
+    num_steps: int                  # decode steps run (prefill + first token counts as one)
+    num_slices: int
+    service: int                    # fair policy's attained service (tokens, from its start value)
+    parked_ns: int                  # time parked between slices
+    bytes_moved: int                # bytes of its context moved: found off the GPU at resumes + brought back
+    parked_context_bytes: int       # at its last park: bytes its context held (all tiers; 0 if no context)
+    parked_kv_bytes: int            # at its last park: bytes of valid KV tokens in it
+    error: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceRecord:
+    """One slice: ``num_steps`` steps of prompt ``tag`` from step clock ``start_step``.
+    ``index`` numbers the slices run by the scheduler (0, 1, ...)."""
+
+    index: int
+    tag: str
+    start_step: int
+    num_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerStats:
+    policy: Policy
+    slice_steps: int
+    num_steps: int                  # step clock
+    running: str | None             # tag holding the device
+    waiting: list[str]              # tags in the order they would run (policy order)
+    prompts: list[PromptStats]      # live, then the last finished ones, by arrival
+    slices: list[SliceRecord]       # the last slices, oldest first
+
+
+class _Prompt:
+    """Mutable state of one prompt; every field is guarded by the scheduler's lock."""
+
+    def __init__(self, tag: str, arrival_seq: int, batch_size: int, max_new_tokens: int | None) -> None:
+        self.tag = tag
+        self.arrival_seq = arrival_seq
+        self.queued_seq = arrival_seq       # when it last joined the waiting list
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.state = PromptState.WAITING
+        self.error: BaseException | None = None  # set to fail it (cancel, shutdown)
+        self.arrival_ns = time.monotonic_ns()
+        self.arrival_step = 0
+        self.arrival_slice = 0
+        self.first_token_ns: int | None = None
+        self.first_token_step: int | None = None
+        self.finish_ns: int | None = None
+        self.finish_step: int | None = None
+        self.base_len: int | None = None    # input_ids length before the first new token
+        self.num_tokens = 0
+        self.num_steps = 0
+        self.num_slices = 0
+        self.service = 0
+        self.in_slice = False               # between _begin_slice and _end_slice_locked
+        self.slice_index = 0
+        self.slice_start_step = 0
+        self.slice_num_steps = 0
+        self.parked_ns = 0
+        self.parked_since: int | None = None
+        self.bytes_moved = 0
+        self.parked_context_bytes = 0
+        self.parked_kv_bytes = 0
+        self.allocator: ModuleType | None = None  # set when the memory side applies
+        self.cache: ContextKVCache | None = None
+        self.local_tier = "gpu0"
+        self.prefetch: Any = None           # handle of a resume(wait=False) in flight
+        self.prefetch_away = 0              # bytes off the GPU when that prefetch began
+
+    @property
+    def has_context(self) -> bool:
+        return self.allocator is not None and self.cache is not None and self.cache.context_created
+
+    def snapshot(self) -> PromptStats:
+        return PromptStats(
+            tag=self.tag, state=self.state, batch_size=self.batch_size,
+            arrival_ns=self.arrival_ns, first_token_ns=self.first_token_ns, finish_ns=self.finish_ns,
+            arrival_step=self.arrival_step, arrival_slice=self.arrival_slice, first_token_step=self.first_token_step,
+            finish_step=self.finish_step, num_tokens=self.num_tokens, num_steps=self.num_steps,
+            num_slices=self.num_slices, service=self.service, parked_ns=self.parked_ns,
+            bytes_moved=self.bytes_moved, parked_context_bytes=self.parked_context_bytes,
+            parked_kv_bytes=self.parked_kv_bytes, error=None if self.error is None else repr(self.error),
+        )
+
+
+class _StepHook(StoppingCriteria):
+    """Called by transformers once per decode step; never stops generation, may block to yield."""
+
+    def __init__(self, scheduler: "Scheduler", prompt: _Prompt) -> None:
+        self._scheduler = scheduler
+        self._prompt = prompt
+        self._not_done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self._scheduler._on_step(self._prompt, input_ids)
+        if self._not_done is None or self._not_done.shape[0] != input_ids.shape[0]:
+            self._not_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return self._not_done
+
+
+class Scheduler:
+    """Time-shares one device between ``generate`` calls (see the module docstring).
+
+    Args:
+        device: the device whose time is shared (default: each model's device). Contexts are
+            made for it.
+        policy: ``"fair"``, ``"rr"`` or ``"fcfs"`` (or a :class:`Policy`).
+        slice_steps: decode steps per slice (the prefill and its first token count as one).
+        use_context_cache: pass a :class:`ContextKVCache` to ``generate``. None (default): only
+            when the memory side applies (aqua_alloc enabled, CUDA). True also on CPU.
+        chunk_tokens: tokens per KV chunk of that cache.
+        prefetch: resume the context of the prompt predicted to run next while one runs.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        policy: Policy | str = Policy.FAIR,
+        slice_steps: int = 5,
+        *,
+        use_context_cache: bool | None = None,
+        chunk_tokens: int = 256,
+        prefetch: bool = True,
+    ) -> None:
+        if slice_steps < 1:
+            raise ValueError(f"slice_steps must be at least 1, got {slice_steps}")
+        self.device = torch.device(device) if device is not None else None
+        self.policy = Policy(policy)
+        self.slice_steps = slice_steps
+        self.use_context_cache = use_context_cache
+        self.chunk_tokens = chunk_tokens
+        self.prefetch = prefetch
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._live: dict[str, _Prompt] = {}
+        self._waiting: list[_Prompt] = []
+        self._running: _Prompt | None = None
+        self._prefetched: _Prompt | None = None
+        self._seq = itertools.count()
+        self._num_steps = 0
+        self._num_slices = 0
+        self._closed = False
+        self._finished: collections.deque[_Prompt] = collections.deque(maxlen=_HISTORY)
+        self._slices: collections.deque[SliceRecord] = collections.deque(maxlen=_HISTORY)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, model: Any, *args: Any, tag: str | None = None, **kwargs: Any) -> Any:
+        """Run ``model.generate(*args, **kwargs)`` as one scheduled prompt; return what it returns.
+
+        Blocks the calling thread until the prompt has run to the end (interleaved with other
+        prompts). ``tag`` names the prompt (and its context); default ``"prompt-<n>"``.
+        Raises what ``generate`` raises, or :class:`PromptCancelled` / :class:`SchedulerShutdown`.
+        """
+        prompt = self._admit(model, args, kwargs, tag)
+        return self._run(prompt, model, args, kwargs)
+
+    async def agenerate(self, model: Any, *args: Any, tag: str | None = None, **kwargs: Any) -> Any:
+        """Async form of :meth:`generate`: runs the call in a thread of its own.
+
+        Cancelling the awaiting task cancels the prompt; the task's ``CancelledError`` is raised
+        once the prompt has left the scheduler and its context is freed.
+        """
+        prompt = self._admit(model, args, kwargs, tag)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        def work() -> None:
+            result, error = None, None
+            try:
+                result = self._run(prompt, model, args, kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+        threading.Thread(target=work, name=f"aqua-{prompt.tag}", daemon=True).start()
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.cancel(prompt.tag)
+            try:
+                await asyncio.shield(future)
+            except BaseException:  # noqa: BLE001 - the prompt's own PromptCancelled (or other end)
+                pass
+            raise
+
+    def wrap(self, model: Any) -> Any:
+        """Schedule ``model.generate`` through this scheduler; returns the same model object.
+
+        Existing code then changes by one line: ``model = sched.wrap(model)``.
+        """
+        original = unscheduled_generate(model)
+
+        @functools.wraps(original)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            return self.generate(model, *args, **kwargs)
+
+        model._aqua_unscheduled_generate = original
+        model.generate = generate
+        return model
+
+    @staticmethod
+    def unwrap(model: Any) -> Any:
+        """Undo :meth:`wrap`; returns the model."""
+        if "_aqua_unscheduled_generate" in model.__dict__:
+            del model.__dict__["generate"]
+            del model.__dict__["_aqua_unscheduled_generate"]
+        return model
+
+    def cancel(self, tag: str) -> bool:
+        """Cancel a live prompt: it raises :class:`PromptCancelled` at its next step boundary
+        (at once if it waits). False if no live prompt has this tag."""
+        with self._cond:
+            prompt = self._live.get(tag)
+            if prompt is None:
+                return False
+            if prompt.error is None:
+                prompt.error = PromptCancelled(f"prompt {tag!r} was cancelled")
+            self._cond.notify_all()
+            return True
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Refuse new prompts and fail every prompt in flight with :class:`SchedulerShutdown`.
+
+        With ``wait``, block until they have left (a running prompt leaves at the end of its
+        current step) or ``timeout`` seconds pass. Returns whether none is left.
+        """
+        with self._cond:
+            self._closed = True
+            for prompt in self._live.values():
+                if prompt.error is None:
+                    prompt.error = SchedulerShutdown(
+                        f"aqua_alloc scheduler was shut down while prompt {prompt.tag!r} was in flight"
+                    )
+            self._cond.notify_all()
+            if wait:
+                self._cond.wait_for(lambda: not self._live, timeout)
+            return not self._live
+
+    def stats(self) -> SchedulerStats:
+        """A consistent snapshot of the scheduler and of every live and recently finished prompt."""
+        with self._lock:
+            rule = _RULES[self.policy]
+            live = sorted(self._live.values(), key=lambda p: p.arrival_seq)
+            return SchedulerStats(
+                policy=self.policy,
+                slice_steps=self.slice_steps,
+                num_steps=self._num_steps,
+                running=self._running.tag if self._running is not None else None,
+                waiting=[p.tag for p in sorted(self._waiting, key=rule.key)],
+                prompts=[p.snapshot() for p in sorted([*self._finished, *live], key=lambda p: p.arrival_seq)],
+                slices=list(self._slices),
+            )
+
+    def __enter__(self) -> "Scheduler":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ prompt life cycle
+
+    def _admit(self, model: Any, args: tuple, kwargs: dict, tag: str | None) -> _Prompt:
+        """Register a new prompt (not queued yet). Raises on a closed scheduler or a duplicate tag."""
+        tag = tag if tag is not None else f"prompt-{next(_prompt_numbers)}"
+        batch_size, max_new_tokens = describe_call(model, args, kwargs)
+        with self._lock:
+            if self._closed:
+                raise SchedulerShutdown("aqua_alloc scheduler is shut down; it takes no new prompts")
+            if tag in self._live:
+                raise ValueError(f"a prompt tagged {tag!r} is already in flight")
+            prompt = _Prompt(tag, next(self._seq), batch_size, max_new_tokens)
+            prompt.arrival_step = self._num_steps
+            prompt.arrival_slice = self._num_slices
+            # Fair policy: start at the least service among the live prompts (see module docstring).
+            live_services = [p.service for p in self._waiting]
+            if self._running is not None:
+                live_services.append(self._running.service)
+            prompt.service = min(live_services, default=0)
+            self._live[tag] = prompt
+        emit(EventKind.PROMPT_ARRIVED, context=tag, batch_size=batch_size, step=prompt.arrival_step)
+        return prompt
+
+    def _run(self, prompt: _Prompt, model: Any, args: tuple, kwargs: dict) -> Any:
+        """Queue ``prompt``, wait for its turn, run generate, leave. In the caller's thread."""
+        cache = None
+        try:
+            call_args, call_kwargs, cache = self._prepare_call(prompt, model, args, kwargs)
+            with self._cond:
+                prompt.cache = cache
+                self._queue_locked(prompt)
+                self._dispatch_locked()
+                self._wait_turn_locked(prompt)
+            self._begin_slice(prompt)
+            output = unscheduled_generate(model)(*call_args, **call_kwargs)
+        except BaseException as exc:
+            self._leave(prompt, exc, None)
+            streamer = kwargs.get("streamer")
+            if streamer is not None:  # let a consumer thread of the stream finish instead of hanging
+                try:
+                    streamer.end()
+                except Exception:  # noqa: BLE001 - best effort; the caller gets the real error
+                    pass
+            raise
+        self._leave(prompt, None, output)
+        return output
+
+    def _prepare_call(self, prompt: _Prompt, model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict, ContextKVCache | None]:
+        """The arguments of the real generate call: our step hook added, maybe our KV cache."""
+        device = self.device if self.device is not None else model_device(model)
+        prompt.allocator = allocator_for(device)
+        if device is not None and device.type == "cuda":
+            prompt.local_tier = f"gpu{device.index if device.index is not None else torch.cuda.current_device()}"
+        use_cache = self.use_context_cache if self.use_context_cache is not None else prompt.allocator is not None
+        cache = make_context_cache(model, args, kwargs, prompt.tag, device, self.chunk_tokens) if use_cache else None
+        call_args, call_kwargs = with_stopping_criterion(model, args, kwargs, _StepHook(self, prompt))
+        if cache is not None:
+            call_kwargs["past_key_values"] = cache
+        return call_args, call_kwargs, cache
+
+    def _leave(self, prompt: _Prompt, exc: BaseException | None, output: Any) -> None:
+        """The prompt's generate returned or raised: free its context, hand the device on."""
+        cache = prompt.cache
+        with self._lock:
+            handle, prompt.prefetch = prompt.prefetch, None
+        if handle is not None:  # a prefetch of this context may still be in flight
+            try:
+                _wait_move(handle)
+            except Exception:  # noqa: BLE001 - the context is released anyway
+                log.exception("aqua_alloc: prefetch of context %r failed", prompt.tag)
+        if cache is not None:
+            if exc is None and getattr(output, "past_key_values", None) is cache:
+                cache.release_when_collected()  # the caller holds the cache now
+            else:
+                cache.release()
+            prompt.cache = None  # the stats history must not keep the cache (or its context) alive
+        with self._cond:
+            self._end_slice_locked(prompt)
+            if prompt in self._waiting:
+                self._waiting.remove(prompt)
+            if self._running is prompt:
+                self._running = None
+            if self._prefetched is prompt:
+                self._prefetched = None
+            if exc is None:
+                prompt.state = PromptState.FINISHED
+            elif isinstance(exc, (PromptCancelled, asyncio.CancelledError)):
+                prompt.state = PromptState.CANCELLED
+            else:
+                prompt.state = PromptState.FAILED
+            if exc is not None and prompt.error is None:
+                prompt.error = exc
+            prompt.finish_ns = time.monotonic_ns()
+            prompt.finish_step = self._num_steps
+            self._live.pop(prompt.tag, None)
+            self._finished.append(prompt)
+            self._dispatch_locked()
+            self._cond.notify_all()
+        emit(EventKind.FINISHED, context=prompt.tag, state=prompt.state.value,
+             num_tokens=prompt.num_tokens, error=None if exc is None else repr(exc))
+
+    # ------------------------------------------------------------------ steps and slices
+
+    def _on_step(self, prompt: _Prompt, input_ids: torch.Tensor) -> None:
+        """One decode step of ``prompt`` finished (its thread holds the device). May yield."""
+        now = time.monotonic_ns()
+        first_token = False
+        with self._cond:
+            self._num_steps += 1
+            if prompt.base_len is None:
+                prompt.base_len = input_ids.shape[-1] - 1
+            num_tokens = input_ids.shape[-1] - prompt.base_len
+            prompt.service += num_tokens - prompt.num_tokens
+            prompt.num_tokens = num_tokens
+            prompt.num_steps += 1
+            prompt.slice_num_steps += 1
+            if prompt.first_token_ns is None:
+                prompt.first_token_ns, prompt.first_token_step = now, self._num_steps
+                first_token = True
+        if first_token:
+            emit(EventKind.FIRST_TOKEN, context=prompt.tag, step=prompt.first_token_step)
+        if prompt.error is not None:
+            raise prompt.error
+        if not self._slice_over(prompt):
+            return
+        with self._cond:
+            self._end_slice_locked(prompt)
+            self._queue_locked(prompt)
+            successor = pick_next(self.policy, self._waiting)
+            if successor is not prompt:
+                self._park(prompt)
+                self._dispatch_locked()
+            else:
+                self._waiting.remove(prompt)
+                self._running = prompt
+                prompt.state = PromptState.RUNNING
+            self._wait_turn_locked(prompt)
+        self._begin_slice(prompt)
+
+    def _slice_over(self, prompt: _Prompt) -> bool:
+        if not _RULES[self.policy].preemptive or prompt.slice_num_steps < self.slice_steps:
+            return False
+        # No point yielding after the last token: generate is about to return.
+        return prompt.max_new_tokens is None or prompt.num_tokens < prompt.max_new_tokens
+
+    def _begin_slice(self, prompt: _Prompt) -> None:
+        """``prompt`` got the device: bring its context back, then prefetch the next one's."""
+        if prompt.parked_since is not None:
+            self._resume(prompt)
+        with self._lock:
+            prompt.in_slice = True
+            prompt.slice_index = self._num_slices
+            self._num_slices += 1
+            prompt.num_slices += 1
+            prompt.slice_start_step = self._num_steps
+            prompt.slice_num_steps = 0
+            step = self._num_steps
+        emit(EventKind.SLICE_START, context=prompt.tag, step=step)
+        if self.prefetch:
+            self._prefetch_next()
+
+    def _end_slice_locked(self, prompt: _Prompt) -> None:
+        if not prompt.in_slice:
+            return
+        prompt.in_slice = False
+        self._slices.append(SliceRecord(prompt.slice_index, prompt.tag, prompt.slice_start_step, prompt.slice_num_steps))
+        emit(EventKind.SLICE_END, context=prompt.tag, step=self._num_steps, num_steps=prompt.slice_num_steps)
+
+    # ------------------------------------------------------------------ waiting and handing over
+
+    def _queue_locked(self, prompt: _Prompt) -> None:
+        prompt.queued_seq = next(self._seq)
+        prompt.state = PromptState.WAITING
+        self._waiting.append(prompt)
+        if self._running is prompt:
+            self._running = None
+
+    def _dispatch_locked(self) -> None:
+        """If the device is free, give it to the policy's pick and wake it."""
+        if self._running is not None:
+            return
+        successor = pick_next(self.policy, self._waiting)
+        if successor is None:
+            return
+        if self._prefetched is not None and self._prefetched is not successor:
+            self._unprefetch_locked()
+        self._waiting.remove(successor)
+        self._running = successor
+        successor.state = PromptState.RUNNING
+        self._cond.notify_all()
+
+    def _wait_turn_locked(self, prompt: _Prompt) -> None:
+        """Block until ``prompt`` holds the device; raise its error if it is failed meanwhile."""
+        while self._running is not prompt and prompt.error is None:
+            self._cond.wait()
+        if prompt.error is not None:
+            raise prompt.error
+
+    # ------------------------------------------------------------------ memory side
+
+    def _park(self, prompt: _Prompt) -> None:
+        """Mark the outgoing prompt's context not running (the allocator moves it only if needed)."""
+        if prompt.has_context:
+            prompt.allocator.park(prompt.tag)
+            prompt.parked_since = time.monotonic_ns()
+            prompt.parked_context_bytes = sum(prompt.allocator.where(prompt.tag).values())
+            prompt.parked_kv_bytes = prompt.cache.live_bytes()
+            emit(EventKind.PARKED, context=prompt.tag, step=self._num_steps,
+                 bytes=prompt.parked_context_bytes, kv_bytes=prompt.parked_kv_bytes)
+
+    def _resume(self, prompt: _Prompt) -> None:
+        """Bring the context back (in the prompt's own thread, before its next step)."""
+        with self._lock:
+            handle, away = prompt.prefetch, prompt.prefetch_away
+            prompt.prefetch = None
+            if self._prefetched is prompt:
+                self._prefetched = None
+        if handle is not None:
+            result = _wait_move(handle)
+        else:
+            away = self._bytes_away(prompt)
+            result = prompt.allocator.resume(prompt.tag, wait=True)
+        moved_in = getattr(result, "bytes_moved", 0)
+        now = time.monotonic_ns()
+        with self._lock:
+            prompt.parked_ns += now - prompt.parked_since
+            prompt.parked_since = None
+            prompt.bytes_moved += away + moved_in
+        emit(EventKind.RESUMED, context=prompt.tag, bytes=moved_in, bytes_away=away,
+             bytes_elsewhere=getattr(result, "bytes_elsewhere", 0), prefetched=handle is not None)
+
+    def _prefetch_next(self) -> None:
+        """Start bringing back the context of the prompt that would run next."""
+        with self._lock:
+            successor = pick_next(self.policy, self._waiting)
+            if (successor is None or successor.prefetch is not None or successor.parked_since is None
+                    or not successor.has_context):
+                return
+            if self._prefetched is not None:
+                self._unprefetch_locked()
+            successor.prefetch_away = self._bytes_away(successor)
+            successor.prefetch = successor.allocator.resume(successor.tag, wait=False)
+            self._prefetched = successor
+
+    @staticmethod
+    def _bytes_away(prompt: _Prompt) -> int:
+        """Bytes of the prompt's context that are not on its GPU now."""
+        return sum(n for tier, n in prompt.allocator.where(prompt.tag).items() if tier != prompt.local_tier)
+
+    def _unprefetch_locked(self) -> None:
+        """The predicted successor is not next after all: park its context again."""
+        prompt, self._prefetched = self._prefetched, None
+        if prompt is None or prompt.prefetch is None:
+            return
+        handle, prompt.prefetch = prompt.prefetch, None
+        try:
+            _wait_move(handle)
+            prompt.allocator.park(prompt.tag)
+        except Exception:  # noqa: BLE001 - a failed prefetch only costs its resume later
+            log.exception("aqua_alloc: re-parking prefetched context %r failed", prompt.tag)

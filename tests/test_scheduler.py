@@ -1,0 +1,552 @@
+"""The fair time-sharing scheduler on CPU: scheduling only, tiny random models of real shapes.
+
+What can fail here: exact token ids (every scheduled output equals the same call run alone),
+exact slice orders (the schedule is made deterministic by holding the first prompt at a gate
+while the others queue), exact counts. No test measures time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import concurrent.futures
+import dataclasses
+import threading
+
+import pytest
+import torch
+from transformers import StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from aqua_alloc import kv_cache, scheduler as scheduler_module
+from aqua_alloc.events import EventKind, drain_python_events
+from aqua_alloc.scheduler import (
+    Policy,
+    PromptCancelled,
+    PromptState,
+    Scheduler,
+    SchedulerShutdown,
+)
+from tiny_models import CONFIGS, GREEDY, AtStep, Caller, Gate, build, prompt_ids, wait_until
+
+POLICIES = ["fair", "rr", "fcfs"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build(make()) for name, make in CONFIGS.items()}
+
+
+@pytest.fixture
+def llama(models):
+    return models["llama"]
+
+
+def solo(model, ids, **kwargs):
+    return model.generate(ids, **GREEDY, **kwargs)
+
+
+def queue(sched: Scheduler, tag: str, fn) -> Caller:
+    """Start a caller and wait until its prompt waits in the scheduler (deterministic arrivals)."""
+    caller = Caller(fn, name=tag)
+    wait_until(lambda: tag in sched.stats().waiting or caller.error is not None, f"{tag} queued")
+    return caller
+
+
+def held_backlog(sched, model, specs, gate_step=1):
+    """Run specs [(tag, ids, max_new_tokens, extra kwargs)]: the first is held at ``gate_step``
+    until all the others wait, so arrival order (and so the whole schedule) is deterministic."""
+    gate = Gate(gate_step)
+    tag0, ids0, n0, extra0 = specs[0]
+    criteria = StoppingCriteriaList([gate.criterion, *extra0.pop("stopping_criteria", [])])
+    first = Caller(lambda: sched.generate(model, ids0, tag=tag0, max_new_tokens=n0, stopping_criteria=criteria,
+                                          **GREEDY, **extra0), name=tag0)
+    gate.reached.wait(timeout=120)
+    callers = {tag0: first}
+    for tag, ids, n, extra in specs[1:]:
+        callers[tag] = queue(sched, tag, lambda ids=ids, n=n, tag=tag, extra=extra: sched.generate(
+            model, ids, tag=tag, max_new_tokens=n, **GREEDY, **extra))
+    gate.open()
+    return {tag: caller.join() for tag, caller in callers.items()}
+
+
+def slice_order(sched):
+    return [(s.tag, s.num_steps) for s in sched.stats().slices]
+
+
+def assert_no_starvation(stats):
+    """Between a prompt's arrival and its first slice, and between two of its slices, every
+    other prompt runs at most once: with N backlogged, each runs in every N slices."""
+    slices = stats.slices
+    for prompt in stats.prompts:
+        mine = [s.index for s in slices if s.tag == prompt.tag]
+        gaps = [(prompt.arrival_slice, mine[0])] + list(zip(mine, mine[1:]))
+        for start, end in gaps:
+            others = [s.tag for s in slices if start <= s.index < end and s.tag != prompt.tag]
+            assert len(others) == len(set(others)), (prompt.tag, start, end, others)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_concurrent_outputs_equal_solo_runs(models, arch, policy):
+    model = models[arch]
+    calls = [(prompt_ids(6 + 5 * i, seed=i), 9 + 4 * i) for i in range(4)]
+    expected = [solo(model, ids, max_new_tokens=n) for ids, n in calls]
+    sched = Scheduler(policy=policy, slice_steps=3, use_context_cache=(arch != "gpt2"), chunk_tokens=4)
+    callers = [Caller(lambda ids=ids, n=n: sched.generate(model, ids, max_new_tokens=n, **GREEDY))
+               for ids, n in calls]
+    for caller, want in zip(callers, expected):
+        caller.join()
+        assert caller.error is None
+        assert torch.equal(caller.result, want)
+    stats = sched.stats()
+    assert [p.state for p in stats.prompts] == [PromptState.FINISHED] * 4
+    assert sorted(p.num_tokens for p in stats.prompts) == [9, 13, 17, 21]
+    assert stats.num_steps == 9 + 13 + 17 + 21
+    assert sum(s.num_steps for s in stats.slices) == stats.num_steps
+    if policy == "fcfs":
+        assert len(stats.slices) == 4  # run to completion: one slice each
+    else:
+        assert all(s.num_steps <= 3 for s in stats.slices)
+        assert_no_starvation(stats)
+
+
+def test_same_prompt_many_times_interleaved(llama):
+    ids = prompt_ids(10, seed=7)
+    expected = solo(llama, ids, max_new_tokens=15)
+    sched = Scheduler(slice_steps=1, use_context_cache=True, chunk_tokens=2)
+    callers = [Caller(lambda: sched.generate(llama, ids, max_new_tokens=15, **GREEDY)) for _ in range(5)]
+    for caller in callers:
+        assert torch.equal(caller.join().result, expected)
+
+
+# --------------------------------------------------------------------------- policies, exact orders
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_late_short_prompt_first_token(llama, policy):
+    """A short prompt arriving while a long one runs gets its first token after at most one
+    slice of the long one (fair, rr); fcfs makes it wait for the whole long prompt."""
+    sched = Scheduler(policy=policy, slice_steps=5)
+    late: dict[str, Caller] = {}
+
+    def arrive():  # called by the long prompt at its 3rd step: the short one queues then
+        late["short"] = queue(sched, "short", lambda: sched.generate(
+            llama, prompt_ids(4, seed=2), tag="short", max_new_tokens=4, **GREEDY))
+
+    long_ = Caller(lambda: sched.generate(llama, prompt_ids(12, seed=1), tag="long", max_new_tokens=30,
+                                          stopping_criteria=StoppingCriteriaList([AtStep(3, arrive)]), **GREEDY))
+    long_.join()
+    late["short"].join()
+    assert long_.error is None and late["short"].error is None
+    assert torch.equal(late["short"].result, solo(llama, prompt_ids(4, seed=2), max_new_tokens=4))
+    stats = {p.tag: p for p in sched.stats().prompts}
+    short = stats["short"]
+    assert short.arrival_step == 3  # it arrived in the long prompt's 3rd step
+    if policy == "fcfs":
+        assert short.first_token_step == 31
+        assert slice_order(sched) == [("long", 30), ("short", 4)]
+    else:
+        assert short.first_token_step == 6  # long's first slice (steps 1-5), then short's prefill
+        assert short.first_token_step - short.arrival_step <= sched.slice_steps + 1
+        assert slice_order(sched) == [("long", 5), ("short", 4)] + [("long", 5)] * 5
+
+
+def test_fair_orders_by_least_service(llama):
+    """Backlog: a (held), b, c queued. Slices of 2 steps; fair = least service, ties by queue order."""
+    sched = Scheduler(policy="fair", slice_steps=2)
+    specs = [("a", prompt_ids(5, 1), 6, {}), ("b", prompt_ids(6, 2), 2, {}), ("c", prompt_ids(7, 3), 4, {})]
+    results = held_backlog(sched, llama, specs)
+    assert all(r.error is None for r in results.values())
+    # b and c start at a's service (0): they run before a's second slice.
+    assert slice_order(sched) == [("a", 2), ("b", 2), ("c", 2), ("a", 2), ("c", 2), ("a", 2)]
+    assert_no_starvation(sched.stats())
+
+
+def test_newcomers_cannot_starve_a_long_prompt(llama):
+    """While prompts keep arriving (one every 4 steps of the first), every prompt still runs
+    at least once in every N slices, N the prompts alive; outputs stay exact."""
+    for policy in ("fair", "rr"):
+        sched = Scheduler(policy=policy, slice_steps=2)
+        arrivals: list[Caller] = []
+
+        def arrive():
+            tag = f"new{len(arrivals)}"
+            arrivals.append(queue(sched, tag, lambda tag=tag, k=len(arrivals): sched.generate(
+                llama, prompt_ids(3 + k, seed=50 + k), tag=tag, max_new_tokens=5, **GREEDY)))
+
+        launcher = AtStep({4, 8, 12, 16, 20}, arrive)
+        specs = [("long", prompt_ids(8, 10), 24, {"stopping_criteria": [launcher]}),
+                 ("b", prompt_ids(5, 11), 10, {}), ("c", prompt_ids(9, 12), 12, {})]
+        results = held_backlog(sched, llama, specs)
+        for caller in arrivals:
+            caller.join()
+        assert len(arrivals) == 5
+        assert all(r.error is None for r in [*results.values(), *arrivals])
+        assert torch.equal(results["long"].result, solo(llama, prompt_ids(8, 10), max_new_tokens=24))
+        for k, caller in enumerate(arrivals):
+            assert torch.equal(caller.result, solo(llama, prompt_ids(3 + k, seed=50 + k), max_new_tokens=5))
+        stats = sched.stats()
+        assert_no_starvation(stats)
+        assert {p.tag: p.num_tokens for p in stats.prompts} == {
+            "long": 24, "b": 10, "c": 12, "new0": 5, "new1": 5, "new2": 5, "new3": 5, "new4": 5}
+
+
+def test_rr_round_robin_and_fcfs_arrival_order(llama):
+    specs = lambda: [("a", prompt_ids(5, 1), 5, {}), ("b", prompt_ids(6, 2), 3, {}), ("c", prompt_ids(7, 3), 5, {})]
+    rr = Scheduler(policy="rr", slice_steps=2)
+    held_backlog(rr, llama, specs())
+    assert slice_order(rr) == [("a", 2), ("b", 2), ("c", 2), ("a", 2), ("b", 1), ("c", 2), ("a", 1), ("c", 1)]
+    fcfs = Scheduler(policy="fcfs", slice_steps=2)
+    held_backlog(fcfs, llama, specs())
+    assert slice_order(fcfs) == [("a", 5), ("b", 3), ("c", 5)]
+
+
+def test_policy_lookup_and_bad_arguments():
+    assert Scheduler(policy="rr").policy is Policy.RR
+    assert scheduler_module.pick_next(Policy.FAIR, []) is None  # "not now"
+    with pytest.raises(ValueError):
+        Scheduler(policy="lottery")
+    with pytest.raises(ValueError):
+        Scheduler(slice_steps=0)
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_exception_in_one_prompt_is_raised_in_its_thread_others_go_on(llama):
+    sched = Scheduler(policy="rr", slice_steps=2, use_context_cache=True)
+
+    def boom():
+        raise RuntimeError("boom at step 3")
+
+    specs = [("ok", prompt_ids(5, 1), 12, {}),
+             ("boom", prompt_ids(6, 2), 12, {"stopping_criteria": [AtStep(3, boom)]}),
+             ("badkw", prompt_ids(6, 3), 12, {"not_a_generate_argument": 1}),
+             ("ok2", prompt_ids(7, 4), 12, {})]
+    results = held_backlog(sched, llama, specs)
+    assert isinstance(results["boom"].error, RuntimeError) and "boom at step 3" in str(results["boom"].error)
+    assert isinstance(results["badkw"].error, ValueError)
+    assert torch.equal(results["ok"].result, solo(llama, prompt_ids(5, 1), max_new_tokens=12))
+    assert torch.equal(results["ok2"].result, solo(llama, prompt_ids(7, 4), max_new_tokens=12))
+    states = {p.tag: p.state for p in sched.stats().prompts}
+    assert states == {"ok": PromptState.FINISHED, "boom": PromptState.FAILED,
+                      "badkw": PromptState.FAILED, "ok2": PromptState.FINISHED}
+    assert sched.stats().running is None and sched.stats().waiting == []
+    # The scheduler keeps serving.
+    assert torch.equal(sched.generate(llama, prompt_ids(5, 1), max_new_tokens=3, **GREEDY),
+                       solo(llama, prompt_ids(5, 1), max_new_tokens=3))
+
+
+def test_duplicate_tag_is_refused(llama):
+    sched = Scheduler()
+    gate = Gate(1)
+    first = Caller(lambda: sched.generate(llama, prompt_ids(4, 1), tag="x", max_new_tokens=3,
+                                          stopping_criteria=StoppingCriteriaList([gate.criterion]), **GREEDY))
+    gate.reached.wait(timeout=120)
+    with pytest.raises(ValueError, match="already in flight"):
+        sched.generate(llama, prompt_ids(4, 1), tag="x", max_new_tokens=3, **GREEDY)
+    gate.open()
+    assert first.join().error is None
+
+
+def test_cancel_waiting_and_running_prompts(llama):
+    sched = Scheduler(policy="rr", slice_steps=2)
+    specs = [("run", prompt_ids(5, 1), 20, {"stopping_criteria": [AtStep(5, lambda: sched.cancel("run"))]}),
+             ("wait", prompt_ids(6, 2), 8, {}),
+             ("ok", prompt_ids(7, 3), 8, {})]
+    gate = Gate(1)
+    tag0, ids0, n0, extra0 = specs[0]
+    run = Caller(lambda: sched.generate(llama, ids0, tag=tag0, max_new_tokens=n0, **GREEDY,
+                                        stopping_criteria=StoppingCriteriaList([gate.criterion, *extra0["stopping_criteria"]])))
+    gate.reached.wait(timeout=120)
+    wait = queue(sched, "wait", lambda: sched.generate(llama, specs[1][1], tag="wait", max_new_tokens=8, **GREEDY))
+    ok = queue(sched, "ok", lambda: sched.generate(llama, specs[2][1], tag="ok", max_new_tokens=8, **GREEDY))
+    assert sched.cancel("wait")
+    wait.join()
+    assert isinstance(wait.error, PromptCancelled)
+    gate.open()
+    run.join(), ok.join()
+    assert isinstance(run.error, PromptCancelled)
+    assert torch.equal(ok.result, solo(llama, specs[2][1], max_new_tokens=8))
+    stats = {p.tag: p for p in sched.stats().prompts}
+    # Cancelled in its 5th step (after the scheduler's hook saw it): it stops at the next one.
+    assert stats["run"].state == PromptState.CANCELLED and stats["run"].num_steps == 6
+    assert stats["wait"].state == PromptState.CANCELLED and stats["wait"].num_steps == 0
+    assert not sched.cancel("run")  # gone
+
+
+def test_shutdown_fails_prompts_in_flight(llama):
+    sched = Scheduler(policy="fair", slice_steps=2)
+    gate = Gate(2)
+    running = Caller(lambda: sched.generate(llama, prompt_ids(5, 1), tag="running", max_new_tokens=20,
+                                            stopping_criteria=StoppingCriteriaList([gate.criterion]), **GREEDY))
+    gate.reached.wait(timeout=120)
+    waiting = [queue(sched, f"w{i}", lambda i=i: sched.generate(llama, prompt_ids(5, i), tag=f"w{i}",
+                                                                 max_new_tokens=5, **GREEDY)) for i in range(2)]
+    assert not sched.shutdown(wait=False)  # the running prompt is still at its step
+    for caller in waiting:
+        assert isinstance(caller.join().error, SchedulerShutdown)
+    gate.open()
+    assert isinstance(running.join().error, SchedulerShutdown)
+    assert "shut down" in str(running.error)
+    assert sched.shutdown(wait=True)
+    with pytest.raises(SchedulerShutdown):
+        sched.generate(llama, prompt_ids(5, 1), max_new_tokens=2, **GREEDY)
+    assert {p.state for p in sched.stats().prompts} == {PromptState.FAILED}
+
+
+def test_context_manager_shuts_down(llama):
+    with Scheduler() as sched:
+        sched.generate(llama, prompt_ids(5, 1), max_new_tokens=2, **GREEDY)
+    with pytest.raises(SchedulerShutdown):
+        sched.generate(llama, prompt_ids(5, 1), max_new_tokens=2, **GREEDY)
+
+
+# --------------------------------------------------------------------------- forms of call
+
+
+class Collect(BaseStreamer):
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.reshape(-1) if value.dim() > 1 and value.shape[0] == 1 else value)
+
+    def end(self) -> None:
+        self.ended = True
+
+    def tokens(self) -> list[int]:
+        return torch.cat([c.reshape(-1) for c in self.chunks]).tolist()
+
+
+def test_streaming(llama):
+    sched = Scheduler(slice_steps=2)
+    streams = [Collect() for _ in range(3)]
+    callers = [Caller(lambda i=i: sched.generate(llama, prompt_ids(5 + i, i), max_new_tokens=7, streamer=streams[i],
+                                                 **GREEDY)) for i in range(3)]
+    for i, caller in enumerate(callers):
+        caller.join()
+        assert streams[i].ended
+        assert streams[i].tokens() == caller.result[0].tolist()
+        assert torch.equal(caller.result, solo(llama, prompt_ids(5 + i, i), max_new_tokens=7))
+
+
+def test_streamer_is_ended_when_the_prompt_fails(llama):
+    sched = Scheduler()
+    stream = Collect()
+
+    def boom():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sched.generate(llama, prompt_ids(5, 1), max_new_tokens=7, streamer=stream,
+                       stopping_criteria=StoppingCriteriaList([AtStep(2, boom)]), **GREEDY)
+    assert stream.ended  # a consumer reading the stream in another thread is not left hanging
+
+
+def test_batched_call_is_one_unit(llama):
+    ids = prompt_ids(9, seed=3, batch=3)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, :2] = 0
+    expected = solo(llama, ids, attention_mask=mask, max_new_tokens=11)
+    sched = Scheduler(policy="rr", slice_steps=3, use_context_cache=True, chunk_tokens=4)
+    specs = [("batch", ids, 11, {"attention_mask": mask}), ("single", prompt_ids(6, 4), 8, {})]
+    results = held_backlog(sched, llama, specs)
+    assert torch.equal(results["batch"].result, expected)
+    assert torch.equal(results["single"].result, solo(llama, prompt_ids(6, 4), max_new_tokens=8))
+    stats = {p.tag: p for p in sched.stats().prompts}
+    assert stats["batch"].batch_size == 3 and stats["batch"].num_tokens == 11 and stats["batch"].num_slices == 4
+    assert slice_order(sched) == [("batch", 3), ("single", 3), ("batch", 3), ("single", 3), ("batch", 3),
+                                  ("single", 2), ("batch", 2)]
+
+
+def test_beam_search_and_kwargs_forms(llama):
+    ids = prompt_ids(6, seed=5)
+    sched = Scheduler(slice_steps=2, use_context_cache=True, chunk_tokens=3)
+    beams = Caller(lambda: sched.generate(llama, ids, max_new_tokens=8, num_beams=3, **GREEDY))
+    named = Caller(lambda: sched.generate(llama, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          max_new_tokens=8, return_dict_in_generate=True, **GREEDY))
+    assert torch.equal(beams.join().result, solo(llama, ids, max_new_tokens=8, num_beams=3))
+    out = named.join().result
+    assert torch.equal(out.sequences, solo(llama, ids, max_new_tokens=8))
+    assert isinstance(out.past_key_values, kv_cache.ContextKVCache)  # the caller holds it now
+    assert out.past_key_values.get_seq_length() == 6 + 8 - 1
+
+
+def test_async_form(llama):
+    sched = Scheduler(slice_steps=2)
+
+    async def main():
+        return await asyncio.gather(*(sched.agenerate(llama, prompt_ids(4 + i, i), max_new_tokens=6, **GREEDY)
+                                      for i in range(4)))
+
+    outputs = asyncio.run(main())
+    for i, out in enumerate(outputs):
+        assert torch.equal(out, solo(llama, prompt_ids(4 + i, i), max_new_tokens=6))
+    assert len(sched.stats().prompts) == 4
+
+
+def test_async_cancellation_frees_the_prompt(llama):
+    sched = Scheduler(policy="rr", slice_steps=2)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        tasks: dict[str, asyncio.Task] = {}
+        cancel_self = AtStep(3, lambda: loop.call_soon_threadsafe(tasks["running"].cancel))
+        tasks["running"] = asyncio.create_task(sched.agenerate(
+            llama, prompt_ids(5, 1), tag="running", max_new_tokens=30,
+            stopping_criteria=StoppingCriteriaList([cancel_self]), **GREEDY))
+        tasks["ok"] = asyncio.create_task(sched.agenerate(llama, prompt_ids(6, 2), tag="ok", max_new_tokens=9, **GREEDY))
+        tasks["queued"] = asyncio.create_task(sched.agenerate(llama, prompt_ids(7, 3), tag="queued",
+                                                              max_new_tokens=9, **GREEDY))
+        await asyncio.sleep(0)
+        tasks["queued"].cancel()
+        return await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+    running, ok, queued = asyncio.run(main())
+    assert isinstance(running, asyncio.CancelledError)
+    assert isinstance(queued, asyncio.CancelledError)
+    assert torch.equal(ok, solo(llama, prompt_ids(6, 2), max_new_tokens=9))
+    stats = {p.tag: p for p in sched.stats().prompts}
+    # When a cancelled task's await ends, its prompt has already left the scheduler.
+    assert stats["running"].state == PromptState.CANCELLED and stats["running"].num_tokens < 30
+    assert stats["queued"].state == PromptState.CANCELLED
+    assert sched.stats().running is None and sched.stats().waiting == []
+
+
+def test_wrap_makes_generate_scheduled(models):
+    model = build(CONFIGS["gpt2"](), seed=3)
+    ids = prompt_ids(5, seed=1)
+    expected = solo(model, ids, max_new_tokens=6)
+    sched = Scheduler(slice_steps=2)
+    assert sched.wrap(model) is model
+    callers = [Caller(lambda: model.generate(ids, max_new_tokens=6, **GREEDY)) for _ in range(3)]
+    for caller in callers:
+        assert torch.equal(caller.join().result, expected)
+    assert len(sched.stats().prompts) == 3
+    Scheduler.unwrap(model)
+    assert "generate" not in model.__dict__
+    model.generate(ids, max_new_tokens=2, **GREEDY)
+    assert len(sched.stats().prompts) == 3
+
+
+def test_trace_events(llama):
+    drain_python_events()
+    sched = Scheduler(policy="rr", slice_steps=2)
+    held_backlog(sched, llama, [("ev-a", prompt_ids(5, 1), 4, {}), ("ev-b", prompt_ids(5, 2), 3, {})])
+    events = [e for e in drain_python_events() if e.context in ("ev-a", "ev-b")]
+    kinds = {tag: [e.kind for e in events if e.context == tag] for tag in ("ev-a", "ev-b")}
+    S, E = EventKind.SLICE_START, EventKind.SLICE_END
+    assert kinds["ev-a"] == [EventKind.PROMPT_ARRIVED, S, EventKind.FIRST_TOKEN, E, S, E, EventKind.FINISHED]
+    assert kinds["ev-b"] == [EventKind.PROMPT_ARRIVED, S, EventKind.FIRST_TOKEN, E, S, E, EventKind.FINISHED]
+    assert [e.context for e in events if e.kind == S] == ["ev-a", "ev-b", "ev-a", "ev-b"]
+
+
+# --------------------------------------------------------------------------- memory side (fake allocator)
+
+
+@dataclasses.dataclass
+class FakeMove:
+    bytes_moved: int
+    bytes_elsewhere: int = 0
+
+
+class FakeAllocator:
+    """Records the scheduler's calls; checks that a context is used only while resumed."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[tuple] = []
+        self.live: set[str] = set()
+        self.parked: set[str] = set()
+        self.errors: list[str] = []
+
+    def is_enabled(self) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def context(self, tag, device=None):
+        with self.lock:
+            if tag in self.parked:
+                self.errors.append(f"allocation into parked {tag}")
+            self.live.add(tag)
+            self.calls.append(("context", tag))
+        yield tag
+
+    def park(self, tag):
+        with self.lock:
+            assert tag in self.live
+            self.parked.add(tag)
+            self.calls.append(("park", tag))
+
+    def resume(self, tag, wait=True):
+        with self.lock:
+            self.parked.discard(tag)
+            self.calls.append(("resume", tag, wait))
+        if wait:
+            return FakeMove(40)
+        future = concurrent.futures.Future()
+        future.set_result(FakeMove(40))
+        return future
+
+    def release(self, tag):
+        with self.lock:
+            if tag not in self.live:
+                self.errors.append(f"release of unknown {tag}")
+            self.live.discard(tag)
+            self.parked.discard(tag)
+            self.calls.append(("release", tag))
+
+    def where(self, tag):
+        return {"gpu0": 60, "host": 40} if tag in self.parked else {"gpu0": 100, "host": 0}
+
+
+@pytest.fixture
+def fake_allocator(monkeypatch):
+    fake = FakeAllocator()
+    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(scheduler_module, "allocator_for", lambda device: fake)
+    return fake
+
+
+def test_contexts_parked_resumed_prefetched_and_released(llama, fake_allocator):
+    fake = fake_allocator
+    sched = Scheduler(policy="rr", slice_steps=2)
+    steps_while_parked = []
+
+    def check(tag):
+        return AtStep(set(range(1, 100)), lambda: tag in fake.parked and steps_while_parked.append(tag))
+
+    def boom():
+        raise RuntimeError("boom")
+
+    specs = [("a", prompt_ids(5, 1), 7, {"stopping_criteria": [check("a")]}),
+             ("b", prompt_ids(6, 2), 6, {"stopping_criteria": [check("b"), AtStep(5, boom)]}),
+             ("c", prompt_ids(7, 3), 6, {"stopping_criteria": [check("c")]})]
+    results = held_backlog(sched, llama, specs)
+    assert isinstance(results["b"].error, RuntimeError)
+    assert torch.equal(results["a"].result, solo(llama, prompt_ids(5, 1), max_new_tokens=7))
+    assert torch.equal(results["c"].result, solo(llama, prompt_ids(7, 3), max_new_tokens=6))
+    assert steps_while_parked == [] and fake.errors == []
+    assert fake.live == set()  # every context released, the failed one too
+    assert sorted(c[1] for c in fake.calls if c[0] == "release") == ["a", "b", "c"]
+    assert slice_order(sched) == [("a", 2), ("b", 2), ("c", 2), ("a", 2), ("b", 2), ("c", 2), ("a", 2),
+                                  ("b", 1), ("c", 2), ("a", 1)]
+    per_tag = {tag: [c[0] if c[0] != "resume" else f"resume-{'wait' if c[2] else 'prefetch'}"
+                     for c in fake.calls if c[1] == tag and c[0] != "context"] for tag in "abc"}
+    # a parks after each of its slices but the last; it is prefetched while the one before it runs.
+    assert per_tag["a"] == ["park", "resume-prefetch", "park", "resume-prefetch", "park", "resume-prefetch",
+                            "release"]
+    assert per_tag["b"] == ["park", "resume-prefetch", "park", "resume-prefetch", "release"]
+    assert per_tag["c"] == ["park", "resume-prefetch", "park", "resume-prefetch", "release"]
+    stats = {p.tag: p for p in sched.stats().prompts}
+    assert stats["a"].bytes_moved == 3 * (40 + 40)  # 3 resumes: 40 bytes found on host + 40 brought back
+    assert stats["a"].parked_context_bytes == 100
+    per_token = 2 * 2 * (2 * 16 * 4)  # layers x (K, V) x [H_kv=2, D=16] fp32 bytes
+    assert stats["a"].parked_kv_bytes == per_token * (5 + 6 - 1)  # parked after 6 tokens
