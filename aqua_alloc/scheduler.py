@@ -618,10 +618,16 @@ class Scheduler:
                 self._prefetched = None
         if handle is not None:
             result = _wait_move(handle)
+            moved_in = getattr(result, "bytes_moved", 0)
+            if getattr(result, "bytes_elsewhere", 0):
+                # The prefetch ran while the previous prompt still held the GPU (running, so
+                # not evictable) and brought back only what fitted; it is parked now.
+                result = prompt.allocator.resume(prompt.tag, wait=True)
+                moved_in += getattr(result, "bytes_moved", 0)
         else:
             away = self._bytes_away(prompt)
             result = prompt.allocator.resume(prompt.tag, wait=True)
-        moved_in = getattr(result, "bytes_moved", 0)
+            moved_in = getattr(result, "bytes_moved", 0)
         now = time.monotonic_ns()
         with self._lock:
             prompt.parked_ns += now - prompt.parked_since

@@ -550,3 +550,37 @@ def test_contexts_parked_resumed_prefetched_and_released(llama, fake_allocator):
     assert stats["a"].parked_context_bytes == 100
     per_token = 2 * 2 * (2 * 16 * 4)  # layers x (K, V) x [H_kv=2, D=16] fp32 bytes
     assert stats["a"].parked_kv_bytes == per_token * (5 + 6 - 1)  # parked after 6 tokens
+
+
+class PartialPrefetchAllocator(FakeAllocator):
+    """A prefetch that runs while the previous prompt still holds the GPU brings back only
+    part of the context (bytes_elsewhere > 0), as the real allocator does when the running
+    context cannot be evicted."""
+
+    def resume(self, tag, wait=True):
+        result = super().resume(tag, wait)
+        if wait:
+            return result
+        future = concurrent.futures.Future()
+        future.set_result(FakeMove(24, bytes_elsewhere=16))
+        return future
+
+
+def test_partial_prefetch_is_completed_when_the_slice_begins(llama, monkeypatch):
+    # Regression: on the H200, contexts prefetched under a small local budget stayed mostly
+    # on host for their whole slice because nothing resumed them once the GPU was free.
+    fake = PartialPrefetchAllocator()
+    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(scheduler_module, "allocator_for", lambda device: fake)
+    sched = Scheduler(policy="rr", slice_steps=2)
+    specs = [("a", prompt_ids(5, 1), 5, {}), ("b", prompt_ids(6, 2), 5, {})]
+    results = held_backlog(sched, llama, specs)
+    assert torch.equal(results["a"].result, solo(llama, prompt_ids(5, 1), max_new_tokens=5))
+    assert fake.errors == []
+    per_tag = {tag: [c[0] if c[0] != "resume" else f"resume-{'wait' if c[2] else 'prefetch'}"
+                     for c in fake.calls if c[1] == tag and c[0] != "context"] for tag in "ab"}
+    for tag in "ab":
+        seq = per_tag[tag]
+        prefetches = [i for i, c in enumerate(seq) if c == "resume-prefetch"]
+        assert prefetches, seq
+        assert all(seq[i + 1] == "resume-wait" for i in prefetches), seq
