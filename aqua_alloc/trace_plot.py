@@ -75,10 +75,12 @@ def plot_trace(trace: Trace | Iterable[Event], out: str | os.PathLike[str]) -> P
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1, 2]})
 
     # Bytes per tier over time.
+    peak = 0.0
     for tier in tiers:
         xs, ys = _steps(rep.tier_samples, tier, t0, end)
         if xs:
             top.step(xs, ys, where="post", label=tier, color=colors[tier])
+            peak = max(peak, max(ys))
     for samples, style, what in ((rep.budget_samples, ":", "budget"),
                                  (rep.lend_samples, "-.", "lend budget")):
         for tier in sorted({t for _, values in samples for t in values}, key=tier_sort_key):
@@ -87,6 +89,10 @@ def plot_trace(trace: Trace | Iterable[Event], out: str | os.PathLike[str]) -> P
                      label=f"{tier} {what}")
     top.set_ylabel("GiB resident")
     top.set_title("bytes per tier")
+    if peak > 0 and top.get_ylim()[1] > 3 * peak:
+        # Budgets far above the use would flatten it: scale to the bytes, say so.
+        top.set_ylim(0, peak * 1.3)
+        top.set_title("bytes per tier (budgets above the axis are cut off)")
     if top.get_legend_handles_labels()[0]:
         top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     else:
