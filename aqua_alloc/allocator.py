@@ -211,7 +211,8 @@ def disable() -> None:
         lib = _native.lib()
         for ctx in list(state.contexts.values()):
             moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
-            check(lib.aqua_resume(ctx.id, ctypes.byref(moved), ctypes.byref(elsewhere)), f"bringing {ctx.tag!r} home")
+            check(lib.aqua_resume(ctx.id, _current_stream(ctx), ctypes.byref(moved), ctypes.byref(elsewhere)),
+                  f"bringing {ctx.tag!r} home")
             if elsewhere.value:
                 raise ContextError(f"disable(): context {ctx.tag!r} still has {elsewhere.value} bytes off its GPU "
                                    "(no room to bring them home); release contexts or free memory first")
@@ -363,9 +364,12 @@ def resume(tag: str, wait: bool = True) -> MoveResult | concurrent.futures.Futur
         if not wait and state.prefetcher is None:
             state.prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="aqua-prefetch")
 
+    stream = _current_stream(ctx)  # the caller's: a running context's moves wait for its work
+
     def run() -> MoveResult:
         moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
-        check(_native.lib().aqua_resume(ctx.id, ctypes.byref(moved), ctypes.byref(elsewhere)), f"resume({tag!r})")
+        check(_native.lib().aqua_resume(ctx.id, stream, ctypes.byref(moved), ctypes.byref(elsewhere)),
+              f"resume({tag!r})")
         return MoveResult(moved.value, elsewhere.value)
 
     if wait:

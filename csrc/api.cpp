@@ -7,6 +7,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <vector>
 
 #include "aqua_alloc.h"
 #include "core.h"
@@ -43,14 +44,33 @@ int guarded(F&& f) {
   }
 }
 
-#define WITH_CORE(core)               \
-  Core* core = g_core.load();         \
-  if (!core) return no_core();
+// Puts back the calling thread's current CUDA context when an entry point returns: the
+// core binds devices as it needs, and PyTorch reads the current device from that state.
+class BindingGuard {
+ public:
+  explicit BindingGuard(aqua::Backend& backend) : backend_(backend), saved_(backend.save_binding()) {}
+  ~BindingGuard() { backend_.restore_binding(saved_); }
+
+ private:
+  aqua::Backend& backend_;
+  uint64_t saved_;
+};
+
+#define WITH_CORE(core)                     \
+  Core* core = g_core.load();               \
+  if (!core) return no_core();              \
+  BindingGuard binding_guard_(core->backend());
 
 int install(aqua::Backend* backend, aqua::SimControl* sim) {
+  uint64_t saved = backend->save_binding();
   g_core.store(new Core(std::unique_ptr<aqua::Backend>(backend), sim));
+  backend->restore_binding(saved);
   return AQUA_OK;
 }
+
+// Cores that were shut down are kept, never deleted: another thread may still hold the
+// pointer it loaded just before the shutdown (it then finds no contexts, not freed memory).
+std::vector<Core*> g_retired;
 
 }  // namespace
 
@@ -107,10 +127,14 @@ int aqua_shutdown(int force) {
     std::lock_guard<std::mutex> lock(g_lifecycle);
     Core* core = g_core.load();
     if (!core) return static_cast<int>(AQUA_OK);
-    int r = core->shutdown(force != 0);
+    int r;
+    {
+      BindingGuard binding_guard(core->backend());
+      r = core->shutdown(force != 0);
+    }
     if (r != AQUA_OK) return r;
     g_core.store(nullptr);
-    delete core;
+    g_retired.push_back(core);
     return static_cast<int>(AQUA_OK);
   });
 }
@@ -202,9 +226,9 @@ int aqua_park(int id, uint64_t stream) {
   WITH_CORE(core);
   return guarded([&] { return core->park(id, stream); });
 }
-int aqua_resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
+int aqua_resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   WITH_CORE(core);
-  return guarded([&] { return core->resume(id, bytes_moved, bytes_elsewhere); });
+  return guarded([&] { return core->resume(id, stream, bytes_moved, bytes_elsewhere); });
 }
 int aqua_evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   WITH_CORE(core);
@@ -273,6 +297,7 @@ void* aqua_malloc(size_t size, int device, void* /*stream*/) {
   Core* core = g_core.load();
   if (!core) return nullptr;
   try {
+    BindingGuard binding_guard(core->backend());
     return core->malloc(size, device, t_context);
   } catch (...) {
     return nullptr;  // torch raises its out-of-memory error
@@ -283,6 +308,7 @@ void aqua_free(void* ptr, size_t /*size*/, int /*device*/, void* /*stream*/) {
   Core* core = g_core.load();
   if (!core || !ptr) return;
   try {
+    BindingGuard binding_guard(core->backend());
     core->free(ptr);
   } catch (...) {
     // The free path never throws.

@@ -145,9 +145,10 @@ AQUA_EXPORT int aqua_set_thread_context(int id, int* prev);
 /* Mark not running; record an event on `stream` (a CUstream, 0 = legacy default) that
  * every later move of the context waits for. */
 AQUA_EXPORT int aqua_park(int id, uint64_t stream);
-/* Mark running and bring its bytes back to its device as far as room allows.
+/* Mark running and bring its bytes back to its device as far as room allows. If the
+ * context is running, the move first waits for the work already queued on `stream`.
  * *bytes_moved: bytes brought back; *bytes_elsewhere: bytes still on other tiers. */
-AQUA_EXPORT int aqua_resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
+AQUA_EXPORT int aqua_resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
 /* Park the context (its event recorded on `stream`) and move every byte of it that is not
  * on `tier` to `tier` (AQUA_TIER_AUTO: the best tier other than its device with room, per
  * piece). All or nothing. A refused request (bad tier) leaves the context as it was. */

@@ -34,6 +34,12 @@ class Backend {
 
   // Make `device` current on the calling thread for the calls that follow.
   virtual int bind(int device) = 0;
+  // The calling thread's current binding, and putting it back (entry points restore the
+  // caller's current device: PyTorch reads it).
+  virtual uint64_t save_binding() { return 0; }
+  virtual void restore_binding(uint64_t) {}
+  // Wait for all work on `device` (what cudaFree does before freeing).
+  virtual int device_sync(int device) = 0;
   virtual int mem_info(int device, size_t* free_bytes, size_t* total_bytes) = 0;
 
   virtual int reserve(size_t size, uintptr_t* va) = 0;

@@ -55,6 +55,7 @@ Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
   peer_rank_.assign(num_devices_, std::vector<int>(num_devices_, -1));
   counters_.assign(num_devices_ + 1, TierCounters{});
   streams_.assign(num_devices_, 0);
+  idle_events_.assign(num_devices_, {});
   for (int d = 0; d < num_devices_; ++d) {
     size_t free_bytes = 0, total = 0;
     if (backend_->mem_info(d, &free_bytes, &total) == 0) local_budget_[d] = total;
@@ -213,12 +214,14 @@ int Core::host_pool_reserve(uint64_t bytes, bool background) {
   // Blocking fill, creating outside the lock so that allocations proceed meanwhile.
   for (;;) {
     uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
-    if (cls == 0 || host_pool_.total_bytes() + cls > host_budget_) break;
+    if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > host_budget_) break;
+    pool_creating_bytes_ += cls;
     lock.unlock();
     Handle h = 0;
     uintptr_t va = 0;
     int r = create_host_backing(cls, &h, &va);
     lock.lock();
+    pool_creating_bytes_ -= cls;
     if (r != 0) {
       if (backend_->is_out_of_memory(r)) break;  // the pool holds what the system could give
       return driver_fail("creating pinned host backing", r);
@@ -241,15 +244,17 @@ void Core::pool_thread_main() {
       }
     }
     uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
-    if (cls == 0 || host_pool_.total_bytes() + cls > host_budget_) {
+    if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > host_budget_) {
       pool_cv_.wait_for(lock, std::chrono::milliseconds(50));
       continue;
     }
+    pool_creating_bytes_ += cls;
     lock.unlock();
     Handle h = 0;
     uintptr_t va = 0;
     int r = create_host_backing(cls, &h, &va);
     lock.lock();
+    pool_creating_bytes_ -= cls;
     if (r != 0) {
       pool_cv_.wait_for(lock, std::chrono::milliseconds(200));  // back off; retried later
       continue;
@@ -310,7 +315,7 @@ int Core::context_release(int id) {
   ctx->released = true;
   record(AQUA_EV_CONTEXT_RELEASE, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
   if (ctx->segments.empty()) {
-    if (ctx->park_event) idle_events_.push_back(ctx->park_event);
+    if (ctx->park_event) idle_events_[ctx->device].push_back(ctx->park_event);
     contexts_.erase(id);
   }
   return AQUA_OK;
@@ -327,7 +332,7 @@ int Core::park(int id, uint64_t stream) {
 // Marks `ctx` parked and records its park event on `stream` (mutex held, device bound).
 int Core::record_park(Context& ctx, uint64_t stream) {
   if (!ctx.park_event) {
-    if (int r = take_event(&ctx.park_event)) return driver_fail("creating the park event", r);
+    if (int r = take_event(ctx.device, &ctx.park_event)) return driver_fail("creating the park event", r);
   }
   if (int r = backend_->event_record(ctx.park_event, stream)) return driver_fail("recording the park event", r);
   ctx.park_recorded = true;
@@ -637,10 +642,15 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
       continue;
     }
     int m = backend_->map(va + piece->offset, piece->size, piece->handle);
-    if (m == 0) m = backend_->set_access(va + piece->offset, piece->size, home);
+    bool mapped = m == 0;
+    if (mapped) m = backend_->set_access(va + piece->offset, piece->size, home);
     if (m != 0) {
-      backend_->unmap(va + piece->offset, piece->size);  // harmless if the map failed
-      give_back(tier, piece->handle, piece->handle_bytes);
+      // The backing may serve anyone else only once it is mapped nowhere; if the unmap
+      // fails it is leaked (and said so), never reused while mapped.
+      if (mapped && !retry(&Backend::unmap, va + piece->offset, piece->size))
+        std::fprintf(stderr, "[aqua_alloc] unmapping a failed new piece failed; its backing is leaked\n");
+      else
+        give_back(tier, piece->handle, piece->handle_bytes);
       return driver_fail("mapping a new segment", m);
     }
     piece->tier = tier;
@@ -702,9 +712,11 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     if (status != AQUA_OK) {
       std::string why = last_error();
       for (const Piece& p : seg->pieces) {
-        backend_->unmap(seg->va + p.offset, p.size);
         account_remove(p.tier, ctx->device, p.size, false);
-        give_back(p.tier, p.handle, p.handle_bytes);
+        if (retry(&Backend::unmap, seg->va + p.offset, p.size))
+          give_back(p.tier, p.handle, p.handle_bytes);
+        else
+          std::fprintf(stderr, "[aqua_alloc] unmapping a failed allocation failed; its backing is leaked\n");
       }
       backend_->free_va(seg->va, bytes);
       backend_->free_va(seg->shadow, bytes);
@@ -736,6 +748,9 @@ void Core::free(void* ptr) {
   Segment* seg = it->second.get();
   auto ctx_it = contexts_.find(seg->context);
   int home = ctx_it->second->device;
+  // Like cudaFree: kernels still using the memory finish before it is unmapped.
+  if (int r = backend_->device_sync(home))
+    std::fprintf(stderr, "[aqua_alloc] synchronizing before a free failed: %s\n", backend_->error_name(r).c_str());
   bool all_unmapped = true;
   for (const Piece& p : seg->pieces) {
     record(AQUA_EV_UNMAP, seg->context, p.tier, AQUA_TIER_NONE, p.size, 0, seg->va + p.offset, 0);
@@ -756,23 +771,27 @@ void Core::free(void* ptr) {
   ctx->segments.erase(seg->va);
   segments_.erase(it);
   if (ctx->released && ctx->segments.empty()) {
-    if (ctx->park_event) idle_events_.push_back(ctx->park_event);
+    if (ctx->park_event) idle_events_[ctx->device].push_back(ctx->park_event);
     contexts_.erase(ctx_it);
   }
 }
 
 // --- moves -------------------------------------------------------------------------------
 
-int Core::resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
+int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   std::lock_guard<std::mutex> lock(mutex_);
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
-  ctx->parked = false;
-  ctx->last_run = ++clock_;
-  record(AQUA_EV_CONTEXT_RESUME, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
   *bytes_moved = 0;
   *bytes_elsewhere = 0;
   if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  if (!ctx->parked) {
+    // Running: its kernels may still be writing on `stream`; the move must wait for them.
+    if (int r = record_park(*ctx, stream)) return r;
+  }
+  ctx->parked = false;
+  ctx->last_run = ++clock_;
+  record(AQUA_EV_CONTEXT_RESUME, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
   uint64_t need = 0;
   for (uintptr_t va : ctx->segments)
     for (const Piece& p : segments_.at(va)->pieces)
@@ -811,8 +830,16 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
     return fail(AQUA_ERR_INVALID, "evict: " + tier_name(ctx->device) + " may not use " + tier_name(tier) +
                                       " (no peer access, or disabled)");
   if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
-  // Valid request: the context is parked now (its moves wait for work already on `stream`).
+  // Valid request: the context is parked now (its moves wait for work already on `stream`);
+  // a refusal below puts its state back.
+  bool was_parked = ctx->parked;
+  uint64_t was_run = ctx->last_run;
   if (int r = record_park(*ctx, stream)) return r;
+  auto refuse = [&](int code) {
+    ctx->parked = was_parked;
+    ctx->last_run = was_run;
+    return code;
+  };
   std::vector<int> order = tier == AQUA_TIER_AUTO ? spill_order(ctx->device) : std::vector<int>{tier};
   int driver_error = 0;
   std::vector<Step> steps;
@@ -839,10 +866,11 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
           account_remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
           give_back(s.dst, s.handle, s.handle_bytes);
         }
-        if (driver_error) return driver_fail(("evict '" + ctx->tag + "': creating backing").c_str(), driver_error);
+        if (driver_error)
+          return refuse(driver_fail(("evict '" + ctx->tag + "': creating backing").c_str(), driver_error));
         std::string target = tier == AQUA_TIER_AUTO ? "any spill tier" : tier_name(tier);
-        return fail(AQUA_ERR_OUT_OF_MEMORY, "evict '" + ctx->tag + "': " + target + " has no room for " +
-                                                bytes_text(p.size) + ". Tiers: " + usage_line());
+        return refuse(fail(AQUA_ERR_OUT_OF_MEMORY, "evict '" + ctx->tag + "': " + target + " has no room for " +
+                                                bytes_text(p.size) + ". Tiers: " + usage_line()));
       }
       steps.push_back(step);
     }
@@ -851,10 +879,13 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   return execute_move(*ctx, steps, bytes_moved);
 }
 
-int Core::take_event(Event* event) {
-  if (!idle_events_.empty()) {
-    *event = idle_events_.back();
-    idle_events_.pop_back();
+// An event of `device` (events belong to the context current when made; the caller has
+// bound `device`).
+int Core::take_event(int device, Event* event) {
+  std::vector<Event>& idle = idle_events_[device];
+  if (!idle.empty()) {
+    *event = idle.back();
+    idle.pop_back();
     return 0;
   }
   return backend_->event_create(event);
@@ -918,8 +949,9 @@ void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) 
           // Neither backing could be mapped back: keep both (leaked, never reused).
           std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' failed at 0x%lx: the range is unmapped; "
                        "its backings are kept and never reused\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
+          account_remove(s.dst, ctx.device, p.size, false);
         }
-        if (s.copied) idle_events_.push_back(s.copied);
+        if (s.copied) idle_events_[ctx.device].push_back(s.copied);
         continue;
       }
     } else if (s.staged && !retry(&Backend::unmap, s.target, p.size)) {
@@ -927,12 +959,12 @@ void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) 
       std::fprintf(stderr, "[aqua_alloc] unstaging a move of context '%s' failed: a backing is leaked\n",
                    ctx.tag.c_str());
       account_remove(s.dst, ctx.device, p.size, false);
-      if (s.copied) idle_events_.push_back(s.copied);
+      if (s.copied) idle_events_[ctx.device].push_back(s.copied);
       continue;
     }
     account_remove(s.dst, ctx.device, p.size, false);
     give_back(s.dst, s.handle, s.handle_bytes);
-    if (s.copied) idle_events_.push_back(s.copied);
+    if (s.copied) idle_events_[ctx.device].push_back(s.copied);
   }
 }
 
@@ -988,7 +1020,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     }
     uint64_t t1 = now_ns();
     r = backend_->copy_async(s.target, s.segment->va + p.offset, p.size, stream);
-    if (r == 0) r = take_event(&s.copied);
+    if (r == 0) r = take_event(ctx.device, &s.copied);
     if (r == 0) r = backend_->event_record(s.copied, stream);
     if (r != 0) {
       drain_issued(0);
@@ -1056,7 +1088,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     p.tier = s.dst;
     p.handle = s.handle;
     p.handle_bytes = s.handle_bytes;
-    idle_events_.push_back(s.copied);
+    idle_events_[ctx.device].push_back(s.copied);
   }
   for (int t : tiers_out) counters_[t].moves_out++;
   for (int t : tiers_in) counters_[t].moves_in++;
@@ -1092,8 +1124,10 @@ int Core::shutdown(bool force) {
   std::lock_guard<std::mutex> lock(mutex_);
   release_deferred(-1, 0);
   for (auto& [h, bytes] : host_pool_.trim(0)) release_host_backing(h, bytes);
-  for (Event e : idle_events_) backend_->event_destroy(e);
-  idle_events_.clear();
+  for (std::vector<Event>& idle : idle_events_) {
+    for (Event e : idle) backend_->event_destroy(e);
+    idle.clear();
+  }
   return AQUA_OK;
 }
 

@@ -87,7 +87,7 @@ class Core {
   int context_create(int device, const char* tag, int* out_id);
   int context_release(int id);
   int park(int id, uint64_t stream);
-  int resume(int id, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
+  int resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
   int evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved);
   int where(int id, uint64_t* out, int len);
   int pointer_context(uint64_t ptr, int* out_id);
@@ -138,7 +138,7 @@ class Core {
   int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);
   void unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed);
   bool retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size);
-  int take_event(Event* event);
+  int take_event(int device, Event* event);
   int mover_stream(int device, Stream* stream);
   void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
               int status);
@@ -171,7 +171,7 @@ class Core {
   HostPool host_pool_;
   std::map<Handle, uintptr_t> host_staging_;  // host backing -> its own mapping (see create_host_backing)
   std::vector<Stream> streams_;              // mover stream per device, 0 until made
-  std::vector<Event> idle_events_;
+  std::vector<std::vector<Event>> idle_events_;  // per device: events belong to a device's context
 
   // Device backings given back by moves and frees, released by the background thread
   // after kReleaseDelayNs unless a move to the same device and size reuses them first
@@ -189,6 +189,7 @@ class Core {
   void start_background_thread();
 
   uint64_t pool_reserve_ = 0;
+  uint64_t pool_creating_bytes_ = 0;  // host backing being created outside the lock
   bool pool_thread_stop_ = false;
   std::condition_variable pool_cv_;
   std::thread pool_thread_;

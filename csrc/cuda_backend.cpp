@@ -46,6 +46,7 @@ struct Driver {
   decltype(&::cuEventDestroy) EventDestroy = nullptr;
   decltype(&::cuEventRecord) EventRecord = nullptr;
   decltype(&::cuEventSynchronize) EventSynchronize = nullptr;
+  decltype(&::cuCtxSynchronize) CtxSynchronize = nullptr;
 };
 
 using GetProcAddressV2 = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
@@ -97,6 +98,7 @@ class CudaBackend final : public Backend {
     load("cuEventDestroy", &d_.EventDestroy);
     load("cuEventRecord", &d_.EventRecord);
     load("cuEventSynchronize", &d_.EventSynchronize);
+    load("cuCtxSynchronize", &d_.CtxSynchronize);
     if (!ok) return false;
 
     CUresult r = d_.Init(0);
@@ -160,6 +162,21 @@ class CudaBackend final : public Backend {
     d_.CtxGetCurrent(&current);
     if (current == contexts_[device]) return CUDA_SUCCESS;
     return d_.CtxSetCurrent(contexts_[device]);
+  }
+
+  uint64_t save_binding() override {
+    CUcontext current = nullptr;
+    d_.CtxGetCurrent(&current);
+    return reinterpret_cast<uint64_t>(current);
+  }
+  void restore_binding(uint64_t saved) override {
+    CUcontext current = nullptr;
+    d_.CtxGetCurrent(&current);
+    if (reinterpret_cast<uint64_t>(current) != saved) d_.CtxSetCurrent(reinterpret_cast<CUcontext>(saved));
+  }
+  int device_sync(int device) override {
+    if (int r = bind(device)) return r;
+    return d_.CtxSynchronize();
   }
 
   int mem_info(int device, size_t* free_bytes, size_t* total_bytes) override {

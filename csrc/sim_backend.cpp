@@ -164,6 +164,10 @@ class SimBackend final : public Backend, public SimControl {
     return device >= 0 && device < config_.num_devices ? SIM_OK : SIM_ERR_INVALID;
   }
 
+  int device_sync(int device) override {
+    return device >= 0 && device < config_.num_devices ? SIM_OK : SIM_ERR_INVALID;  // streams are synchronous
+  }
+
   int mem_info(int device, size_t* free_bytes, size_t* total_bytes) override {
     std::lock_guard<std::mutex> lock(mutex_);
     int t = arena_index(device);

@@ -1034,3 +1034,19 @@ def test_transient_unmap_failure_while_freeing_does_not_leak():
     sim.fail_clear()
     assert sim.segment_count() == 0
     assert sim.usage("gpu0") == (0, 0)
+
+
+def test_refused_evict_for_want_of_room_leaves_the_context_running():
+    # Regression (review): a refused evict left the context parked, so another context's
+    # allocation then moved it while it ran.
+    enable_sim(sim_devices=2, sim_device_bytes=64 * MiB, sim_host_bytes=256 * MiB, local_budget=16 * MiB,
+               lend=8 * MiB, host_budget=4 * MiB, host_reserve=4 * MiB)
+    a = alloc("a", 0, 8 * MiB)
+    data = write_pattern(a, 8 * MiB, 7)
+    with pytest.raises(aq.CoreOutOfMemory, match="host has no room"):
+        aq.evict("a", "host")
+    assert where_mib("a") == {"gpu0": 8}
+    alloc("b", 0, 16 * MiB)  # spills to the peer: a running context is not evicted to make room
+    assert where_mib("b") == {"gpu0": 8, "gpu1": 8}
+    assert where_mib("a") == {"gpu0": 8}
+    assert_bytes(a, data, "a")
