@@ -161,3 +161,27 @@ def test_peer_tier_needs_two_gpus(gpu):
     x.add_(1)
     aq.resume("p")
     assert torch.equal(x.cpu(), ref + 1)
+
+
+def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
+    import pickle
+
+    from aqua_alloc import trace
+
+    with aq.context("snap"):
+        kv = torch.ones(32 * MiB // 4, device="cuda")
+    aq.evict("snap", "host")
+    aq.resume("snap")
+    path = trace.dump(tmp_path / "trace.json", snapshot=True)
+    events = trace.read_trace(path).events
+    kinds = {e.kind.value for e in events}
+    assert {"segment_alloc", "move_start", "move_end"} <= kinds
+    snapshot_file = trace.snapshot_path_for(path)
+    with open(snapshot_file, "rb") as f:
+        snapshot = pickle.load(f)
+    # PyTorch's own snapshot still works with aqua_alloc's pools, and shows the segment
+    # that the core gave the context's pool.
+    addresses = {seg["address"] for seg in snapshot["segments"]}
+    owner = [a for a in addresses if a <= kv.data_ptr() < a + 64 * MiB]
+    assert owner, "the context's segment is missing from torch's memory snapshot"
+    assert aq.where(kv)["gpu0"] >= 32 * MiB
