@@ -224,10 +224,9 @@ def disable() -> None:
             _release_locked(state, ctx)
         _keep_alive.extend(state.released_pools)  # pools with live tensors outlive the state
         _state = None
-        status = lib.aqua_shutdown(0)
-        if status != _native.Status.OK:
-            # Live tensors remain in released contexts; the core stays up to serve their frees.
-            pass
+        # Refused while tensors of released contexts are alive: the core then stays up to
+        # serve their frees, and the next enable() shuts it down once they are gone.
+        lib.aqua_shutdown(0)
 
 
 def _require() -> _State:

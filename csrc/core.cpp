@@ -212,23 +212,11 @@ int Core::host_pool_reserve(uint64_t bytes, bool background) {
   std::unique_lock<std::mutex> lock(mutex_);
   pool_reserve_ = bytes;
   // Blocking fill, creating outside the lock so that allocations proceed meanwhile.
-  for (;;) {
-    uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
-    if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > host_budget_) break;
-    pool_creating_bytes_ += cls;
-    lock.unlock();
-    Handle h = 0;
-    uintptr_t va = 0;
-    int r = create_host_backing(cls, &h, &va);
-    lock.lock();
-    pool_creating_bytes_ -= cls;
-    if (r != 0) {
-      if (backend_->is_out_of_memory(r)) break;  // the pool holds what the system could give
-      return driver_fail("creating pinned host backing", r);
-    }
-    host_staging_[h] = va;
-    host_pool_.add_idle(h, cls);
+  int r = 0;
+  while (grow_pool_once(lock, &r)) {
   }
+  if (r != 0 && !backend_->is_out_of_memory(r))  // out of memory: the pool holds what the system gave
+    return driver_fail("creating pinned host backing", r);
   if (background) start_background_thread();
   return AQUA_OK;
 }
@@ -243,25 +231,34 @@ void Core::pool_thread_main() {
         continue;
       }
     }
-    uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
-    if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > host_budget_) {
-      pool_cv_.wait_for(lock, std::chrono::milliseconds(50));
-      continue;
-    }
-    pool_creating_bytes_ += cls;
-    lock.unlock();
-    Handle h = 0;
-    uintptr_t va = 0;
-    int r = create_host_backing(cls, &h, &va);
-    lock.lock();
-    pool_creating_bytes_ -= cls;
-    if (r != 0) {
-      pool_cv_.wait_for(lock, std::chrono::milliseconds(200));  // back off; retried later
-      continue;
-    }
-    host_staging_[h] = va;
-    host_pool_.add_idle(h, cls);
+    int r = 0;
+    if (grow_pool_once(lock, &r)) continue;
+    // At the reserve or the budget (wait for a change), or a failure (back off and retry).
+    pool_cv_.wait_for(lock, std::chrono::milliseconds(r != 0 ? 200 : 50));
   }
+}
+
+// Adds one host backing of the class the pool needs most, created with `lock` released
+// (bytes being created count against the budget). False when the pool is at its reserve or
+// budget, or when creation failed (*error then holds the driver's code).
+bool Core::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
+  *error = 0;
+  uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
+  if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > host_budget_) return false;
+  pool_creating_bytes_ += cls;
+  lock.unlock();
+  Handle h = 0;
+  uintptr_t va = 0;
+  int r = create_host_backing(cls, &h, &va);
+  lock.lock();
+  pool_creating_bytes_ -= cls;
+  if (r != 0) {
+    *error = r;
+    return false;
+  }
+  host_staging_[h] = va;
+  host_pool_.add_idle(h, cls);
+  return true;
 }
 
 int Core::host_pool_trim(uint64_t keep_bytes) {
@@ -535,6 +532,11 @@ void Core::start_background_thread() {
 
 void Core::account_add(int tier, int home, uint64_t size, bool moved_in) {
   reserve_on(tier, home, size);
+  charge(tier, size, moved_in);
+}
+
+// Counts bytes that arrived on `tier` (already reserved there): total, peak, bytes in.
+void Core::charge(int tier, uint64_t size, bool moved_in) {
   TierCounters& c = counters_[tier_index(tier)];
   c.peak = std::max(c.peak, c.current);
   c.total += size;
@@ -561,17 +563,24 @@ void Core::account_remove(int tier, int home, uint64_t size, bool moved_out) {
 
 // Frees local room for `need` bytes by evicting pieces of parked contexts of `device`,
 // least recently run first. Returns whether the budget now has the room.
+// The parked context of `device` (other than `exclude_context`) run least recently that
+// still has pieces on the device, or nullptr.
+Context* Core::lru_parked_victim(int device, int exclude_context) {
+  Context* victim = nullptr;
+  for (auto& [id, ctx] : contexts_) {
+    (void)id;
+    if (ctx->id == exclude_context || ctx->device != device || !ctx->parked) continue;
+    bool has_local = false;
+    for (uintptr_t va : ctx->segments)
+      for (const Piece& p : segments_.at(va)->pieces) has_local |= p.tier == device;
+    if (has_local && (!victim || ctx->last_run < victim->last_run)) victim = ctx.get();
+  }
+  return victim;
+}
+
 bool Core::make_local_room(int device, uint64_t need, int exclude_context) {
   while (own_used_[device] + need > local_budget_[device]) {
-    Context* victim = nullptr;
-    for (auto& [id, ctx] : contexts_) {
-      (void)id;
-      if (ctx->id == exclude_context || ctx->device != device || !ctx->parked) continue;
-      bool has_local = false;
-      for (uintptr_t va : ctx->segments)
-        for (const Piece& p : segments_.at(va)->pieces) has_local |= p.tier == device;
-      if (has_local && (!victim || ctx->last_run < victim->last_run)) victim = ctx.get();
-    }
+    Context* victim = lru_parked_victim(device, exclude_context);
     if (!victim) return false;
     uint64_t deficit = own_used_[device] + need - local_budget_[device];
     if (evict_pieces_of(*victim, deficit) == 0) return false;
@@ -628,13 +637,9 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
     if (!room_on(tier, home, piece->size, false)) continue;
     int r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     if (r != 0 && tier == home && backend_->is_out_of_memory(r)) {
-      // The budget had room but the device did not (other users of the GPU): evict parked
-      // contexts' local pieces to make physical room, then try once more.
-      for (auto& [id, other] : contexts_) {
-        (void)id;
-        if (other->id != ctx.id && other->device == home && other->parked && evict_pieces_of(*other, piece->size))
-          break;
-      }
+      // The budget had room but the device did not (other users of the GPU): evict the
+      // least recently run parked context's local pieces, then try once more.
+      if (Context* victim = lru_parked_victim(home, ctx.id)) evict_pieces_of(*victim, piece->size);
       r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     }
     if (r != 0) {
@@ -905,6 +910,17 @@ bool Core::retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t siz
   return false;
 }
 
+// Maps `handle` at va with access for `device`, each call retried (restore paths).
+// *mapped says whether the map itself took (then the caller owns an unmap on failure).
+bool Core::remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped) {
+  *mapped = false;
+  for (int i = 0; i < kRestoreAttempts && !*mapped; ++i) *mapped = backend_->map(va, size, handle) == 0;
+  bool access = false;
+  for (int i = 0; *mapped && i < kRestoreAttempts && !access; ++i)
+    access = backend_->set_access(va, size, device) == 0;
+  return access;
+}
+
 // Undo a failed move: steps [0, num_committed) are mapped at home with their new backing
 // and get their old backing back; the rest are unstaged. Every new backing is returned.
 // Old backings were never modified, so the bytes are as before the move. A committed piece
@@ -917,19 +933,14 @@ void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) 
     uintptr_t home = s.segment->va + p.offset;
     if (k < num_committed) {
       bool unmapped = retry(&Backend::unmap, home, p.size);
-      bool mapped = false, access = false;
-      for (int i = 0; unmapped && i < kRestoreAttempts && !mapped; ++i) mapped = backend_->map(home, p.size, p.handle) == 0;
-      for (int i = 0; mapped && i < kRestoreAttempts && !access; ++i)
-        access = backend_->set_access(home, p.size, ctx.device) == 0;
+      bool mapped = false;
+      bool access = unmapped && remap_retried(home, p.size, p.handle, ctx.device, &mapped);
       if (!access) {
         if (mapped) retry(&Backend::unmap, home, p.size);
         bool kept = !unmapped;  // the new backing is still mapped at home
         if (unmapped) {
-          bool remapped = false, granted = false;
-          for (int i = 0; i < kRestoreAttempts && !remapped; ++i) remapped = backend_->map(home, p.size, s.handle) == 0;
-          for (int i = 0; remapped && i < kRestoreAttempts && !granted; ++i)
-            granted = backend_->set_access(home, p.size, ctx.device) == 0;
-          kept = granted;
+          bool remapped = false;
+          kept = remap_retried(home, p.size, s.handle, ctx.device, &remapped);
         }
         if (kept) {
           // Keep the piece on its new backing: the move of this piece stands.
@@ -937,10 +948,7 @@ void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) 
                        "backing; the piece stays on %s (bytes intact)\n", ctx.tag.c_str(),
                        static_cast<unsigned long>(home), tier_name(s.dst).c_str());
           account_remove(p.tier, ctx.device, p.size, true);
-          TierCounters& in = counters_[tier_index(s.dst)];
-          in.bytes_in += p.size;
-          in.total += p.size;
-          in.peak = std::max(in.peak, in.current);
+          charge(s.dst, p.size, true);
           give_back(p.tier, p.handle, p.handle_bytes);
           p.tier = s.dst;
           p.handle = s.handle;
@@ -1058,11 +1066,8 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     }
     if (r != 0) {
       // Put the old backing back at home; then unwind the committed steps.
-      bool mapped = false, access = false;
-      for (int i = 0; i < kRestoreAttempts && !mapped; ++i) mapped = backend_->map(home, p.size, p.handle) == 0;
-      for (int i = 0; mapped && i < kRestoreAttempts && !access; ++i)
-        access = backend_->set_access(home, p.size, ctx.device) == 0;
-      if (!access)
+      bool mapped = false;
+      if (!remap_retried(home, p.size, p.handle, ctx.device, &mapped))
         std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
       drain_issued(k + 1);
       return failed(k, "map at home", r);
@@ -1079,10 +1084,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     account_remove(p.tier, ctx.device, p.size, true);
     tiers_out.insert(tier_index(p.tier));
     tiers_in.insert(tier_index(s.dst));
-    TierCounters& in = counters_[tier_index(s.dst)];
-    in.bytes_in += p.size;
-    in.total += p.size;
-    in.peak = std::max(in.peak, in.current);
+    charge(s.dst, p.size, true);
     bytes_by_pair[{p.tier, s.dst}] += p.size;
     give_back(p.tier, p.handle, p.handle_bytes);
     p.tier = s.dst;

@@ -128,16 +128,19 @@ class Core {
   void give_back(int tier, Handle handle, uint64_t handle_bytes);
   void account_add(int tier, int home, uint64_t size, bool moved_in);
   void reserve_on(int tier, int home, uint64_t size);
+  void charge(int tier, uint64_t size, bool moved_in);
   int record_park(Context& ctx, uint64_t stream);
   void account_remove(int tier, int home, uint64_t size, bool moved_out);
   int place_new_piece(Context& ctx, uintptr_t va, Piece* piece);
   bool make_local_room(int device, uint64_t need, int exclude_context);
+  Context* lru_parked_victim(int device, int exclude_context);
   uint64_t evict_pieces_of(Context& victim, uint64_t need);
 
   // The mover (mutex_ held): all or nothing over `steps`.
   int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);
   void unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed);
   bool retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size);
+  bool remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped);
   int take_event(int device, Event* event);
   int mover_stream(int device, Stream* stream);
   void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
@@ -148,6 +151,7 @@ class Core {
   int driver_fail(const char* what, int code);
 
   void pool_thread_main();
+  bool grow_pool_once(std::unique_lock<std::mutex>& lock, int* error);
   int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
   void release_host_backing(Handle handle, uint64_t size);  // mutex_ held
 
