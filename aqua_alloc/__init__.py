@@ -20,21 +20,24 @@ from .allocator import (
     enable,
     evict,
     is_enabled,
+    lend,
     park,
+    reclaim,
     release,
     resume,
     stats,
     where,
 )
 from .config import ConfigError, Settings
+from .lending import ReclaimResult
 from ._native import CoreError, CoreOutOfMemory
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ContextError", "CoreError", "CoreOutOfMemory", "MoveResult", "NoDeviceError", "Settings",
-    "Scheduler", "context", "contexts", "current_context", "disable", "enable", "evict", "is_enabled", "park",
-    "release", "resume", "stats", "where",
+    "ConfigError", "ContextError", "CoreError", "CoreOutOfMemory", "MoveResult", "NoDeviceError", "ReclaimResult",
+    "Settings", "Scheduler", "context", "contexts", "current_context", "disable", "enable", "evict", "is_enabled",
+    "lend", "park", "reclaim", "release", "resume", "stats", "where",
 ]
 
 

@@ -124,6 +124,7 @@ _SIGNATURES = {
     "aqua_park": (_i, [_i, _u64]),
     "aqua_resume": (_i, [_i, _u64, _pu64, _pu64]),
     "aqua_evict": (_i, [_i, _i, _u64, _pu64]),
+    "aqua_reclaim": (_i, [_i, _pu64, _pu64]),
     "aqua_context_where": (_i, [_i, _pu64, _i]),
     "aqua_pointer_context": (_i, [_u64, _pi]),
     "aqua_context_count": (_i, [_pi]),

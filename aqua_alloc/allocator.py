@@ -23,7 +23,7 @@ import dataclasses
 import threading
 from typing import Any, Iterator
 
-from . import _native, config, events
+from . import _native, config, events, lending
 from ._native import TIER_AUTO, TIER_HOST, TIER_NONE, Backend, check
 
 _lock = threading.RLock()
@@ -59,6 +59,7 @@ class _State:
     torch_allocator: Any = None  # CUDAPluggableAllocator, kept for the process's life
     prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
     released_pools: list[Any] = dataclasses.field(default_factory=list)  # see _sweep_released_pools
+    lending: lending.Lending | None = None  # lend budgets: elastic re-reads and reclaims
 
 
 _keep_alive: list[Any] = []  # pluggable allocators: torch may call them until exit
@@ -138,6 +139,8 @@ def enable(**overrides: Any) -> None:
             lib.aqua_shutdown(1)
             raise
         _state = _State(settings=settings, plan=plan, backend=backend, num_devices=num_devices)
+        _state.lending = lending.Lending(num_devices, plan, settings.lend_poll_ms)
+        _state.lending.start()
         if backend == Backend.CUDA:
             _install_hooks()
         if settings.trace:
@@ -216,6 +219,8 @@ def disable() -> None:
             if elsewhere.value:
                 raise ContextError(f"disable(): context {ctx.tag!r} still has {elsewhere.value} bytes off its GPU "
                                    "(no room to bring them home); release contexts or free memory first")
+        if state.lending:
+            state.lending.stop()
         if state.prefetcher:
             state.prefetcher.shutdown(wait=True)
         if state.backend == Backend.CUDA:
@@ -388,6 +393,59 @@ def evict(tag: str, tier: int | str = "auto") -> int:
     check(_native.lib().aqua_evict(ctx.id, target, _current_stream(ctx), ctypes.byref(moved)),
           f"evict({tag!r}, tier={tier!r})")
     return moved.value
+
+
+def _lend_device(state: _State, device: Any, what: str) -> int:
+    if isinstance(device, bool) or not isinstance(device, int) or not 0 <= device < state.num_devices:
+        raise ValueError(f"{what}: device={device!r}: expected a GPU ordinal in 0..{state.num_devices - 1}")
+    return device
+
+
+def _lend_bytes(value: Any, device: int, what: str, name: str) -> int:
+    size = config.parse_size(value, f"{what}: {name}", allow_percent=False)
+    free, total = ctypes.c_uint64(), ctypes.c_uint64()
+    check(_native.lib().aqua_mem_info(device, ctypes.byref(free), ctypes.byref(total)), f"reading memory of GPU {device}")
+    if size > total.value:
+        raise config.ConfigError(f"{what}: {name}={value!r} is more than GPU {device} has ({total.value} bytes)")
+    return size
+
+
+def lend(device: int, max_bytes: int | str | None) -> None:
+    """Fix how many bytes of GPU `device` other GPUs' contexts may use (``max_bytes``: bytes
+    or a size such as '8GiB'); ``None`` returns it to the elastic default (its free memory
+    less AQUA_LEND_MARGIN, re-read every AQUA_LEND_POLL_MS). Lowering it below what the GPU
+    holds for others moves the excess away, as :func:`reclaim` does, without waiting."""
+    with _lock:
+        state = _require()
+        device = _lend_device(state, device, "lend()")
+        if max_bytes is None:
+            state.lending.set_elastic(device)
+        else:
+            state.lending.set_fixed(device, _lend_bytes(max_bytes, device, "lend()", "max_bytes"))
+    state.lending.reclaim_now(device)
+
+
+def reclaim(device: int, nbytes: int | str | None = None, timeout: float = 5.0) -> lending.ReclaimResult:
+    """Take back `nbytes` (default: all) of what GPU `device` lends: its lend budget drops by
+    that much (and stays fixed, see :func:`lend`), and other GPUs' contexts placed on it
+    beyond the new budget move to another lender with room, else host, bytes and pointers
+    intact. Parked contexts move at once; running ones at their next park or resume. Waits
+    up to `timeout` seconds; the result says the bytes moved and still pending (pending
+    bytes also raise a RuntimeWarning: they are never assumed moved)."""
+    with _lock:
+        state = _require()
+        device = _lend_device(state, device, "reclaim()")
+        size = None if nbytes is None else _lend_bytes(nbytes, device, "reclaim()", "nbytes")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"reclaim(): timeout={timeout!r}: expected seconds >= 0")
+    return state.lending.reclaim(device, size, float(timeout))
+
+
+def reclaim_pending() -> bool:
+    """Whether a lender waits for running contexts to move off it: a caller running a
+    context then calls :func:`resume` on it at its next safe point (between steps)."""
+    state = _state
+    return bool(state and state.lending and state.lending.pending)
 
 
 def _pool_has_live_blocks(pool: Any) -> bool:

@@ -157,6 +157,8 @@ class Settings:
                                                    #   default: its free memory less lend_margin
     lend_margin: Size = Percent(10)                # AQUA_LEND_MARGIN: free memory a lender keeps
                                                    #   (default: 10% of the GPU's memory)
+    lend_poll_ms: int = 100                        # AQUA_LEND_POLL_MS: how often an elastic lender re-reads
+                                                   #   its free memory (ms; 0: never, budgets fixed at enable)
     host_budget: Size | None = None                # AQUA_HOST_BUDGET: pinned host bytes for contexts;
                                                    #   default: available memory less host_margin
     host_margin: Size = Percent(10)                # AQUA_HOST_MARGIN: host memory left to the system
@@ -206,6 +208,7 @@ _ENV_TO_FIELD = {
     "AQUA_LOCAL_BUDGET": "local_budget",
     "AQUA_LEND": "lend",
     "AQUA_LEND_MARGIN": "lend_margin",
+    "AQUA_LEND_POLL_MS": "lend_poll_ms",
     "AQUA_HOST_BUDGET": "host_budget",
     "AQUA_HOST_MARGIN": "host_margin",
     "AQUA_HOST_RESERVE": "host_reserve",
@@ -256,6 +259,8 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
         return parse_int(value, label, 1, 1 << 26)
     if name == "sim_devices":
         return parse_int(value, label, 1, 64)
+    if name == "lend_poll_ms":
+        return parse_int(value, label, 0, 60_000)
     if name == "sim_peer_access":
         if value is None:
             return None
@@ -277,6 +282,8 @@ class Plan:
     lend: dict[int, int]           # device -> bytes it lends to other devices' contexts
     host_budget: int               # pinned host bytes
     host_reserve: int              # pinned host bytes made ahead
+    lend_margin: dict[int, int] = dataclasses.field(default_factory=dict)  # device -> free bytes a lender keeps
+    elastic_lend: frozenset[int] = frozenset()  # devices whose lend budget follows their free memory
 
 
 def _per_device(spec: dict[int, Size] | Size | None, totals: dict[int, int], default: dict[int, int],
@@ -305,6 +312,8 @@ def resolve(settings: Settings, device_total: dict[int, int], device_free: dict[
     default_lend = {d: max(0, device_free[d] - lend_margin[d]) for d in device_total} if len(device_total) > 1 else {
         d: 0 for d in device_total}
     lend = _per_device(settings.lend, device_total, default_lend, "AQUA_LEND")
+    fixed = set(settings.lend) if isinstance(settings.lend, dict) else set(device_total) if settings.lend is not None else set()
+    elastic = frozenset(d for d in device_total if d not in fixed) if len(device_total) > 1 else frozenset()
     margin = settings.host_margin.of(host_total) if isinstance(settings.host_margin, Percent) else settings.host_margin
     if settings.host_budget is None:
         host_budget = max(0, host_available - margin)
@@ -315,4 +324,5 @@ def resolve(settings: Settings, device_total: dict[int, int], device_free: dict[
             raise ConfigError(f"AQUA_HOST_BUDGET={host_budget} bytes is more than the host has ({host_total} bytes)")
     reserve = (settings.host_reserve.of(host_budget) if isinstance(settings.host_reserve, Percent)
                else settings.host_reserve)
-    return Plan(local_budget=local, lend=lend, host_budget=host_budget, host_reserve=min(reserve, host_budget))
+    return Plan(local_budget=local, lend=lend, host_budget=host_budget, host_reserve=min(reserve, host_budget),
+                lend_margin=lend_margin, elastic_lend=elastic)

@@ -234,6 +234,10 @@ int aqua_evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   WITH_CORE(core);
   return guarded([&] { return core->evict(id, tier, stream, bytes_moved); });
 }
+int aqua_reclaim(int device, uint64_t* bytes_moved, uint64_t* bytes_pending) {
+  WITH_CORE(core);
+  return guarded([&] { return core->reclaim(device, bytes_moved, bytes_pending); });
+}
 int aqua_context_where(int id, uint64_t* out, int len) {
   WITH_CORE(core);
   return guarded([&] { return core->where(id, out, len); });

@@ -143,16 +143,23 @@ AQUA_EXPORT int aqua_context_release(int id);
 /* Route the calling thread's aqua_malloc to context `id` (-1: none); *prev gets the old id. */
 AQUA_EXPORT int aqua_set_thread_context(int id, int* prev);
 /* Mark not running; record an event on `stream` (a CUstream, 0 = legacy default) that
- * every later move of the context waits for. */
+ * every later move of the context waits for. Its pieces on a lender over its lend budget
+ * move on now (see aqua_reclaim). */
 AQUA_EXPORT int aqua_park(int id, uint64_t stream);
-/* Mark running and bring its bytes back to its device as far as room allows. If the
- * context is running, the move first waits for the work already queued on `stream`.
+/* Mark running and bring its bytes back to its device as far as room allows, least recently
+ * spilled first; pieces left on a lender over its lend budget move on (see aqua_reclaim). If
+ * the context is running, the move first waits for the work already queued on `stream`.
  * *bytes_moved: bytes brought back; *bytes_elsewhere: bytes still on other tiers. */
 AQUA_EXPORT int aqua_resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
 /* Park the context (its event recorded on `stream`) and move every byte of it that is not
  * on `tier` to `tier` (AQUA_TIER_AUTO: the best tier other than its device with room, per
  * piece). All or nothing. A refused request (bad tier) leaves the context as it was. */
 AQUA_EXPORT int aqua_evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved);
+/* Move pieces of parked contexts of other devices off lender `device` (to other lenders
+ * with room, else host), least recently run first, until it holds no more than its lend
+ * budget (lower the budget first with aqua_set_lend_budget). Running contexts' pieces there
+ * move at their next aqua_park or aqua_resume. *bytes_pending: bytes still over the budget. */
+AQUA_EXPORT int aqua_reclaim(int device, uint64_t* bytes_moved, uint64_t* bytes_pending);
 /* Bytes of the context per tier: out[0..n_devices-1] devices, out[n_devices] host. */
 AQUA_EXPORT int aqua_context_where(int id, uint64_t* out, int len);
 /* The context owning a pointer (anywhere inside a segment), and that segment's tiers. */

@@ -323,7 +323,9 @@ int Core::park(int id, uint64_t stream) {
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "park: no live context with id " + std::to_string(id));
   if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
-  return record_park(*ctx, stream);
+  if (int r = record_park(*ctx, stream)) return r;
+  note_lender_moves(*ctx, "park");
+  return AQUA_OK;
 }
 
 // Marks `ctx` parked and records its park event on `stream` (mutex held, device bound).
@@ -625,6 +627,102 @@ uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
   return moved;
 }
 
+// --- lending and reclaim -----------------------------------------------------------------
+
+// Bytes by which lender `tier` holds more of other devices' contexts than its lend budget.
+uint64_t Core::lent_excess(int tier) const {
+  return lent_used_[tier] > lend_budget_[tier] ? lent_used_[tier] - lend_budget_[tier] : 0;
+}
+
+// Moves pieces of `ctx` off lenders that hold more than their lend budget (`only_tier`: that
+// lender only; -1: any) to other lenders with room, else host, until each is within budget
+// or this context has nothing more there. The context's park event is recorded (mutex_
+// held, its device bound): the copies wait for its last kernels. All or nothing.
+int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
+  *moved = 0;
+  std::vector<uint64_t> excess(num_devices_, 0);
+  bool any = false;
+  for (int t = 0; t < num_devices_; ++t) {
+    if (t == ctx.device || (only_tier >= 0 && t != only_tier)) continue;
+    excess[t] = lent_excess(t);
+    any |= excess[t] > 0;
+  }
+  if (!any) return AQUA_OK;
+  std::vector<int> order;
+  for (int t : spill_order(ctx.device))
+    if (t == AQUA_TIER_HOST || excess[t] == 0) order.push_back(t);
+  std::vector<Step> steps;
+  for (uintptr_t va : ctx.segments) {
+    Segment* seg = segments_.at(va).get();
+    for (size_t i = 0; i < seg->pieces.size(); ++i) {
+      const Piece& p = seg->pieces[i];
+      if (p.tier < 0 || p.tier == ctx.device || excess[p.tier] == 0) continue;
+      Step step{seg, i, p.tier};
+      bool placed = false;
+      for (int t : order) {
+        if (t == p.tier || !room_on(t, ctx.device, p.size, true)) continue;
+        if (acquire(t, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+        step.dst = t;
+        reserve_on(t, ctx.device, p.size);
+        placed = true;
+        break;
+      }
+      if (!placed) continue;  // no room anywhere: this piece stays, the reclaim stays pending
+      excess[p.tier] -= std::min(excess[p.tier], p.size);
+      steps.push_back(step);
+    }
+  }
+  if (steps.empty()) return AQUA_OK;
+  return execute_move(ctx, steps, moved);
+}
+
+// Moves pieces of parked contexts off lender `device`, least recently run first, until it
+// is within its lend budget. Returns the bytes moved. mutex_ held.
+uint64_t Core::reclaim_locked(int device) {
+  uint64_t total = 0;
+  std::set<int> tried;
+  while (lent_excess(device) > 0) {
+    Context* victim = nullptr;
+    for (auto& [id, ctx] : contexts_) {
+      if (ctx->device == device || !ctx->parked || tried.count(id)) continue;
+      bool holds = false;
+      for (uintptr_t va : ctx->segments)
+        for (const Piece& p : segments_.at(va)->pieces) holds |= p.tier == device;
+      if (holds && (!victim || ctx->last_run < victim->last_run)) victim = ctx.get();
+    }
+    if (!victim) break;
+    tried.insert(victim->id);
+    if (backend_->bind(victim->device) != 0) continue;
+    uint64_t moved = 0;
+    if (move_off_lenders(*victim, device, &moved) != AQUA_OK)
+      std::fprintf(stderr, "[aqua_alloc] reclaim of %s: moving context '%s' failed: %s\n", tier_name(device).c_str(),
+                   victim->tag.c_str(), last_error().c_str());
+    total += moved;
+  }
+  return total;
+}
+
+int Core::reclaim(int device, uint64_t* moved, uint64_t* pending) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  *moved = 0;
+  *pending = 0;
+  if (device < 0 || device >= num_devices_)
+    return fail(AQUA_ERR_INVALID, "reclaim: unknown device " + std::to_string(device));
+  *moved = reclaim_locked(device);
+  *pending = lent_excess(device);
+  return AQUA_OK;
+}
+
+// At a park or a resume: the context's pieces on lenders over budget move on now (a
+// reclaim waits for running contexts to reach one of these points). mutex_ held, device
+// bound, park event recorded. A failure is logged, not returned: the reclaim stays pending.
+void Core::note_lender_moves(Context& ctx, const char* when) {
+  uint64_t moved = 0;
+  if (move_off_lenders(ctx, -1, &moved) != AQUA_OK)
+    std::fprintf(stderr, "[aqua_alloc] %s of '%s': moving it off a reclaiming lender failed: %s\n", when,
+                 ctx.tag.c_str(), last_error().c_str());
+}
+
 // Backs one new piece at va: the local device if its budget has room (after evicting
 // parked contexts), else the spill tiers in order. Maps it with access for the device.
 int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
@@ -636,10 +734,21 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
     if (tier == home) make_local_room(home, piece->size, ctx.id);
     if (!room_on(tier, home, piece->size, false)) continue;
     int r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
+    if (r != 0 && tier == home && backend_->is_out_of_memory(r) && lent_used_[home] > 0) {
+      // The owner needs memory it lent: lower its lend budget by what it needs and move
+      // parked borrowers off (an elastic lender gets its memory back first).
+      lend_budget_[home] = std::min(lend_budget_[home], lent_used_[home]);
+      lend_budget_[home] -= std::min(lend_budget_[home], piece->size);
+      record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, home, lend_budget_[home], 0, 1, 0);
+      reclaim_locked(home);
+      backend_->bind(home);
+      r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
+    }
     if (r != 0 && tier == home && backend_->is_out_of_memory(r)) {
       // The budget had room but the device did not (other users of the GPU): evict the
       // least recently run parked context's local pieces, then try once more.
       if (Context* victim = lru_parked_victim(home, ctx.id)) evict_pieces_of(*victim, piece->size);
+      backend_->bind(home);
       r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     }
     if (r != 0) {
@@ -659,6 +768,7 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
       return driver_fail("mapping a new segment", m);
     }
     piece->tier = tier;
+    piece->away_since = tier == home ? 0 : ++clock_;
     account_add(tier, home, piece->size, false);
     return AQUA_OK;
   }
@@ -803,19 +913,27 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
       if (p.tier != ctx->device) need += p.size;
   if (need == 0) return AQUA_OK;
   make_local_room(ctx->device, need, ctx->id);
-  std::vector<Step> steps;
+  // Pieces come home least recently spilled first, as far as the budget has room.
+  std::vector<std::pair<Segment*, size_t>> away;
   for (uintptr_t va : ctx->segments) {
     Segment* seg = segments_.at(va).get();
-    for (size_t i = 0; i < seg->pieces.size(); ++i) {
-      const Piece& p = seg->pieces[i];
-      if (p.tier == ctx->device || !room_on(ctx->device, ctx->device, p.size, true)) continue;
-      Step step{seg, i, p.tier, ctx->device};
-      if (acquire(ctx->device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-      reserve_on(ctx->device, ctx->device, p.size);
-      steps.push_back(step);
-    }
+    for (size_t i = 0; i < seg->pieces.size(); ++i)
+      if (seg->pieces[i].tier != ctx->device) away.emplace_back(seg, i);
+  }
+  std::stable_sort(away.begin(), away.end(), [](const auto& a, const auto& b) {
+    return a.first->pieces[a.second].away_since < b.first->pieces[b.second].away_since;
+  });
+  std::vector<Step> steps;
+  for (auto [seg, i] : away) {
+    const Piece& p = seg->pieces[i];
+    if (!room_on(ctx->device, ctx->device, p.size, true)) continue;
+    Step step{seg, i, p.tier, ctx->device};
+    if (acquire(ctx->device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+    reserve_on(ctx->device, ctx->device, p.size);
+    steps.push_back(step);
   }
   int status = steps.empty() ? AQUA_OK : execute_move(*ctx, steps, bytes_moved);
+  if (status == AQUA_OK) note_lender_moves(*ctx, "resume");
   for (uintptr_t va : ctx->segments)
     for (const Piece& p : segments_.at(va)->pieces)
       if (p.tier != ctx->device) *bytes_elsewhere += p.size;
@@ -1087,6 +1205,8 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     charge(s.dst, p.size, true);
     bytes_by_pair[{p.tier, s.dst}] += p.size;
     give_back(p.tier, p.handle, p.handle_bytes);
+    if (s.dst == ctx.device) p.away_since = 0;
+    else if (p.tier == ctx.device) p.away_since = ++clock_;
     p.tier = s.dst;
     p.handle = s.handle;
     p.handle_bytes = s.handle_bytes;

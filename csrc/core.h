@@ -39,6 +39,7 @@ struct Piece {
   int tier = 0;               // device ordinal or AQUA_TIER_HOST
   Handle handle = 0;
   uint64_t handle_bytes = 0;  // physical bytes of the handle (>= size for host pool classes)
+  uint64_t away_since = 0;    // logical clock when it left (or was placed off) its home device
 };
 
 struct Segment {
@@ -90,6 +91,10 @@ class Core {
   int resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
   int evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved);
   int where(int id, uint64_t* out, int len);
+  // Moves pieces of parked contexts off lender `device` until it holds no more of other
+  // devices' contexts than its lend budget. *pending: bytes still over (running contexts'
+  // pieces, which move at their next park or resume; or no room anywhere).
+  int reclaim(int device, uint64_t* moved, uint64_t* pending);
   int pointer_context(uint64_t ptr, int* out_id);
   int counts(int* contexts, int* segments);
   int tier_stats(int tier, aqua_tier_stats* out);
@@ -135,6 +140,10 @@ class Core {
   bool make_local_room(int device, uint64_t need, int exclude_context);
   Context* lru_parked_victim(int device, int exclude_context);
   uint64_t evict_pieces_of(Context& victim, uint64_t need);
+  uint64_t lent_excess(int tier) const;
+  int move_off_lenders(Context& ctx, int only_tier, uint64_t* moved);
+  uint64_t reclaim_locked(int device);
+  void note_lender_moves(Context& ctx, const char* when);
 
   // The mover (mutex_ held): all or nothing over `steps`.
   int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);

@@ -34,5 +34,7 @@ def reset_aqua() -> None:
             import aqua_alloc.allocator as allocator
 
             allocator._keep_alive.extend(allocator._state.released_pools)
+            if allocator._state.lending:
+                allocator._state.lending.stop()
             allocator._state = None
     _native.lib().aqua_shutdown(1)

@@ -261,9 +261,11 @@ def test_resolve_defaults():
 def test_resolve_explicit_values():
     p = plan(local_budget="0:40GiB,1:50%", lend="8GiB", host_budget="25%", host_reserve="50%")
     assert p == Plan(local_budget={0: 40 * GiB, 1: 40 * GiB}, lend={0: 8 * GiB, 1: 8 * GiB},
-                     host_budget=128 * GiB, host_reserve=64 * GiB)
+                     host_budget=128 * GiB, host_reserve=64 * GiB, lend_margin={0: 8 * GiB, 1: 8 * GiB},
+                     elastic_lend=frozenset())
     p = plan(lend={1: "1GiB"}, lend_margin="20GiB", host_budget="100GiB", host_reserve="200GiB")
     assert p.lend == {0: 50 * GiB, 1: GiB}
+    assert p.elastic_lend == {0}, "GPU 1's lending is fixed by AQUA_LEND; GPU 0's follows its free memory"
     assert p.host_budget == 100 * GiB and p.host_reserve == 100 * GiB  # the reserve stays within the budget
     assert plan(host_margin="500GiB").host_budget == 0
 
