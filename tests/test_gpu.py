@@ -185,3 +185,61 @@ def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
     owner = [a for a in addresses if a <= kv.data_ptr() < a + 64 * MiB]
     assert owner, "the context's segment is missing from torch's memory snapshot"
     assert aq.where(kv)["gpu0"] >= 32 * MiB
+
+
+def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu):
+    """A context larger than its local budget spills to host at allocation, attention reads
+    the spilled KV in place, and generate's tokens equal a plain run's; raising the budget
+    and resuming brings the spilled ranges home with the same bytes."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
+
+    from aqua_alloc import _native
+    from aqua_alloc.kv_cache import ContextKVCache
+    from tiny_models import AtStep
+
+    # 4 layers x 2 (K, V) x 4 KV heads x 64 dims x 4 bytes = 8 KiB of KV per token.
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                         initializer_range=0.5, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).cuda().eval()
+    prompt = torch.randint(1, 256, (1, 3000), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        aq.disable()
+        reference = model.generate(prompt, **greedy)
+        aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB")
+        cache = ContextKVCache(model.config, tag="spill", device=prompt.device)
+        seen: list[dict[str, int]] = []
+        probe = AtStep({2, 20}, lambda: seen.append(aq.where("spill")))
+        out = model.generate(prompt, past_key_values=cache, stopping_criteria=StoppingCriteriaList([probe]), **greedy)
+    assert torch.equal(out, reference), "generate with spilled KV differs from the plain run"
+    assert seen and all(w["gpu0"] <= 12 * MiB and w["host"] > 0 for w in seen), seen
+    layer = cache.layers[0]
+    keys_before = layer.keys.clone()
+    before = aq.where("spill")
+    _native.check(_native.lib().aqua_set_local_budget(0, 1 * GiB), "raising the local budget")
+    result = aq.resume("spill")
+    assert result.bytes_elsewhere == 0 and result.bytes_moved == before["host"] > 0
+    assert aq.where("spill")["host"] == 0
+    assert torch.equal(layer.keys, keys_before)
+    cache.release()
+
+
+def test_reclaim_moves_borrowed_contexts_off_a_peer(gpu):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("reclaim from a peer: this machine has one GPU; needs two or more")
+    aq.lend(1, "1GiB")
+    tensors = {}
+    for k in range(3):
+        with aq.context(f"b{k}", device=0):
+            tensors[k] = torch.randn(64 * MiB // 4, device="cuda:0")
+        aq.evict(f"b{k}", "gpu1")
+    refs = {k: t.cpu() for k, t in tensors.items()}
+    assert aq.stats()["tiers"]["gpu1"]["lent"] >= 3 * 64 * MiB
+    result = aq.reclaim(1)
+    assert result.pending_bytes == 0 and result.moved_bytes >= 3 * 64 * MiB
+    assert aq.stats()["tiers"]["gpu1"]["lent"] == 0
+    for k, t in tensors.items():
+        assert aq.where(f"b{k}")["gpu1"] == 0
+        assert torch.equal(t.cpu(), refs[k])

@@ -1,0 +1,231 @@
+"""Long-prompt benchmark: one prompt whose KV cache is larger than the GPU memory it may use.
+
+A Llama-3.1-8B-shaped model (random weights, bf16; no download) gets one prompt of
+``--prompt-tokens`` tokens and decodes ``--new-tokens`` tokens greedily. Its KV cache
+(128 KiB per token for this shape) is capped on the local GPU at ``--local-kv`` bytes
+(default: half the KV), standing for a GPU too small for the whole context. Compared in
+the same run, on the same prompt:
+
+- ``local``: transformers' DynamicCache with no cap: the ceiling (everything on the GPU);
+- ``aqua-local``: aqua_alloc's ContextKVCache with no cap (the cache's own cost, no spill);
+- ``aqua-host``: ContextKVCache in an aqua_alloc context whose local budget is the cap:
+  what does not fit is placed in pinned host memory at allocation and read in place;
+- ``aqua-peer``: the same with a peer GPU as the spill tier (needs two GPUs; skipped with
+  a reason otherwise);
+- ``offloaded``: transformers' ``cache_implementation="offloaded"`` (each layer's KV
+  streamed from host before use and sent back after).
+
+For each: decode tokens/s (steps after the first token, timed at each step with the
+device synchronized), prefill seconds, where the context's bytes were (per tier), and
+whether the generated token ids equal ``local``'s. Ratios against ``offloaded``.
+
+Writes benchmarks/results/bench_long_prompt-<gpu-name>-<n>gpu.json (rows
+``{"system", "prompt_tokens", "kv_bytes", "bytes_per_tier", "decode_tok_s",
+"same_tokens_as_local", ...}``). Run on a GPU machine:
+
+    python benchmarks/bench_long_prompt.py --prompt-tokens 32768 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+import aqua_alloc as aq
+from aqua_alloc.config import parse_size
+from aqua_alloc.kv_cache import ContextKVCache
+
+MiB, GiB = 1 << 20, 1 << 30
+SYSTEMS = ("local", "aqua-local", "aqua-host", "aqua-peer", "offloaded")
+
+
+def llama_8b_config(layers: int) -> LlamaConfig:
+    """Llama-3.1-8B's shape (hidden 4096, 32 heads, 8 KV heads, head dim 128)."""
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       attn_implementation="sdpa")
+
+
+def kv_bytes_per_token(config: LlamaConfig, dtype: torch.dtype) -> int:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class StepClock(StoppingCriteria):
+    """Records the time each token is produced (device synchronized), and where the
+    context's bytes are at the last step."""
+
+    def __init__(self, tag: str | None) -> None:
+        self.times: list[float] = []
+        self.tag = tag
+        self.where: dict[str, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        if self.tag is not None and aq.is_enabled() and self.tag in aq.contexts():
+            self.where = aq.where(self.tag)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def run_once(model: Any, prompt: torch.Tensor, new_tokens: int, cache: Any, tag: str | None,
+             **generate_kwargs: Any) -> dict[str, Any]:
+    clock = StepClock(tag)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         past_key_values=cache, stopping_criteria=StoppingCriteriaList([clock]),
+                         pad_token_id=0, **generate_kwargs)
+    torch.cuda.synchronize()
+    steps = clock.times
+    decode_s = steps[-1] - steps[0]
+    return {
+        "tokens": out[0, prompt.shape[1]:].tolist(),
+        "prefill_s": steps[0] - t0,
+        "decode_tok_s": (len(steps) - 1) / decode_s if decode_s > 0 else float("nan"),
+        "decode_ms_per_token": 1000 * decode_s / max(1, len(steps) - 1),
+        "where": clock.where,
+    }
+
+
+def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Namespace, kv_bytes: int,
+               local_kv: int) -> dict[str, Any]:
+    num_gpus = torch.cuda.device_count()
+    if system == "aqua-peer" and num_gpus < 2:
+        return {"skipped": f"needs a second GPU for the peer tier; this machine has {num_gpus}"}
+    if system == "local":
+        return run_once(model, prompt, args.new_tokens, None, None)
+    if system == "offloaded":
+        return run_once(model, prompt, args.new_tokens, None, None, cache_implementation="offloaded")
+    # aqua systems: only the context's KV chunks count against the local budget.
+    settings: dict[str, Any] = dict(host_reserve=kv_bytes + 256 * MiB)
+    if system == "aqua-local":
+        pass  # no cap
+    elif system == "aqua-host":
+        settings.update(local_budget={0: local_kv}, lend="0")
+    else:  # aqua-peer: GPU 1 lends; host only if it is full
+        settings.update(local_budget={0: local_kv}, lend={d: (kv_bytes if d == 1 else 0) for d in range(num_gpus)})
+    aq.enable(**settings)
+    try:
+        tag = f"long-prompt-{system}"
+        cache = ContextKVCache(model.config, tag=tag, device=prompt.device)
+        try:
+            result = run_once(model, prompt, args.new_tokens, cache, tag)
+        finally:
+            cache.release()
+        result["stats"] = {t: {k: v for k, v in s.items() if k in ("current", "peak", "budget", "lent")}
+                           for t, s in aq.stats()["tiers"].items()}
+        return result
+    finally:
+        gc.collect()
+        aq.disable()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompt-tokens", type=int, default=32768)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: the 8B shape)")
+    parser.add_argument("--local-kv", default=None,
+                        help="bytes of KV the local GPU may hold (e.g. '2GiB'); default: half the KV")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_long_prompt: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
+    if args.prompt_tokens <= 0 or args.new_tokens < 2:
+        parser.error("--prompt-tokens must be positive and --new-tokens at least 2")
+
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16
+    config = llama_8b_config(args.layers)
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        torch.set_default_dtype(dtype)
+        model = LlamaForCausalLM(config).eval()
+        torch.set_default_dtype(torch.float32)
+    print(f"model: Llama-3.1-8B shape, {args.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}e9 "
+          f"parameters, bf16, random weights (seed {args.seed}), built in {time.perf_counter() - t0:.1f} s")
+    prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(args.seed))
+    per_token = kv_bytes_per_token(config, dtype)
+    kv_bytes = per_token * (args.prompt_tokens + args.new_tokens)
+    local_kv = parse_size(args.local_kv, "--local-kv", allow_percent=False) if args.local_kv else kv_bytes // 2
+    gpu = torch.cuda.get_device_name(0)
+    num_gpus = torch.cuda.device_count()
+    print(f"GPU: {gpu} x{num_gpus}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new; "
+          f"KV {per_token} B/token = {kv_bytes / GiB:.2f} GiB; local KV cap for capped systems {local_kv / GiB:.2f} GiB")
+
+    results: dict[str, dict[str, Any]] = {}
+    with torch.inference_mode():
+        for system in systems:
+            t = time.perf_counter()
+            r = run_system(system, model, prompt, args, kv_bytes, local_kv)
+            results[system] = r
+            if "skipped" in r:
+                print(f"{system:>10}: skipped: {r['skipped']}")
+                continue
+            where = {k: v for k, v in r["where"].items() if v}
+            print(f"{system:>10}: decode {r['decode_tok_s']:7.2f} tok/s ({r['decode_ms_per_token']:.1f} ms/token), "
+                  f"prefill {r['prefill_s']:.2f} s, context per tier {where or '-'} ({time.perf_counter() - t:.0f} s)")
+            torch.cuda.empty_cache()
+
+    reference = results.get("local", {}).get("tokens")
+    offloaded = results.get("offloaded", {}).get("decode_tok_s")
+    rows = []
+    for system, r in results.items():
+        if "skipped" in r:
+            rows.append({"system": system, "skipped": r["skipped"]})
+            continue
+        if system in ("local", "offloaded"):
+            # Not in an aqua_alloc context: the KV is on the GPU (local) or streamed per layer.
+            bytes_per_tier = {"gpu0": kv_bytes} if system == "local" else {"host": kv_bytes, "gpu0(streamed)": kv_bytes}
+        else:
+            bytes_per_tier = {k: v for k, v in r["where"].items() if v}
+        rows.append({
+            "system": system, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+            "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in ("aqua-host", "aqua-peer") else None,
+            "bytes_per_tier": bytes_per_tier, "decode_tok_s": r["decode_tok_s"],
+            "decode_ms_per_token": r["decode_ms_per_token"], "prefill_s": r["prefill_s"],
+            "same_tokens_as_local": None if reference is None else r["tokens"] == reference,
+            "ratio_to_offloaded": r["decode_tok_s"] / offloaded if offloaded else None,
+        })
+    print()
+    print(f"{'system':>10} | {'decode tok/s':>12} | {'x offloaded':>11} | {'same tokens':>11} | context per tier (GiB)")
+    for row in rows:
+        if "skipped" in row:
+            print(f"{row['system']:>10} | skipped: {row['skipped']}")
+            continue
+        ratio = f"{row['ratio_to_offloaded']:.2f}" if row["ratio_to_offloaded"] else "-"
+        tiers = ", ".join(f"{k} {v / GiB:.2f}" for k, v in row["bytes_per_tier"].items())
+        print(f"{row['system']:>10} | {row['decode_tok_s']:12.2f} | {ratio:>11} | {str(row['same_tokens_as_local']):>11} "
+              f"| {tiers}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench_long_prompt-{gpu.replace(' ', '_')}-{num_gpus}gpu.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"\nwrote {path}")
+    mismatched = [row["system"] for row in rows if row.get("same_tokens_as_local") is False]
+    if mismatched:
+        print(f"TOKENS DIFFER from local: {', '.join(mismatched)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
