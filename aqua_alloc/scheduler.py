@@ -522,6 +522,10 @@ class Scheduler:
             emit(EventKind.FIRST_TOKEN, context=prompt.tag, step=prompt.first_token_step)
         if prompt.error is not None:
             raise prompt.error
+        if prompt.has_context and getattr(prompt.allocator, "reclaim_pending", lambda: False)():
+            # A lender wants memory that holds part of this running context: between two
+            # steps is a safe point to move it on (the move waits for this step's kernels).
+            prompt.allocator.resume(prompt.tag, wait=True)
         if not self._slice_over(prompt):
             return
         with self._cond:

@@ -584,3 +584,39 @@ def test_partial_prefetch_is_completed_when_the_slice_begins(llama, monkeypatch)
         prefetches = [i for i, c in enumerate(seq) if c == "resume-prefetch"]
         assert prefetches, seq
         assert all(seq[i + 1] == "resume-wait" for i in prefetches), seq
+
+
+class ReclaimingAllocator(FakeAllocator):
+    """A lender waits for memory under a running context: ``reclaim_pending`` is true until
+    that context is resumed in place (the real allocator then moves its pieces on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending = False
+        self.resumed_while_running: list[str] = []
+
+    def reclaim_pending(self) -> bool:
+        return self.pending
+
+    def resume(self, tag, wait=True):
+        with self.lock:
+            if tag not in self.parked and self.pending:
+                self.resumed_while_running.append(tag)
+                self.pending = False
+        return super().resume(tag, wait)
+
+
+def test_a_pending_reclaim_resumes_the_running_prompt_between_steps(llama, monkeypatch):
+    fake = ReclaimingAllocator()
+    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(scheduler_module, "allocator_for", lambda device: fake)
+    sched = Scheduler(policy="fcfs")
+
+    def reclaim_now():
+        fake.pending = True
+
+    out = sched.generate(llama, prompt_ids(5, 1), max_new_tokens=6, stopping_criteria=[AtStep(3, reclaim_now)],
+                         **GREEDY)
+    assert torch.equal(out, solo(llama, prompt_ids(5, 1), max_new_tokens=6))
+    assert len(fake.resumed_while_running) == 1 and not fake.pending
+    assert fake.errors == []
