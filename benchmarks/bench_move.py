@@ -6,8 +6,10 @@ when a second GPU exists) it times:
 - resume: resume(tag) back to the local GPU, GiB/s;
 - raw: the same bytes copied by cudaMemcpyAsync between a device buffer and pinned host
   memory (host) or a peer device buffer (peer), measured in the same run, GiB/s;
-and their ratio. Then the latency of a context switch (park and evict one context, resume
-another of the same size) and of a 2 MiB context. Every move is checked: the context's
+and their ratio. Then the latency of a context switch between two contexts of 1 GiB and of
+2 MiB, two ways: explicit (park and evict one, then resume the other) and under a budget
+that holds one context (park one, resume the other: the core evicts the first in the same
+move, both link directions at once). Every move is checked: the context's
 checksum after the moves equals the one before.
 
 Writes benchmarks/results/bench_move-<gpu-name>-<n>gpu.json (rows as issue 3 specifies)
@@ -107,30 +109,44 @@ def bench_pair(tier: str, nbytes: int, repeat: int, log) -> list[dict]:
     return rows
 
 
-def bench_switch(tier: str, nbytes: int, repeat: int, log) -> dict:
-    """Switch from A (running, local) to B (parked on `tier`): park+evict A, resume B."""
+def bench_switch(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
+    """Switch from A (running, local) to B (parked on `tier`).
+
+    method "evict+resume": park and evict A explicitly, then resume B (two moves, one after
+    the other). method "resume": the local budget holds one context; park A and resume B:
+    the core evicts A in the same move as B comes home (both directions of the link at
+    once), which is what the scheduler's switches do."""
     a, b = make_context("switch-a", nbytes), make_context("switch-b", nbytes)
     sums = (checksum(a), checksum(b))
     aq.evict("switch-b", tier)
+    budget = aq.stats()["tiers"]["gpu0"]["budget"]
+    if method == "resume":
+        _native.check(_native.lib().aqua_set_local_budget(0, nbytes), "local budget of one context")
+    aq.allocator.move_profile(reset=True)
     times = []
     for i in range(repeat):
         out, into = ("switch-a", "switch-b") if i % 2 == 0 else ("switch-b", "switch-a")
 
         def switch():
             aq.park(out)
-            aq.evict(out, tier)
-            aq.resume(into)
+            if method == "evict+resume":
+                aq.evict(out, tier)
+            result = aq.resume(into)
+            assert result.bytes_elsewhere == 0, result
 
         times += timed(switch, 1)
     assert (checksum(a), checksum(b)) == sums, "switch: bytes changed"
+    prof = aq.allocator.move_profile(reset=True)
+    _native.check(_native.lib().aqua_set_local_budget(0, budget), "restoring the local budget")
     del a, b
     aq.release("switch-a")
     aq.release("switch-b")
     gc.collect()
     ms = statistics.median(times) * 1e3
-    log(f"switch {nbytes / MiB:.0f} MiB contexts over {tier}: {ms:.2f} ms (median of {len(times)}: "
+    log(f"switch {nbytes / MiB:.0f} MiB contexts over {tier} ({method}): {ms:.2f} ms (median of {len(times)}: "
         f"{[round(x * 1e3, 2) for x in times]})")
-    return dict(switch_bytes=nbytes, tier=tier, ms=round(ms, 3))
+    log(f"  profile: " + ", ".join(f"{k} {v['ms']:.1f} ms/{v['calls']}" for k, v in prof.items()))
+    return dict(switch_bytes=nbytes, tier=tier, method=method, ms=round(ms, 3))
 
 
 def main() -> int:
@@ -169,8 +185,10 @@ def main() -> int:
         aq.allocator.move_profile(reset=True)
         for nbytes in sizes:
             rows += bench_pair(tier, nbytes, args.repeat, log)
-        switches.append(bench_switch(tier, GiB, args.repeat * 2, log))
-    switches.append(bench_switch("host", 2 * MiB, args.repeat * 4, log))
+        for method in ("evict+resume", "resume"):
+            switches.append(bench_switch(tier, GiB, args.repeat * 2, log, method))
+    for method in ("evict+resume", "resume"):
+        switches.append(bench_switch("host", 2 * MiB, args.repeat * 4, log, method))
 
     result = {"gpu": name, "num_gpus": n, "torch": torch.__version__, "chunk": args.chunk, "rows": rows,
               "switches": switches}
@@ -186,7 +204,7 @@ def main() -> int:
         log(f"{r['tier_pair']:13s} {r['direction']:6s} {r['bytes'] / MiB:7.0f}Mi {r['gib_s']:7.2f} "
             f"{r['raw_gib_s']:7.2f} {r['ratio']:6.3f}")
     for s in switches:
-        log(f"switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']}: {s['ms']:.2f} ms")
+        log(f"switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']} ({s['method']}): {s['ms']:.2f} ms")
     _native.lib().aqua_shutdown(1)
     return 0
 

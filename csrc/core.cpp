@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <sstream>
+#include <tuple>
 
 namespace aqua {
 
@@ -34,6 +35,7 @@ struct Core::Step {
   size_t index;          // into segment->pieces
   int src = 0;
   int dst = 0;
+  Context* ctx = nullptr;  // the piece's context (execute_move fills in its own when null)
   Handle handle = 0;     // the new backing
   uint64_t handle_bytes = 0;
   bool staged = false;   // new backing mapped at the shadow
@@ -55,6 +57,7 @@ Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
   peer_rank_.assign(num_devices_, std::vector<int>(num_devices_, -1));
   counters_.assign(num_devices_ + 1, TierCounters{});
   streams_.assign(num_devices_, 0);
+  in_streams_.assign(num_devices_, 0);
   idle_events_.assign(num_devices_, {});
   for (int d = 0; d < num_devices_; ++d) {
     size_t free_bytes = 0, total = 0;
@@ -590,10 +593,10 @@ bool Core::make_local_room(int device, uint64_t need, int exclude_context) {
   return true;
 }
 
-// Moves local pieces of `victim` to the best spill tiers until `need` bytes left its
-// device. Returns the bytes moved (0 when nothing could move).
-uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
-  std::vector<Step> steps;
+// Plans moving local pieces of `victim` to the best spill tiers until `need` bytes leave
+// its device: the steps' backings are acquired and reserved, nothing moves yet. Appends to
+// `steps`; returns the bytes planned.
+uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& steps) {
   uint64_t planned = 0;
   std::vector<int> order = spill_order(victim.device);
   for (uintptr_t va : victim.segments) {
@@ -602,6 +605,7 @@ uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
       const Piece& p = seg->pieces[i];
       if (p.tier != victim.device) continue;
       Step step{seg, i, p.tier};
+      step.ctx = &victim;
       bool placed = false;
       for (int tier : order) {
         if (!room_on(tier, victim.device, p.size, true)) continue;
@@ -611,12 +615,30 @@ uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
         placed = true;
         break;
       }
-      if (!placed) break;
+      if (!placed) return planned;
       steps.push_back(step);
       planned += p.size;
     }
     if (planned >= need) break;
   }
+  return planned;
+}
+
+// Gives back what plan_eviction acquired for steps [from, end) and drops them.
+void Core::drop_planned(std::vector<Step>& steps, size_t from) {
+  for (size_t k = from; k < steps.size(); ++k) {
+    Step& s = steps[k];
+    account_remove(s.dst, s.ctx->device, s.segment->pieces[s.index].size, false);
+    give_back(s.dst, s.handle, s.handle_bytes);
+  }
+  steps.resize(from);
+}
+
+// Moves local pieces of `victim` to the best spill tiers until `need` bytes left its
+// device. Returns the bytes moved (0 when nothing could move).
+uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
+  std::vector<Step> steps;
+  plan_eviction(victim, need, steps);
   if (steps.empty()) return 0;
   uint64_t moved = 0;
   if (execute_move(victim, steps, &moved) != AQUA_OK) {
@@ -912,7 +934,6 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
     for (const Piece& p : segments_.at(va)->pieces)
       if (p.tier != ctx->device) need += p.size;
   if (need == 0) return AQUA_OK;
-  make_local_room(ctx->device, need, ctx->id);
   // Pieces come home least recently spilled first, as far as the budget has room.
   std::vector<std::pair<Segment*, size_t>> away;
   for (uintptr_t va : ctx->segments) {
@@ -923,16 +944,68 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
   std::stable_sort(away.begin(), away.end(), [](const auto& a, const auto& b) {
     return a.first->pieces[a.second].away_since < b.first->pieces[b.second].away_since;
   });
+  int device = ctx->device;
+  // A context switch under a full budget: parked contexts, least recently run first, are
+  // evicted in the same move as this one comes home, so that both directions of the link
+  // work at once. Budget room counts the bytes planned to leave.
   std::vector<Step> steps;
+  uint64_t leaving = 0;
+  if (own_used_[device] + need > local_budget_[device]) {
+    uint64_t deficit = own_used_[device] + need - local_budget_[device];
+    std::vector<Context*> victims;
+    for (auto& [id, c] : contexts_) {
+      (void)id;
+      if (c->id != ctx->id && c->device == device && c->parked) victims.push_back(c.get());
+    }
+    std::sort(victims.begin(), victims.end(), [](Context* a, Context* b) { return a->last_run < b->last_run; });
+    for (Context* v : victims) {
+      if (leaving >= deficit) break;
+      leaving += plan_eviction(*v, deficit - leaving, steps);
+    }
+  }
+  size_t num_evictions = steps.size();
+  std::vector<Step> incoming;
+  uint64_t arriving = 0;
   for (auto [seg, i] : away) {
     const Piece& p = seg->pieces[i];
-    if (!room_on(ctx->device, ctx->device, p.size, true)) continue;
-    Step step{seg, i, p.tier, ctx->device};
-    if (acquire(ctx->device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-    reserve_on(ctx->device, ctx->device, p.size);
-    steps.push_back(step);
+    if (own_used_[device] + p.size > local_budget_[device] + leaving) continue;
+    Step step{seg, i, p.tier, device};
+    step.ctx = ctx;
+    if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+    reserve_on(device, device, p.size);
+    arriving += p.size;
+    incoming.push_back(step);
+  }
+  if (incoming.empty()) {
+    drop_planned(steps, 0);  // nothing can come home: evict nobody
+  } else {
+    // Interleave: one piece out, one piece in, so that commits follow both streams.
+    std::vector<Step> merged;
+    for (size_t k = 0; k < std::max(num_evictions, incoming.size()); ++k) {
+      if (k < num_evictions) merged.push_back(steps[k]);
+      if (k < incoming.size()) merged.push_back(incoming[k]);
+    }
+    steps.swap(merged);
   }
   int status = steps.empty() ? AQUA_OK : execute_move(*ctx, steps, bytes_moved);
+  if (status == AQUA_OK && num_evictions > 0 && *bytes_moved < need) {
+    // What did not fit in the exchange (no physical room for both at once, or the budget):
+    // evict first, then bring home (the old backings of the first move are reused).
+    uint64_t left = need - *bytes_moved;
+    make_local_room(device, left, ctx->id);
+    std::vector<Step> rest;
+    for (auto [seg, i] : away) {
+      const Piece& p = seg->pieces[i];
+      if (p.tier == device || !room_on(device, device, p.size, true)) continue;
+      Step step{seg, i, p.tier, device};
+      if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+      reserve_on(device, device, p.size);
+      rest.push_back(step);
+    }
+    uint64_t more = 0;
+    if (!rest.empty()) status = execute_move(*ctx, rest, &more);
+    *bytes_moved += more;
+  }
   if (status == AQUA_OK) note_lender_moves(*ctx, "resume");
   for (uintptr_t va : ctx->segments)
     for (const Piece& p : segments_.at(va)->pieces)
@@ -1014,11 +1087,13 @@ int Core::take_event(int device, Event* event) {
   return backend_->event_create(event);
 }
 
-int Core::mover_stream(int device, Stream* stream) {
-  if (!streams_[device]) {
-    if (int r = backend_->stream_create(device, &streams_[device])) return r;
+// The stream that copies out of `device` (inbound false) or into it (inbound true).
+int Core::mover_stream(int device, bool inbound, Stream* stream) {
+  Stream& s = inbound ? in_streams_[device] : streams_[device];
+  if (!s) {
+    if (int r = backend_->stream_create(device, &s)) return r;
   }
-  *stream = streams_[device];
+  *stream = s;
   return 0;
 }
 
@@ -1044,9 +1119,10 @@ bool Core::remap_retried(uintptr_t va, size_t size, Handle handle, int device, b
 // Old backings were never modified, so the bytes are as before the move. A committed piece
 // whose new backing cannot be unmapped (after retries) keeps it instead: its bytes are the
 // same, and memory that may still be mapped is never given back for reuse.
-void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) {
+void Core::unwind(std::vector<Step>& steps, size_t num_committed) {
   for (size_t k = 0; k < steps.size(); ++k) {
     Step& s = steps[k];
+    Context& ctx = *s.ctx;
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
     if (k < num_committed) {
@@ -1095,37 +1171,67 @@ void Core::unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed) 
 }
 
 // Moves every step's piece to its new backing (already acquired and accounted on the
-// destination). Each piece is staged (new backing mapped at the shadow) and its copy issued
-// at once on the mover stream, after the park event; then pieces are committed in order as
-// their copies complete (unmap old at home, map new), so remaps overlap copies in flight.
-// Old backings are released only when every piece has committed: until then an unwind can
-// map them back, and their bytes were never touched.
+// destination). The steps may belong to several contexts of one device (a resume that
+// evicts parked contexts to make room): `ctx` is the context the move is for, and the
+// default owner of steps that name none. Each piece is staged (new backing mapped at the
+// shadow) and its copy issued at once, after the park events of every context involved:
+// copies into the device on one mover stream, copies out of it on another, so that an
+// eviction and a resume use both directions of the link at once. Then pieces are committed
+// in order as their copies complete (unmap old at home, map new), so remaps overlap copies
+// in flight. Old backings are released only when every piece has committed: until then an
+// unwind can map them back, and their bytes were never touched. *bytes_moved: bytes of
+// `ctx`'s own pieces moved.
 int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved) {
   uint64_t start = now_ns();
   uint64_t total = 0;
-  for (Step& s : steps) total += s.segment->pieces[s.index].size;
+  std::map<int, Context*> involved;  // context id -> context
+  for (Step& s : steps) {
+    if (!s.ctx) s.ctx = &ctx;
+    involved[s.ctx->id] = s.ctx;
+    total += s.segment->pieces[s.index].size;
+  }
   int src_tier = steps.front().src, dst_tier = steps.front().dst;
-  record_at(start, AQUA_EV_MOVE_START, ctx.id, src_tier, dst_tier, total, 0, steps.front().segment->va, 0);
+  for (auto& [id, c] : involved) {
+    uint64_t bytes = 0;
+    for (Step& s : steps)
+      if (s.ctx == c) bytes += s.segment->pieces[s.index].size;
+    const Step& first = *std::find_if(steps.begin(), steps.end(), [c = c](const Step& s) { return s.ctx == c; });
+    record_at(start, AQUA_EV_MOVE_START, id, first.src, first.dst, bytes, 0, first.segment->va, 0);
+  }
   auto drain_issued = [&](size_t from) {
     for (size_t j = from; j < steps.size(); ++j)
       if (steps[j].copied) backend_->event_sync(steps[j].copied);
   };
   auto failed = [&](size_t num_committed, const char* what, int code) {
-    unwind(ctx, steps, num_committed);
-    record_at(start, AQUA_EV_MOVE_FAILED, ctx.id, src_tier, dst_tier, total, now_ns() - start, 0, code);
-    return fail(AQUA_ERR_DRIVER, "moving context '" + ctx.tag + "' (" + bytes_text(total) + ", " +
-                                     tier_name(src_tier) + " -> " + tier_name(dst_tier) + "): " + what +
-                                     " failed: " + backend_->error_name(code) + "; rolled back, bytes intact");
+    unwind(steps, num_committed);
+    for (auto& [id, c] : involved) {
+      (void)c;
+      record_at(start, AQUA_EV_MOVE_FAILED, id, src_tier, dst_tier, total, now_ns() - start, 0, code);
+    }
+    std::string who = "'" + ctx.tag + "'";
+    if (involved.size() > 1) who += " (with evictions of " + std::to_string(involved.size() - 1) + " parked contexts)";
+    return fail(AQUA_ERR_DRIVER, "moving context " + who + " (" + bytes_text(total) + ", " + tier_name(src_tier) +
+                                     " -> " + tier_name(dst_tier) + "): " + what + " failed: " +
+                                     backend_->error_name(code) + "; rolled back, bytes intact");
   };
 
-  Stream stream = 0;
-  if (int r = mover_stream(ctx.device, &stream)) return failed(0, "creating the mover stream", r);
-  // Order the copies after the context's last kernels (recorded at park).
-  if (ctx.park_recorded) {
-    if (int r = backend_->stream_wait_event(stream, ctx.park_event)) return failed(0, "waiting for the park event", r);
+  // One stream per direction; each waits for the last kernels of every context involved
+  // (recorded at park), so no copy reads a range a kernel may still write.
+  Stream streams[2] = {0, 0};  // [0]: out of the device (and between other tiers), [1]: into it
+  for (const Step& s : steps) {
+    int dir = s.dst == s.ctx->device ? 1 : 0;
+    if (streams[dir]) continue;
+    if (int r = mover_stream(ctx.device, dir == 1, &streams[dir])) return failed(0, "creating a mover stream", r);
+    for (auto& [id, c] : involved) {
+      (void)id;
+      if (!c->park_recorded) continue;
+      if (int r = backend_->stream_wait_event(streams[dir], c->park_event))
+        return failed(0, "waiting for the park event", r);
+    }
   }
   for (Step& s : steps) {
     const Piece& p = s.segment->pieces[s.index];
+    Stream stream = streams[s.dst == s.ctx->device ? 1 : 0];
     uint64_t t0 = now_ns();
     int r = 0;
     auto prestaged = s.dst == AQUA_TIER_HOST ? host_staging_.find(s.handle) : host_staging_.end();
@@ -1139,14 +1245,14 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
         return failed(0, "staging map", r);
       }
       s.staged = true;
-      if ((r = backend_->set_access(s.target, p.size, ctx.device)) != 0) {
+      if ((r = backend_->set_access(s.target, p.size, s.ctx->device)) != 0) {
         drain_issued(0);
         return failed(0, "staging set-access", r);
       }
     }
     uint64_t t1 = now_ns();
     r = backend_->copy_async(s.target, s.segment->va + p.offset, p.size, stream);
-    if (r == 0) r = take_event(ctx.device, &s.copied);
+    if (r == 0) r = take_event(s.ctx->device, &s.copied);
     if (r == 0) r = backend_->event_record(s.copied, stream);
     if (r != 0) {
       drain_issued(0);
@@ -1179,13 +1285,13 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     }
     int r = backend_->map(home, p.size, s.handle);
     if (r == 0) {
-      r = backend_->set_access(home, p.size, ctx.device);
+      r = backend_->set_access(home, p.size, s.ctx->device);
       if (r != 0) retry(&Backend::unmap, home, p.size);
     }
     if (r != 0) {
       // Put the old backing back at home; then unwind the committed steps.
       bool mapped = false;
-      if (!remap_retried(home, p.size, p.handle, ctx.device, &mapped))
+      if (!remap_retried(home, p.size, p.handle, s.ctx->device, &mapped))
         std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
       drain_issued(k + 1);
       return failed(k, "map at home", r);
@@ -1196,29 +1302,34 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   // settle the accounts.
   uint64_t t_release = now_ns();
   std::set<int> tiers_out, tiers_in;  // a move counts once per tier it touches
-  std::map<std::pair<int, int>, uint64_t> bytes_by_pair;
+  std::map<std::tuple<int, int, int>, uint64_t> bytes_by_move;  // (context, src, dst) -> bytes
+  uint64_t own_bytes = 0;
   for (Step& s : steps) {
     Piece& p = s.segment->pieces[s.index];
-    account_remove(p.tier, ctx.device, p.size, true);
+    Context& c = *s.ctx;
+    account_remove(p.tier, c.device, p.size, true);
     tiers_out.insert(tier_index(p.tier));
     tiers_in.insert(tier_index(s.dst));
     charge(s.dst, p.size, true);
-    bytes_by_pair[{p.tier, s.dst}] += p.size;
+    bytes_by_move[{c.id, p.tier, s.dst}] += p.size;
+    if (&c == &ctx) own_bytes += p.size;
     give_back(p.tier, p.handle, p.handle_bytes);
-    if (s.dst == ctx.device) p.away_since = 0;
-    else if (p.tier == ctx.device) p.away_since = ++clock_;
+    if (s.dst == c.device) p.away_since = 0;
+    else if (p.tier == c.device) p.away_since = ++clock_;
     p.tier = s.dst;
     p.handle = s.handle;
     p.handle_bytes = s.handle_bytes;
-    idle_events_[ctx.device].push_back(s.copied);
+    idle_events_[c.device].push_back(s.copied);
   }
   for (int t : tiers_out) counters_[t].moves_out++;
   for (int t : tiers_in) counters_[t].moves_in++;
   profile(kPhaseRelease, t_release, now_ns());
-  *bytes_moved = total;
+  *bytes_moved = own_bytes;
   uint64_t dur = now_ns() - start;
-  for (auto& [pair, nbytes] : bytes_by_pair)
-    record_at(start, AQUA_EV_MOVE_END, ctx.id, pair.first, pair.second, nbytes, dur, steps.front().segment->va, 0);
+  for (auto& [key, nbytes] : bytes_by_move) {
+    auto [id, src, dst] = key;
+    record_at(start, AQUA_EV_MOVE_END, id, src, dst, nbytes, dur, steps.front().segment->va, 0);
+  }
   return AQUA_OK;
 }
 

@@ -140,6 +140,8 @@ class Core {
   bool make_local_room(int device, uint64_t need, int exclude_context);
   Context* lru_parked_victim(int device, int exclude_context);
   uint64_t evict_pieces_of(Context& victim, uint64_t need);
+  uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<Step>& steps);
+  void drop_planned(std::vector<Step>& steps, size_t from);
   uint64_t lent_excess(int tier) const;
   int move_off_lenders(Context& ctx, int only_tier, uint64_t* moved);
   uint64_t reclaim_locked(int device);
@@ -147,11 +149,11 @@ class Core {
 
   // The mover (mutex_ held): all or nothing over `steps`.
   int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);
-  void unwind(Context& ctx, std::vector<Step>& steps, size_t num_committed);
+  void unwind(std::vector<Step>& steps, size_t num_committed);
   bool retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size);
   bool remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped);
   int take_event(int device, Event* event);
-  int mover_stream(int device, Stream* stream);
+  int mover_stream(int device, bool inbound, Stream* stream);
   void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
               int status);
   void record_at(uint64_t t_ns, int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns,
@@ -183,7 +185,8 @@ class Core {
   std::vector<TierCounters> counters_;       // per tier index
   HostPool host_pool_;
   std::map<Handle, uintptr_t> host_staging_;  // host backing -> its own mapping (see create_host_backing)
-  std::vector<Stream> streams_;              // mover stream per device, 0 until made
+  std::vector<Stream> streams_;              // per device: mover stream out of it, 0 until made
+  std::vector<Stream> in_streams_;           // per device: mover stream into it, 0 until made
   std::vector<std::vector<Event>> idle_events_;  // per device: events belong to a device's context
 
   // Device backings given back by moves and frees, released by the background thread
