@@ -22,10 +22,12 @@ from .allocator import (
     is_enabled,
     lend,
     park,
+    prefetch,
     reclaim,
     release,
     resume,
     stats,
+    wait_on_stream,
     where,
 )
 from .config import ConfigError, Settings
@@ -37,7 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "ContextError", "CoreError", "CoreOutOfMemory", "MoveResult", "NoDeviceError", "ReclaimResult",
     "Settings", "Scheduler", "context", "contexts", "current_context", "disable", "enable", "evict", "is_enabled",
-    "lend", "park", "reclaim", "release", "resume", "stats", "where",
+    "lend", "park", "prefetch", "reclaim", "release", "resume", "stats", "wait_on_stream", "where",
 ]
 
 

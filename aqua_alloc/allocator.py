@@ -360,25 +360,77 @@ class MoveResult:
 
 def resume(tag: str, wait: bool = True) -> MoveResult | concurrent.futures.Future:
     """Mark `tag` running and bring its bytes back to its GPU, as far as room allows
-    (parked contexts are evicted first). With wait=False, returns a Future at once; do not
-    launch kernels on the context before it is done."""
+    (parked contexts are evicted in the same move, least recently run first).
+
+    With wait=False it returns a Future at once and the move runs in the background; work
+    the caller queues afterwards on its current CUDA stream waits for the move on the GPU
+    (a stream wait on a flag the move sets), not on the host, so kernels may be launched on
+    the context right away. Where the driver cannot queue such a wait, the call waits for
+    the move on the host before it returns (the Future is then already done)."""
     with _lock:
-        state = _require()
         ctx = _find(tag)
-        if not wait and state.prefetcher is None:
-            state.prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="aqua-prefetch")
-
     stream = _current_stream(ctx)  # the caller's: a running context's moves wait for its work
-
-    def run() -> MoveResult:
+    if wait:
         moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
         check(_native.lib().aqua_resume(ctx.id, stream, ctypes.byref(moved), ctypes.byref(elsewhere)),
               f"resume({tag!r})")
         return MoveResult(moved.value, elsewhere.value)
+    future = _start_resume(ctx, stream)
+    if _native.lib().aqua_resume_wait_on_stream(future.ticket, stream) != _native.Status.OK:
+        future.result()  # no GPU-side wait here: wait on the host instead (raises what the move raised)
+    return future
 
-    if wait:
-        return run()
-    return state.prefetcher.submit(run)
+
+def prefetch(tag: str) -> concurrent.futures.Future:
+    """Start bringing `tag` back to its GPU in the background and return a Future of its
+    MoveResult; nothing waits for it. The context counts as running from now on (it is not
+    evicted). Before running kernels on it, call :func:`wait_on_stream` (GPU-side wait) or
+    ``.result()`` (host wait). For schedulers that resume the next prompt while one runs."""
+    with _lock:
+        ctx = _find(tag)
+    return _start_resume(ctx, _current_stream(ctx))
+
+
+def wait_on_stream(future: concurrent.futures.Future, stream: Any = None) -> bool:
+    """Make work queued later on `stream` (default: the current stream of the context's
+    GPU) wait, on the GPU, for the move of a :func:`prefetch` or ``resume(wait=False)``.
+    Returns False where the driver cannot queue such a wait (then wait on the host)."""
+    ticket = getattr(future, "ticket", None)
+    if ticket is None:
+        raise ValueError("wait_on_stream(): expected the Future of prefetch() or resume(wait=False)")
+    if stream is None:
+        with _lock:
+            state = _require()
+            ctx_stream = 0
+            if state.backend == Backend.CUDA:
+                import torch  # noqa: PLC0415
+
+                ctx_stream = torch.cuda.current_stream(future.device).cuda_stream
+        stream = ctx_stream
+    else:
+        stream = getattr(stream, "cuda_stream", stream)
+    return _native.lib().aqua_resume_wait_on_stream(ticket, int(stream)) == _native.Status.OK
+
+
+def _start_resume(ctx: _Context, stream: int) -> concurrent.futures.Future:
+    """Queue an asynchronous resume of `ctx`; a prefetcher thread resolves its Future."""
+    with _lock:
+        state = _require()
+        if state.prefetcher is None:
+            state.prefetcher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="aqua-prefetch")
+    ticket = ctypes.c_uint32()
+    check(_native.lib().aqua_resume_async(ctx.id, stream, ctypes.byref(ticket)), f"resume({ctx.tag!r})")
+
+    def result() -> MoveResult:
+        moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
+        check(_native.lib().aqua_resume_result(ticket.value, ctypes.byref(moved), ctypes.byref(elsewhere)),
+              f"resume({ctx.tag!r})")
+        return MoveResult(moved.value, elsewhere.value)
+
+    future = state.prefetcher.submit(result)
+    future.ticket = ticket.value   # for wait_on_stream
+    future.device = ctx.device
+    return future
 
 
 def evict(tag: str, tier: int | str = "auto") -> int:

@@ -196,6 +196,7 @@ class _Prompt:
         self.local_tier = "gpu0"
         self.prefetch: Any = None           # handle of a resume(wait=False) in flight
         self.prefetch_away = 0              # bytes off the GPU when that prefetch began
+        self.resume_needed = False          # a prefetch left bytes elsewhere: resume at the next step
 
     @property
     def has_context(self) -> bool:
@@ -522,9 +523,12 @@ class Scheduler:
             emit(EventKind.FIRST_TOKEN, context=prompt.tag, step=prompt.first_token_step)
         if prompt.error is not None:
             raise prompt.error
-        if prompt.has_context and getattr(prompt.allocator, "reclaim_pending", lambda: False)():
-            # A lender wants memory that holds part of this running context: between two
-            # steps is a safe point to move it on (the move waits for this step's kernels).
+        if prompt.has_context and (prompt.resume_needed
+                                   or getattr(prompt.allocator, "reclaim_pending", lambda: False)()):
+            # Between two steps is a safe point to move this running context (the move waits
+            # for this step's kernels): to finish a prefetch that could not bring everything
+            # back, or because a lender wants memory that holds part of it.
+            prompt.resume_needed = False
             prompt.allocator.resume(prompt.tag, wait=True)
         if not self._slice_over(prompt):
             return
@@ -620,6 +624,18 @@ class Scheduler:
             prompt.prefetch = None
             if self._prefetched is prompt:
                 self._prefetched = None
+        wait_on_stream = getattr(prompt.allocator, "wait_on_stream", None)
+        if handle is not None and not handle.done() and wait_on_stream is not None and wait_on_stream(handle):
+            # Still moving: this prompt's kernels wait for the move on the GPU while its thread
+            # goes on, so the host-side work of its next step overlaps the move's tail. The
+            # outcome is counted when it lands; bytes it left elsewhere come back at the next step.
+            handle.add_done_callback(functools.partial(self._prefetch_landed, prompt, away))
+            with self._lock:
+                prompt.parked_ns += time.monotonic_ns() - prompt.parked_since
+                prompt.parked_since = None
+            emit(EventKind.RESUMED, context=prompt.tag, bytes=None, bytes_away=away, bytes_elsewhere=None,
+                 prefetched=True)
+            return
         if handle is not None:
             result = _wait_move(handle)
             moved_in = getattr(result, "bytes_moved", 0)
@@ -640,6 +656,19 @@ class Scheduler:
         emit(EventKind.RESUMED, context=prompt.tag, bytes=moved_in, bytes_away=away,
              bytes_elsewhere=getattr(result, "bytes_elsewhere", 0), prefetched=handle is not None)
 
+    def _prefetch_landed(self, prompt: _Prompt, away: int, future: Any) -> None:
+        """A prefetch that the prompt's stream waited for on the GPU has finished."""
+        try:
+            result = future.result()
+        except Exception:  # noqa: BLE001 - rolled back: its bytes are usable where they are
+            log.exception("aqua_alloc: prefetch of %r failed; resuming it at its next step", prompt.tag)
+            prompt.resume_needed = True
+            return
+        with self._lock:
+            prompt.bytes_moved += away + getattr(result, "bytes_moved", 0)
+            if getattr(result, "bytes_elsewhere", 0):
+                prompt.resume_needed = True
+
     def _prefetch_next(self) -> None:
         """Start bringing back the context of the prompt that would run next."""
         with self._lock:
@@ -650,7 +679,9 @@ class Scheduler:
             if self._prefetched is not None:
                 self._unprefetch_locked()
             successor.prefetch_away = self._bytes_away(successor)
-            successor.prefetch = successor.allocator.resume(successor.tag, wait=False)
+            start = getattr(successor.allocator, "prefetch", None)  # no wait on this thread's stream
+            successor.prefetch = (start(successor.tag) if start is not None
+                                  else successor.allocator.resume(successor.tag, wait=False))
             self._prefetched = successor
 
     @staticmethod

@@ -234,6 +234,18 @@ int aqua_evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   WITH_CORE(core);
   return guarded([&] { return core->evict(id, tier, stream, bytes_moved); });
 }
+int aqua_resume_async(int id, uint64_t stream, uint32_t* ticket) {
+  WITH_CORE(core);
+  return guarded([&] { return core->resume_async(id, stream, ticket); });
+}
+int aqua_resume_wait_on_stream(uint32_t ticket, uint64_t stream) {
+  WITH_CORE(core);
+  return guarded([&] { return core->resume_wait_on_stream(ticket, stream); });
+}
+int aqua_resume_result(uint32_t ticket, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
+  WITH_CORE(core);
+  return guarded([&] { return core->resume_result(ticket, bytes_moved, bytes_elsewhere); });
+}
 int aqua_reclaim(int device, uint64_t* bytes_moved, uint64_t* bytes_pending) {
   WITH_CORE(core);
   return guarded([&] { return core->reclaim(device, bytes_moved, bytes_pending); });

@@ -151,6 +151,14 @@ AQUA_EXPORT int aqua_park(int id, uint64_t stream);
  * the context is running, the move first waits for the work already queued on `stream`.
  * *bytes_moved: bytes brought back; *bytes_elsewhere: bytes still on other tiers. */
 AQUA_EXPORT int aqua_resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
+/* Asynchronous resume: as aqua_resume, but the move runs on a worker thread and this returns
+ * at once with *ticket. aqua_resume_wait_on_stream(ticket, stream) makes work queued after
+ * it on `stream` wait, on the GPU, until the move is done (moved, or rolled back: either
+ * way the context may run); aqua_resume_result(ticket, ...) waits on the host and returns
+ * the move's status and byte counts (once per ticket). Resumes run in ticket order. */
+AQUA_EXPORT int aqua_resume_async(int id, uint64_t stream, uint32_t* ticket);
+AQUA_EXPORT int aqua_resume_wait_on_stream(uint32_t ticket, uint64_t stream);
+AQUA_EXPORT int aqua_resume_result(uint32_t ticket, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
 /* Park the context (its event recorded on `stream`) and move every byte of it that is not
  * on `tier` to `tier` (AQUA_TIER_AUTO: the best tier other than its device with room, per
  * piece). All or nothing. A refused request (bad tier) leaves the context as it was. */

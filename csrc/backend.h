@@ -60,6 +60,13 @@ class Backend {
   virtual int event_record(Event event, Stream stream) = 0;
   virtual int event_sync(Event event) = 0;
   virtual int stream_wait_event(Stream stream, Event event) = 0;
+
+  // A 32-bit word of pinned host memory that kernels' streams can wait on: *host is its
+  // address for the CPU, *device_addr for stream_wait_value. Made once per core.
+  virtual int flag_create(uint32_t** host, uintptr_t* device_addr) = 0;
+  // Work queued on `stream` after this waits until the word at device_addr, minus `value`,
+  // is >= 0 as signed 32-bit (so tickets may wrap around). The CPU writes the word.
+  virtual int stream_wait_value(Stream stream, uintptr_t device_addr, uint32_t value) = 0;
 };
 
 // The real driver. Returns nullptr and sets *why when libcuda or a device is missing.

@@ -68,6 +68,7 @@ Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
 }
 
 Core::~Core() {
+  stop_async_thread();
   {
     std::lock_guard<std::mutex> lock(mutex_);
     pool_thread_stop_ = true;
@@ -322,6 +323,7 @@ int Core::context_release(int id) {
 }
 
 int Core::park(int id, uint64_t stream) {
+  wait_async_resume_of(id);
   std::lock_guard<std::mutex> lock(mutex_);
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "park: no live context with id " + std::to_string(id));
@@ -875,6 +877,19 @@ void* Core::malloc(size_t size, int device, int thread_context) {
 }
 
 void Core::free(void* ptr) {
+  int home = -1;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = segments_.find(reinterpret_cast<uintptr_t>(ptr));
+    if (it != segments_.end()) home = contexts_.at(it->second->context)->device;
+  }
+  // Like cudaFree: kernels still using the memory finish before it is unmapped. Not under
+  // mutex_: a stream may be waiting (on the GPU) for an asynchronous resume, whose worker
+  // needs mutex_ to finish.
+  if (home >= 0) {
+    if (int r = backend_->device_sync(home))
+      std::fprintf(stderr, "[aqua_alloc] synchronizing before a free failed: %s\n", backend_->error_name(r).c_str());
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = segments_.find(reinterpret_cast<uintptr_t>(ptr));
   if (it == segments_.end()) {
@@ -884,10 +899,6 @@ void Core::free(void* ptr) {
   }
   Segment* seg = it->second.get();
   auto ctx_it = contexts_.find(seg->context);
-  int home = ctx_it->second->device;
-  // Like cudaFree: kernels still using the memory finish before it is unmapped.
-  if (int r = backend_->device_sync(home))
-    std::fprintf(stderr, "[aqua_alloc] synchronizing before a free failed: %s\n", backend_->error_name(r).c_str());
   bool all_unmapped = true;
   for (const Piece& p : seg->pieces) {
     record(AQUA_EV_UNMAP, seg->context, p.tier, AQUA_TIER_NONE, p.size, 0, seg->va + p.offset, 0);
@@ -918,9 +929,9 @@ void Core::free(void* ptr) {
 int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   std::lock_guard<std::mutex> lock(mutex_);
   Context* ctx = find_context(id);
-  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
   *bytes_moved = 0;
   *bytes_elsewhere = 0;
+  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
   if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
   if (!ctx->parked) {
     // Running: its kernels may still be writing on `stream`; the move must wait for them.
@@ -929,6 +940,134 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
   ctx->parked = false;
   ctx->last_run = ++clock_;
   record(AQUA_EV_CONTEXT_RESUME, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
+  return resume_locked(*ctx, bytes_moved, bytes_elsewhere);
+}
+
+// --- asynchronous resume ---------------------------------------------------------------
+
+int Core::resume_async(int id, uint64_t stream, uint32_t* ticket) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Context* ctx = find_context(id);
+    if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
+    if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+    if (!flag_host_) {
+      if (int r = backend_->flag_create(&flag_host_, &flag_device_)) {
+        flag_host_ = nullptr;
+        return driver_fail("creating the resume flag (pinned host memory)", r);
+      }
+    }
+    // Here, not on the worker: the park event of a running context must be recorded on the
+    // caller's stream before the caller queues a wait for the move after it.
+    if (!ctx->parked) {
+      if (int r = record_park(*ctx, stream)) return r;
+    }
+    ctx->parked = false;
+    ctx->last_run = ++clock_;
+    record(AQUA_EV_CONTEXT_RESUME, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
+  }
+  {
+    std::lock_guard<std::mutex> lock(async_mutex_);
+    if (async_stop_) return fail(AQUA_ERR_STATE, "resume: aqua_alloc is shutting down");
+    *ticket = ++async_next_ticket_;
+    async_queue_.push_back(AsyncResume{*ticket, id});
+    if (!async_thread_.joinable()) async_thread_ = std::thread(&Core::async_thread_main, this);
+  }
+  async_cv_.notify_all();
+  std::lock_guard<std::mutex> lock(mutex_);  // (if the job is already done, waiting for it is free)
+  if (Context* ctx = find_context(id)) ctx->async_ticket = *ticket;
+  return AQUA_OK;
+}
+
+void Core::async_thread_main() {
+  std::unique_lock<std::mutex> lock(async_mutex_);
+  for (;;) {
+    async_cv_.wait(lock, [&] { return async_stop_ || !async_queue_.empty(); });
+    if (async_queue_.empty()) return;  // stopping, and every job is done
+    AsyncResume job = async_queue_.front();
+    async_queue_.erase(async_queue_.begin());
+    lock.unlock();
+    AsyncOutcome out{AQUA_OK, 0, 0, {}};
+    {
+      std::lock_guard<std::mutex> core_lock(mutex_);
+      Context* ctx = find_context(job.context);
+      if (!ctx) {
+        out.status = fail(AQUA_ERR_NOT_FOUND, "resume: context " + std::to_string(job.context) + " was released");
+      } else if (int r = backend_->bind(ctx->device)) {
+        out.status = driver_fail("binding the device", r);
+      } else {
+        out.status = resume_locked(*ctx, &out.moved, &out.elsewhere);
+      }
+      if (out.status != AQUA_OK) out.error = last_error();
+      // Done (moved, or rolled back with the bytes where they were: either way the context
+      // may run): release the GPU-side waits.
+      __atomic_store_n(flag_host_, job.ticket, __ATOMIC_RELEASE);
+    }
+    lock.lock();
+    async_done_[job.ticket] = std::move(out);
+    async_last_done_ = job.ticket;
+    async_cv_.notify_all();
+  }
+}
+
+int Core::resume_wait_on_stream(uint32_t ticket, uint64_t stream) {
+  {
+    std::lock_guard<std::mutex> lock(async_mutex_);
+    if (ticket == 0 || static_cast<int32_t>(ticket - async_next_ticket_) > 0)
+      return fail(AQUA_ERR_INVALID, "resume wait: unknown ticket " + std::to_string(ticket));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (int r = backend_->stream_wait_value(stream, flag_device_, ticket))
+    return driver_fail("queueing the GPU-side wait for a resume", r);
+  return AQUA_OK;
+}
+
+int Core::resume_result(uint32_t ticket, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
+  std::unique_lock<std::mutex> lock(async_mutex_);
+  if (ticket == 0 || static_cast<int32_t>(ticket - async_next_ticket_) > 0)
+    return fail(AQUA_ERR_INVALID, "resume result: unknown ticket " + std::to_string(ticket));
+  async_cv_.wait(lock, [&] { return async_done_.count(ticket) || static_cast<int32_t>(async_last_done_ - ticket) >= 0; });
+  auto it = async_done_.find(ticket);
+  if (it == async_done_.end()) return fail(AQUA_ERR_INVALID, "resume result: ticket " + std::to_string(ticket) + " was already taken");
+  AsyncOutcome out = std::move(it->second);
+  async_done_.erase(it);
+  *bytes_moved = out.moved;
+  *bytes_elsewhere = out.elsewhere;
+  if (out.status != AQUA_OK) set_last_error(out.error);
+  return out.status;
+}
+
+// A park or an eviction of a context whose asynchronous resume is still queued waits for
+// it first: its park event, recorded again now, must not be what that move waits for
+// (work queued on the stream after a GPU-side wait for a later ticket would never run).
+void Core::wait_async_resume_of(int id) {
+  uint32_t ticket = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (Context* ctx = find_context(id)) ticket = ctx->async_ticket;
+  }
+  if (ticket == 0) return;
+  std::unique_lock<std::mutex> lock(async_mutex_);
+  async_cv_.wait(lock, [&] { return async_stop_ || static_cast<int32_t>(async_last_done_ - ticket) >= 0; });
+}
+
+void Core::stop_async_thread() {
+  {
+    std::lock_guard<std::mutex> lock(async_mutex_);
+    async_stop_ = true;
+  }
+  async_cv_.notify_all();
+  if (async_thread_.joinable()) async_thread_.join();
+}
+
+// Brings the pieces of running `ctx` home as far as room allows (mutex_ held, its device
+// bound, its park event recorded if it was running).
+int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
+  Context* ctx = &context;
+  *bytes_moved = 0;
+  *bytes_elsewhere = 0;
+  int id = ctx->id;
+  (void)id;
   uint64_t need = 0;
   for (uintptr_t va : ctx->segments)
     for (const Piece& p : segments_.at(va)->pieces)
@@ -1014,6 +1153,7 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
 }
 
 int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
+  wait_async_resume_of(id);
   std::lock_guard<std::mutex> lock(mutex_);
   *bytes_moved = 0;
   Context* ctx = find_context(id);
@@ -1341,6 +1481,10 @@ int Core::shutdown(bool force) {
     if (!segments_.empty() && !force)
       return fail(AQUA_ERR_STATE, std::to_string(segments_.size()) +
                                       " segments are still live (tensors allocated in contexts); free them first");
+  }
+  stop_async_thread();  // queued resumes finish first
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
     pool_thread_stop_ = true;
   }
   pool_cv_.notify_all();

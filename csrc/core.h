@@ -58,6 +58,7 @@ struct Context {
   bool released = false;
   uint64_t last_run = 0;      // logical clock of the last park or resume (LRU order)
   Event park_event = 0;       // recorded at park; every move of the context waits for it
+  uint32_t async_ticket = 0;  // its last asynchronous resume (0: none)
   bool park_recorded = false;
   std::set<uintptr_t> segments;
 };
@@ -89,6 +90,12 @@ class Core {
   int context_release(int id);
   int park(int id, uint64_t stream);
   int resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
+  // Asynchronous resume: marks the context running and starts its move on a worker thread;
+  // *ticket names it. resume_wait_on_stream makes work queued later on `stream` wait (on
+  // the GPU) until it is done; resume_result waits on the host and gives its outcome.
+  int resume_async(int id, uint64_t stream, uint32_t* ticket);
+  int resume_wait_on_stream(uint32_t ticket, uint64_t stream);
+  int resume_result(uint32_t ticket, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
   int evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved);
   int where(int id, uint64_t* out, int len);
   // Moves pieces of parked contexts off lender `device` until it holds no more of other
@@ -161,6 +168,11 @@ class Core {
   int fail(int code, const std::string& message);
   int driver_fail(const char* what, int code);
 
+  int resume_locked(Context& ctx, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
+  void async_thread_main();
+  void wait_async_resume_of(int id);
+  void stop_async_thread();
+
   void pool_thread_main();
   bool grow_pool_once(std::unique_lock<std::mutex>& lock, int* error);
   int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
@@ -209,6 +221,28 @@ class Core {
   bool pool_thread_stop_ = false;
   std::condition_variable pool_cv_;
   std::thread pool_thread_;
+
+  // Asynchronous resumes: one worker runs them in ticket order, so the flag word (the last
+  // ticket done) only grows and a GPU-side wait for ticket t is "flag >= t".
+  struct AsyncResume {
+    uint32_t ticket;
+    int context;
+  };
+  struct AsyncOutcome {
+    int status;
+    uint64_t moved, elsewhere;
+    std::string error;
+  };
+  std::mutex async_mutex_;  // guards the members below; never held while taking mutex_
+  std::condition_variable async_cv_;
+  std::vector<AsyncResume> async_queue_;
+  std::map<uint32_t, AsyncOutcome> async_done_;  // until resume_result takes it
+  uint32_t async_next_ticket_ = 0;
+  uint32_t async_last_done_ = 0;
+  bool async_stop_ = false;
+  std::thread async_thread_;
+  uint32_t* flag_host_ = nullptr;  // made on the first asynchronous resume (mutex_ held)
+  uintptr_t flag_device_ = 0;
 
   uint64_t profile_ns_[kNumPhases] = {};
   uint64_t profile_calls_[kNumPhases] = {};

@@ -47,6 +47,10 @@ struct Driver {
   decltype(&::cuEventRecord) EventRecord = nullptr;
   decltype(&::cuEventSynchronize) EventSynchronize = nullptr;
   decltype(&::cuCtxSynchronize) CtxSynchronize = nullptr;
+  // Optional (the prefetch's GPU-side wait; without them resume(wait=False) waits on the host).
+  decltype(&::cuMemHostAlloc) MemHostAlloc = nullptr;
+  decltype(&::cuMemHostGetDevicePointer) MemHostGetDevicePointer = nullptr;
+  decltype(&::cuStreamWaitValue32) StreamWaitValue32 = nullptr;
 };
 
 using GetProcAddressV2 = CUresult (*)(const char*, void**, int, cuuint64_t, CUdriverProcAddressQueryResult*);
@@ -100,6 +104,15 @@ class CudaBackend final : public Backend {
     load("cuEventSynchronize", &d_.EventSynchronize);
     load("cuCtxSynchronize", &d_.CtxSynchronize);
     if (!ok) return false;
+    auto load_optional = [&](const char* name, auto* fn) {
+      void* p = nullptr;
+      CUdriverProcAddressQueryResult status;
+      if (get_proc(name, &p, 12000, CU_GET_PROC_ADDRESS_DEFAULT, &status) != CUDA_SUCCESS) p = nullptr;
+      *fn = reinterpret_cast<std::remove_reference_t<decltype(*fn)>>(p);
+    };
+    load_optional("cuMemHostAlloc", &d_.MemHostAlloc);
+    load_optional("cuMemHostGetDevicePointer", &d_.MemHostGetDevicePointer);
+    load_optional("cuStreamWaitValue32", &d_.StreamWaitValue32);
 
     CUresult r = d_.Init(0);
     if (r != CUDA_SUCCESS) {
@@ -242,6 +255,25 @@ class CudaBackend final : public Backend {
   int event_sync(Event event) override { return d_.EventSynchronize(reinterpret_cast<CUevent>(event)); }
   int stream_wait_event(Stream stream, Event event) override {
     return d_.StreamWaitEvent(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUevent>(event), 0);
+  }
+
+  int flag_create(uint32_t** host, uintptr_t* device_addr) override {
+    if (!d_.MemHostAlloc || !d_.MemHostGetDevicePointer) return CUDA_ERROR_NOT_SUPPORTED;
+    void* p = nullptr;
+    // Portable (every context may use it) and mapped into the devices' address space.
+    if (CUresult r = d_.MemHostAlloc(&p, 64, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP)) return r;
+    CUdeviceptr d = 0;
+    if (CUresult r = d_.MemHostGetDevicePointer(&d, p, 0)) return r;  // the page stays: one per core
+    *host = static_cast<uint32_t*>(p);
+    **host = 0;
+    *device_addr = static_cast<uintptr_t>(d);
+    return CUDA_SUCCESS;
+  }
+
+  int stream_wait_value(Stream stream, uintptr_t device_addr, uint32_t value) override {
+    if (!d_.StreamWaitValue32) return CUDA_ERROR_NOT_SUPPORTED;
+    return d_.StreamWaitValue32(reinterpret_cast<CUstream>(stream), static_cast<CUdeviceptr>(device_addr), value,
+                                CU_STREAM_WAIT_VALUE_GEQ);
   }
 
  private:

@@ -20,11 +20,14 @@
 #include <linux/falloc.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "backend.h"
@@ -313,6 +316,21 @@ class SimBackend final : public Backend, public SimControl {
   }
   int stream_wait_event(Stream, Event) override { return SIM_OK; }
 
+  // Streams are synchronous here: what follows a wait on the calling thread is the work
+  // "queued after" it, so the wait blocks the caller until the word reaches the value.
+  int flag_create(uint32_t** host, uintptr_t* device_addr) override {
+    flag_ = std::make_unique<uint32_t>(0);
+    *host = flag_.get();
+    *device_addr = reinterpret_cast<uintptr_t>(flag_.get());
+    return SIM_OK;
+  }
+  int stream_wait_value(Stream, uintptr_t device_addr, uint32_t value) override {
+    auto* word = reinterpret_cast<uint32_t*>(device_addr);
+    while (static_cast<int32_t>(__atomic_load_n(word, __ATOMIC_ACQUIRE) - value) < 0)
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    return SIM_OK;
+  }
+
   // --- SimControl ----------------------------------------------------------------------
   void fail_nth(int op, uint64_t nth, uint64_t count) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -353,6 +371,7 @@ class SimBackend final : public Backend, public SimControl {
   }
 
  private:
+  std::unique_ptr<uint32_t> flag_;  // see flag_create
   int arena_index(int tier) const {
     if (tier == AQUA_TIER_HOST) return config_.num_devices;
     if (tier >= 0 && tier < config_.num_devices) return tier;

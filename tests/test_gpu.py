@@ -243,3 +243,28 @@ def test_reclaim_moves_borrowed_contexts_off_a_peer(gpu):
     for k, t in tensors.items():
         assert aq.where(f"b{k}")["gpu1"] == 0
         assert torch.equal(t.cpu(), refs[k])
+
+
+def test_resume_without_waiting_orders_kernels_after_the_move_on_the_gpu(gpu):
+    with aq.context("pf"):
+        x = torch.randn(256 * MiB // 4, device="cuda")
+    ref = x.cpu()
+    aq.park("pf")
+    aq.evict("pf", "host")
+    future = aq.resume("pf", wait=False)
+    # Queued at once, behind a GPU-side wait for the move: it must write the moved bytes
+    # at their new home, not the old host backing.
+    x.add_(1)
+    assert future.result(timeout=30).bytes_elsewhere == 0
+    torch.cuda.synchronize()
+    assert aq.where("pf")["host"] == 0
+    assert torch.equal(x.cpu(), ref + 1)
+    # prefetch + wait_on_stream: the same, in two steps (what the scheduler does).
+    aq.park("pf")
+    aq.evict("pf", "host")
+    future = aq.prefetch("pf")
+    assert aq.wait_on_stream(future) is True
+    x.mul_(2)
+    future.result(timeout=30)
+    torch.cuda.synchronize()
+    assert torch.equal(x.cpu(), (ref + 1) * 2)
