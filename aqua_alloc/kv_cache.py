@@ -162,7 +162,10 @@ class _ChunkedSequence:
         if not pieces:
             return self._empty
         if len(pieces) == 1:
-            return pieces[0].contiguous()
+            # A copy even when the chunk is already contiguous: attention must not read the
+            # context's memory in place (it may live on host, and prefill attention reads
+            # each key many times).
+            return pieces[0].clone(memory_format=torch.contiguous_format)
         return torch.cat(pieces, dim=-2)
 
     def assign(self, states: torch.Tensor | None) -> None:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
+# every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
+# Steps: build gpu_tests long_prompt move soak sanitizer serve coordinator
+set -u
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))" 2>/dev/null || echo gpu)
+N=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+tag="$GPU-${N}gpu"
+run() {  # run NAME SECONDS CMD...: log to $OUT/NAME-$tag.log, say how it ended
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name-$tag.log" 2>&1
+  echo "[$name] exit $? after $((SECONDS - t0)) s" | tee -a "$OUT/$name-$tag.log"
+}
+for step in "$@"; do
+  case $step in
+    build) run build 240 python3 -m pip install --no-build-isolation --no-deps -e . ;;
+    gpu_tests) run gpu_tests 240 bash -c "cd tests && python3 -m pytest -m gpu -v -p no:cacheprovider" ;;
+    long_prompt) run bench_long_prompt 300 python3 benchmarks/bench_long_prompt.py --out "$OUT" ;;
+    move) run bench_move 240 python3 benchmarks/bench_move.py --sizes "${MOVE_SIZES:-64MiB,256MiB,1GiB,4GiB,8GiB}" \
+            --out "$OUT/bench_move-$tag.json" ;;
+    soak) run soak_gpu 200 python3 benchmarks/soak_gpu.py --seconds "${SOAK_SECONDS:-120}" --out "$OUT/soak_gpu-$tag.json" ;;
+    sanitizer) run sanitizer_memcheck 300 compute-sanitizer --tool memcheck --target-processes all \
+                 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${SANITIZER_K:+-k "$SANITIZER_K"} ;;
+    serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
