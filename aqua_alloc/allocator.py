@@ -30,6 +30,7 @@ _lock = threading.RLock()
 _state: "_State | None" = None
 _tags_by_id: dict[int, str] = {}   # every context id ever made -> tag (for events)
 _routing = threading.local()       # .stack: [(context, pool_ctx)] of this thread
+_threads_in_pools = 0              # `with context()` blocks inside torch.cuda.use_mem_pool now (under _lock)
 
 
 class NoDeviceError(RuntimeError):
@@ -296,10 +297,14 @@ def _get_or_create(state: _State, tag: str, device: Any) -> _Context:
 def context(tag: str, device: Any = None) -> Iterator[str]:
     """Route this thread's CUDA allocations to context `tag` (made on first use, on
     `device` or the current device). Nested contexts: the innermost wins."""
+    global _threads_in_pools
     with _lock:
         state = _require()
         ctx = _get_or_create(state, tag, device)
         ctx.users += 1
+        routed = ctx.pool is not None
+        if routed:
+            _threads_in_pools += 1
     lib = _native.lib()
     prev = ctypes.c_int()
     lib.aqua_set_thread_context(ctx.id, ctypes.byref(prev))
@@ -320,6 +325,10 @@ def context(tag: str, device: Any = None) -> Iterator[str]:
         lib.aqua_set_thread_context(prev.value, None)
         with _lock:
             ctx.users -= 1
+            if routed:
+                _threads_in_pools -= 1
+                if _threads_in_pools == 0 and _state is not None and _state.released_pools:
+                    _sweep_released_pools(_state)
 
 
 def current_context() -> str | None:
@@ -513,7 +522,12 @@ def _sweep_released_pools(state: _State) -> None:
     """Drop the pools of released contexts whose tensors are all gone: deleting a MemPool
     makes torch free its segments (aqua_free). A pool must not die while a tensor still
     holds one of its blocks (torch aborts when that tensor is freed later), so released
-    contexts with live tensors wait here."""
+    contexts with live tensors wait here. Nor may a pool die while any thread allocates
+    through ``use_mem_pool`` (PyTorch 2.11 asserts, or corrupts its state, when a pool is
+    destroyed during another thread's pool routing): then every pool waits for the last
+    such block to end, which sweeps again. Caller holds _lock."""
+    if _threads_in_pools:
+        return
     state.released_pools = [p for p in state.released_pools if _pool_has_live_blocks(p)]
 
 

@@ -15,8 +15,8 @@ the same run, on the same prompt:
 - ``offloaded``: transformers' ``cache_implementation="offloaded"`` (each layer's KV
   streamed from host before use and sent back after).
 
-For each: decode tokens/s (steps after the first token, timed at each step with the
-device synchronized), prefill seconds, where the context's bytes were (per tier), and
+For each: decode tokens/s (the median step after the first token, each step timed with
+the device synchronized; the mean is recorded too), prefill seconds, where the context's bytes were (per tier), and
 whether the generated token ids equal ``local``'s. Ratios against ``offloaded``.
 
 Writes benchmarks/results/bench_long_prompt-<gpu-name>-<n>gpu.json (rows
@@ -32,9 +32,14 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any
+
+# Deterministic cuBLAS (set before CUDA starts): the token comparison between systems must
+# not be at the mercy of split-K reductions that differ from run to run.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
@@ -87,12 +92,16 @@ def run_once(model: Any, prompt: torch.Tensor, new_tokens: int, cache: Any, tag:
                          pad_token_id=0, **generate_kwargs)
     torch.cuda.synchronize()
     steps = clock.times
-    decode_s = steps[-1] - steps[0]
+    intervals = [b - a for a, b in zip(steps, steps[1:])]
+    # The median step: batch-1 generate is host-bound and a garbage collection or a late
+    # thread wake-up can stretch one step many times over.
+    median_s = statistics.median(intervals)
     return {
         "tokens": out[0, prompt.shape[1]:].tolist(),
         "prefill_s": steps[0] - t0,
-        "decode_tok_s": (len(steps) - 1) / decode_s if decode_s > 0 else float("nan"),
-        "decode_ms_per_token": 1000 * decode_s / max(1, len(steps) - 1),
+        "decode_tok_s": 1.0 / median_s,
+        "decode_ms_per_token": 1000 * median_s,
+        "decode_mean_ms_per_token": 1000 * (steps[-1] - steps[0]) / len(intervals),
         "where": clock.where,
     }
 
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompt-tokens must be positive and --new-tokens at least 2")
 
     torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     dtype = torch.bfloat16
     config = llama_8b_config(args.layers)
     t0 = time.perf_counter()
@@ -214,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             "system": system, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in ("aqua-host", "aqua-peer") else None,
             "bytes_per_tier": bytes_per_tier, "decode_tok_s": r["decode_tok_s"],
-            "decode_ms_per_token": r["decode_ms_per_token"], "prefill_s": r["prefill_s"],
+            "decode_ms_per_token": r["decode_ms_per_token"],
+            "decode_mean_ms_per_token": r["decode_mean_ms_per_token"], "prefill_s": r["prefill_s"],
             "same_tokens_as_local": None if reference is None else r["tokens"] == reference,
             "ratio_to_offloaded": r["decode_tok_s"] / offloaded if offloaded else None,
         })

@@ -196,9 +196,20 @@ def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu):
     and resuming brings the spilled ranges home with the same bytes."""
     from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
 
+    from transformers import StoppingCriteria
+
     from aqua_alloc import _native
     from aqua_alloc.kv_cache import ContextKVCache
-    from tiny_models import AtStep
+
+    class AtStep(StoppingCriteria):  # calls `action` at the given steps; never stops
+        def __init__(self, steps, action):
+            self.steps, self.action, self.n = steps, action, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.n += 1
+            if self.n in self.steps:
+                self.action()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     # 4 layers x 2 (K, V) x 4 KV heads x 64 dims x 4 bytes = 8 KiB of KV per token.
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
