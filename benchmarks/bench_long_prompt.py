@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="bytes of KV the local GPU may hold (e.g. '2GiB'); default: half the KV")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every system, in turn; the best counts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -189,17 +190,30 @@ def main(argv: list[str] | None = None) -> int:
         model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
         torch.cuda.synchronize()
         print(f"warm-up: {time.perf_counter() - t:.1f} s")
-        for system in systems:
-            t = time.perf_counter()
-            r = run_system(system, model, prompt, args, kv_bytes, local_kv)
-            results[system] = r
-            if "skipped" in r:
-                print(f"{system:>10}: skipped: {r['skipped']}")
-                continue
-            where = {k: v for k, v in r["where"].items() if v}
-            print(f"{system:>10}: decode {r['decode_tok_s']:7.2f} tok/s ({r['decode_ms_per_token']:.1f} ms/token), "
-                  f"prefill {r['prefill_s']:.2f} s, context per tier {where or '-'} ({time.perf_counter() - t:.0f} s)")
-            torch.cuda.empty_cache()
+        # Rounds: every system once per round, in turn; each system's best round counts (the
+        # host-bound decode loop of one run can be slowed by the machine, not the system).
+        for round_index in range(args.rounds):
+            for system in systems:
+                t = time.perf_counter()
+                r = run_system(system, model, prompt, args, kv_bytes, local_kv)
+                if "skipped" in r:
+                    results[system] = r
+                    if round_index == 0:
+                        print(f"{system:>10}: skipped: {r['skipped']}")
+                    continue
+                where = {k: v for k, v in r["where"].items() if v}
+                print(f"round {round_index + 1} {system:>10}: decode {r['decode_tok_s']:7.2f} tok/s "
+                      f"({r['decode_ms_per_token']:.1f} ms/token), prefill {r['prefill_s']:.2f} s, "
+                      f"context per tier {where or '-'} ({time.perf_counter() - t:.0f} s)")
+                best = results.get(system)
+                r["rounds_tok_s"] = (best or {}).get("rounds_tok_s", []) + [r["decode_tok_s"]]
+                if best is None or r["decode_tok_s"] > best["decode_tok_s"]:
+                    results[system] = r
+                else:
+                    best["rounds_tok_s"] = r["rounds_tok_s"]
+                if best is not None and r["tokens"] != best["tokens"]:
+                    print(f"  {system}: round {round_index + 1} tokens differ from an earlier round")
+                torch.cuda.empty_cache()
 
         if "local" in systems:
             # The baseline's own run-to-run agreement (greedy decoding of random bf16 weights
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "system": system, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
             "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in ("aqua-host", "aqua-peer") else None,
             "bytes_per_tier": bytes_per_tier, "decode_tok_s": r["decode_tok_s"],
-            "decode_ms_per_token": r["decode_ms_per_token"],
+            "decode_ms_per_token": r["decode_ms_per_token"], "rounds_tok_s": r.get("rounds_tok_s"),
             "decode_mean_ms_per_token": r["decode_mean_ms_per_token"], "prefill_s": r["prefill_s"],
             "same_tokens_as_local": None if reference is None else r["tokens"] == reference,
             "ratio_to_offloaded": r["decode_tok_s"] / offloaded if offloaded else None,

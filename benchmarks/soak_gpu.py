@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "soak_gpu.json"))
     parser.add_argument("--oom-period", type=float, default=0.5, help="seconds between out-of-memory attempts (0: none)")
+    parser.add_argument("--no-prefetch", action="store_true", help="scheduler without prefetching the next context")
+    parser.add_argument("--stack-mib", type=int, default=0, help="thread stack size (MiB; 0: the default)")
     args = parser.parse_args(argv)
     faulthandler.enable()  # a crash prints every thread's Python stack
     if not torch.cuda.is_available():
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
           f"solo references in {time.perf_counter() - t0:.1f} s", flush=True)
 
     aq.enable(local_budget=local_budget, host_budget=host_budget, host_reserve=host_budget)
-    scheduler = Scheduler(policy="fair", slice_steps=args.slice_steps)
+    if args.stack_mib:
+        threading.stack_size(args.stack_mib << 20)
+    scheduler = Scheduler(policy="fair", slice_steps=args.slice_steps, prefetch=not args.no_prefetch)
     lock = threading.Lock()
     counts = {"completed": 0, "identical": 0, "mismatched": 0, "errors": 0, "oom_raised": 0, "oom_wrong": 0}
     errors: list[str] = []
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         threads.append(threading.Thread(target=out_of_memory))
     for t in threads:
         t.start()
+    while any(t.is_alive() for t in threads):
+        threads[0].join(timeout=10)
+        with lock:
+            print(f"soak: {time.perf_counter() - t_start:.0f} s: {counts}, {aq.stats()['num_moves']} moves", flush=True)
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t_start

@@ -1,0 +1,106 @@
+"""Serving benchmark: replay a real request trace on one GPU, served by plain generate one at a
+time (fcfs), by concurrent threads, by aqua_alloc's fair scheduler parking contexts to host
+(aqua-host) or to a peer GPU (aqua-peer), and by transformers' continuous batching (hf-cb).
+
+Every system serves the same requests (the trace's prompt and output lengths, random prompt
+ids, a random-weight model of a real shape) at offered loads that are shares of the request
+rate fcfs sustains (measured first). Reports time to first token, time per output token,
+throughput, failures and peak memory per tier, and each system's ratio to fcfs; checks that
+outputs equal the same requests run alone. The logic lives in aqua_alloc/serve_bench.py.
+
+    python benchmarks/bench_serve.py                                  # llama-1b shape, conv trace
+    python benchmarks/bench_serve.py --model tiny --device cpu --systems fcfs,aqua-host  # smoke test
+
+Writes, under --out (default benchmarks/results): bench_serve-<trace>-<gpu>.json (one row per
+system and load), .meta.json (settings, calibration, per-request records), .log, -ttft.png,
+and an aqua_alloc trace per aqua run (with a PNG of bytes per tier for the highest load).
+Exit status: 0; 1 if an output differs from its solo run (fcfs, threads, aqua-*); 2 for bad
+arguments.
+
+Data: Azure LLM inference traces (CC-BY-4.0), Patel et al., "Splitwise", ISCA 2024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from aqua_alloc.serve_trace import BenchInputError, parse_loads, parse_names
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "0", "") else int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from aqua_alloc.serve_bench import MODELS, BenchOptions, System
+
+    d = BenchOptions()
+
+    def per_model(field: str) -> str:
+        return "default per model: " + ", ".join(f"{name} {getattr(spec, field)}" for name, spec in MODELS.items())
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    add = p.add_argument
+    add("--trace", default=d.trace, help="conv, code, conv-excerpt (packaged) or a CSV path (default %(default)s)")
+    add("--traces-dir", default=None, help="directory of the Azure CSVs (default: shared/traces near the repo)")
+    add("--window-start", type=float, default=d.window_start_s, help="window start, trace s (default %(default)s)")
+    add("--window-s", type=float, default=d.window_s, help="window duration, trace s (default %(default)s)")
+    add("--max-requests", type=_optional_int, default=d.max_requests,
+        help="first requests of the window kept; 0 or none: all (default %(default)s)")
+    add("--max-prompt", type=int, default=None, help=f"clip prompts to this many tokens ({per_model('max_prompt')})")
+    add("--max-output", type=int, default=None, help=f"clip outputs to this many tokens ({per_model('max_output')})")
+    add("--model", default=d.model, choices=list(MODELS), help="model shape, random weights (default %(default)s)")
+    add("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
+    add("--kv-budget", default=None, help=f"GPU bytes for contexts, e.g. 256MiB ({per_model('kv_budget')})")
+    add("--systems", default=",".join(s.value for s in System), help="comma-separated (default: all)")
+    add("--loads", default="0.5,0.8,0.95", help="offered loads, shares of what fcfs sustains (default %(default)s)")
+    add("--seed", type=int, default=d.seed, help="weights, prompt ids, correctness sample (default %(default)s)")
+    add("--check", type=int, default=d.check,
+        help="requests run alone (twice each) first: calibration and output references (default %(default)s)")
+    add("--slice-steps", type=int, default=d.slice_steps, help="aqua scheduler slice, steps (default %(default)s)")
+    add("--chunk-tokens", type=int, default=d.chunk_tokens, help="aqua KV chunk, tokens (default %(default)s)")
+    add("--budget-s", type=float, default=d.budget_s,
+        help="target seconds for all replays: fewer requests when the estimate is over, and runs that would end "
+             "past 1.5x it are cut or skipped; 0: no limit (default %(default)s)")
+    add("--min-requests", type=int, default=d.min_requests, help="the budget never trims below (default %(default)s)")
+    add("--out", default=str(d.out_dir), help="output directory (default %(default)s)")
+    add("--name", default=None, help="file name stem (default bench_serve-<trace>-<gpu name>)")
+    add("--no-plots", action="store_true", help="do not draw PNGs")
+    add("--verbose", action="store_true", help="one log line per request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from aqua_alloc.serve_bench import BenchOptions, Log, System, format_table, run_benchmark, write_results
+
+    try:
+        options = BenchOptions(
+            trace=args.trace, traces_dir=args.traces_dir, window_start_s=args.window_start, window_s=args.window_s,
+            max_requests=args.max_requests, max_prompt=args.max_prompt, max_output=args.max_output,
+            model=args.model, device=args.device, kv_budget=args.kv_budget,
+            systems=parse_names(args.systems, [s.value for s in System], "--systems"),
+            loads=parse_loads(args.loads), seed=args.seed, check=args.check, slice_steps=args.slice_steps,
+            chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
+            out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
+        log = Log()
+        log("bench_serve " + " ".join(sys.argv[1:] if argv is None else argv))
+        result = run_benchmark(options, log)
+    except BenchInputError as e:
+        parser.error(str(e))  # exits 2 with the usage line
+    log("")
+    log(format_table(result.rows))
+    files = write_results(result, options.out_dir, log, plots=options.plots)
+    if result.ok:
+        log("outputs identical to the solo runs for every system that must match (fcfs, threads, aqua-*)")
+    else:
+        log(f"OUTPUT MISMATCH (must be identical to the solo runs): {', '.join(result.mismatches)}")
+    log.write(Path(files["log"]))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
