@@ -1,0 +1,389 @@
+"""The serving benchmark's pieces on CPU: traces, windows, time scaling, metrics on known inputs,
+bad inputs named in the error, the systems on a tiny model (outputs equal solo runs, deadlines
+abort cleanly), and ``python -m aqua_alloc demo`` end to end.
+
+What can fail here: exact values (arrivals, scales, percentiles), exact counts, exact token ids.
+No test measures time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aqua_alloc import serve_bench as sb
+from aqua_alloc.serve_trace import (
+    EXCERPT_NAME,
+    BenchInputError,
+    LoadedTrace,
+    Request,
+    RequestRecord,
+    ServiceModel,
+    TraceRow,
+    clip_requests,
+    fit_service_model,
+    load_trace,
+    parse_loads,
+    parse_names,
+    read_azure_csv,
+    replay_arrivals,
+    select_window,
+    summarize_run,
+    time_scale,
+    window_rate,
+)
+from aqua_alloc.trace import read_trace
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+
+
+def write_csv(path: Path, rows: list[str]) -> Path:
+    path.write_text(HEADER + "".join(r + "\n" for r in rows))
+    return path
+
+
+def trace_of(arrivals: list[float], prompt: int = 100, output: int = 10) -> LoadedTrace:
+    rows = [TraceRow(a, prompt + i, output + i) for i, a in enumerate(arrivals)]
+    return LoadedTrace("test", Path("test.csv"), rows, False, None)
+
+
+def requests_at(arrivals: list[float]) -> list[Request]:
+    return [Request(i, a, 10, 5, 10, 5) for i, a in enumerate(arrivals)]
+
+
+# --------------------------------------------------------------------------------------
+# Traces and windows
+
+
+def test_read_azure_csv_rebases_to_the_first_row(tmp_path):
+    path = write_csv(tmp_path / "t.csv", ["2023-11-16 18:15:46.6805900,374,44",
+                                          "2023-11-16 18:15:50.9951690,396,109",
+                                          "2023-11-16 18:16:46.6805900,91,16"])
+    rows = read_azure_csv(path)
+    assert [(r.prompt_tokens, r.output_tokens) for r in rows] == [(374, 44), (396, 109), (91, 16)]
+    assert rows[0].arrival_s == 0
+    assert rows[1].arrival_s == pytest.approx(4.314579, abs=1e-6)
+    assert rows[2].arrival_s == pytest.approx(60.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("rows, text", [
+    (["2023-11-16 18:15:46.68,374"], "t.csv:2: expected 3 fields, got 2"),
+    (["yesterday,374,44"], "t.csv:2: bad TIMESTAMP 'yesterday'"),
+    (["2023-11-16 18:15:46.68,many,44"], "t.csv:2: token counts must be integers"),
+    (["2023-11-16 18:15:46.68,374,0"], "t.csv:2: token counts must be at least 1"),
+    (["2023-11-16 18:15:47.00,1,1", "2023-11-16 18:15:46.00,1,1"],
+     "t.csv:3: TIMESTAMP 2023-11-16 18:15:46.00 is earlier"),
+    ([], "the trace has no requests"),
+])
+def test_bad_csv_rows_name_file_and_line(tmp_path, rows, text):
+    with pytest.raises(BenchInputError, match=text.replace("(", r"\(")):
+        read_azure_csv(write_csv(tmp_path / "t.csv", rows))
+
+
+def test_bad_csv_header(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("time,prompt,output\n1,2,3\n")
+    with pytest.raises(BenchInputError, match="expected the header TIMESTAMP,ContextTokens,GeneratedTokens"):
+        read_azure_csv(path)
+
+
+def test_packaged_excerpt_is_the_start_of_the_conv_trace():
+    excerpt = load_trace(EXCERPT_NAME)
+    assert excerpt.is_excerpt and len(excerpt.rows) == 400
+    assert (excerpt.rows[0].prompt_tokens, excerpt.rows[0].output_tokens) == (374, 44)
+    assert (excerpt.rows[-1].prompt_tokens, excerpt.rows[-1].output_tokens) == (1314, 200)
+    assert (REPO / "aqua_alloc" / "data" / "README.md").read_text().count("CC-BY-4.0") >= 1
+
+
+def test_named_trace_found_or_excerpt_stands_in(tmp_path):
+    write_csv(tmp_path / "AzureLLMInferenceTrace_code.csv",
+              ["2023-11-16 18:15:46.0,10,2", "2023-11-16 18:15:47.5,20,3"])
+    code = load_trace("code", traces_dir=tmp_path)
+    assert code.name == "code" and [r.arrival_s for r in code.rows] == [0, 1.5] and not code.is_excerpt
+    conv = load_trace("conv", traces_dir=tmp_path)  # not there: the packaged excerpt, with a note saying so
+    assert conv.is_excerpt and conv.name == EXCERPT_NAME and "not found" in conv.note
+    with pytest.raises(BenchInputError, match="--window-s=200: the window runs past the end of the packaged excerpt"):
+        select_window(conv, 0, 200, None)
+
+
+def test_unknown_and_missing_traces_name_the_argument(tmp_path):
+    with pytest.raises(BenchInputError, match=r"--trace='chat': not a known trace \(conv, code, conv-excerpt\)"):
+        load_trace("chat")
+    with pytest.raises(BenchInputError, match="--trace='code': AzureLLMInferenceTrace_code.csv not found"):
+        load_trace("code", traces_dir=tmp_path)
+    path = write_csv(tmp_path / "mine.csv", ["2023-11-16 18:15:46.0,10,2"])
+    assert load_trace(str(path)).name == "mine"
+
+
+def test_select_window_rebases_and_caps():
+    trace = trace_of([0.0, 1.0, 2.5, 4.0, 7.0, 9.0])
+    window = select_window(trace, 2.0, 5.0, None)
+    assert [r.id for r in window] == [2, 3]  # 2.5, 4.0 (7.0 is the end, excluded)
+    assert [r.arrival_s for r in window] == [0.0, 1.5]
+    assert [r.id for r in select_window(trace, 0, 100, 3)] == [0, 1, 2]
+    assert window[0].prompt_tokens == window[0].trace_prompt_tokens == 102
+
+
+@pytest.mark.parametrize("start, duration, max_requests, text", [
+    (20.0, 5.0, None, r"--window-start=20 --window-s=5: no request of trace 'test' arrives in \[20, 25\)"),
+    (0.0, 0.0, None, "--window-s=0.0: must be a positive number of seconds"),
+    (-1.0, 5.0, None, "--window-start=-1.0: must be a finite number of seconds >= 0"),
+    (0.0, 5.0, 0, "--max-requests=0: must be at least 1"),
+])
+def test_bad_windows_name_the_argument(start, duration, max_requests, text):
+    with pytest.raises(BenchInputError, match=text):
+        select_window(trace_of([0.0, 1.0, 2.0]), start, duration, max_requests)
+
+
+def test_clip_counts_what_it_clipped():
+    window = select_window(trace_of([0, 1, 2], prompt=100, output=10), 0, 10, None)  # prompts 100..102, outputs 10..12
+    clipped, num_prompts, num_outputs = clip_requests(window, 101, 10)
+    assert [(r.prompt_tokens, r.output_tokens) for r in clipped] == [(100, 10), (101, 10), (101, 10)]
+    assert (num_prompts, num_outputs) == (1, 2)
+    assert clipped[2].trace_output_tokens == 12
+    with pytest.raises(BenchInputError, match="--max-output=0: must be at least 1 token"):
+        clip_requests(window, None, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Arguments
+
+
+def test_parse_loads():
+    assert parse_loads("0.5,0.8,0.95") == [0.5, 0.8, 0.95]
+    assert parse_loads(" 1 ") == [1.0]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0.5,abc", "'abc' is not a number"),
+    ("", "'' is not a number"),
+    ("0", "each load must be in (0, 2]"),
+    ("2.5", "each load must be in (0, 2]"),
+    ("nan", "each load must be in (0, 2]"),
+    ("0.5,0.5", "a load is given twice"),
+])
+def test_bad_loads_name_the_argument(text, message):
+    with pytest.raises(BenchInputError) as info:
+        parse_loads(text)
+    assert str(info.value).startswith(f"--loads={text!r}: ") and message in str(info.value)
+
+
+def test_parse_names():
+    known = [s.value for s in sb.System]
+    assert parse_names("fcfs, aqua-host", known, "--systems") == ["fcfs", "aqua-host"]
+    with pytest.raises(BenchInputError, match=r"--systems='fcfs,vllm': unknown 'vllm' \(choose from fcfs, threads"):
+        parse_names("fcfs,vllm", known, "--systems")
+    with pytest.raises(BenchInputError, match="--systems=',': empty"):
+        parse_names(",", known, "--systems")
+
+
+# --------------------------------------------------------------------------------------
+# Time scaling and the service model
+
+
+def test_time_scale_gives_the_offered_load():
+    requests = requests_at([0.0, 1.0, 3.0, 4.0, 10.0])  # 4 gaps over 10 s: 0.4 requests per trace second
+    assert window_rate(requests) == pytest.approx(0.4)
+    scale = time_scale(requests, mean_service_s=0.5, load=0.8)  # target rate 0.8 / 0.5 = 1.6 req/s
+    assert scale == pytest.approx(0.4 * 0.5 / 0.8)
+    arrivals = replay_arrivals(requests, scale)
+    assert arrivals == pytest.approx([0.0, 0.25, 0.75, 1.0, 2.5])
+    offered_rate = (len(arrivals) - 1) / arrivals[-1]
+    assert offered_rate * 0.5 == pytest.approx(0.8)  # arrival rate x service time = load
+
+
+def test_window_rate_needs_two_distinct_arrivals():
+    with pytest.raises(BenchInputError, match="the window holds 1 request; at least 2 are needed"):
+        window_rate(requests_at([0.0]))
+    with pytest.raises(BenchInputError, match="every request of the window arrives at the same instant"):
+        window_rate(requests_at([0.0, 0.0]))
+
+
+def test_fit_service_model_recovers_a_known_model():
+    truth = ServiceModel(first_token_s=0.02, prefill_s_per_token=1e-5, decode_s_per_token=0.01)
+    samples = [(p, o, truth.ttft_s(p), truth.service_s(p, o)) for p, o in [(100, 10), (1000, 50), (2000, 2)]]
+    fit = fit_service_model(samples)
+    assert fit.first_token_s == pytest.approx(0.02)
+    assert fit.prefill_s_per_token == pytest.approx(1e-5)
+    assert fit.decode_s_per_token == pytest.approx(0.01)
+    assert fit.mean_service_s(requests_at([0, 1])) == pytest.approx(truth.service_s(10, 5))
+    same_prompt = fit_service_model([(50, 3, 0.1, 0.3), (50, 5, 0.2, 0.6)])  # decode: 0.6 s over 6 tokens
+    assert (same_prompt.first_token_s, same_prompt.prefill_s_per_token) == (pytest.approx(0.15), 0.0)
+    assert same_prompt.decode_s_per_token == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------------------
+# Metrics
+
+
+def record(i, arrival, first, finish, tokens, expected=None, error=None, oom=False):
+    return RequestRecord(request_id=i, arrival_s=arrival, expected_tokens=expected or tokens, submitted_s=arrival,
+                         first_token_s=first, finish_s=finish, num_tokens=tokens, error=error, oom=oom)
+
+
+def test_summarize_run_on_known_records():
+    records = [record(0, 0.0, 0.1, 1.1, 11),      # ttft 0.1, tpot 0.1
+               record(1, 1.0, 1.3, 2.3, 6),       # ttft 0.3, tpot 0.2
+               record(2, 2.0, 2.6, 3.6, 5),       # ttft 0.6, tpot 0.25
+               record(3, 3.0, 4.0, 5.0, 3),       # ttft 1.0, tpot 0.5
+               record(4, 4.0, None, 4.5, 0, expected=7, error="OutOfMemoryError: CUDA out of memory", oom=True),
+               record(5, 5.0, 5.5, 6.0, 2, expected=4, error="stopped at the run's deadline")]
+    s = summarize_run(records)
+    assert (s["requests"], s["completed"], s["failed"], s["oom"]) == (6, 4, 2, 1)
+    assert s["ttft_mean_s"] == pytest.approx(0.5)
+    assert s["ttft_p50_s"] == pytest.approx(0.45)          # between 0.3 and 0.6
+    assert s["ttft_p90_s"] == pytest.approx(0.88)          # 0.6 + 0.7 * 0.4
+    assert s["ttft_p99_s"] == pytest.approx(0.988)         # 0.6 + 0.97 * 0.4
+    assert s["tpot_mean_s"] == pytest.approx((0.1 + 0.2 + 0.25 + 0.5) / 4)
+    assert s["e2e_mean_s"] == pytest.approx((1.1 + 1.3 + 1.6 + 2.0) / 4)
+    assert s["output_tok_s"] == pytest.approx((11 + 6 + 5 + 3) / 5.0)  # first arrival 0 to last finish 5.0
+    assert s["max_submit_lag_s"] == 0
+
+
+def test_summarize_run_with_nothing_completed():
+    s = summarize_run([record(0, 0.0, None, 1.0, 0, expected=5, error="boom")])
+    assert (s["completed"], s["failed"], s["ttft_mean_s"], s["ttft_p99_s"]) == (0, 1, None, None)
+    assert s["output_tok_s"] is None
+
+
+def test_ratios_and_table():
+    rows = [sb._make_row("fcfs", 0.8, requests=4, completed=4, failed=0, oom=0, ttft_mean_s=2.0, ttft_p99_s=4.0,
+                         output_tok_s=100.0, peak_bytes={"gpu0": 3 << 20}),
+            sb._make_row("aqua-host", 0.8, requests=4, completed=4, failed=0, oom=0, ttft_mean_s=0.5, ttft_p99_s=1.0,
+                         output_tok_s=95.0, peak_bytes={"gpu0": 1 << 20, "gpu1": 0, "host": 2 << 20},
+                         outputs_identical=True),
+            sb._make_row("aqua-peer", 0.8, skipped="needs 2 GPUs")]
+    sb._add_ratios(rows)
+    assert (rows[0]["ttft_mean_ratio_to_fcfs"], rows[0]["output_tok_s_ratio_to_fcfs"]) == (1.0, 1.0)
+    assert (rows[1]["ttft_mean_ratio_to_fcfs"], rows[1]["ttft_p99_ratio_to_fcfs"]) == (0.25, 0.25)
+    assert rows[1]["output_tok_s_ratio_to_fcfs"] == 0.95
+    assert rows[2]["ttft_mean_ratio_to_fcfs"] is None
+    table = sb.format_table(rows).splitlines()
+    assert "peak gpu0" in table[0] and "peak host" in table[0] and "peak gpu1" not in table[0]  # unused tier left out
+    assert "aqua-peer    0.8  skipped: needs 2 GPUs" in table[4]
+    assert table[3].split()[-4:] == ["0.25", "0.25", "0.95", "yes"]
+
+
+# --------------------------------------------------------------------------------------
+# The systems on a tiny model (CPU)
+
+
+def tiny_options(tmp_path, **overrides) -> sb.BenchOptions:
+    settings = dict(trace=EXCERPT_NAME, model="tiny", device="cpu", max_requests=10, max_prompt=24, max_output=10,
+                    loads=(0.9,), budget_s=None, out_dir=tmp_path, plots=False)
+    settings.update(overrides)
+    return sb.BenchOptions(**settings)
+
+
+def test_every_system_serves_every_request_exactly(tmp_path):
+    result = sb.run_benchmark(tiny_options(tmp_path), sb.Log(stream=open(os.devnull, "w")))
+    assert result.ok, result.mismatches
+    rows = {row["system"]: row for row in result.rows}
+    assert list(rows) == [s.value for s in sb.System]
+    assert rows["aqua-peer"]["skipped"] == "needs 2 CUDA GPUs; this machine has none"
+    for name in ("fcfs", "threads", "aqua-host", "hf-cb"):
+        row = rows[name]
+        assert (row["requests"], row["completed"], row["failed"]) == (10, 10, 0), row
+        assert row["outputs_checked"] == 3 and row["outputs_identical"] is True
+        for field in ("ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_mean_s", "e2e_mean_s",
+                      "output_tok_s", "ttft_mean_ratio_to_fcfs", "ttft_p99_ratio_to_fcfs",
+                      "output_tok_s_ratio_to_fcfs"):
+            assert row[field] is not None and row[field] > 0, (name, field)
+    assert rows["aqua-host"]["num_slices"] >= 10  # every request ran at least one slice
+    written = json.loads(Path(result.files["results"]).read_text())
+    assert [r["system"] for r in written] == list(rows)
+    trace = read_trace(rows["aqua-host"]["trace_file"])
+    assert {e.context for e in trace.events if e.kind.value == "prompt_arrived"} == {
+        f"aqua-host@0.9-r{r['id']}" for r in result.meta["requests"]}
+
+
+def test_outputs_that_differ_from_solo_runs_are_mismatches(tmp_path, monkeypatch):
+    real_solo = sb._solo
+
+    def wrong_solo(bench, i):
+        ttft, total, ids = real_solo(bench, i)
+        return ttft, total, [(t + 1) % bench.model.config.vocab_size for t in ids]
+
+    monkeypatch.setattr(sb, "_solo", wrong_solo)
+    result = sb.run_benchmark(tiny_options(tmp_path, systems=["fcfs", "hf-cb"], check=2),
+                              sb.Log(stream=open(os.devnull, "w")))
+    assert not result.ok
+    assert len(result.mismatches) == 2 and all(m.startswith("fcfs load 0.9 request r") for m in result.mismatches)
+    hf_cb = next(row for row in result.rows if row["system"] == "hf-cb")
+    assert hf_cb["outputs_identical"] is False and hf_cb["exact_expected"] is False  # recorded, not an error
+
+
+@pytest.mark.parametrize("system", ["fcfs", "threads", "aqua-host", "hf-cb"])
+def test_a_run_past_its_deadline_stops_and_counts_failures(tmp_path, system):
+    """Deadline 0: whatever has not finished when the last request arrives fails; nothing hangs."""
+    model = sb.build_model("tiny", torch.device("cpu"))
+    requests = [Request(i, float(i), 16, 1000, 16, 1000) for i in range(4)]
+    prompts = [torch.randint(1, 512, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    bench = sb._Bench(tiny_options(tmp_path), sb.Log(stream=open(os.devnull, "w")), model, torch.device("cpu"),
+                      requests, prompts, kv_budget=4 << 20, out_dir=tmp_path, stem="deadline")
+    row, records = sb._run_one(bench, sb.System(system), 1.0, [0.0] * 4, 0.0, 1.0, {}, [])
+    assert row["skipped"] is None and row["requests"] == 4
+    assert row["failed"] >= 1 and row["completed"] + row["failed"] == 4
+    assert all(r.error for r in records if not r.completed)
+
+
+# --------------------------------------------------------------------------------------
+# Command lines
+
+
+def load_bench_cli():
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "benchmarks" / "bench_serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--trace", "nope"], "--trace='nope': not a known trace"),
+    (["--loads", "0.5,fast"], "--loads='0.5,fast': 'fast' is not a number"),
+    (["--systems", "fcfs,tgi"], "--systems='fcfs,tgi': unknown 'tgi'"),
+    (["--trace", "conv-excerpt", "--window-start", "5000"], "--window-start=5000 --window-s=60: no request"),
+    (["--kv-budget", "lots"], "--kv-budget='lots': not a size"),
+])
+def test_bench_cli_bad_inputs_exit_2_naming_the_argument(args, text, capsys, tmp_path):
+    cli = load_bench_cli()
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, "--device", "cpu", "--model", "tiny", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert text in capsys.readouterr().err
+
+
+def test_demo_on_cpu_end_to_end(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AQUA_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a machine with a GPU
+    proc = subprocess.run([sys.executable, "-m", "aqua_alloc", "demo", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "No CUDA GPU here" in out and "parking and moving contexts needs a CUDA GPU" in out
+    assert "aqua-peer    0.8  skipped: needs 2 CUDA GPUs" in out
+    assert f"aqua_alloc trace(s): {tmp_path / 'demo-trace-aqua-host-load0.8.json'}" in out
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    assert [r["system"] for r in rows] == [s.value for s in sb.System]
+    for row in rows:
+        if not row["skipped"]:
+            assert row["completed"] == row["requests"] and row["outputs_identical"] is True, row
+    assert read_trace(tmp_path / "demo-trace-aqua-host-load0.8.json").events
+    assert (tmp_path / "demo.log").read_text().count("wrote results") == 1
+
+
+def test_runs_that_would_overrun_the_budget_are_skipped_not_started(tmp_path):
+    result = sb.run_benchmark(tiny_options(tmp_path, systems=["fcfs", "aqua-host"], loads=(0.5, 0.9), budget_s=1e-3),
+                              sb.Log(stream=open(os.devnull, "w")))
+    assert len(result.rows) == 4 and not result.runs and result.ok
+    assert all(row["skipped"] == "out of time: too little left of 1.5 x --budget-s for a replay" for row in result.rows)
+    assert len(result.meta["requests"]) == 8  # trimmed to --min-requests by the budget
