@@ -509,13 +509,18 @@ def reclaim_pending() -> bool:
     return bool(state and state.lending and state.lending.pending)
 
 
-def _pool_has_live_blocks(pool: Any) -> bool:
-    """Whether any tensor still holds a block of `pool` (torch's snapshot of the pool)."""
-    for segment in pool.snapshot():
-        for block in segment.get("blocks", ()):
-            if block.get("state") == "active_allocated":
-                return True
-    return False
+def _pools_with_live_blocks() -> set[tuple[int, int]]:
+    """Ids of the memory pools in which some tensor still holds a block, from one snapshot
+    of the whole caching allocator. (``MemPool.snapshot()``, the per-pool form, crashes
+    PyTorch 2.11 once pools have been deleted: benchmarks/probe_mempool.py shows it with
+    plain ``torch.cuda.MemPool()`` and no aqua_alloc.)"""
+    import torch  # noqa: PLC0415
+
+    live = set()
+    for segment in torch.cuda.memory_snapshot():
+        if any(block.get("state") == "active_allocated" for block in segment.get("blocks", ())):
+            live.add(tuple(segment.get("segment_pool_id", (0, 0))))
+    return live
 
 
 def _sweep_released_pools(state: _State) -> None:
@@ -526,9 +531,10 @@ def _sweep_released_pools(state: _State) -> None:
     through ``use_mem_pool`` (PyTorch 2.11 asserts, or corrupts its state, when a pool is
     destroyed during another thread's pool routing): then every pool waits for the last
     such block to end, which sweeps again. Caller holds _lock."""
-    if _threads_in_pools:
+    if _threads_in_pools or not state.released_pools:
         return
-    state.released_pools = [p for p in state.released_pools if _pool_has_live_blocks(p)]
+    live = _pools_with_live_blocks()
+    state.released_pools = [p for p in state.released_pools if tuple(p.id) in live]
 
 
 def _release_locked(state: _State, ctx: _Context) -> None:

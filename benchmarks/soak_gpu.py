@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.start()
     while any(t.is_alive() for t in threads):
-        threads[0].join(timeout=10)
+        next(t for t in threads if t.is_alive()).join(timeout=10)
         with lock:
             print(f"soak: {time.perf_counter() - t_start:.0f} s: {counts}, {aq.stats()['num_moves']} moves", flush=True)
     for t in threads:
