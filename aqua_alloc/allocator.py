@@ -61,6 +61,7 @@ class _State:
     prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
     released_pools: list[Any] = dataclasses.field(default_factory=list)  # see _sweep_released_pools
     lending: lending.Lending | None = None  # lend budgets: elastic re-reads and reclaims
+    coordinator: Any = None  # coordinator_client.Client: lending between processes (AQUA_COORDINATOR)
 
 
 _keep_alive: list[Any] = []  # pluggable allocators: torch may call them until exit
@@ -144,6 +145,17 @@ def enable(**overrides: Any) -> None:
         _state.lending.start()
         if backend == Backend.CUDA:
             _install_hooks()
+        if settings.coordinator:
+            try:
+                _state.coordinator = _join_coordinator(settings)
+            except BaseException:
+                # Not half started: no coordinator, no aqua_alloc (a later enable() starts afresh).
+                _state.lending.stop()
+                if backend == Backend.CUDA:
+                    _uninstall_hooks()
+                _state = None
+                lib.aqua_shutdown(1)
+                raise
         if settings.trace:
             from . import trace  # noqa: PLC0415 - only when tracing is asked for
             trace.install_exit_hook(settings.trace, snapshot=settings.trace_snapshot)
@@ -189,6 +201,16 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
     return plan, num_devices
 
 
+def _join_coordinator(settings: config.Settings) -> Any:
+    """Join the cross-process coordinator (caller holds _lock, _state is set): the client
+    reaches this process's allocator through aqua_alloc's public API."""
+    from . import coordinator_client  # noqa: PLC0415 - only when asked for
+
+    return coordinator_client.join(settings.coordinator, gpus=settings.coordinator_gpus,
+                                   offer=settings.coordinator_offer, margin=settings.lend_margin,
+                                   max_borrow=settings.coordinator_borrow, interval=settings.coordinator_interval)
+
+
 def _install_hooks() -> None:
     try:
         from . import hf_generate  # noqa: PLC0415
@@ -205,13 +227,37 @@ def _uninstall_hooks() -> None:
     hf_generate.uninstall_generate_hook()
 
 
+def _refuse_if_in_use(state: _State) -> None:
+    for ctx in state.contexts.values():
+        if ctx.users:
+            raise ContextError(f"disable(): context {ctx.tag!r} is in use by {ctx.users} `with context()` block(s)")
+
+
 def disable() -> None:
-    """Stop aqua_alloc. Every context is first brought home to its GPU; if that cannot be
-    done, nothing changes and ContextError says why. Tensors made in contexts stay valid;
-    the core keeps serving their frees and is shut down once none is left."""
+    """Stop aqua_alloc. Tensors made in contexts stay valid; the core keeps serving their
+    frees and is shut down once none is left.
+
+    Refused, with ContextError naming the context and nothing changed, while a thread is
+    inside ``with context(tag)`` of any context (as :func:`release` is).
+
+    Otherwise it first leaves the cross-process coordinator, if it joined one (what was
+    borrowed from other processes is given back, its pieces moved away), then brings every
+    context home to its GPU, one after the other. When one cannot come home (no room),
+    disable() is refused with ContextError naming it: contexts brought home before that
+    one stay home and running (they are not parked again), nothing is released, and
+    aqua_alloc stays enabled (but no longer in the coordinator: it does not join again)."""
     global _state
     with _lock:
         state = _require()
+        _refuse_if_in_use(state)
+        client, state.coordinator = state.coordinator, None
+    if client is not None:
+        # Outside _lock: the client's threads call into aqua_alloc (lend, reclaim, stats)
+        # and close() waits for them.
+        client.close()
+    with _lock:
+        state = _require()
+        _refuse_if_in_use(state)  # a thread may have entered a context meanwhile
         lib = _native.lib()
         for ctx in list(state.contexts.values()):
             moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
@@ -605,13 +651,19 @@ def stats() -> dict[str, Any]:
         num_contexts, num_segments = ctypes.c_int(), ctypes.c_int()
         lib.aqua_context_count(ctypes.byref(num_contexts))
         lib.aqua_segment_count(ctypes.byref(num_segments))
-        return {
+        out = {
             "tiers": tiers,
             "num_moves": sum(t["num_moves_in"] for t in tiers.values()),
             "bytes_moved": sum(t["bytes_in"] for t in tiers.values()),
             "num_contexts": num_contexts.value,
             "num_segments": num_segments.value,
         }
+        client = state.coordinator
+    if client is not None:
+        # Outside _lock: the client takes its own lock, and holds it while calling into
+        # aqua_alloc (lend, reclaim, stats), which takes _lock.
+        out["coordinator"] = {"borrowed": client.borrowed(), "offers": client.offers()}
+    return out
 
 
 # --- events ---------------------------------------------------------------------------------

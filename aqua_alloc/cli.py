@@ -3,6 +3,10 @@
     aqua-alloc info [--json]                  GPUs, peer access / NVLink, memory, settings
     aqua-alloc trace summarize FILE [--json]  numbers from a trace (AQUA_TRACE=FILE)
     aqua-alloc trace plot FILE -o OUT.png     bytes per tier and context residency over time
+    aqua-alloc demo [--device cuda|cpu] [--out DIR]
+                                              a minute of a real trace served four ways: fcfs,
+                                              threads, aqua_alloc's scheduler, HF batching
+    aqua-alloc coordinator [--socket PATH]    the per-server daemon for lending between processes
 
 Errors exit non-zero with one line on stderr, never a traceback: 1 for a file that cannot
 be read or is not a valid trace, 2 for bad arguments (argparse's usage line and message).
@@ -40,7 +44,7 @@ def collect_info() -> tuple[dict[str, Any], bool]:
     info: dict[str, Any] = {
         "gpus": [], "peer_access": [], "nvlink": [],
         "host_total_bytes": None, "host_available_bytes": None,
-        "settings": None, "plan": None, "notes": [],
+        "settings": None, "plan": None, "coordinator": None, "notes": [],
     }
     ok = True
     topo = settings = config = None
@@ -80,7 +84,52 @@ def collect_info() -> tuple[dict[str, Any], bool]:
         except Exception as e:   # budgets that do not fit this machine
             info["notes"].append(f"budgets do not fit this machine: {type(e).__name__}: {e}")
             ok = False
+    info["coordinator"] = _coordinator_info()
     return info, ok
+
+
+def _coordinator_info() -> dict[str, Any]:
+    """The ledger of the coordinator at $AQUA_COORDINATOR (or the default socket), asked
+    with a short timeout. No coordinator is not a failure: lending between processes is
+    optional."""
+    from aqua_alloc import coordinator_protocol as proto
+    path = proto.socket_path_from_env()
+    try:
+        return {"socket": path, "ledger": proto.query_ledger(path, timeout=0.5), "error": None}
+    except (FileNotFoundError, ConnectionRefusedError):
+        return {"socket": path, "ledger": None, "error": None}
+    except (OSError, proto.ProtocolError) as e:   # a socket we may not use, a stuck daemon
+        return {"socket": path, "ledger": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def _format_coordinator(coordinator: dict[str, Any] | None) -> list[str]:
+    if coordinator is None:
+        return []
+    ledger = coordinator["ledger"]
+    if ledger is None:
+        why = f" ({coordinator['error']})" if coordinator["error"] else ""
+        return [f"coordinator: no coordinator at {coordinator['socket']}{why}"]
+    clients = {c["client"]: c for c in ledger["clients"]}
+
+    def who(client: int | None) -> str:
+        c = clients.get(client) if client is not None else None
+        return f"pid {c['pid']}" + (f" ({c['name']})" if c["name"] else "") if c else "nobody"
+
+    lines = [f"coordinator at {coordinator['socket']}: {len(ledger['clients'])} processes, "
+             f"reclaim timeout {ledger['reclaim_timeout_s']:g} s"]
+    for c in ledger["clients"]:
+        lines.append(f"  {who(c['client'])}: owns {', '.join(c['gpus']) or 'no GPU'}")
+    for g in ledger["gpus"]:
+        lines.append(f"  {g['gpu']}: owner {who(g['owner'])}, offers {_gib(g['offer'])}, "
+                     f"borrowed {_gib(g['borrowed'])}, available {_gib(g['available'])}")
+        for b in g["borrows"]:
+            asked = f", {_gib(b['asked'])} asked back" if b["asked"] else ""
+            lines.append(f"    {who(b['client'])} holds {_gib(b['held'])}{asked}")
+    for r in ledger["reclaims"]:
+        state = "timed out" if r["timed_out"] else "pending"
+        lines.append(f"  reclaim {r['reclaim']} on {r['gpu']} ({r['reason']}, {state}, {r['age_s']:.1f} s): "
+                     f"{_gib(r['bytes'])} asked, {_gib(r['pending'])} not yet given back")
+    return lines
 
 
 def _plan(config: Any, settings: Any, info: dict[str, Any]) -> dict[str, Any]:
@@ -147,6 +196,7 @@ def format_info(info: dict[str, Any]) -> str:
                          f"lends {_gib(g['lend_bytes'])}; parks to {', '.join(g['tiers'])}")
         lines.append(f"  host: budget {_gib(plan['host_budget_bytes'])}, "
                      f"reserved ahead {_gib(plan['host_reserve_bytes'])}")
+    lines += _format_coordinator(info.get("coordinator"))
     if info["notes"]:
         lines.append("notes (what could not be seen, and why):")
         lines += [f"  - {note}" for note in info["notes"]]
@@ -198,9 +248,25 @@ def _cmd_trace_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from aqua_alloc import coordinator
+    try:
+        return coordinator.run(args)
+    except coordinator.CoordinatorError as e:
+        raise CliError(str(e)) from None
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    print(f"{PROG}: demo is not yet available", file=sys.stderr)
-    return 2
+    """A short serving benchmark (aqua_alloc/serve_bench.py) on the packaged trace excerpt."""
+    try:
+        from aqua_alloc import serve_bench
+    except ImportError as e:
+        raise CliError(f"demo needs torch and transformers ({e}); install them with: "
+                       "pip install 'aqua_alloc[hf]'") from None
+    try:
+        return serve_bench.run_demo(device=args.device, out_dir=args.out)
+    except serve_bench.BenchInputError as e:
+        raise CliError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------
@@ -230,7 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG to write")
     plot.set_defaults(run=_cmd_trace_plot)
 
-    demo = commands.add_parser("demo", help="(not yet available)")
+    coordinator = commands.add_parser(
+        "coordinator", help="serve the per-server ledger of GPU lending between processes (a daemon)",
+        description="One coordinator per server and user: aqua_alloc processes offer, borrow and reclaim "
+                    "GPU memory through it (docs/coordinator-protocol.md). Runs until SIGTERM or Ctrl-C.")
+    from aqua_alloc.coordinator import add_arguments
+    add_arguments(coordinator)
+    coordinator.set_defaults(run=_cmd_coordinator)
+
+    demo = commands.add_parser(
+        "demo", help="replay a minute of a real trace: fcfs, threads, aqua_alloc's fair scheduler, "
+                     "HF continuous batching (GPU; on CPU a tiny model, scheduling only)")
+    demo.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                      help="default: cuda when available, else cpu")
+    demo.add_argument("--out", metavar="DIR", default=None,
+                      help="where to write results and traces (default: a new temporary directory)")
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -174,6 +174,19 @@ class Settings:
     sim_device_bytes: int = 1 * GiB                # AQUA_SIM_DEVICE_BYTES: capacity of each (bytes)
     sim_host_bytes: int = 4 * GiB                  # AQUA_SIM_HOST_BYTES: simulated host memory (bytes)
     sim_peer_access: tuple[tuple[bool, ...], ...] | None = None  # simulated peer matrix; default all
+    coordinator: str | None = None                 # AQUA_COORDINATOR: join the cross-process coordinator at
+                                                   #   this socket path ("1": the default socket; unset or
+                                                   #   "0": off). See docs/coordinator-protocol.md
+    coordinator_gpus: tuple[int, ...] | None = None  # AQUA_COORDINATOR_GPUS: device ordinals this process
+                                                   #   owns and offers ("0,1"; "none": none, borrow only;
+                                                   #   default: device 0 on sim, the current CUDA device)
+    coordinator_offer: Size | None = None          # AQUA_COORDINATOR_OFFER: bytes (or %) offered of each
+                                                   #   owned GPU; default: elastic (free memory less
+                                                   #   AQUA_LEND_MARGIN)
+    coordinator_borrow: int | None = None          # AQUA_COORDINATOR_BORROW: most bytes borrowed from other
+                                                   #   processes in all (0: never; default: no cap)
+    coordinator_interval: float = 1.0              # AQUA_COORDINATOR_INTERVAL: seconds between the client's
+                                                   #   re-reads of free memory and stats (> 0)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
@@ -219,6 +232,11 @@ _ENV_TO_FIELD = {
     "AQUA_SIM_DEVICES": "sim_devices",
     "AQUA_SIM_DEVICE_BYTES": "sim_device_bytes",
     "AQUA_SIM_HOST_BYTES": "sim_host_bytes",
+    "AQUA_COORDINATOR": "coordinator",
+    "AQUA_COORDINATOR_GPUS": "coordinator_gpus",
+    "AQUA_COORDINATOR_OFFER": "coordinator_offer",
+    "AQUA_COORDINATOR_BORROW": "coordinator_borrow",
+    "AQUA_COORDINATOR_INTERVAL": "coordinator_interval",
 }
 _OTHER_ENV = {"AQUA_ALLOC"}  # read by the start-up hook, not a setting
 
@@ -228,7 +246,84 @@ def _show(value: Any) -> Any:
         return f"{value.value:g}%"
     if isinstance(value, dict):
         return {k: _show(v) for k, v in value.items()}
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):  # coordinator_gpus
+        return ",".join(map(str, value)) if value else "none"
     return value
+
+
+# The simulated backend backs each device and the host with one sparse memfd of that many
+# bytes (ftruncate to an off_t) and does offset arithmetic on it: sizes near 2**63 pass
+# the generic 2**64 bound but fail there, as a CoreError that names no setting. 1 PiB is far
+# beyond any simulated machine a test needs, and far from overflow.
+_MAX_SIM_BYTES = 1 << 50
+_MAX_COORDINATOR_INTERVAL = 3600.0  # s: larger is a typo (and overflows the client's waits near 1e10)
+_UNIX_PATH_MAX = 107                # bytes of a Unix socket path (sun_path holds 108, with the NUL)
+
+
+def _parse_coordinator(value: Any, label: str) -> str | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "1"
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{label}={value!r}: expected a socket path, 1 (the default socket) or 0 (off)")
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise ConfigError(f"{label}={value!r}: expected a socket path as text")
+    word = path.strip().lower()
+    if word in _FALSE:
+        return None
+    if word in _TRUE:
+        return "1"  # coordinator_client.join() picks the default socket
+    try:
+        encoded = os.fsencode(path)
+    except UnicodeError:
+        encoded = b"\0"
+    if b"\0" in encoded or len(encoded) > _UNIX_PATH_MAX:
+        raise ConfigError(f"{label}={value!r}: not a usable Unix socket path (at most {_UNIX_PATH_MAX} bytes, no NUL)")
+    return path
+
+
+def _parse_gpus(value: Any, label: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "auto"):
+            return None
+        if text == "none":
+            return ()
+        parts = [p.strip() for p in text.split(",")]
+        if not all(p.isascii() and p.isdigit() for p in parts):
+            raise ConfigError(f"{label}={value!r}: expected device ordinals such as 0 or 0,1 (or none)")
+        gpus = [int(p) for p in parts]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        gpus = [value]
+    elif isinstance(value, (list, tuple)):
+        gpus = list(value)
+        if any(isinstance(d, bool) or not isinstance(d, int) for d in gpus):
+            raise ConfigError(f"{label}={value!r}: expected device ordinals such as (0,) or (0, 1)")
+    else:
+        raise ConfigError(f"{label}={value!r}: expected device ordinals such as 0 or 0,1")
+    for d in gpus:
+        if not 0 <= d < 64:
+            raise ConfigError(f"{label}={value!r}: device {d} is not a device ordinal (0..63)")
+    if len(set(gpus)) != len(gpus):
+        raise ConfigError(f"{label}={value!r}: a device is given twice")
+    return tuple(gpus)
+
+
+def _parse_seconds(value: Any, label: str, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (
+            isinstance(value, str) and not value.strip().isascii()):
+        raise ConfigError(f"{label}={value!r}: not a number of seconds")
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{label}={value!r}: not a number of seconds") from None
+    if not 0 < seconds <= high:  # NaN fails too
+        raise ConfigError(f"{label}={value!r}: must be > 0 and at most {high:g} seconds")
+    return seconds
 
 
 def _parse_field(name: str, value: Any, label: str) -> Any:
@@ -246,9 +341,22 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
         size = parse_size(value, label, allow_percent=False)
         if name == "chunk" and (size < 2 * MiB or size % (2 * MiB) or (size // (2 * MiB)) & (size // (2 * MiB) - 1)):
             raise ConfigError(f"{label}={value!r}: must be 2MiB times a power of two (2MiB, 4MiB, ... 64MiB, ...)")
+        if name in ("sim_device_bytes", "sim_host_bytes") and size > _MAX_SIM_BYTES:
+            raise ConfigError(f"{label}={value!r}: too large for the simulated backend "
+                              f"(at most {_MAX_SIM_BYTES} bytes, 1 PiB)")
         if name == "sim_device_bytes" and size % (2 * MiB):
             raise ConfigError(f"{label}={value!r}: must be a multiple of 2MiB")
         return size
+    if name == "coordinator":
+        return _parse_coordinator(value, label)
+    if name == "coordinator_gpus":
+        return _parse_gpus(value, label)
+    if name in ("coordinator_offer", "coordinator_borrow"):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "auto")):
+            return None
+        return parse_size(value, label, allow_percent=name == "coordinator_offer")
+    if name == "coordinator_interval":
+        return _parse_seconds(value, label, _MAX_COORDINATOR_INTERVAL)
     if name == "trace":
         if value is not None and not isinstance(value, (str, os.PathLike)):
             raise ConfigError(f"{label}={value!r}: expected a file path")

@@ -1,4 +1,5 @@
-"""Typed events: what the C++ core and the scheduler record, drained by whoever traces them.
+"""Typed events: what the C++ core, the scheduler and the coordinator client record,
+drained by whoever traces them.
 
 One event is one thing that happened at one instant (``t_ns``) or over an interval
 (``t_ns`` .. ``t_ns + dur_ns``). Times are ``CLOCK_MONOTONIC`` nanoseconds: the C++ core's
@@ -47,6 +48,14 @@ class EventKind(str, enum.Enum):
     PARKED = "parked"
     RESUMED = "resumed"
     FINISHED = "finished"
+    # Recorded in Python by the coordinator client (lending between processes). ``dst``
+    # (``src`` for lend_release) is this process's tier of the GPU; args.gpu its GPU key.
+    LEND_OFFER = "lend_offer"                      # this process offers bytes of its GPU
+    LEND_BORROW = "lend_borrow"                    # bytes granted on another process's GPU
+    LEND_RELEASE = "lend_release"                  # bytes of a borrowed GPU given back (args.reason)
+    LEND_RECLAIM = "lend_reclaim"                  # bytes asked back (args.role: lender or borrower)
+    LEND_RECLAIMED = "lend_reclaimed"              # a lender's reclaim is complete: bytes are back
+    LEND_RECLAIM_TIMEOUT = "lend_reclaim_timeout"  # borrowers did not confirm in time
 
 
 # The core's numeric kind codes (csrc/aqua_alloc.h, enum aqua_event_kind) -> EventKind.
@@ -121,6 +130,12 @@ _python_events = EventQueue()
 def emit(kind: EventKind, context: str | None = None, **args: Any) -> None:
     """Record a Python-side (scheduler) event now. Never raises on a full queue."""
     _python_events.put(Event(t_ns=time.monotonic_ns(), kind=kind, context=context, args=args))
+
+
+def record(event: Event) -> None:
+    """Record a Python-side event built by the caller (for kinds that carry bytes or
+    tiers, not only args). Never raises on a full queue."""
+    _python_events.put(event)
 
 
 def drain_python_events() -> list[Event]:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import gc
+import inspect
 import json
 import math
 import queue
@@ -588,9 +589,17 @@ class _ContinuousBatchingRun(_Run):
         max_output = max(r.output_tokens for r in bench.requests)
         generation = GenerationConfig(do_sample=False, max_new_tokens=max_output, eos_token_id=-1,  # -1: no EOS
                                       pad_token_id=PAD_ID)
-        config = ContinuousBatchingConfig(num_blocks=cb_num_blocks(bench.model, bench.kv_budget),
-                                          page_size=CB_PAGE_TOKENS,
-                                          auto_switch_to_flash=False)  # keep the attention the others use
+        # The config's field names moved between transformers 5.x releases (5.17 has no
+        # page_size): pass only what the installed one takes.
+        params = inspect.signature(ContinuousBatchingConfig).parameters
+        cb_kwargs: dict[str, Any] = {"num_blocks": cb_num_blocks(bench.model, bench.kv_budget)}
+        for name in ("page_size", "block_size"):
+            if name in params:
+                cb_kwargs[name] = CB_PAGE_TOKENS
+                break
+        if "auto_switch_to_flash" in params:
+            cb_kwargs["auto_switch_to_flash"] = False  # keep the attention the others use
+        config = ContinuousBatchingConfig(**cb_kwargs)
         self.manager = bench.model.init_continuous_batching(generation_config=generation,
                                                             continuous_batching_config=config)
         self.manager.start()

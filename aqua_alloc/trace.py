@@ -81,6 +81,8 @@ _INSTANT_KINDS = frozenset({
     EventKind.PROMPT_ARRIVED, EventKind.FIRST_TOKEN, EventKind.FINISHED,
     EventKind.CONTEXT_CREATE, EventKind.CONTEXT_RELEASE,
     EventKind.MOVE_FAILED, EventKind.ALLOC_FAILED,
+    EventKind.LEND_OFFER, EventKind.LEND_BORROW, EventKind.LEND_RELEASE, EventKind.LEND_RECLAIM,
+    EventKind.LEND_RECLAIMED, EventKind.LEND_RECLAIM_TIMEOUT,
 })
 _RUN_KINDS = {EventKind.SLICE_START: True, EventKind.SLICE_END: False}
 _PARK_KINDS = {
@@ -551,6 +553,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# The widest integers a trace may hold: anything a signed or an unsigned 64-bit field can carry.
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1
+
+
 class _Checker:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -566,6 +573,13 @@ class _Checker:
     def int_(self, value: Any, where: str, *, minimum: int | None = 0) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(where, f"expected an integer, got {_type_name(value)} {_short(value)}")
+        # JSON integers have no size limit, but every integer the writer emits fits in 64 bits
+        # (signed or unsigned). Larger ones would be accepted here and then overflow later, when
+        # summarize or plot turns them into floats (OverflowError past ~1e308), so refuse them now.
+        # The message gives the width, not the digits: repr() of a huge int can itself fail.
+        if not _INT64_MIN <= value <= _UINT64_MAX:
+            width = value.bit_length() if value >= 0 else (~value).bit_length() + 1  # two's complement
+            raise self.fail(where, f"expected an integer that fits in 64 bits, got one of {width} bits")
         if minimum is not None and value < minimum:
             raise self.fail(where, f"expected an integer >= {minimum}, got {value}")
         return value
@@ -581,6 +595,13 @@ class _Checker:
         if not isinstance(value, str):
             expected = "a string or null" if nullable else "a string"
             raise self.fail(where, f"expected {expected}, got {_type_name(value)} {_short(value)}")
+        # JSON's "\ud800" escape decodes to a lone surrogate, which no UTF-8 text can hold: printing
+        # the summary would raise UnicodeEncodeError and plotting would fail in matplotlib.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise self.fail(where, f"string holds a lone surrogate (U+{ord(value[e.start]):04X}) at "
+                                   f"index {e.start}, which is not valid Unicode text") from None
         return value
 
     def list_(self, value: Any, where: str) -> list[Any]:

@@ -23,8 +23,13 @@ Data: Azure LLM inference traces (CC-BY-4.0), Patel et al., "Splitwise", ISCA 20
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+# Deterministic cuBLAS (before CUDA starts): a request's output must not depend on which
+# split-K reduction a GEMM happened to use, or the solo-run check would flag noise.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from aqua_alloc.serve_trace import BenchInputError, parse_loads, parse_names
 
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
         log = Log()
         log("bench_serve " + " ".join(sys.argv[1:] if argv is None else argv))
+        import torch  # noqa: PLC0415
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
         result = run_benchmark(options, log)
     except BenchInputError as e:
         parser.error(str(e))  # exits 2 with the usage line

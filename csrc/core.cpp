@@ -1016,8 +1016,14 @@ int Core::resume_wait_on_stream(uint32_t ticket, uint64_t stream) {
     if (ticket == 0 || static_cast<int32_t>(ticket - async_next_ticket_) > 0)
       return fail(AQUA_ERR_INVALID, "resume wait: unknown ticket " + std::to_string(ticket));
   }
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (int r = backend_->stream_wait_value(stream, flag_device_, ticket))
+  uintptr_t flag = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    flag = flag_device_;  // made before the first ticket, never changed
+  }
+  // Not under mutex_: the simulated backend's wait blocks until the worker, which needs
+  // mutex_, has finished the move.
+  if (int r = backend_->stream_wait_value(stream, flag, ticket))
     return driver_fail("queueing the GPU-side wait for a resume", r);
   return AQUA_OK;
 }
@@ -1142,7 +1148,12 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
       rest.push_back(step);
     }
     uint64_t more = 0;
-    if (!rest.empty()) status = execute_move(*ctx, rest, &more);
+    if (!rest.empty() && execute_move(*ctx, rest, &more) != AQUA_OK) {
+      // The exchange stands (its pieces are home); this second move rolled back, so the
+      // rest stays where it was, usable in place: a partial resume, not a failed one.
+      std::fprintf(stderr, "[aqua_alloc] resume of '%s': bringing the rest home failed (%s); it stays in place\n",
+                   ctx->tag.c_str(), last_error().c_str());
+    }
     *bytes_moved += more;
   }
   if (status == AQUA_OK) note_lender_moves(*ctx, "resume");

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -33,8 +35,22 @@ def reset_aqua() -> None:
         except Exception:
             import aqua_alloc.allocator as allocator
 
+            if allocator._state.coordinator is not None:  # disable() closes it first; refused before that
+                client, allocator._state.coordinator = allocator._state.coordinator, None
+                try:
+                    client.close(timeout=0.0)
+                except Exception:  # the core may be half down: leave the coordinator all the same
+                    client._sock.close()
             allocator._keep_alive.extend(allocator._state.released_pools)
             if allocator._state.lending:
                 allocator._state.lending.stop()
             allocator._state = None
     _native.lib().aqua_shutdown(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_soak_variables(monkeypatch):
+    """AQUA_SOAK_* set the soak up (tests/test_soak_sim.py reads them when it is imported);
+    they are not settings, and enable() would warn about them as unknown AQUA_* variables."""
+    for var in [v for v in os.environ if v.startswith("AQUA_SOAK_")]:
+        monkeypatch.delenv(var)

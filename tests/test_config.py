@@ -206,6 +206,21 @@ def test_from_env_defaults_and_overrides():
     ("AQUA_SIM_DEVICES", "65", "must be in 1..64"),
     ("AQUA_SIM_DEVICE_BYTES", "3MiB", "multiple of 2MiB"),
     ("AQUA_SIM_HOST_BYTES", "10%", "percentage is not allowed"),
+    ("AQUA_SIM_HOST_BYTES", str(1 << 63), "at most 1125899906842624 bytes"),
+    ("AQUA_SIM_DEVICE_BYTES", "2PiB", "not a size"),
+    ("AQUA_SIM_DEVICE_BYTES", "1025TiB", "at most 1125899906842624 bytes"),
+    ("AQUA_COORDINATOR_GPUS", "x", "expected device ordinals"),
+    ("AQUA_COORDINATOR_GPUS", "0,", "expected device ordinals"),
+    ("AQUA_COORDINATOR_GPUS", "1,1", "given twice"),
+    ("AQUA_COORDINATOR_GPUS", "64", "0..63"),
+    ("AQUA_COORDINATOR_OFFER", "150%", "at most 100%"),
+    ("AQUA_COORDINATOR_BORROW", "10%", "percentage is not allowed"),
+    ("AQUA_COORDINATOR_BORROW", "-1", "cannot be negative"),
+    ("AQUA_COORDINATOR_INTERVAL", "-1", "must be > 0"),
+    ("AQUA_COORDINATOR_INTERVAL", "0", "must be > 0"),
+    ("AQUA_COORDINATOR_INTERVAL", "inf", "must be > 0"),
+    ("AQUA_COORDINATOR_INTERVAL", "soon", "not a number of seconds"),
+    ("AQUA_COORDINATOR", "/" + "x" * 107, "not a usable Unix socket path"),
 ])
 def test_from_env_refuses_bad_values_by_name(var, value, why):
     with pytest.raises(ConfigError) as info:
@@ -213,6 +228,28 @@ def test_from_env_refuses_bad_values_by_name(var, value, why):
     message = str(info.value)
     assert f"{var}={value!r}" in message, message
     assert why in message, message
+
+
+def test_coordinator_settings():
+    assert Settings.from_env({}).coordinator is None
+    for off in ("0", "", "off", "no"):
+        assert Settings.from_env({"AQUA_COORDINATOR": off}).coordinator is None
+    for default in ("1", "yes", "on"):
+        assert Settings.from_env({"AQUA_COORDINATOR": default}).coordinator == "1"  # join(): the default socket
+    s = Settings.from_env({"AQUA_COORDINATOR": "/run/x.sock", "AQUA_COORDINATOR_GPUS": "0, 2",
+                           "AQUA_COORDINATOR_OFFER": "25%", "AQUA_COORDINATOR_BORROW": "4GiB",
+                           "AQUA_COORDINATOR_INTERVAL": "0.5"})
+    assert (s.coordinator, s.coordinator_gpus, s.coordinator_offer, s.coordinator_borrow, s.coordinator_interval) == (
+        "/run/x.sock", (0, 2), Percent(25), 4 * GiB, 0.5)
+    assert Settings.from_env(s.describe() | {"AQUA_COORDINATOR_INTERVAL": "0.5"}) == s  # describe() round-trips
+    assert Settings.from_env({"AQUA_COORDINATOR_GPUS": "none"}).coordinator_gpus == ()  # borrow only
+    assert Settings.from_env({"AQUA_COORDINATOR_BORROW": "0"}).coordinator_borrow == 0  # never borrow
+    s = Settings.from_env({}, coordinator=True, coordinator_gpus=[1], coordinator_offer=MiB, coordinator_interval=2)
+    assert (s.coordinator, s.coordinator_gpus, s.coordinator_offer, s.coordinator_interval) == ("1", (1,), MiB, 2.0)
+    for name, value in [("coordinator", 3), ("coordinator_gpus", [True]), ("coordinator_gpus", 1.5),
+                        ("coordinator_interval", True), ("coordinator_interval", float("nan"))]:
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({}, **{name: value})
 
 
 def test_enable_argument_errors_name_the_argument():
