@@ -187,29 +187,40 @@ int Core::create_host_backing(uint64_t size, Handle* handle, uintptr_t* va) {
   if (r == 0) r = backend_->create(AQUA_TIER_HOST, size, handle);
   if (r != 0) return r;
   if ((r = backend_->reserve(size, va)) != 0) {
-    backend_->release(*handle);
+    release_retried(*handle, "undoing a failed host backing");
     return r;
   }
   if ((r = backend_->map(*va, size, *handle)) == 0) {
     for (int d = 0; d < num_devices_ && r == 0; ++d) r = backend_->set_access(*va, size, d);
-    if (r != 0) backend_->unmap(*va, size);
+    if (r != 0 && !retry(&Backend::unmap, *va, size))
+      std::fprintf(stderr, "[aqua_alloc] undoing a failed host backing: unmap failed; its address range is leaked\n");
   }
   if (r != 0) {
-    backend_->free_va(*va, size);
-    backend_->release(*handle);
+    retry(&Backend::free_va, *va, size);
+    release_retried(*handle, "undoing a failed host backing");
   }
   return r;
+}
+
+// Releases a physical handle, retried (undo and teardown paths, which must not leak).
+void Core::release_retried(Handle handle, const char* what) {
+  int r = 0;
+  for (int i = 0; i < kRestoreAttempts; ++i)
+    if ((r = backend_->release(handle)) == 0) return;
+  std::fprintf(stderr, "[aqua_alloc] %s: releasing the backing failed (leaked): %s\n", what,
+               backend_->error_name(r).c_str());
 }
 
 void Core::release_host_backing(Handle handle, uint64_t size) {
   auto it = host_staging_.find(handle);
   if (it != host_staging_.end()) {
-    backend_->unmap(it->second, size);
-    backend_->free_va(it->second, size);
+    if (!retry(&Backend::unmap, it->second, size))
+      std::fprintf(stderr, "[aqua_alloc] unmapping host backing failed (its address range is leaked)\n");
+    else
+      retry(&Backend::free_va, it->second, size);
     host_staging_.erase(it);
   }
-  if (int r = backend_->release(handle))
-    std::fprintf(stderr, "[aqua_alloc] releasing host backing failed: %s\n", backend_->error_name(r).c_str());
+  release_retried(handle, "giving host backing back");
 }
 
 int Core::host_pool_reserve(uint64_t bytes, bool background) {

@@ -177,6 +177,7 @@ class Core {
   bool grow_pool_once(std::unique_lock<std::mutex>& lock, int* error);
   int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
   void release_host_backing(Handle handle, uint64_t size);  // mutex_ held
+  void release_retried(Handle handle, const char* what);
 
   std::unique_ptr<Backend> backend_;
   SimControl* sim_;
