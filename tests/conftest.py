@@ -54,3 +54,16 @@ def _no_soak_variables(monkeypatch):
     they are not settings, and enable() would warn about them as unknown AQUA_* variables."""
     for var in [v for v in os.environ if v.startswith("AQUA_SOAK_")]:
         monkeypatch.delenv(var)
+
+
+@pytest.fixture
+def fresh_core():
+    """A torn-down core before and after the test, with injected failures cleared."""
+    import aqua_alloc
+    import aqua_alloc.sim
+
+    reset_aqua()
+    yield
+    if aqua_alloc.is_enabled():
+        aqua_alloc.sim.fail_clear()
+    reset_aqua()

@@ -43,13 +43,7 @@ _libc.memcmp.restype = ctypes.c_int
 _libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
-@pytest.fixture(autouse=True)
-def clean():
-    reset_aqua()
-    yield
-    if aq.is_enabled():
-        sim.fail_clear()
-    reset_aqua()
+pytestmark = pytest.mark.usefixtures("fresh_core")  # a torn-down core before and after each test
 
 
 def enable_sim(**overrides) -> None:

@@ -21,13 +21,7 @@ from conftest import reset_aqua
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def clean():
-    reset_aqua()
-    yield
-    if aq.is_enabled():
-        sim.fail_clear()
-    reset_aqua()
+pytestmark = pytest.mark.usefixtures("fresh_core")  # a torn-down core before and after each test
 
 
 def make(tag: str, size: int, seed: int) -> tuple[int, bytes]:

@@ -25,13 +25,7 @@ MiB = 1 << 20
 CHUNK = 4 * MiB  # a 16 MiB segment is 4 pieces of 4 MiB
 
 
-@pytest.fixture(autouse=True)
-def clean():
-    reset_aqua()
-    yield
-    if aq.is_enabled():
-        sim.fail_clear()
-    reset_aqua()
+pytestmark = pytest.mark.usefixtures("fresh_core")  # a torn-down core before and after each test
 
 
 def enable_sim(**overrides) -> None:

@@ -223,13 +223,7 @@ SETTINGS = dict(backend="sim", sim_devices=4, sim_device_bytes=64 * MiB, sim_hos
                 local_budget=16 * MiB, lend=8 * MiB, host_budget=64 * MiB, host_reserve=32 * MiB, trace_events=4096)
 
 
-@pytest.fixture(autouse=True)
-def clean():
-    reset_aqua()
-    yield
-    if aq.is_enabled():
-        sim.fail_clear()
-    reset_aqua()
+pytestmark = pytest.mark.usefixtures("fresh_core")  # a torn-down core before and after each test
 
 
 def alloc(tag: str, device: int, nbytes: int, fill: int) -> int:
