@@ -1083,8 +1083,6 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
   Context* ctx = &context;
   *bytes_moved = 0;
   *bytes_elsewhere = 0;
-  int id = ctx->id;
-  (void)id;
   uint64_t need = 0;
   for (uintptr_t va : ctx->segments)
     for (const Piece& p : segments_.at(va)->pieces)
