@@ -16,7 +16,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import socket
 import stat
 import struct
@@ -34,30 +33,11 @@ from aqua_alloc.config import Percent
 from aqua_alloc.coordinator import Ledger
 from aqua_alloc.coordinator_protocol import ProtocolError
 from aqua_alloc.events import EventKind, drain_python_events
+from coordinator_daemon import REPO, TIMEOUT, Daemon, clean_env, wait_for
 from coordinator_peer import FakeLocal
 
-REPO = Path(__file__).resolve().parents[1]
 PEER = REPO / "tests" / "coordinator_peer.py"
 MiB = 1 << 20
-TIMEOUT = 0.5  # s: the daemon's reclaim timeout in these tests
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AQUA_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
-    env.update(extra)
-    return env
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -66,38 +46,6 @@ def short_dir():
     path = tempfile.mkdtemp(prefix="aqc-", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-class Daemon:
-    def __init__(self, path: str, *extra: str) -> None:
-        self.path = path
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aqua_alloc", "coordinator", "--socket", path,
-             "--reclaim-timeout", str(TIMEOUT), *extra],
-            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(self._answers, what=f"the coordinator at {path}")
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"coordinator exited {self.proc.returncode}: {self.proc.stderr.read()}")
-        try:
-            proto.query_ledger(self.path, timeout=1.0)
-        except OSError:
-            return False
-        return True
-
-    def ledger(self) -> dict:
-        ledger = proto.query_ledger(self.path)
-        assert proto.check_ledger(ledger) == [], ledger
-        return ledger
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=10)
-        assert self.proc.returncode == 0, err
-        assert "Traceback" not in err, err
-        return err
 
 
 @pytest.fixture

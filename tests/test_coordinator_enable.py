@@ -10,37 +10,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
 import aqua_alloc as aq
 from aqua_alloc import _native, allocator
-from aqua_alloc import coordinator_protocol as proto
 from aqua_alloc.config import ConfigError
 from aqua_alloc.coordinator_client import CoordinatorError
 from conftest import reset_aqua
+from coordinator_daemon import Daemon, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 SIM = dict(backend="sim", sim_devices=2, sim_device_bytes=64 * MiB, sim_host_bytes=256 * MiB, host_reserve=0,
            chunk=4 * MiB, trace_events=1024, lend_poll_ms=0)
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture(autouse=True)
@@ -58,39 +41,6 @@ def short_dir():
     path = tempfile.mkdtemp(prefix="aqce-", dir="/tmp")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-class Daemon:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AQUA_")}
-        env["PYTHONPATH"] = str(REPO)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aqua_alloc", "coordinator", "--socket", path, "--reclaim-timeout", "0.5"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(self._answers, what=f"the coordinator at {path}")
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"coordinator exited {self.proc.returncode}: {self.proc.stderr.read()}")
-        try:
-            proto.query_ledger(self.path, timeout=1.0)
-        except OSError:
-            return False
-        return True
-
-    def ledger(self) -> dict:
-        ledger = proto.query_ledger(self.path)
-        assert proto.check_ledger(ledger) == [], ledger
-        return ledger
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        _, err = self.proc.communicate(timeout=10)
-        assert self.proc.returncode == 0, err
-        assert "Traceback" not in err, err
-        return err
 
 
 @pytest.fixture
