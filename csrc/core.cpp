@@ -1117,19 +1117,22 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
       leaving += plan_eviction(*v, deficit - leaving, steps);
     }
   }
+  // Plans bringing the pieces of `away` home, in order, while the budget plus `extra_room`
+  // (bytes planned to leave) has room; a piece whose backing cannot be made stays away.
+  auto plan_homecoming = [&](uint64_t extra_room, std::vector<Step>& out) {
+    for (auto [seg, i] : away) {
+      const Piece& p = seg->pieces[i];
+      if (p.tier == device || own_used_[device] + p.size > local_budget_[device] + extra_room) continue;
+      Step step{seg, i, p.tier, device};
+      step.ctx = ctx;
+      if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+      reserve_on(device, device, p.size);
+      out.push_back(step);
+    }
+  };
   size_t num_evictions = steps.size();
   std::vector<Step> incoming;
-  uint64_t arriving = 0;
-  for (auto [seg, i] : away) {
-    const Piece& p = seg->pieces[i];
-    if (own_used_[device] + p.size > local_budget_[device] + leaving) continue;
-    Step step{seg, i, p.tier, device};
-    step.ctx = ctx;
-    if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-    reserve_on(device, device, p.size);
-    arriving += p.size;
-    incoming.push_back(step);
-  }
+  plan_homecoming(leaving, incoming);
   if (incoming.empty()) {
     drop_planned(steps, 0);  // nothing can come home: evict nobody
   } else {
@@ -1148,14 +1151,7 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
     uint64_t left = need - *bytes_moved;
     make_local_room(device, left, ctx->id);
     std::vector<Step> rest;
-    for (auto [seg, i] : away) {
-      const Piece& p = seg->pieces[i];
-      if (p.tier == device || !room_on(device, device, p.size, true)) continue;
-      Step step{seg, i, p.tier, device};
-      if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-      reserve_on(device, device, p.size);
-      rest.push_back(step);
-    }
+    plan_homecoming(0, rest);
     uint64_t more = 0;
     if (!rest.empty() && execute_move(*ctx, rest, &more) != AQUA_OK) {
       // The exchange stands (its pieces are home); this second move rolled back, so the
