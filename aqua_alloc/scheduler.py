@@ -50,6 +50,7 @@ from typing import Any, Callable
 import torch
 from transformers import StoppingCriteria
 
+from aqua_alloc.attention import warn_if_cudnn_attention
 from aqua_alloc.events import EventKind, emit
 from aqua_alloc.hf_generate import (
     describe_call,
@@ -450,6 +451,7 @@ class Scheduler:
     def _prepare_call(self, prompt: _Prompt, model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict, ContextKVCache | None]:
         """The arguments of the real generate call: our step hook added, maybe our KV cache."""
         device = self.device if self.device is not None else model_device(model)
+        warn_if_cudnn_attention(device)
         prompt.allocator = allocator_for(device)
         if device is not None and device.type == "cuda":
             prompt.local_tier = f"gpu{device.index if device.index is not None else torch.cuda.current_device()}"

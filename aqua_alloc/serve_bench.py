@@ -69,6 +69,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
 
 import aqua_alloc
+from aqua_alloc.attention import cudnn_attention_enabled, use_decode_friendly_attention
 from aqua_alloc.config import parse_size
 from aqua_alloc.serve_trace import (
     BenchInputError,
@@ -967,6 +968,10 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
         log(f"device: {torch.cuda.get_device_name(device)} "
             f"({torch.cuda.get_device_properties(device).total_memory / GiB:.1f} GiB), "
             f"{torch.cuda.device_count()} GPU(s); torch {torch.__version__}")
+        if use_decode_friendly_attention():
+            log("attention: cuDNN attention off for every system (it builds a graph per new sequence length "
+                "per thread, i.e. at every decode step of a request served in its own thread; see "
+                "aqua_alloc/attention.py)")
     else:
         log(f"device: CPU (no CUDA GPU); torch {torch.__version__}")
     log(f"model {options.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
@@ -1054,6 +1059,7 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
         "versions": {"torch": torch.__version__, "transformers": _transformers_version(),
                      "aqua_alloc": aqua_alloc.__version__, "python": sys.version.split()[0]},
         "kv_budget_bytes": plan.kv_budget,
+        "cudnn_attention": cudnn_attention_enabled(),
         "fcfs_threads_memory_cap": cap,
         "scheduler": {"policy": "fair", "slice_steps": options.slice_steps, "chunk_tokens": options.chunk_tokens},
         "calibration": {"solo_runs": solo_runs, "service_model": dataclasses.asdict(service),

@@ -45,6 +45,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import aqua_alloc as aq
+from aqua_alloc.attention import use_decode_friendly_attention
 from aqua_alloc.config import parse_size
 from aqua_alloc.kv_cache import ContextKVCache
 
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if use_decode_friendly_attention():  # else each decode step builds a cuDNN graph (aqua_alloc/attention.py)
+        print("attention: cuDNN attention off for every system (a graph build per new sequence length)")
     dtype = torch.bfloat16
     config = llama_8b_config(args.layers)
     t0 = time.perf_counter()
