@@ -17,6 +17,13 @@ Policies (vLLM v1 style: an enum and a lookup table; the smallest key runs next)
 - ``rr``: round robin by slices, in order of (re)queueing.
 - ``fcfs``: run to completion in arrival order (the baseline batching engines approximate).
 
+First-token priority (``first_token_priority=True``, the default; fair and rr only): a prompt
+still waiting for its first token runs before every prompt that has had one (in arrival order),
+and the running prompt yields to it at its next step instead of at the end of its slice. Time
+to first token is then one decode step plus the prefills of the prompts that arrived just
+before; the price is one extra switch per prompt. Prompts that have their first token keep the
+policy's order and its no-starvation bound; newcomers delay them by one step each.
+
 Memory side (only when aqua_alloc is enabled and the model is on CUDA): each prompt's KV cache
 is a :class:`~aqua_alloc.kv_cache.ContextKVCache` in its own context (tag = the prompt's tag).
 At a switch the outgoing context is parked (``allocator.park``: moved only if the incoming
@@ -107,8 +114,13 @@ _RULES: dict[Policy, _Rule] = {
 }
 
 
-def pick_next(policy: Policy, waiting: list["_Prompt"]) -> "_Prompt | None":
-    """The prompt that runs next, or None when nobody waits."""
+def pick_next(policy: Policy, waiting: list["_Prompt"], first_token_priority: bool = False) -> "_Prompt | None":
+    """The prompt that runs next, or None when nobody waits. With ``first_token_priority`` (a
+    preemptive policy only), prompts still waiting for their first token go first, in arrival order."""
+    if first_token_priority and _RULES[policy].preemptive:
+        newcomers = [p for p in waiting if p.first_token_ns is None]
+        if newcomers:
+            return min(newcomers, key=lambda p: p.arrival_seq)
     return min(waiting, key=_RULES[policy].key) if waiting else None
 
 
@@ -242,6 +254,8 @@ class Scheduler:
             when the memory side applies (aqua_alloc enabled, CUDA). True also on CPU.
         chunk_tokens: tokens per KV chunk of that cache.
         prefetch: resume the context of the prompt predicted to run next while one runs.
+        first_token_priority: prompts waiting for their first token run next, and the running
+            prompt yields to them at its next step (fair and rr; see the module docstring).
     """
 
     def __init__(
@@ -253,6 +267,7 @@ class Scheduler:
         use_context_cache: bool | None = None,
         chunk_tokens: int = 256,
         prefetch: bool = True,
+        first_token_priority: bool = True,
     ) -> None:
         if slice_steps < 1:
             raise ValueError(f"slice_steps must be at least 1, got {slice_steps}")
@@ -262,6 +277,7 @@ class Scheduler:
         self.use_context_cache = use_context_cache
         self.chunk_tokens = chunk_tokens
         self.prefetch = prefetch
+        self.first_token_priority = first_token_priority
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._live: dict[str, _Prompt] = {}
@@ -537,7 +553,7 @@ class Scheduler:
         with self._cond:
             self._end_slice_locked(prompt)
             self._queue_locked(prompt)
-            successor = pick_next(self.policy, self._waiting)
+            successor = self._pick_next_locked()
             if successor is not prompt:
                 self._park(prompt)
                 self._dispatch_locked()
@@ -549,10 +565,18 @@ class Scheduler:
         self._begin_slice(prompt)
 
     def _slice_over(self, prompt: _Prompt) -> bool:
-        if not _RULES[self.policy].preemptive or prompt.slice_num_steps < self.slice_steps:
+        if not _RULES[self.policy].preemptive:
             return False
         # No point yielding after the last token: generate is about to return.
-        return prompt.max_new_tokens is None or prompt.num_tokens < prompt.max_new_tokens
+        if prompt.max_new_tokens is not None and prompt.num_tokens >= prompt.max_new_tokens:
+            return False
+        if prompt.slice_num_steps >= self.slice_steps:
+            return True
+        with self._lock:  # a newcomer waits for its first token: yield now (first-token priority)
+            return self.first_token_priority and any(p.first_token_ns is None for p in self._waiting)
+
+    def _pick_next_locked(self) -> _Prompt | None:
+        return pick_next(self.policy, self._waiting, self.first_token_priority)
 
     def _begin_slice(self, prompt: _Prompt) -> None:
         """``prompt`` got the device: bring its context back, then prefetch the next one's."""
@@ -590,7 +614,7 @@ class Scheduler:
         """If the device is free, give it to the policy's pick and wake it."""
         if self._running is not None:
             return
-        successor = pick_next(self.policy, self._waiting)
+        successor = self._pick_next_locked()
         if successor is None:
             return
         if self._prefetched is not None and self._prefetched is not successor:
@@ -674,7 +698,7 @@ class Scheduler:
     def _prefetch_next(self) -> None:
         """Start bringing back the context of the prompt that would run next."""
         with self._lock:
-            successor = pick_next(self.policy, self._waiting)
+            successor = self._pick_next_locked()
             if (successor is None or successor.prefetch is not None or successor.parked_since is None
                     or not successor.has_context):
                 return

@@ -126,11 +126,13 @@ def test_same_prompt_many_times_interleaved(llama):
 # --------------------------------------------------------------------------- policies, exact orders
 
 
+@pytest.mark.parametrize("first_token_priority", [True, False])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_late_short_prompt_first_token(llama, policy):
-    """A short prompt arriving while a long one runs gets its first token after at most one
-    slice of the long one (fair, rr); fcfs makes it wait for the whole long prompt."""
-    sched = Scheduler(policy=policy, slice_steps=5)
+def test_late_short_prompt_first_token(llama, policy, first_token_priority):
+    """A short prompt arriving while a long one runs gets its first token after one more step
+    of the long one (fair, rr with first-token priority), after at most one slice of it (without);
+    fcfs makes it wait for the whole long prompt."""
+    sched = Scheduler(policy=policy, slice_steps=5, first_token_priority=first_token_priority)
     late: dict[str, Caller] = {}
 
     def arrive():  # called by the long prompt at its 3rd step: the short one queues then
@@ -149,6 +151,9 @@ def test_late_short_prompt_first_token(llama, policy):
     if policy == "fcfs":
         assert short.first_token_step == 31
         assert slice_order(sched) == [("long", 30), ("short", 4)]
+    elif first_token_priority:
+        assert short.first_token_step == 5  # long's step 4 (it arrived during step 3), then short's prefill
+        assert slice_order(sched) == [("long", 4), ("short", 4)] + [("long", 5)] * 5 + [("long", 1)]
     else:
         assert short.first_token_step == 6  # long's first slice (steps 1-5), then short's prefill
         assert short.first_token_step - short.arrival_step <= sched.slice_steps + 1
@@ -157,13 +162,33 @@ def test_late_short_prompt_first_token(llama, policy):
 
 def test_fair_orders_by_least_service(llama):
     """Backlog: a (held), b, c queued. Slices of 2 steps; fair = least service, ties by queue order."""
-    sched = Scheduler(policy="fair", slice_steps=2)
+    sched = Scheduler(policy="fair", slice_steps=2, first_token_priority=False)
     specs = [("a", prompt_ids(5, 1), 6, {}), ("b", prompt_ids(6, 2), 2, {}), ("c", prompt_ids(7, 3), 4, {})]
     results = held_backlog(sched, llama, specs)
     assert all(r.error is None for r in results.values())
     # b and c start at a's service (0): they run before a's second slice.
     assert slice_order(sched) == [("a", 2), ("b", 2), ("c", 2), ("a", 2), ("c", 2), ("a", 2)]
     assert_no_starvation(sched.stats())
+
+
+def test_first_token_priority_in_a_backlog(llama):
+    """Backlog: a (held at step 1), b, c queued. With first-token priority a yields at its next
+    step, b yields to c right after its first token, then the fair order resumes."""
+    orders, first_tokens = {}, {}
+    for priority in (True, False):
+        sched = Scheduler(policy="fair", slice_steps=3, first_token_priority=priority)
+        specs = [("a", prompt_ids(5, 1), 6, {}), ("b", prompt_ids(6, 2), 2, {}), ("c", prompt_ids(7, 3), 4, {})]
+        results = held_backlog(sched, llama, specs)
+        assert all(r.error is None for r in results.values())
+        for tag, ids, n, _ in specs:
+            assert torch.equal(results[tag].result, solo(llama, ids, max_new_tokens=n))
+        orders[priority] = slice_order(sched)
+        first_tokens[priority] = {p.tag: p.first_token_step for p in sched.stats().prompts}
+    # b and c arrive in a's first step; services: a 2, b 1+1, c 1+3 after the newcomers' first slices.
+    assert orders[True] == [("a", 2), ("b", 1), ("c", 3), ("a", 3), ("b", 1), ("c", 1), ("a", 1)]
+    assert first_tokens[True] == {"a": 1, "b": 3, "c": 4}
+    assert orders[False] == [("a", 3), ("b", 2), ("c", 3), ("a", 3), ("c", 1)]
+    assert first_tokens[False] == {"a": 1, "b": 4, "c": 6}
 
 
 def test_newcomers_cannot_starve_a_long_prompt(llama):
@@ -197,7 +222,7 @@ def test_newcomers_cannot_starve_a_long_prompt(llama):
 
 def test_rr_round_robin_and_fcfs_arrival_order(llama):
     specs = lambda: [("a", prompt_ids(5, 1), 5, {}), ("b", prompt_ids(6, 2), 3, {}), ("c", prompt_ids(7, 3), 5, {})]
-    rr = Scheduler(policy="rr", slice_steps=2)
+    rr = Scheduler(policy="rr", slice_steps=2, first_token_priority=False)
     held_backlog(rr, llama, specs())
     assert slice_order(rr) == [("a", 2), ("b", 2), ("c", 2), ("a", 2), ("b", 1), ("c", 2), ("a", 1), ("c", 1)]
     fcfs = Scheduler(policy="fcfs", slice_steps=2)
@@ -355,7 +380,8 @@ def test_batched_call_is_one_unit(llama):
     mask[1, :4] = 0  # left padding
     mask[2, :2] = 0
     expected = solo(llama, ids, attention_mask=mask, max_new_tokens=11)
-    sched = Scheduler(policy="rr", slice_steps=3, use_context_cache=True, chunk_tokens=4)
+    sched = Scheduler(policy="rr", slice_steps=3, use_context_cache=True, chunk_tokens=4,
+                      first_token_priority=False)
     specs = [("batch", ids, 11, {"attention_mask": mask}), ("single", prompt_ids(6, 4), 8, {})]
     results = held_backlog(sched, llama, specs)
     assert torch.equal(results["batch"].result, expected)
@@ -517,7 +543,7 @@ def fake_allocator(monkeypatch):
 
 def test_contexts_parked_resumed_prefetched_and_released(llama, fake_allocator):
     fake = fake_allocator
-    sched = Scheduler(policy="rr", slice_steps=2)
+    sched = Scheduler(policy="rr", slice_steps=2, first_token_priority=False)
     steps_while_parked = []
 
     def check(tag):
