@@ -107,11 +107,15 @@ class _ChunkedSequence:
         self.chunks: list[torch.Tensor] = []
         self.length = 0                    # valid tokens (S)
         self._empty: torch.Tensor | None = None  # [B, H, 0, D] of the last states appended
+        # Decode-step fast paths (a step writes one token and reads all): where the last chunk
+        # starts and how many tokens the chunks hold, kept in step with ``chunks``.
+        self._last_start = 0               # tokens before the last chunk
+        self._capacity = 0                 # tokens the chunks can hold
 
     @property
     def capacity(self) -> int:
         """Tokens the chunks can hold."""
-        return sum(chunk.shape[-2] for chunk in self.chunks)
+        return self._capacity
 
     @property
     def nbytes(self) -> int:
@@ -122,10 +126,17 @@ class _ChunkedSequence:
         self.chunks = []
         self.length = 0
         self._empty = None
+        self._last_start = self._capacity = 0
 
     def append(self, states: torch.Tensor) -> None:
         """Copy ``states`` ``[B, H, n, D]`` in place after the valid tokens."""
         num_new = states.shape[-2]
+        if (self.chunks and self._last_start <= self.length and self.length + num_new <= self._capacity
+                and self._fits(states)):
+            # A decode step: the new tokens go into the free tail of the last chunk.
+            self.chunks[-1].narrow(-2, self.length - self._last_start, num_new).copy_(states)
+            self.length += num_new
+            return
         if self._empty is None or self._empty.shape[:-2] != states.shape[:-2]:
             self._empty = states.new_empty((*states.shape[:-2], 0, states.shape[-1]))
         if self.chunks and not self._fits(states):
@@ -149,11 +160,19 @@ class _ChunkedSequence:
             chunk[:, :, :count].copy_(states[:, :, written:written + count])
             written += count
             self.chunks.append(chunk)
+            self._last_start = self._capacity
+            self._capacity += size
         self.length += num_new
 
     def materialize(self) -> torch.Tensor | None:
         """A contiguous ``[B, H, length, D]`` tensor of the valid tokens, made outside the context
         (None if nothing was ever appended)."""
+        if self.length > self._last_start:
+            # The valid tokens reach into the last chunk, so every earlier chunk is full.
+            last = self.chunks[-1].narrow(-2, 0, self.length - self._last_start)
+            if len(self.chunks) == 1:
+                return last.clone(memory_format=torch.contiguous_format)  # a copy: see below
+            return torch.cat([*self.chunks[:-1], last], dim=-2)
         pieces = []
         for chunk_start, chunk in self._chunk_spans():
             if chunk_start >= self.length:
