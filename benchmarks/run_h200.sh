@@ -24,6 +24,7 @@ for step in "$@"; do
     soak) run soak_gpu 200 python3 benchmarks/soak_gpu.py --seconds "${SOAK_SECONDS:-120}" --out "$OUT/soak_gpu-$tag.json" ;;
     sanitizer) run sanitizer_memcheck 300 compute-sanitizer --tool memcheck --target-processes all \
                  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${SANITIZER_K:+-k "$SANITIZER_K"} ;;
+    coordinator) run coordinator_gpu 120 python3 benchmarks/coordinator_gpu_check.py --out "$OUT/coordinator_gpu-$tag.json" ;;
     serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
