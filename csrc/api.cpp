@@ -131,6 +131,12 @@ int aqua_shutdown(int force) {
     {
       BindingGuard binding_guard(core->backend());
       r = core->shutdown(force != 0);
+      // Kept for late callers, but its event ring and the backend's arenas are dead weight
+      // (tens of MiB, file descriptors) in a process that enables and disables repeatedly.
+      if (r == AQUA_OK) {
+        core->events().release();
+        core->backend().release_arenas();
+      }
     }
     if (r != AQUA_OK) return r;
     g_core.store(nullptr);

@@ -40,6 +40,9 @@ class Backend {
   virtual void restore_binding(uint64_t) {}
   // Wait for all work on `device` (what cudaFree does before freeing).
   virtual int device_sync(int device) = 0;
+  // The core was shut down and is kept only for callers that loaded it just before (see
+  // api.cpp): give back what only new work would use. Later calls may fail; none may crash.
+  virtual void release_arenas() {}
   virtual int mem_info(int device, size_t* free_bytes, size_t* total_bytes) = 0;
 
   virtual int reserve(size_t size, uintptr_t* va) = 0;

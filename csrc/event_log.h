@@ -40,6 +40,15 @@ class EventLog {
     size_++;
   }
 
+  // Frees the ring (a retired core's log is never read again): later records are dropped
+  // and counted, drains return nothing.
+  void release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<aqua_event>().swap(ring_);
+    head_ = 0;
+    size_ = 0;
+  }
+
   // Copies up to max events out, oldest first, and removes them. Returns the count.
   int drain(aqua_event* out, int max) {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -111,7 +111,16 @@ class SimBackend final : public Backend, public SimControl {
   explicit SimBackend(const SimConfig& config) : config_(config) {}
 
   ~SimBackend() override {
-    for (int fd : fds_) close(fd);
+    for (int fd : fds_)
+      if (fd >= 0) close(fd);
+  }
+
+  void release_arenas() override {  // the memfds; a handle made later fails to map (EBADF)
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int& fd : fds_) {
+      if (fd >= 0) close(fd);
+      fd = -1;
+    }
   }
 
   bool init(std::string* why) {
@@ -209,6 +218,7 @@ class SimBackend final : public Backend, public SimControl {
     if (int e = inject(AQUA_OP_CREATE)) return e;
     int t = arena_index(tier);
     if (t < 0 || size == 0 || size % config_.granularity) return SIM_ERR_INVALID;
+    if (fds_[t] < 0) return SIM_ERR_SYSTEM;  // arenas given back at shutdown
     uint64_t offset = 0;
     if (!arenas_[t].alloc(size, &offset)) return SIM_ERR_OUT_OF_MEMORY;
     auto* h = new SimHandle{tier, fds_[t], offset, size};

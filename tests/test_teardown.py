@@ -380,7 +380,7 @@ def test_disable_refuses_while_a_context_is_in_use():
 
 
 # ==========================================================================================
-# Known bugs (csrc/api.cpp aqua_shutdown).
+# Retired cores (csrc/api.cpp aqua_shutdown) keep nothing heavy.
 
 
 def _memfds() -> int:
@@ -409,10 +409,9 @@ def _cycle(**overrides) -> None:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="aqua_shutdown retires the core without freeing it (api.cpp g_retired): the simulated "
-                          "backend's memfd arenas stay open, 5 file descriptors per enable()/disable() cycle")
 def test_enable_disable_cycles_close_the_simulated_arenas():
+    """A retired core is kept (api.cpp g_retired) but gives its backend's arenas back: no
+    memfd stays open per enable()/disable() cycle."""
     _cycle()
     before = _memfds()
     for _ in range(3):
@@ -421,10 +420,8 @@ def test_enable_disable_cycles_close_the_simulated_arenas():
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="aqua_shutdown retires the core without freeing it (api.cpp g_retired): its event ring "
-                          "(56 bytes x trace_events, 56 MiB by default) stays allocated after each disable()")
 def test_enable_disable_cycles_give_the_event_ring_back():
+    """A retired core frees its event ring (56 bytes x trace_events: 56 MiB here)."""
     _cycle(trace_events=1 << 20)
     before = _rss_bytes()
     for _ in range(4):
