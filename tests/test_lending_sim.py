@@ -214,8 +214,8 @@ def test_elastic_budget_shrinks_as_the_lender_uses_its_own_memory(watcher):
         deadline = time.monotonic() + 5
         while lent(1)[0] > 24 * MiB and time.monotonic() < deadline:
             time.sleep(0.01)
-        # A re-read that lands while the allocation takes memory back may move one more
-        # piece away; the budget then follows what is free, and never exceeds the margin's.
+        # A re-read racing the allocation was once seen (CI) to move one piece more away
+        # (lent 16 MiB); the budget must still never exceed what the margin allows.
         lent_now, budget = lent(1)
         assert lent_now <= budget <= 24 * MiB and lent_now in (16 * MiB, 24 * MiB), lent(1)
     else:
