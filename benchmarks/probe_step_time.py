@@ -1,12 +1,17 @@
 """Why is a decode step slower through aqua_alloc than through plain generate? (GPU probe)
 
 The llama-1b shape in bf16, the settings of bench_serve (deterministic algorithms and
-cuBLAS). First one prompt run each way (plain generate, our KV cache, in a context, through
-the scheduler); then several prompts at once through the scheduler, in variants (prefetch
-off, a budget that holds them all, longer slices), with the time of each decode step split
-into the model's work and the scheduler's hook (timing wrappers added by this probe).
+cuBLAS). First one prompt run each way (plain generate, our KV cache outside any context);
+then the same prompts as plain generate calls in threads taking a lock (fcfs with a thread
+per request, the baseline); then through the scheduler, one prompt and several at once, in
+variants (prefetch off, a budget that holds them all, longer slices), with the time of each
+decode step split into the model's work (wall and thread CPU) and the scheduler's hook
+(timing wrappers added by this probe).
 
-    python benchmarks/probe_step_time.py [--prompt 1000] [--new 64] [--concurrent 4]
+    python benchmarks/probe_step_time.py [--prompt 1000] [--new 64] [--concurrent 4] [--no-cudnn-sdp]
+
+results/probe_step_time-cudnn-on-*.log came from an earlier form of this script (no lock
+baseline, no thread CPU); -cudnn-off-*.log from this one.
 """
 
 from __future__ import annotations
