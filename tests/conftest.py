@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -67,3 +69,24 @@ def fresh_core():
     if aqua_alloc.is_enabled():
         aqua_alloc.sim.fail_clear()
     reset_aqua()
+
+
+@pytest.fixture
+def short_dir():
+    """A fresh private directory under /tmp: Unix socket paths must stay under 108 bytes,
+    and pytest's tmp_path can be longer."""
+    path = tempfile.mkdtemp(prefix="aqc-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(short_dir):
+    """A coordinator daemon on a socket in ``short_dir``; stopped after the test, which
+    also checks that it removed its socket."""
+    from coordinator_daemon import Daemon  # noqa: PLC0415 - only the coordinator tests need it
+
+    d = Daemon(os.path.join(short_dir, "c.sock"))
+    yield d
+    d.stop()
+    assert not os.path.exists(d.path), "the socket is removed at exit"

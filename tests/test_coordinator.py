@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,22 +36,6 @@ from coordinator_peer import FakeLocal
 
 PEER = REPO / "tests" / "coordinator_peer.py"
 MiB = 1 << 20
-
-
-@pytest.fixture
-def short_dir():
-    # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be longer.
-    path = tempfile.mkdtemp(prefix="aqc-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon(short_dir):
-    d = Daemon(os.path.join(short_dir, "c.sock"))
-    yield d
-    d.stop()
-    assert not os.path.exists(d.path), "the socket is removed at exit"
 
 
 class Peer:

@@ -9,8 +9,6 @@ it from enable(). The ledger is read with
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -19,7 +17,7 @@ from aqua_alloc import _native, allocator
 from aqua_alloc.config import ConfigError
 from aqua_alloc.coordinator_client import CoordinatorError
 from conftest import reset_aqua
-from coordinator_daemon import Daemon, wait_for
+from coordinator_daemon import wait_for
 
 MiB = 1 << 20
 SIM = dict(backend="sim", sim_devices=2, sim_device_bytes=64 * MiB, sim_host_bytes=256 * MiB, host_reserve=0,
@@ -33,21 +31,6 @@ def clean(monkeypatch):
     reset_aqua()
     yield
     reset_aqua()
-
-
-@pytest.fixture
-def short_dir():
-    # Unix socket paths must stay under 108 bytes: pytest's tmp_path can be longer.
-    path = tempfile.mkdtemp(prefix="aqce-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def daemon(short_dir):
-    d = Daemon(os.path.join(short_dir, "c.sock"))
-    yield d
-    d.stop()
 
 
 def mine(ledger: dict) -> tuple[list[dict], list[dict]]:
