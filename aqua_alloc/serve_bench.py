@@ -443,6 +443,12 @@ class _GenerateRun(_Run):
             gc.collect()
             torch.cuda.empty_cache()
 
+    def teardown(self) -> dict[str, Any]:
+        """Peak memory of the run, then the cap its setup set is lifted."""
+        fields = self._torch_peak()
+        self._clear_memory_cap()
+        return fields
+
 
 class _FcfsRun(_GenerateRun):
     """One worker serves a FIFO queue: requests run alone, to completion, in arrival order."""
@@ -469,11 +475,6 @@ class _FcfsRun(_GenerateRun):
             self.abort.set()  # the running call stops at its next step; the queued ones are not started
             self._worker.join(timeout=60)
 
-    def teardown(self) -> dict[str, Any]:
-        fields = self._torch_peak()
-        self._clear_memory_cap()
-        return fields
-
 
 class _ThreadsRun(_GenerateRun):
     """A thread per request, started at its arrival; calls run concurrently."""
@@ -499,11 +500,6 @@ class _ThreadsRun(_GenerateRun):
 
     def _stop_late(self) -> None:
         self.abort.set()
-
-    def teardown(self) -> dict[str, Any]:
-        fields = self._torch_peak()
-        self._clear_memory_cap()
-        return fields
 
 
 class _AquaRun(_ThreadsRun):
