@@ -22,6 +22,7 @@ from .allocator import (
     is_enabled,
     lend,
     park,
+    placement,
     prefetch,
     reclaim,
     release,
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "ContextError", "CoreError", "CoreOutOfMemory", "MoveResult", "NoDeviceError", "ReclaimResult",
     "Settings", "Scheduler", "context", "contexts", "current_context", "disable", "enable", "evict", "is_enabled",
-    "lend", "park", "prefetch", "reclaim", "release", "resume", "stats", "wait_on_stream", "where",
+    "lend", "park", "placement", "prefetch", "reclaim", "release", "resume", "stats", "wait_on_stream", "where",
 ]
 
 

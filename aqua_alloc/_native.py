@@ -130,6 +130,7 @@ _SIGNATURES = {
     "aqua_resume_result": (_i, [ctypes.c_uint32, _pu64, _pu64]),
     "aqua_context_where": (_i, [_i, _pu64, _i]),
     "aqua_pointer_context": (_i, [_u64, _pi]),
+    "aqua_range_where": (_i, [_u64, _u64, _pu64, _i]),
     "aqua_context_count": (_i, [_pi]),
     "aqua_segment_count": (_i, [_pi]),
     "aqua_tier_stats_get": (_i, [_i, ctypes.POINTER(TierStats)]),

@@ -628,6 +628,29 @@ def where(tag_or_tensor: Any) -> dict[str, int]:
         return result
 
 
+def placement(tensor_or_ptr: Any, nbytes: int | None = None) -> dict[str, int]:
+    """Bytes of one tensor's storage per tier (``where(tensor)`` gives its whole context's):
+    ``{"gpu0": ..., "host": ...}``. Also ``placement(ptr, nbytes)`` for a raw address range.
+    The storage (range) must lie in a context's segment."""
+    if hasattr(tensor_or_ptr, "untyped_storage"):
+        if nbytes is not None:
+            raise ValueError("placement(tensor): nbytes is only for a raw pointer")
+        storage = tensor_or_ptr.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+    else:
+        if nbytes is None or nbytes < 0:
+            raise ValueError(f"placement(ptr, nbytes): nbytes must be a byte count >= 0, got {nbytes!r}")
+        ptr = int(tensor_or_ptr)
+    with _lock:
+        state = _require()
+        n = state.num_devices
+        buf = (ctypes.c_uint64 * (n + 1))()
+        check(_native.lib().aqua_range_where(ptr, nbytes, buf, n + 1), "placement")
+        result = {f"gpu{d}": buf[d] for d in range(n)}
+        result["host"] = buf[n]
+        return result
+
+
 def flush_releases() -> None:
     """Give the GPU back, now, the memory of backings that moves and frees returned
     (normally released a few ms later, or reused by the next resume)."""

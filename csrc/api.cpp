@@ -264,6 +264,10 @@ int aqua_pointer_context(uint64_t ptr, int* out_id) {
   WITH_CORE(core);
   return guarded([&] { return core->pointer_context(ptr, out_id); });
 }
+int aqua_range_where(uint64_t ptr, uint64_t len, uint64_t* out, int n) {
+  WITH_CORE(core);
+  return guarded([&] { return core->range_where(ptr, len, out, n); });
+}
 int aqua_context_count(int* out) {
   WITH_CORE(core);
   return core->counts(out, nullptr);

@@ -172,6 +172,9 @@ AQUA_EXPORT int aqua_reclaim(int device, uint64_t* bytes_moved, uint64_t* bytes_
 AQUA_EXPORT int aqua_context_where(int id, uint64_t* out, int len);
 /* The context owning a pointer (anywhere inside a segment), and that segment's tiers. */
 AQUA_EXPORT int aqua_pointer_context(uint64_t ptr, int* out_id);
+/* Bytes of the address range [ptr, ptr + len) per tier, laid out as aqua_context_where's.
+ * The range must lie inside one segment (a tensor's storage does). */
+AQUA_EXPORT int aqua_range_where(uint64_t ptr, uint64_t len, uint64_t* out, int n);
 AQUA_EXPORT int aqua_context_count(int* out);
 AQUA_EXPORT int aqua_segment_count(int* out);
 

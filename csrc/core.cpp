@@ -384,6 +384,28 @@ int Core::pointer_context(uint64_t ptr, int* out_id) {
   return fail(AQUA_ERR_NOT_FOUND, "no aqua_alloc segment holds the pointer");
 }
 
+int Core::range_where(uint64_t ptr, uint64_t len, uint64_t* out, int n) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (n < num_devices_ + 1)
+    return fail(AQUA_ERR_INVALID, "range_where: the output needs " + std::to_string(num_devices_ + 1) + " entries");
+  auto it = segments_.upper_bound(static_cast<uintptr_t>(ptr));
+  if (it == segments_.begin()) return fail(AQUA_ERR_NOT_FOUND, "range_where: no aqua_alloc segment holds the pointer");
+  --it;
+  const Segment& seg = *it->second;
+  if (ptr < seg.va || ptr >= seg.va + seg.size)
+    return fail(AQUA_ERR_NOT_FOUND, "range_where: no aqua_alloc segment holds the pointer");
+  if (len > seg.va + seg.size - ptr)
+    return fail(AQUA_ERR_INVALID, "range_where: the range of " + std::to_string(len) +
+                                      " bytes runs past the end of its segment");
+  std::fill(out, out + n, 0);
+  const uint64_t begin = ptr - seg.va, end = begin + len;  // offsets in the segment
+  for (const Piece& p : seg.pieces) {
+    const uint64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.size);
+    if (lo < hi) out[tier_index(p.tier)] += hi - lo;
+  }
+  return AQUA_OK;
+}
+
 int Core::counts(int* contexts, int* segments) {
   std::lock_guard<std::mutex> lock(mutex_);
   int n = 0;

@@ -103,6 +103,7 @@ class Core {
   // pieces, which move at their next park or resume; or no room anywhere).
   int reclaim(int device, uint64_t* moved, uint64_t* pending);
   int pointer_context(uint64_t ptr, int* out_id);
+  int range_where(uint64_t ptr, uint64_t len, uint64_t* out, int n);
   int counts(int* contexts, int* segments);
   int tier_stats(int tier, aqua_tier_stats* out);
 

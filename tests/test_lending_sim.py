@@ -177,6 +177,25 @@ def test_spill_and_return_keep_bytes_and_pointers_least_recently_spilled_first()
     assert sim.read(second, 4 * MiB) == b"S" * 4 * MiB
 
 
+def test_placement_gives_the_tiers_of_exactly_the_bytes_asked():
+    enable_sim(lend="0")                 # local budget 16 MiB, then host
+    filler = Ctx("filler", 0, 8 * MiB, 1)
+    c = Ctx("long", 0, 16 * MiB, 2)      # 4 pieces: the first 2 local, the last 2 spilled to host
+    assert aq.where("long") == {"gpu0": 8 * MiB, "gpu1": 0, "gpu2": 0, "gpu3": 0, "host": 8 * MiB}
+    local_only = {"gpu0": 4 * MiB, "gpu1": 0, "gpu2": 0, "gpu3": 0, "host": 0}
+    assert aq.placement(c.ptr, 4 * MiB) == local_only
+    across = aq.placement(c.ptr + 6 * MiB, 4 * MiB)  # 2 MiB local, 2 MiB on host
+    assert (across["gpu0"], across["host"]) == (2 * MiB, 2 * MiB)
+    assert aq.placement(c.ptr + 12 * MiB, 4 * MiB)["host"] == 4 * MiB
+    assert aq.placement(filler.ptr, 0)["gpu0"] == 0
+    with pytest.raises(aq.CoreError, match="runs past the end of its segment"):
+        aq.placement(c.ptr + 12 * MiB, 8 * MiB)
+    with pytest.raises(aq.CoreError, match="no aqua_alloc segment holds the pointer"):
+        aq.placement(c.ptr + 64 * MiB, 1)
+    with pytest.raises(ValueError, match="nbytes"):
+        aq.placement(c.ptr)
+
+
 def test_a_gpu_without_peer_access_is_never_a_lender():
     no_2 = tuple(tuple(not (i == 0 and j == 2) for j in range(4)) for i in range(4))
     enable_sim(sim_peer_access=no_2, lend={1: 16 * MiB, 2: 64 * MiB, 3: 0})
