@@ -48,6 +48,8 @@ from typing import Any, Iterator
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .kv_read_ahead import DEFAULT_READ_AHEAD_BYTES, ReadAhead, StagedLayer
+
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_TOKENS = 256  # tokens per decode chunk; the prefill chunk is rounded up to it
@@ -111,6 +113,7 @@ class _ChunkedSequence:
         # starts and how many tokens the chunks hold, kept in step with ``chunks``.
         self._last_start = 0               # tokens before the last chunk
         self._capacity = 0                 # tokens the chunks can hold
+        self.version = 0                   # bumped whenever valid tokens are rewritten or dropped
 
     @property
     def capacity(self) -> int:
@@ -123,6 +126,7 @@ class _ChunkedSequence:
         return sum(chunk.numel() * chunk.element_size() for chunk in self.chunks)
 
     def clear(self) -> None:
+        self.version += 1
         self.chunks = []
         self.length = 0
         self._empty = None
@@ -187,6 +191,22 @@ class _ChunkedSequence:
             return pieces[0].clone(memory_format=torch.contiguous_format)
         return torch.cat(pieces, dim=-2)
 
+    def append_and_gather(self, states: torch.Tensor, copies: dict[int, torch.Tensor]) -> torch.Tensor:
+        """:meth:`append`, then the contiguous ``[B, H, length, D]`` tensor of the valid tokens
+        built from ``copies`` (chunk index -> a same-shape copy of that chunk, e.g. staged on
+        the GPU by read-ahead) where given, the chunks elsewhere, and ``states`` for the new
+        tokens. The copies must hold the chunks' tokens as they were before this append."""
+        before = self.length
+        self.append(states)
+        pieces = []
+        for i, (chunk_start, chunk) in enumerate(self._chunk_spans()):
+            if chunk_start >= before:
+                break
+            source = copies.get(i, chunk)
+            pieces.append(source[:, :, : min(chunk.shape[-2], before - chunk_start)])
+        pieces.append(states)
+        return torch.cat(pieces, dim=-2)
+
     def assign(self, states: torch.Tensor | None) -> None:
         """Replace the content by ``states`` ``[B, H, S, D]`` (None or empty: clear)."""
         if states is None or states.dim() != 4:
@@ -197,6 +217,7 @@ class _ChunkedSequence:
             states = states.clone()  # a view of our own chunks (e.g. a crop): copy before rewriting them
         if not (self.chunks and self._fits(states) and states.shape[-2] <= self.capacity):
             self.clear()
+        self.version += 1
         self.length = 0
         self.append(states)
 
@@ -262,6 +283,12 @@ class ChunkedLayer(DynamicLayer):
         self._value_store.append(value_states)
         return self._key_store.materialize(), self._value_store.materialize()
 
+    def update_from_staged(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                           staged: StagedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`update` reading the earlier tokens of off-GPU chunks from read-ahead copies."""
+        return (self._key_store.append_and_gather(key_states, staged.keys),
+                self._value_store.append_and_gather(value_states, staged.values))
+
     def get_seq_length(self) -> int:
         return self._key_store.length if self.is_initialized else 0
 
@@ -290,6 +317,9 @@ class ContextKVCache(DynamicCache):
         tag: the context tag. None: ordinary memory (no context).
         device: the device the context is for (default: the device of the KV states).
         chunk_tokens: tokens per decode chunk (the prefill chunk is rounded up to a multiple).
+        read_ahead_bytes: GPU staging for read-ahead of spilled chunks (:mod:`.kv_read_ahead`):
+            while a layer computes, later layers' chunks that live off the GPU are copied
+            in, up to this many bytes at once. 0: attention reads them in place.
 
     The context is created by the first chunk allocated inside it (``context_created``).
     :meth:`release` drops the chunks and releases the context; it is idempotent.
@@ -302,9 +332,12 @@ class ContextKVCache(DynamicCache):
         tag: str | None = None,
         device: torch.device | str | None = None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
     ) -> None:
         if chunk_tokens <= 0:
             raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        if read_ahead_bytes < 0:
+            raise ValueError(f"read_ahead_bytes must be >= 0, got {read_ahead_bytes}")
         super().__init__(config=config)
         self.tag = tag
         self.context_device = torch.device(device) if device is not None else None
@@ -314,6 +347,8 @@ class ContextKVCache(DynamicCache):
         self._context_made_on: torch.device | None = None
         self._release_lock = threading.Lock()
         self._released = False
+        self.read_ahead_bytes = read_ahead_bytes
+        self.read_ahead: ReadAhead | None = None  # made with the context (nothing to stage before)
         make_layer = functools.partial(ChunkedLayer, owner=self, chunk_tokens=chunk_tokens)
         if self.layer_class_to_replicate is not None:
             self.layer_class_to_replicate = make_layer
@@ -336,12 +371,28 @@ class ContextKVCache(DynamicCache):
                     total += per_token * store.length
         return total
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``DynamicCache.update``, with read-ahead of spilled chunks when the context has some."""
+        read_ahead = self.read_ahead
+        if read_ahead is None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        staged = read_ahead.take(layer_idx, self.layers[layer_idx] if layer_idx < len(self.layers) else None)
+        if staged is not None:
+            out = self.layers[layer_idx].update_from_staged(key_states, value_states, staged)
+        else:
+            out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        read_ahead.advance(self.layers, layer_idx)
+        return out
+
     def release(self) -> None:
         """Drop every chunk and release the context (if one was made). Never raises; idempotent."""
         with self._release_lock:
             if self._released:
                 return
             self._released = True
+        if self.read_ahead is not None:
+            self.read_ahead.release()
         for layer in self.layers:
             if isinstance(layer, ChunkedLayer):
                 layer.reset()
@@ -370,7 +421,32 @@ class ContextKVCache(DynamicCache):
             self.context_created = True
             self._allocator = allocator
             self._context_made_on = device
+            if self.read_ahead is None and self.read_ahead_bytes > 0:
+                self.read_ahead = ReadAhead(self.read_ahead_bytes, functools.partial(_off_gpu, allocator),
+                                            functools.partial(_placement_key, allocator, self.tag, device))
             yield
+
+
+def _off_gpu(allocator: ModuleType, chunk: torch.Tensor) -> bool:
+    """Whether any byte of ``chunk`` (a context's tensor) lives off its GPU. Unknown: False
+    (read-ahead only speeds reads up; a wrong False reads in place)."""
+    try:
+        placement = allocator.placement(chunk)
+    except Exception:  # noqa: BLE001 - e.g. aqua_alloc disabled meanwhile
+        return False
+    return sum(placement.values()) > placement.get(f"gpu{chunk.device.index or 0}", 0)
+
+
+def _placement_key(allocator: ModuleType, tag: str, device: torch.device) -> tuple[tuple[str, int], ...] | None:
+    """The context's bytes per tier when some are off its GPU, else None (nothing to read ahead)."""
+    try:
+        where = allocator.where(tag)
+    except Exception:  # noqa: BLE001 - released or disabled: nothing to read ahead
+        return None
+    home = f"gpu{torch.device(device).index or 0}"
+    if not any(nbytes for tier, nbytes in where.items() if tier != home):
+        return None
+    return tuple(sorted(where.items()))
 
 
 def _release_context(allocator: ModuleType | None, tag: str | None, device: torch.device | None) -> None:

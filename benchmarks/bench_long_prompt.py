@@ -9,7 +9,11 @@ the same run, on the same prompt:
 - ``local``: transformers' DynamicCache with no cap: the ceiling (everything on the GPU);
 - ``aqua-local``: aqua_alloc's ContextKVCache with no cap (the cache's own cost, no spill);
 - ``aqua-host``: ContextKVCache in an aqua_alloc context whose local budget is the cap:
-  what does not fit is placed in pinned host memory at allocation and read in place;
+  what does not fit is placed in pinned host memory at allocation; while a layer computes,
+  later layers' spilled chunks are copied in on a side stream (read-ahead, ``--read-ahead``
+  bytes of staging at most; aqua_alloc/kv_read_ahead.py);
+- ``aqua-host-in-place``: the same with read-ahead off: attention's inputs are gathered from
+  the host chunks in place (a kernel reading over PCIe, in series with the compute);
 - ``aqua-peer``: the same with a peer GPU as the spill tier (needs two GPUs; skipped with
   a reason otherwise);
 - ``offloaded``: transformers' ``cache_implementation="offloaded"`` (each layer's KV
@@ -48,9 +52,11 @@ import aqua_alloc as aq
 from aqua_alloc.attention import use_decode_friendly_attention
 from aqua_alloc.config import parse_size
 from aqua_alloc.kv_cache import ContextKVCache
+from aqua_alloc.kv_read_ahead import DEFAULT_READ_AHEAD_BYTES
 
 MiB, GiB = 1 << 20, 1 << 30
-SYSTEMS = ("local", "aqua-local", "aqua-host", "aqua-peer", "offloaded")
+SYSTEMS = ("local", "aqua-local", "aqua-host", "aqua-host-in-place", "aqua-peer", "offloaded")
+CAPPED = ("aqua-host", "aqua-host-in-place", "aqua-peer")
 
 
 def llama_8b_config(layers: int) -> LlamaConfig:
@@ -120,16 +126,22 @@ def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Nam
     settings: dict[str, Any] = dict(host_reserve=kv_bytes + 256 * MiB)
     if system == "aqua-local":
         pass  # no cap
-    elif system == "aqua-host":
+    elif system in ("aqua-host", "aqua-host-in-place"):
         settings.update(local_budget={0: local_kv}, lend="0")
     else:  # aqua-peer: GPU 1 lends; host only if it is full
         settings.update(local_budget={0: local_kv}, lend={d: (kv_bytes if d == 1 else 0) for d in range(num_gpus)})
     aq.enable(**settings)
     try:
         tag = f"long-prompt-{system}"
-        cache = ContextKVCache(model.config, tag=tag, device=prompt.device)
+        read_ahead = 0 if system == "aqua-host-in-place" else args.read_ahead
+        cache = ContextKVCache(model.config, tag=tag, device=prompt.device, read_ahead_bytes=read_ahead)
         try:
             result = run_once(model, prompt, args.new_tokens, cache, tag)
+            ra = cache.read_ahead
+            result["read_ahead"] = {"window_bytes": read_ahead, **({} if ra is None else {
+                "layers_staged": ra.layers_staged, "layers_used": ra.layers_used,
+                "layers_dropped": ra.layers_dropped, "bytes_staged": ra.bytes_staged,
+                "peak_staging_bytes": ra.peak_bytes})}
         finally:
             cache.release()
         result["stats"] = {t: {k: v for k, v in s.items() if k in ("current", "peak", "budget", "lent")}
@@ -147,20 +159,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32: the 8B shape)")
     parser.add_argument("--local-kv", default=None,
                         help="bytes of KV the local GPU may hold (e.g. '2GiB'); default: half the KV")
+    parser.add_argument("--read-ahead", default=str(DEFAULT_READ_AHEAD_BYTES),
+                        help="aqua-host's read-ahead staging bytes (e.g. '1GiB'; 0: off)")
+    parser.add_argument("--name", default="", help="suffix of the result file's name (keeps earlier runs)")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every system, in turn; the best counts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_long_prompt: needs a CUDA GPU", file=sys.stderr)
-        return 2
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"--systems: unknown {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
     if args.prompt_tokens <= 0 or args.new_tokens < 2:
         parser.error("--prompt-tokens must be positive and --new-tokens at least 2")
+    try:
+        args.read_ahead = parse_size(args.read_ahead, "--read-ahead", allow_percent=False)
+    except ValueError as e:
+        parser.error(str(e))
+    if not torch.cuda.is_available():
+        print("bench_long_prompt: needs a CUDA GPU", file=sys.stderr)
+        return 2
 
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -202,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 if "skipped" in r:
                     results[system] = r
                     if round_index == 0:
-                        print(f"{system:>10}: skipped: {r['skipped']}")
+                        print(f"{system:>18}: skipped: {r['skipped']}")
                     continue
                 where = {k: v for k, v in r["where"].items() if v}
-                print(f"round {round_index + 1} {system:>10}: decode {r['decode_tok_s']:7.2f} tok/s "
+                print(f"round {round_index + 1} {system:>18}: decode {r['decode_tok_s']:7.2f} tok/s "
                       f"({r['decode_ms_per_token']:.1f} ms/token), prefill {r['prefill_s']:.2f} s, "
                       f"context per tier {where or '-'} ({time.perf_counter() - t:.0f} s)")
                 best = results.get(system)
@@ -239,25 +258,26 @@ def main(argv: list[str] | None = None) -> int:
             bytes_per_tier = {k: v for k, v in r["where"].items() if v}
         rows.append({
             "system": system, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in ("aqua-host", "aqua-peer") else None,
+            "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in CAPPED else None,
             "bytes_per_tier": bytes_per_tier, "decode_tok_s": r["decode_tok_s"],
             "decode_ms_per_token": r["decode_ms_per_token"], "rounds_tok_s": r.get("rounds_tok_s"),
             "decode_mean_ms_per_token": r["decode_mean_ms_per_token"], "prefill_s": r["prefill_s"],
             "same_tokens_as_local": None if reference is None else r["tokens"] == reference,
             "ratio_to_offloaded": r["decode_tok_s"] / offloaded if offloaded else None,
+            **({"read_ahead": r["read_ahead"]} if "read_ahead" in r else {}),
         })
     print()
-    print(f"{'system':>10} | {'decode tok/s':>12} | {'x offloaded':>11} | {'same tokens':>11} | context per tier (GiB)")
+    print(f"{'system':>18} | {'decode tok/s':>12} | {'x offloaded':>11} | {'same tokens':>11} | context per tier (GiB)")
     for row in rows:
         if "skipped" in row:
-            print(f"{row['system']:>10} | skipped: {row['skipped']}")
+            print(f"{row['system']:>18} | skipped: {row['skipped']}")
             continue
         ratio = f"{row['ratio_to_offloaded']:.2f}" if row["ratio_to_offloaded"] else "-"
         tiers = ", ".join(f"{k} {v / GiB:.2f}" for k, v in row["bytes_per_tier"].items())
-        print(f"{row['system']:>10} | {row['decode_tok_s']:12.2f} | {ratio:>11} | {str(row['same_tokens_as_local']):>11} "
+        print(f"{row['system']:>18} | {row['decode_tok_s']:12.2f} | {ratio:>11} | {str(row['same_tokens_as_local']):>11} "
               f"| {tiers}")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench_long_prompt-{gpu.replace(' ', '_')}-{num_gpus}gpu.json")
+    path = os.path.join(args.out, f"bench_long_prompt{'-' + args.name if args.name else ''}-{gpu.replace(' ', '_')}-{num_gpus}gpu.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print(f"\nwrote {path}")

@@ -190,10 +190,12 @@ def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
     assert aq.where(kv)["gpu0"] >= 32 * MiB
 
 
-def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu):
+@pytest.mark.parametrize("read_ahead_bytes", [0, 64 * MiB], ids=["in-place", "read-ahead"])
+def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu, read_ahead_bytes):
     """A context larger than its local budget spills to host at allocation, attention reads
-    the spilled KV in place, and generate's tokens equal a plain run's; raising the budget
-    and resuming brings the spilled ranges home with the same bytes."""
+    the spilled KV in place (or from copies staged on a side stream by read-ahead), and
+    generate's tokens equal a plain run's; raising the budget and resuming brings the
+    spilled ranges home with the same bytes."""
     from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
 
     from transformers import StoppingCriteria
@@ -223,12 +225,21 @@ def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu):
         aq.disable()
         reference = model.generate(prompt, **greedy)
         aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB")
-        cache = ContextKVCache(model.config, tag="spill", device=prompt.device)
+        cache = ContextKVCache(model.config, tag="spill", device=prompt.device, read_ahead_bytes=read_ahead_bytes)
         seen: list[dict[str, int]] = []
         probe = AtStep({2, 20}, lambda: seen.append(aq.where("spill")))
         out = model.generate(prompt, past_key_values=cache, stopping_criteria=StoppingCriteriaList([probe]), **greedy)
     assert torch.equal(out, reference), "generate with spilled KV differs from the plain run"
     assert seen and all(w["gpu0"] <= 12 * MiB and w["host"] > 0 for w in seen), seen
+    spilled_layers = [i for i, layer in enumerate(cache.layers) if aq.placement(layer._key_store.chunks[0])["host"]]
+    assert spilled_layers and spilled_layers[0] > 0, spilled_layers  # the first layers fit, later ones spill
+    if read_ahead_bytes:
+        ra = cache.read_ahead
+        # Every decode step (23 after the prefill) stages and uses each spilled layer.
+        assert ra.layers_used >= 23 * len(spilled_layers) and ra.layers_dropped == 0, vars(ra)
+        assert ra.peak_bytes <= max(read_ahead_bytes, max(cache.layers[i].nbytes for i in spilled_layers))
+    else:
+        assert cache.read_ahead is None
     layer = cache.layers[0]
     keys_before = layer.keys.clone()
     before = aq.where("spill")
