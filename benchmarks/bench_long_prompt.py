@@ -11,7 +11,8 @@ the same run, on the same prompt:
 - ``aqua-host``: ContextKVCache in an aqua_alloc context whose local budget is the cap:
   what does not fit is placed in pinned host memory at allocation; while a layer computes,
   later layers' spilled chunks are copied in on a side stream (read-ahead, ``--read-ahead``
-  bytes of staging at most; aqua_alloc/kv_read_ahead.py);
+  bytes of staging at most; aqua_alloc/kv_read_ahead.py); further windows given to
+  ``--read-ahead`` run as ``aqua-host-ra<size>`` in the same rounds;
 - ``aqua-host-in-place``: the same with read-ahead off: attention's inputs are gathered from
   the host chunks in place (a kernel reading over PCIe, in series with the compute);
 - ``aqua-peer``: the same with a peer GPU as the spill tier (needs two GPUs; skipped with
@@ -126,14 +127,14 @@ def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Nam
     settings: dict[str, Any] = dict(host_reserve=kv_bytes + 256 * MiB)
     if system == "aqua-local":
         pass  # no cap
-    elif system in ("aqua-host", "aqua-host-in-place"):
+    elif system in ("aqua-host", "aqua-host-in-place") or system.startswith("aqua-host-ra"):
         settings.update(local_budget={0: local_kv}, lend="0")
     else:  # aqua-peer: GPU 1 lends; host only if it is full
         settings.update(local_budget={0: local_kv}, lend={d: (kv_bytes if d == 1 else 0) for d in range(num_gpus)})
     aq.enable(**settings)
     try:
         tag = f"long-prompt-{system}"
-        read_ahead = 0 if system == "aqua-host-in-place" else args.read_ahead
+        read_ahead = args.read_ahead_by_system.get(system, 0)
         cache = ContextKVCache(model.config, tag=tag, device=prompt.device, read_ahead_bytes=read_ahead)
         try:
             result = run_once(model, prompt, args.new_tokens, cache, tag)
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-kv", default=None,
                         help="bytes of KV the local GPU may hold (e.g. '2GiB'); default: half the KV")
     parser.add_argument("--read-ahead", default=str(DEFAULT_READ_AHEAD_BYTES),
-                        help="aqua-host's read-ahead staging bytes (e.g. '1GiB'; 0: off)")
+                        help="aqua-host's read-ahead staging bytes (e.g. '1GiB'); a comma list adds a system "
+                             "aqua-host-ra<size> per further size")
     parser.add_argument("--name", default="", help="suffix of the result file's name (keeps earlier runs)")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--seed", type=int, default=0)
@@ -174,15 +176,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt_tokens <= 0 or args.new_tokens < 2:
         parser.error("--prompt-tokens must be positive and --new-tokens at least 2")
     try:
-        args.read_ahead = parse_size(args.read_ahead, "--read-ahead", allow_percent=False)
+        windows = [(text.strip(), parse_size(text.strip(), "--read-ahead", allow_percent=False))
+                   for text in args.read_ahead.split(",") if text.strip()]
     except ValueError as e:
         parser.error(str(e))
+    if not windows:
+        parser.error("--read-ahead: give at least one size")
+    # System -> read-ahead bytes: aqua-host gets the first window, further ones their own system.
+    args.read_ahead_by_system = {"aqua-local": windows[0][1], "aqua-host": windows[0][1], "aqua-peer": windows[0][1]}
+    if "aqua-host" in systems:
+        at = systems.index("aqua-host") + 1
+        for text, nbytes in windows[1:]:
+            name = f"aqua-host-ra{text}"
+            args.read_ahead_by_system[name] = nbytes
+            systems.insert(at, name)
+            at += 1
     if not torch.cuda.is_available():
         print("bench_long_prompt: needs a CUDA GPU", file=sys.stderr)
         return 2
 
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also fills every new empty tensor with NaN: a kernel per allocation
+    # that none of the systems needs (each writes its buffers before reading them).
+    torch.utils.deterministic.fill_uninitialized_memory = False
     if use_decode_friendly_attention():  # else each decode step builds a cuDNN graph (aqua_alloc/attention.py)
         print("attention: cuDNN attention off for every system (a graph build per new sequence length)")
     dtype = torch.bfloat16
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             bytes_per_tier = {k: v for k, v in r["where"].items() if v}
         rows.append({
             "system": system, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in CAPPED else None,
+            "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in CAPPED or system.startswith("aqua-host-ra") else None,
             "bytes_per_tier": bytes_per_tier, "decode_tok_s": r["decode_tok_s"],
             "decode_ms_per_token": r["decode_ms_per_token"], "rounds_tok_s": r.get("rounds_tok_s"),
             "decode_mean_ms_per_token": r["decode_mean_ms_per_token"], "prefill_s": r["prefill_s"],
