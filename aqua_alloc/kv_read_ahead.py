@@ -36,7 +36,11 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
-DEFAULT_READ_AHEAD_BYTES = 512 << 20  # staging held at most at once; 0 turns read-ahead off
+# Staging held at most at once; 0 turns read-ahead off. 1 GiB: on an H200 with half of a
+# 32k-token 8B context (2 GiB) on host, 512 MiB left the copy engine idle for part of each
+# step (52 ms/token) and 1 GiB did not (43 ms; the link's floor is 40 ms); see
+# benchmarks/results/bench_long_prompt-windows-*.
+DEFAULT_READ_AHEAD_BYTES = 1 << 30
 _NO_LAYER = 1 << 62  # "no layer taken yet": the first take starts a forward
 
 
@@ -70,7 +74,8 @@ class ReadAhead:
             moved (e.g. the context's bytes per tier); ``is_remote`` is then asked again.
 
     Counters for tests and benchmarks: ``layers_staged``, ``layers_used``, ``layers_dropped``,
-    ``bytes_staged``, ``peak_bytes`` (staging held at once).
+    ``bytes_staged``, ``peak_bytes`` (staging held at once), ``out_of_memory`` (times the GPU
+    had no memory for staging: those layers were read in place, nothing failed).
     """
 
     def __init__(self, window_bytes: int, is_remote: Callable[[torch.Tensor], bool],
@@ -89,6 +94,7 @@ class ReadAhead:
         self._prev_layer = _NO_LAYER             # the layer last taken; lower or equal: new forward
         self._stream: Any = None                 # side stream (CUDA), made on first use
         self.layers_staged = self.layers_used = self.layers_dropped = 0
+        self.out_of_memory = 0                   # staging skipped: no GPU memory for the copies
         self.bytes_staged = self.peak_bytes = 0
 
     def take(self, layer_idx: int, layer: Any) -> StagedLayer | None:
@@ -126,7 +132,9 @@ class ReadAhead:
                 nbytes = sum(c.numel() * c.element_size() for _, _, c in wanted)
                 if self._held and self._held + nbytes > self.window_bytes:
                     break
-                self._stage(j, layer, wanted, nbytes)
+                if not self._stage(j, layer, wanted, nbytes):
+                    j = len(layers)  # no GPU memory for staging: read in place for the rest of this forward
+                    break
             j += 1
         self._next = j
 
@@ -165,13 +173,18 @@ class ReadAhead:
                     out.append((name, i, chunk))
         return out or None
 
-    def _stage(self, layer_idx: int, layer: Any, wanted: list[tuple[str, int, torch.Tensor]], nbytes: int) -> None:
+    def _stage(self, layer_idx: int, layer: Any, wanted: list[tuple[str, int, torch.Tensor]], nbytes: int) -> bool:
+        """Stage one layer; False (nothing staged) when the GPU has no memory for the copies."""
         device = wanted[0][2].device
         staged = StagedLayer(length=layer._key_store.length,
                              versions=(layer._key_store.version, layer._value_store.version), nbytes=nbytes,
                              device=device)
         # Staging buffers on the main stream (see the module doc), then the copies on the side stream.
-        copies = [(name, i, chunk, torch.empty_like(chunk)) for name, i, chunk in wanted]
+        try:
+            copies = [(name, i, chunk, torch.empty_like(chunk)) for name, i, chunk in wanted]
+        except torch.OutOfMemoryError:
+            self.out_of_memory += 1
+            return False
         if device.type == "cuda":
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device)
@@ -191,6 +204,7 @@ class ReadAhead:
         self.layers_staged += 1
         self.bytes_staged += nbytes
         self.peak_bytes = max(self.peak_bytes, self._held)
+        return True
 
     def _drop(self, layer_idx: int) -> None:
         staged = self._staged.pop(layer_idx)

@@ -1419,7 +1419,20 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
         return failed(0, "waiting for the park event", r);
     }
   }
-  for (Step& s : steps) {
+  // The last pieces of a park to host read through a second mapping (see below); which
+  // ones: the last kShadowedTail pieces that leave their home device for pre-mapped host
+  // backings.
+  std::vector<bool> read_through_shadow(steps.size(), false);
+  for (size_t k = steps.size(), chosen = 0; k-- > 0 && chosen < kShadowedTail;) {
+    const Step& s = steps[k];
+    if (s.dst == AQUA_TIER_HOST && s.segment->pieces[s.index].tier == s.ctx->device &&
+        host_staging_.count(s.handle)) {
+      read_through_shadow[k] = true;
+      ++chosen;
+    }
+  }
+  for (size_t k = 0; k < steps.size(); ++k) {
+    Step& s = steps[k];
     const Piece& p = s.segment->pieces[s.index];
     Stream stream = streams[s.dst == s.ctx->device ? 1 : 0];
     uint64_t t0 = now_ns();
@@ -1441,11 +1454,14 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       }
     }
     s.source = s.segment->va + p.offset;
-    if (s.prestaged && p.tier == s.ctx->device) {
+    if (read_through_shadow[k]) {
       // A park into a host backing mapped at its own address: the shadow is free, so the copy
       // reads a second mapping of the old backing there, and the home range can be remapped
-      // to the host backing while the copy is in flight (the host backing's set-access, about
-      // 0.6 ms per 64 MiB, then overlaps the copies instead of following the last one).
+      // to the host backing while the copy is in flight. The host backing's set-access costs
+      // about 0.6 ms per 64 MiB (benchmarks/probe_park_copy.py): done this way for the last
+      // pieces, it overlaps their copies instead of following the last one. Not for every
+      // piece: the extra map and set-access cost host time, and set-access calls slow the
+      // copies they overlap (measured: every piece this way parked at 0.70 of the link).
       s.source = s.segment->shadow + p.offset;
       if ((r = backend_->map(s.source, p.size, p.handle)) != 0) {
         drain_issued(0);

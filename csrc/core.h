@@ -123,6 +123,9 @@ class Core {
 
  private:
   struct Step;  // one piece's move, see core.cpp
+  // Pieces at the end of a park to host whose copy reads a second mapping of the old
+  // backing, so that their home remaps overlap the copies still in flight (execute_move).
+  static constexpr size_t kShadowedTail = 2;
 
   int tier_index(int tier) const { return tier == AQUA_TIER_HOST ? num_devices_ : tier; }
   bool valid_tier(int tier) const { return tier == AQUA_TIER_HOST || (tier >= 0 && tier < num_devices_); }

@@ -446,11 +446,11 @@ def test_failure_at_each_driver_call_rolls_back(move):
     # The clean move of 5 pieces: stage (map + set-access at the shadow), copy and wait,
     # unstage, unmap the old backing, map and set-access the new one, per piece. Host
     # backing is mapped once when it is created, so a move to host does not stage the new
-    # backing; it maps the old one at the shadow instead, as the copy's source (the home
-    # range is then remapped before the copy ends), after one wait for the park event. A
-    # device backing is created per piece (host: taken from the pool); old device backings
-    # are released later, off the move's path (not counted here).
-    staged = 5  # maps at the shadow: the new backing (staging) or, to host, the old one (source)
+    # backing; for its last 2 pieces it maps the old one at the shadow instead, as the copy's
+    # source (their home ranges are then remapped before their copies end), after one wait
+    # for the park event. A device backing is created per piece (host: taken from the pool);
+    # old device backings are released later, off the move's path (not counted here).
+    staged = 2 if move == "gpu0->host" else 5  # maps at the shadow: new backings, or old ones as sources
     park_waits = 1 if move == "gpu0->host" else 0
     assert calls[sim.Op.MAP] == calls[sim.Op.UNMAP] == calls[sim.Op.SET_ACCESS] == 5 + staged, calls
     assert calls[sim.Op.COPY] == 5 and calls[sim.Op.SYNC] == 5 + park_waits, calls
@@ -492,8 +492,8 @@ def test_failure_at_each_driver_call_rolls_back(move):
             assert aq.where("a")[rb.destination(move)] == 16 * MiB, f"{op.name}[{nth}]"
             rb.verify()
             rb.prepare(move)
-    # map, unmap, set-access, copy and sync per piece (15 at the shadow + 25 others) plus,
-    # for a peer, a create per piece; to host, the wait for the park event.
+    # map, unmap, set-access, copy and sync per piece, 3 calls per mapping at the shadow,
+    # plus, for a peer, a create per piece; to host, the wait for the park event.
     assert num_rolled_back == 25 + staged * 3 + (5 if move == "gpu0->gpu1" else 0) + park_waits
 
 

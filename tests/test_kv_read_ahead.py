@@ -215,3 +215,24 @@ def test_read_ahead_equals_dynamic_cache(prefill, steps, remote, window_layers, 
     assert ra.layers_used == ra.layers_staged
     if remote and len(steps) > 1:
         assert ra.layers_staged > 0
+
+
+def test_no_gpu_memory_for_staging_reads_in_place_and_nothing_fails(monkeypatch):
+    cache = ContextKVCache(None, chunk_tokens=4)
+    cache.read_ahead = ReadAhead(1 << 30, is_remote=lambda chunk: True, placement_key=lambda: "spilled")
+    reference = DynamicCache()
+    g = torch.Generator().manual_seed(1)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    for step, n in enumerate((5, 1, 1)):
+        if step == 1:
+            monkeypatch.setattr(torch, "empty_like", no_memory)
+        for i in range(3):
+            k, v = torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)
+            got, want = cache.update(k, v, i), reference.update(k, v, i)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ra = cache.read_ahead
+    # One refusal per decode forward (it stops staging for the rest of that forward).
+    assert ra.out_of_memory == 2 and ra.layers_staged == 0
