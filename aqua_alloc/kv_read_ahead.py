@@ -14,6 +14,10 @@ held wholly on the host, but only for the chunks that are not on the GPU:
   and the cache builds the ``[B, H, S, D]`` tensors it returns from the staged copies instead
   of the off-GPU chunks.
 
+Staging starts after the first layer's update, so that layer, if spilled, is read in place
+(staging it during the previous step would leave copies in flight across the step boundary,
+where the scheduler may park the context).
+
 The chunks themselves never move and stay the only copy (a staging buffer is a read-only
 snapshot consumed within the same forward). A staged layer is used only if it is still what
 was copied: same token count, and no rewrite since (:attr:`_ChunkedSequence.version`);
