@@ -43,6 +43,13 @@ same solo runs are the references of the correctness check: every system's outpu
 those requests must equal them (``hf-cb`` batches kernels differently, so its outputs are
 recorded but not required to match).
 
+Rounds: with ``rounds`` N > 1, each load runs the whole list of systems N times in turn
+(round 1: every system, then round 2: every system, ...), so that each system's run has an
+``fcfs`` run of the same round minutes or less away: a machine whose speed drifts moves both.
+Every row has its ``round`` (1-based; 1 when N is 1); ratios to ``fcfs`` pair rows of the
+same load and round, and the per-round ratios and their median over rounds are printed after
+the table and kept in the metadata (``paired_ratios``). The time budget counts N rounds.
+
 Thread-safety: one benchmark at a time per process (it enables and disables aqua_alloc and
 sets the process's CUDA memory fraction).
 """
@@ -57,6 +64,7 @@ import json
 import math
 import queue
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -225,6 +233,7 @@ class BenchOptions:
     chunk_tokens: int = 256                  # aqua scheduler: tokens per KV chunk of a context
     budget_s: float | None = 300.0           # replay phase target (s): fewer requests if the estimate is over
     min_requests: int = 8                    # the budget never trims below this
+    rounds: int = 1                          # each load: every system in turn, this many times (paired rounds)
     out_dir: str | Path = "benchmarks/results"
     name: str | None = None                  # file name stem (default bench_serve-<trace>-<device name>)
     plots: bool = True
@@ -341,9 +350,10 @@ class _Run:
 
     system: System
 
-    def __init__(self, bench: _Bench, load: float, arrivals: list[float]) -> None:
+    def __init__(self, bench: _Bench, load: float, arrivals: list[float], round_no: int = 1) -> None:
         self.bench = bench
         self.load = load
+        self.round_no = round_no
         self.records = [RequestRecord(request_id=r.id, arrival_s=a, expected_tokens=r.output_tokens)
                         for r, a in zip(bench.requests, arrivals)]
         self.abort = threading.Event()
@@ -352,7 +362,8 @@ class _Run:
 
     @property
     def label(self) -> str:
-        return f"{self.system.value}@{self.load:g}"
+        """system@load, and #round when the benchmark runs more than one round."""
+        return f"{self.system.value}@{self.load:g}" + (f"#{self.round_no}" if self.bench.options.rounds > 1 else "")
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -553,9 +564,12 @@ class _AquaRun(_ThreadsRun):
             fields["num_moves"] = int(aq["num_moves"])
             fields["bytes_moved"] = int(aq["bytes_moved"])
         events = [e for e in trace.collect() if e.t_ns >= self._events_from_ns]
-        path = bench.out_dir / f"{bench.stem}-trace-{self.system.value}-load{self.load:g}.json"
+        name = f"{bench.stem}-trace-{self.system.value}-load{self.load:g}"
+        if bench.options.rounds > 1:
+            name += f"-round{self.round_no}"  # one file per run: rounds must not overwrite each other
+        path = bench.out_dir / f"{name}.json"
         trace.write_trace(path, events, extra_metadata={"benchmark": "bench_serve", "system": self.system.value,
-                                                        "load": self.load})
+                                                        "load": self.load, "round": self.round_no})
         fields["trace_file"] = str(path)
         if self._enabled:
             gc.collect()
@@ -738,9 +752,11 @@ def _unavailable(system: System, device: torch.device, model: torch.nn.Module, r
         if not hasattr(model, "init_continuous_batching"):
             return "this transformers has no continuous batching (model.init_continuous_batching)"
         try:
-            from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: F401,PLC0415
+            from transformers.generation import configuration_utils  # noqa: PLC0415
         except ImportError as e:
             return f"transformers' ContinuousBatchingConfig is not importable: {e}"
+        if not hasattr(configuration_utils, "ContinuousBatchingConfig"):
+            return "transformers has no ContinuousBatchingConfig (transformers.generation.configuration_utils)"
         blocks = cb_num_blocks(model, kv_budget)
         need = max(math.ceil((r.prompt_tokens + r.output_tokens) / CB_PAGE_TOKENS) for r in requests)
         if blocks < need:
@@ -784,9 +800,9 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
 
 
-def _make_row(system: str, load: float, **fields: Any) -> dict[str, Any]:
+def _make_row(system: str, load: float, round_no: int = 1, **fields: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "system": system, "load": load, "requests": None, "completed": None, "failed": None, "oom": None,
+        "system": system, "load": load, "round": round_no, "requests": None, "completed": None, "failed": None, "oom": None,
         "ttft_mean_s": None, "ttft_p50_s": None, "ttft_p90_s": None, "ttft_p99_s": None,
         "tpot_mean_s": None, "e2e_mean_s": None, "output_tok_s": None, "peak_bytes": {},
         "ttft_mean_ratio_to_fcfs": None, "ttft_p99_ratio_to_fcfs": None, "output_tok_s_ratio_to_fcfs": None,
@@ -796,17 +812,44 @@ def _make_row(system: str, load: float, **fields: Any) -> dict[str, Any]:
     return {k: _round(v) for k, v in row.items()}
 
 
+RATIOS = (("ttft_mean_s", "ttft_mean_ratio_to_fcfs", "ttft_mean_ratio"),
+          ("ttft_p99_s", "ttft_p99_ratio_to_fcfs", "ttft_p99_ratio"),
+          ("output_tok_s", "output_tok_s_ratio_to_fcfs", "output_tok_s_ratio"))  # row field, row ratio, paired name
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's ttft mean, ttft p99 and tok/s over fcfs's at the same load."""
-    fcfs = {row["load"]: row for row in rows if row["system"] == System.FCFS.value and not row["skipped"]}
+    """Each row's ttft mean, ttft p99 and tok/s over fcfs's at the same load and round."""
+    fcfs = {(row["load"], row["round"]): row for row in rows
+            if row["system"] == System.FCFS.value and not row["skipped"]}
     for row in rows:
-        base = fcfs.get(row["load"])
+        base = fcfs.get((row["load"], row["round"]))
         if base is None or row["skipped"]:
             continue
-        for field, name in (("ttft_mean_s", "ttft_mean_ratio_to_fcfs"), ("ttft_p99_s", "ttft_p99_ratio_to_fcfs"),
-                            ("output_tok_s", "output_tok_s_ratio_to_fcfs")):
+        for field, name, _ in RATIOS:
             if row[field] is not None and base[field]:
                 row[name] = round(row[field] / base[field], 4)
+
+
+def _paired_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (system, load) other than fcfs, in the rows' order: each round's ratios to fcfs of the
+    same load and round (as :func:`_add_ratios` set them) and their median over the rounds that
+    have one. (system, load) pairs with no paired round (skipped, failed) are left out."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["system"] != System.FCFS.value:
+            groups.setdefault((row["system"], row["load"]), []).append(row)
+    paired = []
+    for (system, load), group in groups.items():
+        rounds = [{"round": row.get("round", 1)} | {short: row[name] for _, name, short in RATIOS}
+                  for row in sorted(group, key=lambda row: row.get("round", 1))]
+        if all(r[short] is None for r in rounds for _, _, short in RATIOS):
+            continue
+        entry: dict[str, Any] = {"system": system, "load": load, "rounds": rounds}
+        for _, _, short in RATIOS:
+            values = [r[short] for r in rounds if r[short] is not None]
+            entry[f"median_{short}"] = round(statistics.median(values), 4) if values else None
+        paired.append(entry)
+    return paired
 
 
 @dataclasses.dataclass(frozen=True)
@@ -848,6 +891,8 @@ def _resolve(options: BenchOptions) -> _Plan:
         raise BenchInputError(f"--slice-steps={options.slice_steps}: must be at least 1")
     if options.budget_s is not None and options.budget_s <= 0:
         raise BenchInputError(f"--budget-s={options.budget_s}: must be positive")
+    if isinstance(options.rounds, bool) or not isinstance(options.rounds, int) or options.rounds < 1:
+        raise BenchInputError(f"--rounds={options.rounds!r}: must be a whole number, at least 1")
     device_type = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type not in ("cuda", "cpu"):
         raise BenchInputError(f"--device={options.device!r}: expected cuda or cpu")
@@ -930,15 +975,22 @@ def _calibrate(bench: _Bench, check: list[int], mismatches: list[str]
     return service, references, solo_runs
 
 
-def _fit_budget(bench: _Bench, service: ServiceModel, num_systems: int, loads: list[float], keep: int) -> None:
-    """Keep the first requests whose replays (every system, every load) fit ``budget_s`` by the
-    service model's estimate; never fewer than ``keep``."""
+def _estimate_replays_s(service: ServiceModel, requests: Sequence[Request], num_systems: int,
+                        loads: Sequence[float], rounds: int) -> float:
+    """Expected seconds of all replays: every system, every load, every round."""
+    return rounds * num_systems * sum(_estimate_run_s(service, requests, load) for load in loads)
+
+
+def _fit_budget(bench: _Bench, service: ServiceModel, num_systems: int, loads: list[float], keep: int,
+                rounds: int = 1) -> None:
+    """Keep the first requests whose replays (every system, every load, ``rounds`` times) fit
+    ``budget_s`` by the service model's estimate; never fewer than ``keep``."""
     options, requests = bench.options, bench.requests
     if options.budget_s is None:
         return
     n = len(requests)
     def estimate(n: int) -> float:
-        return num_systems * sum(_estimate_run_s(service, requests[:n], load) for load in loads)
+        return _estimate_replays_s(service, requests[:n], num_systems, loads, rounds)
 
     while n > keep and estimate(n) > options.budget_s:
         n -= 1
@@ -1003,13 +1055,17 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
         if reason:
             log(f"{s.value}: skipped: {reason}")
     num_runnable = sum(not reason for reason in skipped.values())
-    _fit_budget(bench, service, num_runnable, plan.loads, keep=max(options.min_requests, check[-1] + 1))
+    rounds = options.rounds
+    _fit_budget(bench, service, num_runnable, plan.loads, keep=max(options.min_requests, check[-1] + 1),
+                rounds=rounds)
     requests = bench.requests
     mean_service = service.mean_service_s(requests)
     work = sum(service.service_s(r.prompt_tokens, r.output_tokens) for r in requests)
-    estimate = num_runnable * sum(_estimate_run_s(service, requests, load) for load in plan.loads)
+    estimate = _estimate_replays_s(service, requests, num_runnable, plan.loads, rounds)
     log(f"{len(requests)} requests, mean service time alone {mean_service:.3f} s: fcfs sustains "
-        f"{1 / mean_service:.3f} req/s; {num_runnable} systems x {len(plan.loads)} loads, about {estimate:.0f} s")
+        f"{1 / mean_service:.3f} req/s; {num_runnable} systems x {len(plan.loads)} loads"
+        + (f" x {rounds} rounds (each load: every system in turn, {rounds} times)" if rounds > 1 else "")
+        + f", about {estimate:.0f} s")
 
     # The replays.
     rows: list[dict[str, Any]] = []
@@ -1023,22 +1079,26 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
         deadline = arrivals[-1] + max(30.0, 2 * work)
         log(f"load {load:g}: time scale {scale:.4f} (replay s per trace s), {load / mean_service:.3f} req/s, "
             f"arrivals over {arrivals[-1]:.1f} s; deadline {deadline:.0f} s after start")
-        for system in plan.systems:
-            remaining = replay_limit - (time.perf_counter() - t_replays)
-            if not skipped[system] and remaining < arrivals[-1] + mean_service:
-                skipped[system] = f"out of time: too little left of {OVERRUN:g} x --budget-s for a replay"
-                log(f"{system.value}@{load:g}: skipped: {skipped[system]}")
-            if skipped[system]:
-                rows.append(_make_row(system.value, load, skipped=skipped[system], requests=len(requests),
-                                      time_scale=scale))
-                continue
-            row, records = _run_one(bench, system, load, arrivals, min(deadline, remaining), scale, references,
-                                    mismatches)
-            rows.append(row)
-            if records:
-                runs.append({"system": system.value, "load": load,
-                             "records": [dataclasses.asdict(r) | {"output_ids": None} for r in records]})
-            _write_rows(out_dir / f"{stem}.json", rows)  # after every run: a killed run keeps its results
+        for round_no in range(1, rounds + 1):
+            if rounds > 1:
+                log(f"load {load:g}: round {round_no}/{rounds}")
+            for system in plan.systems:
+                label = f"{system.value}@{load:g}" + (f"#{round_no}" if rounds > 1 else "")
+                remaining = replay_limit - (time.perf_counter() - t_replays)
+                if not skipped[system] and remaining < arrivals[-1] + mean_service:
+                    skipped[system] = f"out of time: too little left of {OVERRUN:g} x --budget-s for a replay"
+                    log(f"{label}: skipped: {skipped[system]}")
+                if skipped[system]:
+                    rows.append(_make_row(system.value, load, round_no, skipped=skipped[system],
+                                          requests=len(requests), time_scale=scale))
+                    continue
+                row, records = _run_one(bench, system, load, arrivals, min(deadline, remaining), scale, references,
+                                        mismatches, round_no=round_no)
+                rows.append(row)
+                if records:
+                    runs.append({"system": system.value, "load": load, "round": round_no,
+                                 "records": [dataclasses.asdict(r) | {"output_ids": None} for r in records]})
+                _write_rows(out_dir / f"{stem}.json", rows)  # after every run: a killed run keeps its results
     _add_ratios(rows)
 
     meta = {
@@ -1063,10 +1123,13 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
         "time_scales": {f"{load:g}": round(s, 6) for load, s in scales.items()},
         "loads": plan.loads,
         "systems": [s.value for s in plan.systems],
+        "rounds": rounds,
         "requests": [dataclasses.asdict(r) for r in requests],
         "mismatches": mismatches,
         "elapsed_s": round(time.perf_counter() - log.t0, 1),
     }
+    if rounds > 1:
+        meta["paired_ratios"] = _paired_ratios(rows)  # per round, paired with fcfs of that round; medians
     result = BenchResult(rows=rows, meta=meta, runs=runs, mismatches=mismatches)
     result.files["results"] = str(out_dir / f"{stem}.json")
     return result
@@ -1079,12 +1142,12 @@ def _transformers_version() -> str:
 
 
 def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], deadline: float, scale: float,
-             references: dict[int, list[int]], mismatches: list[str]
+             references: dict[int, list[int]], mismatches: list[str], round_no: int = 1
              ) -> tuple[dict[str, Any], list[RequestRecord] | None]:
-    """One system at one load: replay, summarize, check outputs, log one line. Returns the row
-    and the per-request records (None when the run itself failed)."""
+    """One system at one load (in round ``round_no``): replay, summarize, check outputs, log one
+    line. Returns the row and the per-request records (None when the run itself failed)."""
     log = bench.log
-    run = RUNS[system](bench, load, arrivals)
+    run = RUNS[system](bench, load, arrivals, round_no)
     t_start = time.perf_counter()
     extra: dict[str, Any] = {}
     try:
@@ -1103,8 +1166,8 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
                     aqua_alloc.disable()
                 except Exception as e:  # noqa: BLE001 - report and go on
                     log(f"{run.label}: aqua_alloc.disable() failed too: {_describe(e)}")
-        return _make_row(system.value, load, skipped=f"run failed: {_describe(exc)}", requests=len(arrivals),
-                         time_scale=scale), None
+        return _make_row(system.value, load, round_no, skipped=f"run failed: {_describe(exc)}",
+                         requests=len(arrivals), time_scale=scale), None
     summary = summarize_run(run.records)
     checked, identical = 0, True
     for i, want in references.items():
@@ -1115,12 +1178,14 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
         if got != want:
             identical = False
             where = f"{system.value} load {load:g} request r{bench.requests[i].id}"
+            if bench.options.rounds > 1:
+                where += f" round {round_no}"
             first_diff = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
             log(f"{run.label}: OUTPUT MISMATCH for r{bench.requests[i].id} at token {first_diff} "
                 f"({len(got)} vs {len(want)} tokens)")
             if system in EXACT_SYSTEMS:
                 mismatches.append(where)
-    row = _make_row(system.value, load, **summary, **extra,
+    row = _make_row(system.value, load, round_no, **summary, **extra,
                     outputs_checked=checked, outputs_identical=identical if checked else None,
                     exact_expected=system in EXACT_SYSTEMS, time_scale=scale,
                     offered_rps=(len(arrivals) - 1) / arrivals[-1] if arrivals[-1] > 0 else None,
@@ -1149,7 +1214,9 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a fixed-width table (times in s, TPOT in ms, peaks in MiB)."""
+    """The comparison as a fixed-width table (times in s, TPOT in ms, peaks in MiB). Rows of
+    more than one round get a round column, and the table is followed by each system's ratios
+    to fcfs per round (same load, same round) and their median over the rounds."""
 
     def num(value: Any, fmt: str) -> str:  # fmt starts with the width
         width = int(fmt.split(".")[0].rstrip(","))
@@ -1158,19 +1225,25 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     # gpu0 first, then peers, then host; tiers no row used are left out (aqua reports every GPU).
     tiers = sorted({t for row in rows for t, b in row["peak_bytes"].items() if b or t == "gpu0"},
                    key=lambda t: (t != "gpu0", t == "host", t))
-    head = (f"{'system':<10} {'load':>5} {'done':>7} {'oom':>4} {'ttft mean':>9} {'p50':>7} {'p90':>7} {'p99':>7} "
+    multi = any(row.get("round", 1) > 1 for row in rows)
+
+    def where(row: dict[str, Any]) -> str:  # system, load (and round)
+        return f"{row['system']:<10} {row['load']:>5g}" + (f" {row.get('round', 1):>5}" if multi else "")
+
+    head = (f"{'system':<10} {'load':>5}" + (f" {'round':>5}" if multi else "")
+            + f" {'done':>7} {'oom':>4} {'ttft mean':>9} {'p50':>7} {'p90':>7} {'p99':>7} "
             f"{'tpot ms':>7} {'e2e s':>7} {'tok/s':>7} " + "".join(f"{'peak ' + t:>11} " for t in tiers)
             + f"{'ttft x':>7} {'p99 x':>7} {'tok/s x':>7}  same")
     lines = [head, "-" * len(head)]
     for row in rows:
         if row["skipped"]:
-            lines.append(f"{row['system']:<10} {row['load']:>5g}  skipped: {row['skipped']}")
+            lines.append(f"{where(row)}  skipped: {row['skipped']}")
             continue
         same = {True: "yes", False: "NO", None: "-"}[row["outputs_identical"]]
         if row["outputs_identical"] is False and not row.get("exact_expected", True):
             same = "no*"
         lines.append(
-            f"{row['system']:<10} {row['load']:>5g} {str(row['completed']) + '/' + str(row['requests']):>7} "
+            f"{where(row)} {str(row['completed']) + '/' + str(row['requests']):>7} "
             f"{row['oom']:>4} {num(row['ttft_mean_s'], '9.3f')} {num(row['ttft_p50_s'], '7.3f')} "
             f"{num(row['ttft_p90_s'], '7.3f')} {num(row['ttft_p99_s'], '7.3f')} "
             f"{num(row['tpot_mean_s'] and row['tpot_mean_s'] * 1e3, '7.2f')} {num(row['e2e_mean_s'], '7.3f')} "
@@ -1180,11 +1253,29 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{num(row['output_tok_s_ratio_to_fcfs'], '7.2f')}  {same}")
     lines.append("ttft/e2e in s from arrival, over completed requests; peaks in MiB (aqua: context bytes per tier "
                  "from aqua_alloc.stats(); others: torch.cuda.max_memory_allocated, weights included); "
-                 "x = ratio to fcfs at the same load")
+                 "x = ratio to fcfs at the same load" + (" and round" if multi else ""))
     if any(row.get("exact_expected") is False and row["outputs_identical"] is False for row in rows):
         lines.append("no* = outputs differ from the solo runs where exactness is not expected "
                      "(hf-cb batches requests: other kernels, other rounding)")
+    if multi:
+        lines.extend(_format_paired(_paired_ratios(rows)))
     return "\n".join(lines)
+
+
+def _format_paired(paired: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines of :func:`_paired_ratios`: per (system, load), each round's ratio, then the median."""
+    lines = ["", "paired ratios to fcfs (same load, same round): round 1, round 2, ... -> median over rounds"]
+    if not paired:
+        return lines + ["  none: no system other than fcfs has a run paired with an fcfs run"]
+    for entry in paired:
+        parts = []
+        for _, _, short in RATIOS:
+            values = " ".join("-" if r[short] is None else f"{r[short]:.2f}" for r in entry["rounds"])
+            median = entry[f"median_{short}"]
+            title = {"ttft_mean_ratio": "ttft x", "ttft_p99_ratio": "p99 x", "output_tok_s_ratio": "tok/s x"}[short]
+            parts.append(f"{title} {values} -> {'-' if median is None else f'{median:.2f}'}")
+        lines.append(f"{entry['system']:<10} {entry['load']:>5g}  " + "; ".join(parts))
+    return lines
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -1218,7 +1309,8 @@ def write_results(result: BenchResult, out_dir: str | Path, log: Log, plots: boo
 
 
 def _plot_ttft(runs: Sequence[dict[str, Any]], path: Path, files: dict[str, str]) -> None:
-    """CDF of TTFT (completed requests) per system, one panel per load."""
+    """CDF of TTFT (completed requests) per system, one panel per load; a system's rounds are
+    pooled (one curve over the requests of all its runs at that load)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
@@ -1228,17 +1320,22 @@ def _plot_ttft(runs: Sequence[dict[str, Any]], path: Path, files: dict[str, str]
     fig = Figure(figsize=(4.5 * len(loads), 4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(loads), squeeze=False)[0]
+    multi = any(run.get("round", 1) > 1 for run in runs)
     for ax, load in zip(axes, loads):
+        pooled: dict[str, list[float]] = {}  # system -> TTFTs of all its rounds, in the runs' order
         for run in (run for run in runs if run["load"] == load):
-            values = sorted(r["first_token_s"] - r["arrival_s"] for r in run["records"]
-                            if r["first_token_s"] is not None and r["error"] is None)
+            pooled.setdefault(run["system"], []).extend(
+                r["first_token_s"] - r["arrival_s"] for r in run["records"]
+                if r["first_token_s"] is not None and r["error"] is None)
+        for system, values in pooled.items():
             if not values:
                 continue
+            values.sort()
             ys = [(k + 1) / len(values) for k in range(len(values))]
-            ax.step(values, ys, where="post", label=run["system"])
+            ax.step(values, ys, where="post", label=system)
         ax.set_xscale("log")
         ax.set_xlabel("time to first token (s, log)")
-        ax.set_title(f"load {load:g}")
+        ax.set_title(f"load {load:g}" + (" (rounds pooled)" if multi else ""))
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("share of completed requests")
     axes[-1].legend(loc="lower right", fontsize="small")
@@ -1248,7 +1345,7 @@ def _plot_ttft(runs: Sequence[dict[str, Any]], path: Path, files: dict[str, str]
 
 
 def _plot_traces(rows: Sequence[dict[str, Any]], files: dict[str, str]) -> None:
-    """Bytes per tier over time of each aqua system's run at the highest load."""
+    """Bytes per tier over time of each aqua system's run at the highest load (its last round)."""
     from aqua_alloc.trace import read_trace  # noqa: PLC0415
     from aqua_alloc.trace_plot import plot_trace  # noqa: PLC0415
 

@@ -11,9 +11,14 @@ outputs equal the same requests run alone. The logic lives in aqua_alloc/serve_b
     python benchmarks/bench_serve.py                                  # llama-1b shape, conv trace
     python benchmarks/bench_serve.py --model tiny --device cpu --systems fcfs,aqua-host  # smoke test
 
+--rounds N runs, at each load, every system in turn N times (paired rounds: each run's ratio
+to fcfs is to the fcfs run of its own round, so a machine whose speed drifts moves both), and
+prints the per-round ratios and their median.
+
 Writes, under --out (default benchmarks/results): bench_serve-<trace>-<gpu>.json (one row per
-system and load), .meta.json (settings, calibration, per-request records), .log, -ttft.png,
-and an aqua_alloc trace per aqua run (with a PNG of bytes per tier for the highest load).
+system, load and round), .meta.json (settings, calibration, per-request records, paired ratios),
+.log, -ttft.png, and an aqua_alloc trace per aqua run (with a PNG of bytes per tier for the
+highest load).
 Exit status: 0; 1 if an output differs from its solo run (fcfs, threads, aqua-*); 2 for bad
 arguments.
 
@@ -70,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="target seconds for all replays: fewer requests when the estimate is over, and runs that would end "
              "past 1.5x it are cut or skipped; 0: no limit (default %(default)s)")
     add("--min-requests", type=int, default=d.min_requests, help="the budget never trims below (default %(default)s)")
+    add("--rounds", type=int, default=d.rounds, metavar="N",
+        help="paired rounds: at each load, run every system in turn, N times (round 1: all systems, round 2: all "
+             "systems, ...); ratios pair each run with fcfs of the same round, and the per-round ratios and their "
+             "median are printed; the time budget counts all N rounds (default %(default)s)")
     add("--out", default=str(d.out_dir), help="output directory (default %(default)s)")
     add("--name", default=None, help="file name stem (default bench_serve-<trace>-<gpu name>)")
     add("--no-plots", action="store_true", help="do not draw PNGs")
@@ -90,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             systems=parse_names(args.systems, [s.value for s in System], "--systems"),
             loads=parse_loads(args.loads), seed=args.seed, check=args.check, slice_steps=args.slice_steps,
             chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
+            rounds=args.rounds,
             out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
         log = Log()
         log("bench_serve " + " ".join(sys.argv[1:] if argv is None else argv))

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -272,6 +274,56 @@ def test_ratios_and_table():
     assert table[3].split()[-4:] == ["0.25", "0.25", "0.95", "yes"]
 
 
+def test_ratios_pair_with_fcfs_of_the_same_load_and_round():
+    def row(system, round_no, ttft, tok_s, **fields):
+        return sb._make_row(system, 0.8, round_no, requests=4, completed=4, failed=0, oom=0, ttft_mean_s=ttft,
+                            ttft_p99_s=2 * ttft if ttft else None, output_tok_s=tok_s, **fields)
+
+    rows = [row("fcfs", 1, 2.0, 100.0), row("aqua-host", 1, 0.5, 90.0),
+            row("fcfs", 2, 4.0, 50.0), row("aqua-host", 2, 0.5, 60.0),   # the machine ran slower in round 2
+            row("fcfs", 3, None, None, skipped="out of time"), row("aqua-host", 3, 0.5, 70.0),
+            row("aqua-peer", 1, None, None, skipped="needs 2 GPUs")]
+    sb._add_ratios(rows)
+    assert [(r["round"], r["ttft_mean_ratio_to_fcfs"], r["ttft_p99_ratio_to_fcfs"], r["output_tok_s_ratio_to_fcfs"])
+            for r in rows if r["system"] == "aqua-host"] == [(1, 0.25, 0.25, 0.9), (2, 0.125, 0.125, 1.2),
+                                                              (3, None, None, None)]
+    paired = sb._paired_ratios(rows)
+    assert paired == [{"system": "aqua-host", "load": 0.8,
+                       "rounds": [{"round": 1, "ttft_mean_ratio": 0.25, "ttft_p99_ratio": 0.25, "output_tok_s_ratio": 0.9},
+                                  {"round": 2, "ttft_mean_ratio": 0.125, "ttft_p99_ratio": 0.125,
+                                   "output_tok_s_ratio": 1.2},
+                                  {"round": 3, "ttft_mean_ratio": None, "ttft_p99_ratio": None,
+                                   "output_tok_s_ratio": None}],
+                       "median_ttft_mean_ratio": 0.1875, "median_ttft_p99_ratio": 0.1875,
+                       "median_output_tok_s_ratio": 1.05}]  # aqua-peer: no paired round, left out
+    table = sb.format_table(rows).splitlines()
+    assert table[0].split()[:3] == ["system", "load", "round"]
+    assert table[2].split()[:3] == ["fcfs", "0.8", "1"] and table[5].split()[:3] == ["aqua-host", "0.8", "2"]
+    assert table[7].startswith("aqua-host    0.8     3     4/4") and table[7].split()[-4:] == ["-", "-", "-", "-"]
+    assert "fcfs         0.8     3  skipped: out of time" in table
+    assert table[-1] == ("aqua-host    0.8  ttft x 0.25 0.12 - -> 0.19; p99 x 0.25 0.12 - -> 0.19; "
+                         "tok/s x 0.90 1.20 - -> 1.05")
+    one_round = sb.format_table(rows[:2]).splitlines()
+    assert "round" not in one_round[0] and not any("paired" in line for line in one_round)
+
+
+def test_budget_fits_every_round():
+    service = ServiceModel(first_token_s=0.1, prefill_s_per_token=0.0, decode_s_per_token=0.01)
+    requests = requests_at([float(i) for i in range(20)])
+
+    def kept(rounds, budget_s):
+        bench = SimpleNamespace(options=SimpleNamespace(budget_s=budget_s), requests=list(requests),
+                                prompts=list(range(20)), log=lambda message: None)
+        sb._fit_budget(bench, service, 2, [0.5, 0.9], keep=2, rounds=rounds)
+        assert len(bench.prompts) == len(bench.requests)
+        return len(bench.requests)
+
+    budget = sb._estimate_replays_s(service, requests[:6], 2, [0.5, 0.9], rounds=3)
+    assert budget == 3 * sb._estimate_replays_s(service, requests[:6], 2, [0.5, 0.9], rounds=1)
+    assert kept(3, budget) == 6
+    assert kept(1, budget) > 6 and kept(1, budget / 3) == 6
+
+
 # --------------------------------------------------------------------------------------
 # The systems on a tiny model (CPU)
 
@@ -300,6 +352,7 @@ def test_every_system_serves_every_request_exactly(tmp_path):
     assert rows["aqua-host"]["num_slices"] >= 10  # every request ran at least one slice
     written = json.loads(Path(result.files["results"]).read_text())
     assert [r["system"] for r in written] == list(rows)
+    assert all(r["round"] == 1 for r in written) and "paired_ratios" not in result.meta
     trace = read_trace(rows["aqua-host"]["trace_file"])
     assert {e.context for e in trace.events if e.kind.value == "prompt_arrived"} == {
         f"aqua-host@0.9-r{r['id']}" for r in result.meta["requests"]}
@@ -319,6 +372,58 @@ def test_outputs_that_differ_from_solo_runs_are_mismatches(tmp_path, monkeypatch
     assert len(result.mismatches) == 2 and all(m.startswith("fcfs load 0.9 request r") for m in result.mismatches)
     hf_cb = next(row for row in result.rows if row["system"] == "hf-cb")
     assert hf_cb["outputs_identical"] is False and hf_cb["exact_expected"] is False  # recorded, not an error
+
+
+def test_rounds_run_every_system_in_turn_and_pair_ratios_within_a_round(tmp_path):
+    options = tiny_options(tmp_path, systems=["fcfs", "aqua-host"], loads=(0.5, 0.9), rounds=2, max_requests=6,
+                           check=2, min_requests=4, plots=True)
+    log = sb.Log(stream=open(os.devnull, "w"))
+    result = sb.run_benchmark(options, log)
+    assert result.ok, result.mismatches
+    # Each load: round 1 (every system), then round 2 (every system).
+    assert [(r["load"], r["round"], r["system"]) for r in result.rows] == [
+        (load, round_no, system) for load in (0.5, 0.9) for round_no in (1, 2) for system in ("fcfs", "aqua-host")]
+    assert [(run["load"], run["round"], run["system"]) for run in result.runs] == [
+        (r["load"], r["round"], r["system"]) for r in result.rows]
+    fcfs = {(r["load"], r["round"]): r for r in result.rows if r["system"] == "fcfs"}
+    for row in result.rows:
+        assert (row["completed"], row["failed"], row["outputs_identical"]) == (6, 0, True), row
+        base = fcfs[row["load"], row["round"]]
+        for field, ratio in (("ttft_mean_s", "ttft_mean_ratio_to_fcfs"), ("ttft_p99_s", "ttft_p99_ratio_to_fcfs"),
+                             ("output_tok_s", "output_tok_s_ratio_to_fcfs")):
+            assert row[ratio] == round(row[field] / base[field], 4), (row["system"], row["load"], row["round"], ratio)
+    # Paired ratios: per (system, load) other than fcfs, each round's ratios and their median.
+    assert result.meta["rounds"] == 2
+    paired = result.meta["paired_ratios"]
+    assert [(p["system"], p["load"]) for p in paired] == [("aqua-host", 0.5), ("aqua-host", 0.9)]
+    for entry in paired:
+        rows = [r for r in result.rows if (r["system"], r["load"]) == (entry["system"], entry["load"])]
+        assert [r["round"] for r in entry["rounds"]] == [1, 2]
+        for short, ratio in (("ttft_mean_ratio", "ttft_mean_ratio_to_fcfs"), ("ttft_p99_ratio", "ttft_p99_ratio_to_fcfs"),
+                             ("output_tok_s_ratio", "output_tok_s_ratio_to_fcfs")):
+            assert [r[short] for r in entry["rounds"]] == [r[ratio] for r in rows]
+            assert entry[f"median_{short}"] == round(statistics.median(r[ratio] for r in rows), 4)
+    # One aqua trace per run (the round in the file name), tagged with the round's label.
+    trace_files = [r["trace_file"] for r in result.rows if r["system"] == "aqua-host"]
+    assert [Path(f).name for f in trace_files] == [
+        f"{Path(result.files['results']).stem}-trace-aqua-host-load{load}-round{n}.json"
+        for load in (0.5, 0.9) for n in (1, 2)]
+    trace = read_trace(trace_files[1])
+    assert {e.context for e in trace.events if e.kind.value == "prompt_arrived"} == {
+        f"aqua-host@0.5#2-r{r['id']}" for r in result.meta["requests"]}
+    # The table, the files and the plots.
+    table = sb.format_table(result.rows)
+    assert "paired ratios to fcfs (same load, same round)" in table
+    assert sum(line.startswith("aqua-host    0.5  ttft x") for line in table.splitlines()) == 1
+    files = sb.write_results(result, tmp_path, log)
+    assert json.loads(Path(files["meta"]).read_text())["paired_ratios"] == paired
+    assert Path(files["ttft_plot"]).stat().st_size > 0
+    assert Path(files["trace_plot aqua-host"]).name.endswith("-trace-aqua-host-load0.9-round2.png")
+
+
+def test_rounds_below_one_are_refused(tmp_path):
+    with pytest.raises(BenchInputError, match="--rounds=0: must be a whole number, at least 1"):
+        sb.run_benchmark(tiny_options(tmp_path, rounds=0), sb.Log(stream=open(os.devnull, "w")))
 
 
 @pytest.mark.parametrize("system", ["fcfs", "threads", "aqua-host", "hf-cb"])
@@ -352,6 +457,7 @@ def load_bench_cli():
     (["--systems", "fcfs,tgi"], "--systems='fcfs,tgi': unknown 'tgi'"),
     (["--trace", "conv-excerpt", "--window-start", "5000"], "--window-start=5000 --window-s=60: no request"),
     (["--kv-budget", "lots"], "--kv-budget='lots': not a size"),
+    (["--rounds", "0"], "--rounds=0: must be a whole number, at least 1"),
 ])
 def test_bench_cli_bad_inputs_exit_2_naming_the_argument(args, text, capsys, tmp_path):
     cli = load_bench_cli()
@@ -387,3 +493,8 @@ def test_runs_that_would_overrun_the_budget_are_skipped_not_started(tmp_path):
     assert len(result.rows) == 4 and not result.runs and result.ok
     assert all(row["skipped"] == "out of time: too little left of 1.5 x --budget-s for a replay" for row in result.rows)
     assert len(result.meta["requests"]) == 8  # trimmed to --min-requests by the budget
+    result = sb.run_benchmark(tiny_options(tmp_path, systems=["fcfs", "aqua-host"], loads=(0.5,), budget_s=1e-3,
+                                           rounds=2), sb.Log(stream=open(os.devnull, "w")))
+    assert [(row["round"], row["system"]) for row in result.rows] == [
+        (1, "fcfs"), (1, "aqua-host"), (2, "fcfs"), (2, "aqua-host")]
+    assert all(row["skipped"] for row in result.rows) and result.meta["paired_ratios"] == []
