@@ -331,6 +331,8 @@ class _Bench:
         self.stem = stem
         self.check_ids: set[int] = set()      # indices into requests whose output ids are kept
         self.memory_fraction: float | None = None  # fcfs/threads cap (CUDA), see module docstring
+        self.cap_bytes = 0                    # the cap in bytes (memory_fraction x device memory)
+        self.base_reserved = 0                # bytes PyTorch held when the cap was measured
         self.warmup_prompt = torch.randint(1, model.config.vocab_size, (1, WARMUP_PROMPT_TOKENS),
                                            generator=torch.Generator().manual_seed(options.seed + 1)).to(device)
 
@@ -445,8 +447,22 @@ class _GenerateRun(_Run):
             self.notes.append("CPU: no memory cap")
         elif self.bench.memory_fraction is not None:
             gc.collect()
+            # cuBLAS keeps a workspace per (thread, stream) in PyTorch's allocator until told
+            # otherwise: the request threads of an earlier run leave theirs behind.
+            clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear_workspaces is not None:
+                clear_workspaces()
             torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction(self.bench.memory_fraction)
+            # What PyTorch still holds beyond what it held when the cap was measured belongs to
+            # earlier runs, not to this one: added to the cap, so that every run, first or
+            # later in a round, has the same room.
+            retained = max(torch.cuda.memory_reserved() - self.bench.base_reserved, 0)
+            fraction = self.bench.memory_fraction
+            if retained:
+                total = torch.cuda.get_device_properties(self.bench.device).total_memory
+                fraction = min((self.bench.cap_bytes + retained) / total, 1.0)
+                self.notes.append(f"{_fmt_bytes(retained)} held from earlier runs added to the memory cap")
+            torch.cuda.set_per_process_memory_fraction(fraction)
 
     def _clear_memory_cap(self) -> None:
         if self.bench.cuda:
@@ -933,6 +949,7 @@ def _measure_memory_cap(bench: _Bench) -> dict[str, Any]:
     longest = max(range(len(requests)), key=lambda i: requests[i].prompt_tokens)
     gc.collect()
     torch.cuda.empty_cache()
+    bench.base_reserved = torch.cuda.memory_reserved()
     torch.cuda.reset_peak_memory_stats()
     bench.model.generate(**_generate_kwargs(bench.prompts[longest], 2, _TokenClock(threading.Event())))
     torch.cuda.synchronize()
@@ -940,6 +957,7 @@ def _measure_memory_cap(bench: _Bench) -> dict[str, Any]:
     total = torch.cuda.get_device_properties(bench.device).total_memory
     cap_bytes = reserved - kv_bytes_per_token(bench.model) * (requests[longest].prompt_tokens + 2) + bench.kv_budget
     bench.memory_fraction = min(cap_bytes / total, 1.0)
+    bench.cap_bytes = cap_bytes
     log(f"fcfs/threads memory cap: {_fmt_bytes(cap_bytes)} = peak reserved {_fmt_bytes(reserved)} of the "
         f"longest prompt ({requests[longest].prompt_tokens} tokens) alone - its KV + kv budget; "
         f"set_per_process_memory_fraction({bench.memory_fraction:.4f})")
