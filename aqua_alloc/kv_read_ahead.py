@@ -29,8 +29,9 @@ costs one ``where()`` per forward.
 
 Ordering (CUDA streams): each batch of copies waits for the main stream's work queued so far
 (the chunk's last writes), and the main stream waits for a layer's copies before using them.
-Staging buffers are allocated on the main stream, outside any context, so the caching
-allocator only reuses them after the main stream is past their last use.
+Staging buffers are allocated on the main stream, so the caching allocator only reuses them
+after the main stream is past their last use. They are ordinary activations: outside any
+context, unless the caller runs ``generate`` itself inside ``aqua_alloc.context()``.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class ReadAhead:
         if (staged.length != layer._key_store.length
                 or staged.versions != (layer._key_store.version, layer._value_store.version)):
             self.layers_dropped += 1
+            # Stale: not used, but its copies may still be running. The main stream waits for
+            # them before the staging memory is reused or the chunks are rewritten or moved.
+            staged.wait()
             return None
         staged.wait()
         self.layers_used += 1
@@ -143,14 +147,16 @@ class ReadAhead:
         self._next = j
 
     def release(self) -> None:
-        """Drop every staged copy (the cache is being released)."""
+        """Drop every staged copy, once its copies are done (waited on the host: the caller
+        may be another thread than the one whose stream would otherwise be ordered)."""
         for j in list(self._staged):
-            self._drop(j)
+            self._drop(j, host_wait=True)
 
     # --- internals ---------------------------------------------------------------------------
 
     def _new_forward(self) -> None:
-        self.release()
+        for j in list(self._staged):  # left by a forward that did not finish
+            self._drop(j)
         self._next = 0
         key = self._placement_key()
         if key != self._key:
@@ -193,11 +199,16 @@ class ReadAhead:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device)
             self._stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self._stream):
-                for _, _, chunk, copy in copies:
-                    copy.copy_(chunk, non_blocking=True)
-                staged.ready = torch.cuda.Event()
-                staged.ready.record(self._stream)
+            try:
+                with torch.cuda.stream(self._stream):
+                    for _, _, chunk, copy in copies:
+                        copy.copy_(chunk, non_blocking=True)
+                    staged.ready = torch.cuda.Event()
+                    staged.ready.record(self._stream)
+            except BaseException:
+                # Some copies may be in flight: the staging memory is freed on the main stream.
+                torch.cuda.current_stream(device).wait_stream(self._stream)
+                raise
         else:  # CPU (tests): the same bookkeeping, copies in line
             for _, _, chunk, copy in copies:
                 copy.copy_(chunk)
@@ -210,10 +221,13 @@ class ReadAhead:
         self.peak_bytes = max(self.peak_bytes, self._held)
         return True
 
-    def _drop(self, layer_idx: int) -> None:
+    def _drop(self, layer_idx: int, host_wait: bool = False) -> None:
         staged = self._staged.pop(layer_idx)
         self._held -= staged.nbytes
         self.layers_dropped += 1
         # The copies may still be reading the chunks: the main stream must not run ahead of
         # them (a park, a rewrite or a free of the chunks follows main-stream order).
-        staged.wait()
+        if host_wait and staged.ready is not None:
+            staged.ready.synchronize()
+        else:
+            staged.wait()

@@ -1305,11 +1305,18 @@ void Core::unwind(std::vector<Step>& steps, size_t num_committed) {
     Context& ctx = *s.ctx;
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
+    // The copies are drained: drop the old backing's second mapping (it stays the backing).
+    // If it cannot be dropped, the old backing must never be given back while mapped there.
+    bool old_backing_pinned = false;
     if (s.source_shadowed) {
-      // The copies are drained: drop the old backing's second mapping (it stays the backing).
-      if (retry(&Backend::unmap, s.source, p.size)) s.source_shadowed = false;
-      else std::fprintf(stderr, "[aqua_alloc] unmapping a move's source mapping of context '%s' failed: "
-                        "its staging range stays mapped\n", ctx.tag.c_str());
+      if (retry(&Backend::unmap, s.source, p.size)) {
+        s.source_shadowed = false;
+      } else {
+        old_backing_pinned = true;
+        std::fprintf(stderr, "[aqua_alloc] unmapping a move's source mapping of context '%s' failed: "
+                     "its staging range stays mapped (later moves of the piece fail and roll back)\n",
+                     ctx.tag.c_str());
+      }
     }
     if (k < num_committed) {
       bool unmapped = retry(&Backend::unmap, home, p.size);
@@ -1329,7 +1336,7 @@ void Core::unwind(std::vector<Step>& steps, size_t num_committed) {
                        static_cast<unsigned long>(home), tier_name(s.dst).c_str());
           account_remove(p.tier, ctx.device, p.size, true);
           charge(s.dst, p.size, true);
-          give_back(p.tier, p.handle, p.handle_bytes);
+          if (!old_backing_pinned) give_back(p.tier, p.handle, p.handle_bytes);  // else leaked, still mapped
           p.tier = s.dst;
           p.handle = s.handle;
           p.handle_bytes = s.handle_bytes;
@@ -1474,10 +1481,19 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       }
     }
     uint64_t t1 = now_ns();
-    r = backend_->copy_async(s.target, s.source, p.size, stream);
-    if (r == 0) r = take_event(s.ctx->device, &s.copied);
-    if (r == 0) r = backend_->event_record(s.copied, stream);
-    if (r != 0) {
+    // The event first: a copy is issued only with an event that the drains can wait on.
+    if ((r = take_event(s.ctx->device, &s.copied)) != 0) {
+      drain_issued(0);
+      return failed(0, "copy", r);
+    }
+    if ((r = backend_->copy_async(s.target, s.source, p.size, stream)) != 0) {
+      drain_issued(0);
+      return failed(0, "copy", r);
+    }
+    if ((r = backend_->event_record(s.copied, stream)) != 0) {
+      // Issued but not waitable: wait for the whole device before anything is unwound.
+      if (backend_->device_sync(s.ctx->device) != 0)
+        std::fprintf(stderr, "[aqua_alloc] a move's copy could not be waited for after a failed event record\n");
       drain_issued(0);
       return failed(0, "copy", r);
     }

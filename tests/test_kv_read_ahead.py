@@ -159,14 +159,19 @@ def forward_like(cache, states_per_layer):
     return [cache.update(k, v, i) for i, (k, v) in enumerate(states_per_layer)]
 
 
-def test_a_layer_rewritten_after_staging_is_read_in_place_not_from_the_stale_copy():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # cuda: copies on a side stream, events
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_layer_rewritten_after_staging_is_read_in_place_not_from_the_stale_copy(device):
     cache = ContextKVCache(None, chunk_tokens=4)
     cache.read_ahead = ReadAhead(1 << 30, is_remote=lambda chunk: True, placement_key=lambda: "spilled")
     reference = DynamicCache()
     g = torch.Generator().manual_seed(0)
 
     def states(n):
-        return [(torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)) for _ in range(3)]
+        return [(torch.randn(1, 2, n, 8, generator=g).to(device), torch.randn(1, 2, n, 8, generator=g).to(device))
+                for _ in range(3)]
 
     for step in states(6), states(1):
         for i, (k, v) in enumerate(step):
@@ -183,6 +188,7 @@ def test_a_layer_rewritten_after_staging_is_read_in_place_not_from_the_stale_cop
         got, want = cache.update(*step[i], i), reference.update(*step[i], i)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), f"layer {i}"
     assert cache.read_ahead.layers_dropped == 1 and cache.read_ahead.layers_used >= 1
+    cache.read_ahead.release()
 
 
 @settings(max_examples=40, deadline=None)
@@ -217,6 +223,23 @@ def test_read_ahead_equals_dynamic_cache(prefill, steps, remote, window_layers, 
         # Every decode step stages the remote layers after the first (layer 0 has no layer
         # before it in a forward to stage it from: it is read in place).
         assert ra.layers_staged == len(steps) * len(remote - {0})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_read_ahead_on_a_device_equals_dynamic_cache(device):
+    """Several forwards, every chunk "spilled", a window of about one layer: staged copies
+    are used layer after layer (on CUDA: side-stream copies the main stream waits for)."""
+    cache = ContextKVCache(None, chunk_tokens=8)
+    cache.read_ahead = ReadAhead(1, is_remote=lambda chunk: True, placement_key=lambda: "spilled")
+    reference = DynamicCache()
+    g = torch.Generator().manual_seed(2)
+    for n in (300, 1, 1, 1, 7, 1):
+        for i in range(4):
+            k, v = (torch.randn(1, 4, n, 64, generator=g).to(device) for _ in range(2))
+            got, want = cache.update(k, v, i), reference.update(k, v, i)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (n, i)
+    ra = cache.read_ahead
+    assert ra.layers_staged == ra.layers_used == 5 * 3 and ra.layers_dropped == 0
 
 
 def test_no_gpu_memory_for_staging_reads_in_place_and_nothing_fails(monkeypatch):
