@@ -188,3 +188,10 @@ def check(status: int, what: str) -> None:
     if status == Status.OUT_OF_MEMORY:
         raise CoreOutOfMemory(status, message)
     raise CoreError(status, message)
+
+
+def mem_info(device: int) -> tuple[int, int]:
+    """(free, total) bytes of GPU ``device`` as the core sees it (simulated or CUDA)."""
+    free, total = ctypes.c_uint64(), ctypes.c_uint64()
+    check(lib().aqua_mem_info(device, ctypes.byref(free), ctypes.byref(total)), f"reading memory of GPU {device}")
+    return free.value, total.value

@@ -174,9 +174,7 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
             peer[i][j] = bool(can.value)
     total, free = {}, {}
     for d in range(num_devices):
-        f, t = ctypes.c_uint64(), ctypes.c_uint64()
-        check(lib.aqua_mem_info(d, ctypes.byref(f), ctypes.byref(t)), f"reading memory of GPU {d}")
-        total[d], free[d] = t.value, f.value
+        free[d], total[d] = _native.mem_info(d)
     if backend == Backend.SIM:
         host_total = host_available = settings.sim_host_bytes
         nvlink = peer
@@ -510,10 +508,9 @@ def _lend_device(state: _State, device: Any, what: str) -> int:
 
 def _lend_bytes(value: Any, device: int, what: str, name: str) -> int:
     size = config.parse_size(value, f"{what}: {name}", allow_percent=False)
-    free, total = ctypes.c_uint64(), ctypes.c_uint64()
-    check(_native.lib().aqua_mem_info(device, ctypes.byref(free), ctypes.byref(total)), f"reading memory of GPU {device}")
-    if size > total.value:
-        raise config.ConfigError(f"{what}: {name}={value!r} is more than GPU {device} has ({total.value} bytes)")
+    _, total = _native.mem_info(device)
+    if size > total:
+        raise config.ConfigError(f"{what}: {name}={value!r} is more than GPU {device} has ({total} bytes)")
     return size
 
 
@@ -620,12 +617,21 @@ def where(tag_or_tensor: Any) -> dict[str, int]:
             out_id = ctypes.c_int()
             check(_native.lib().aqua_pointer_context(ptr, ctypes.byref(out_id)), "where(tensor)")
             ctx_id = out_id.value
-        n = state.num_devices
-        buf = (ctypes.c_uint64 * (n + 1))()
-        check(_native.lib().aqua_context_where(ctx_id, buf, n + 1), "where")
-        result = {f"gpu{d}": buf[d] for d in range(n)}
-        result["host"] = buf[n]
-        return result
+        buf = _tier_buffer(state)
+        check(_native.lib().aqua_context_where(ctx_id, buf, len(buf)), "where")
+        return _by_tier(buf)
+
+
+def _tier_buffer(state: _State) -> ctypes.Array:
+    """The core's per-tier output: one uint64 per device, then host."""
+    return (ctypes.c_uint64 * (state.num_devices + 1))()
+
+
+def _by_tier(buf: ctypes.Array) -> dict[str, int]:
+    """``{"gpu0": ..., "gpuN-1": ..., "host": ...}`` from a :func:`_tier_buffer`."""
+    result = {f"gpu{d}": buf[d] for d in range(len(buf) - 1)}
+    result["host"] = buf[len(buf) - 1]
+    return result
 
 
 def placement(tensor_or_ptr: Any, nbytes: int | None = None) -> dict[str, int]:
@@ -643,12 +649,9 @@ def placement(tensor_or_ptr: Any, nbytes: int | None = None) -> dict[str, int]:
         ptr = int(tensor_or_ptr)
     with _lock:
         state = _require()
-        n = state.num_devices
-        buf = (ctypes.c_uint64 * (n + 1))()
-        check(_native.lib().aqua_range_where(ptr, nbytes, buf, n + 1), "placement")
-        result = {f"gpu{d}": buf[d] for d in range(n)}
-        result["host"] = buf[n]
-        return result
+        buf = _tier_buffer(state)
+        check(_native.lib().aqua_range_where(ptr, nbytes, buf, len(buf)), "placement")
+        return _by_tier(buf)
 
 
 def flush_releases() -> None:

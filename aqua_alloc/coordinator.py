@@ -92,7 +92,6 @@ class Reclaim:
     nbytes: int                 # bytes asked back in all
     immediate: int              # of which came at once from the part nobody borrowed
     asks: dict[int, int]        # borrower -> bytes it still has to give back
-    returned: int               # bytes borrowers gave back so far
     started_s: float            # time.monotonic()
     deadline_s: float
     reason: str                 # "reclaim" (asked by the owner) or "owner_left"
@@ -101,6 +100,11 @@ class Reclaim:
     @property
     def pending(self) -> int:
         return sum(self.asks.values())
+
+    @property
+    def returned(self) -> int:
+        """Bytes borrowers gave back so far (what was asked of them, less what they still owe)."""
+        return self.nbytes - self.immediate - self.pending
 
 
 class Ledger:
@@ -118,12 +122,16 @@ class Ledger:
 
     # --- helpers ----------------------------------------------------------------------
 
+    def _reclaims_on(self, key: str) -> list[Reclaim]:
+        """The reclaims of GPU ``key``, oldest first (``reclaims`` keeps them in id order)."""
+        return [r for r in self.reclaims.values() if r.gpu == key]
+
     def _asked(self, client: int, key: str) -> int:
-        return sum(r.asks.get(client, 0) for r in self.reclaims.values() if r.gpu == key)
+        return sum(r.asks.get(client, 0) for r in self._reclaims_on(key))
 
     def _kept(self, entry: GpuEntry) -> int:
         """Bytes borrowers of ``entry`` keep: what they hold less what they were asked back."""
-        return sum(entry.held.values()) - sum(r.pending for r in self.reclaims.values() if r.gpu == entry.key)
+        return sum(entry.held.values()) - sum(r.pending for r in self._reclaims_on(entry.key))
 
     def _available(self, entry: GpuEntry) -> int:
         return max(0, entry.offer - self._kept(entry)) if entry.owner is not None else 0
@@ -149,14 +157,13 @@ class Ledger:
         """``client`` gave back ``nbytes`` of ``key`` it was asked for: settle the oldest
         reclaims first; tell each lender whose reclaim is now complete."""
         pushes: list[Push] = []
-        for reclaim in sorted((r for r in self.reclaims.values() if r.gpu == key), key=lambda r: r.id):
+        for reclaim in self._reclaims_on(key):
             if nbytes == 0:
                 break
             take = min(nbytes, reclaim.asks.get(client, 0))
             if take == 0:
                 continue
             nbytes -= take
-            reclaim.returned += take
             reclaim.asks[client] -= take
             if reclaim.asks[client] == 0:
                 del reclaim.asks[client]
@@ -184,7 +191,7 @@ class Ledger:
         first (fewest messages), ties by client id. ``only``: ask exactly these amounts."""
         entry = self.gpus[key]
         reclaim = Reclaim(id=self._next_reclaim, gpu=key, lender=lender, nbytes=nbytes, immediate=immediate,
-                          asks={}, returned=0, started_s=now, deadline_s=now + self.reclaim_timeout, reason=reason)
+                          asks={}, started_s=now, deadline_s=now + self.reclaim_timeout, reason=reason)
         self._next_reclaim += 1
         if only is None:
             keepers = sorted(((held - self._asked(c, key), c) for c, held in entry.held.items()),
@@ -244,9 +251,8 @@ class Ledger:
             if held:
                 log.info("left: pid %d (client %d) held %d bytes of %s; they return to the offer", member.pid,
                          client, held, key)
-            for reclaim in sorted((r for r in self.reclaims.values() if r.gpu == key), key=lambda r: r.id):
+            for reclaim in self._reclaims_on(key):
                 owed = reclaim.asks.pop(client, 0)
-                reclaim.returned += owed
                 if owed and not reclaim.asks:
                     pushes += self._complete(reclaim, now)
         for reclaim in self.reclaims.values():
@@ -365,7 +371,7 @@ class Ledger:
             if reclaim.lender is not None and reclaim.lender in self.members:
                 pushes.append((reclaim.lender, proto.push(
                     "reclaim_timeout", reclaim=reclaim.id, gpu=reclaim.gpu, bytes=reclaim.nbytes,
-                    bytes_back=reclaim.immediate + reclaim.returned, bytes_missing=reclaim.pending,
+                    bytes_back=reclaim.nbytes - reclaim.pending, bytes_missing=reclaim.pending,
                     borrowers=missing)))
         return pushes
 

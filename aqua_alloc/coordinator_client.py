@@ -190,14 +190,9 @@ class AquaLocal:
         return aqua_alloc.stats()
 
     def mem_info(self, device: int) -> tuple[int, int]:
-        import ctypes  # noqa: PLC0415
-
         from . import _native  # noqa: PLC0415
 
-        free, total = ctypes.c_uint64(), ctypes.c_uint64()
-        _native.check(_native.lib().aqua_mem_info(device, ctypes.byref(free), ctypes.byref(total)),
-                      f"reading memory of GPU {device}")
-        return free.value, total.value
+        return _native.mem_info(device)
 
     def gpu_keys(self) -> dict[int, str]:
         from . import _native, allocator  # noqa: PLC0415

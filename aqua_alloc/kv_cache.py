@@ -177,11 +177,7 @@ class _ChunkedSequence:
             if len(self.chunks) == 1:
                 return last.clone(memory_format=torch.contiguous_format)  # a copy: see below
             return torch.cat([*self.chunks[:-1], last], dim=-2)
-        pieces = []
-        for chunk_start, chunk in self._chunk_spans():
-            if chunk_start >= self.length:
-                break
-            pieces.append(chunk[:, :, : min(chunk.shape[-2], self.length - chunk_start)])
+        pieces = self._valid_pieces(self.length)
         if not pieces:
             return self._empty
         if len(pieces) == 1:
@@ -198,14 +194,7 @@ class _ChunkedSequence:
         tokens. The copies must hold the chunks' tokens as they were before this append."""
         before = self.length
         self.append(states)
-        pieces = []
-        for i, (chunk_start, chunk) in enumerate(self._chunk_spans()):
-            if chunk_start >= before:
-                break
-            source = copies.get(i, chunk)
-            pieces.append(source[:, :, : min(chunk.shape[-2], before - chunk_start)])
-        pieces.append(states)
-        return torch.cat(pieces, dim=-2)
+        return torch.cat([*self._valid_pieces(before, copies), states], dim=-2)
 
     def assign(self, states: torch.Tensor | None) -> None:
         """Replace the content by ``states`` ``[B, H, S, D]`` (None or empty: clear)."""
@@ -229,6 +218,17 @@ class _ChunkedSequence:
             and states.dtype == first.dtype
             and states.device == first.device
         )
+
+    def _valid_pieces(self, length: int, copies: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Views of the first ``length`` tokens, one per chunk holding some, read from
+        ``copies[i]`` instead of chunk ``i`` where given."""
+        pieces = []
+        for i, (chunk_start, chunk) in enumerate(self._chunk_spans()):
+            if chunk_start >= length:
+                break
+            source = copies.get(i, chunk) if copies else chunk
+            pieces.append(source[:, :, : min(chunk.shape[-2], length - chunk_start)])
+        return pieces
 
     def _chunk_spans(self) -> Iterator[tuple[int, torch.Tensor]]:
         start = 0
@@ -427,6 +427,11 @@ class ContextKVCache(DynamicCache):
             yield
 
 
+def _home_tier(device: torch.device | str) -> str:
+    """aqua_alloc's name of a CUDA device's own tier (``where()`` keys)."""
+    return f"gpu{torch.device(device).index or 0}"
+
+
 def _off_gpu(allocator: ModuleType, chunk: torch.Tensor) -> bool:
     """Whether any byte of ``chunk`` (a context's tensor) lives off its GPU. Unknown: False
     (read-ahead only speeds reads up; a wrong False reads in place)."""
@@ -434,7 +439,7 @@ def _off_gpu(allocator: ModuleType, chunk: torch.Tensor) -> bool:
         placement = allocator.placement(chunk)
     except Exception:  # noqa: BLE001 - e.g. aqua_alloc disabled meanwhile
         return False
-    return sum(placement.values()) > placement.get(f"gpu{chunk.device.index or 0}", 0)
+    return sum(placement.values()) > placement.get(_home_tier(chunk.device), 0)
 
 
 def _placement_key(allocator: ModuleType, tag: str, device: torch.device) -> tuple[tuple[str, int], ...] | None:
@@ -443,7 +448,7 @@ def _placement_key(allocator: ModuleType, tag: str, device: torch.device) -> tup
         where = allocator.where(tag)
     except Exception:  # noqa: BLE001 - released or disabled: nothing to read ahead
         return None
-    home = f"gpu{torch.device(device).index or 0}"
+    home = _home_tier(device)
     if not any(nbytes for tier, nbytes in where.items() if tier != home):
         return None
     return tuple(sorted(where.items()))

@@ -94,7 +94,6 @@ class ReadAhead:
         self._remote: dict[int, bool] = {}       # chunk data_ptr -> has bytes off the GPU
         self._any_remote = False                 # this forward: something may be off the GPU
         self._staged: dict[int, StagedLayer] = {}  # layer index -> staged copies
-        self._held = 0                           # bytes in self._staged
         self._next = 0                           # next layer to consider in this forward
         self._prev_layer = _NO_LAYER             # the layer last taken; lower or equal: new forward
         self._stream: Any = None                 # side stream (CUDA), made on first use
@@ -113,15 +112,13 @@ class ReadAhead:
         staged = self._staged.pop(layer_idx, None)
         if staged is None:
             return None
-        self._held -= staged.nbytes
+        # Used or stale, the main stream waits for its copies: before reading them, or (stale)
+        # before the staging memory is reused or the chunks are rewritten or moved.
+        staged.wait()
         if (staged.length != layer._key_store.length
                 or staged.versions != (layer._key_store.version, layer._value_store.version)):
             self.layers_dropped += 1
-            # Stale: not used, but its copies may still be running. The main stream waits for
-            # them before the staging memory is reused or the chunks are rewritten or moved.
-            staged.wait()
             return None
-        staged.wait()
         self.layers_used += 1
         return staged
 
@@ -138,7 +135,8 @@ class ReadAhead:
             wanted = self._remote_chunks(layer)
             if wanted is not None:
                 nbytes = sum(c.numel() * c.element_size() for _, _, c in wanted)
-                if self._held and self._held + nbytes > self.window_bytes:
+                held = self._held
+                if held and held + nbytes > self.window_bytes:
                     break
                 if not self._stage(j, layer, wanted, nbytes):
                     j = len(layers)  # no GPU memory for staging: read in place for the rest of this forward
@@ -153,6 +151,11 @@ class ReadAhead:
             self._drop(j, host_wait=True)
 
     # --- internals ---------------------------------------------------------------------------
+
+    @property
+    def _held(self) -> int:
+        """Staging bytes copied and not yet taken."""
+        return sum(staged.nbytes for staged in self._staged.values())
 
     def _new_forward(self) -> None:
         for j in list(self._staged):  # left by a forward that did not finish
@@ -170,11 +173,9 @@ class ReadAhead:
             return None
         out = []
         for name, store in (("keys", layer._key_store), ("values", layer._value_store)):
-            start = 0
-            for i, chunk in enumerate(store.chunks):
+            for i, (start, chunk) in enumerate(store._chunk_spans()):
                 if start >= store.length:
                     break
-                start += chunk.shape[-2]
                 ptr = chunk.data_ptr()
                 remote = self._remote.get(ptr)
                 if remote is None:
@@ -215,7 +216,6 @@ class ReadAhead:
         for name, i, _, copy in copies:
             getattr(staged, name)[i] = copy
         self._staged[layer_idx] = staged
-        self._held += nbytes
         self.layers_staged += 1
         self.bytes_staged += nbytes
         self.peak_bytes = max(self.peak_bytes, self._held)
@@ -223,7 +223,6 @@ class ReadAhead:
 
     def _drop(self, layer_idx: int, host_wait: bool = False) -> None:
         staged = self._staged.pop(layer_idx)
-        self._held -= staged.nbytes
         self.layers_dropped += 1
         # The copies may still be reading the chunks: the main stream must not run ahead of
         # them (a park, a rewrite or a free of the chunks follows main-stream order).

@@ -85,11 +85,9 @@ class Lending:
             self._refresh_locked(device)
 
     def _refresh_locked(self, device: int) -> None:
-        lib = _native.lib()
-        free, total = ctypes.c_uint64(), ctypes.c_uint64()
-        check(lib.aqua_mem_info(device, ctypes.byref(free), ctypes.byref(total)), f"reading memory of GPU {device}")
-        budget = elastic_budget(free.value, self._tier(device).lent, self._margin.get(device, 0))
-        check(lib.aqua_set_lend_budget(device, budget), f"elastic lend budget of GPU {device}")
+        free, _ = _native.mem_info(device)
+        budget = elastic_budget(free, self._tier(device).lent, self._margin.get(device, 0))
+        check(_native.lib().aqua_set_lend_budget(device, budget), f"elastic lend budget of GPU {device}")
 
     def reclaim_now(self, device: int) -> tuple[int, int]:
         """One pass: move parked borrowers off `device` down to its budget. (moved, pending)."""

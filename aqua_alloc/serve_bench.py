@@ -856,8 +856,8 @@ def _paired_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             groups.setdefault((row["system"], row["load"]), []).append(row)
     paired = []
     for (system, load), group in groups.items():
-        rounds = [{"round": row.get("round", 1)} | {short: row[name] for _, name, short in RATIOS}
-                  for row in sorted(group, key=lambda row: row.get("round", 1))]
+        rounds = [{"round": row["round"]} | {short: row[name] for _, name, short in RATIOS}
+                  for row in sorted(group, key=lambda row: row["round"])]
         if all(r[short] is None for r in rounds for _, _, short in RATIOS):
             continue
         entry: dict[str, Any] = {"system": system, "load": load, "rounds": rounds}

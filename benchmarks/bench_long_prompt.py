@@ -60,6 +60,11 @@ SYSTEMS = ("local", "aqua-local", "aqua-host", "aqua-host-in-place", "aqua-peer"
 CAPPED = ("aqua-host", "aqua-host-in-place", "aqua-peer")
 
 
+def is_capped(system: str) -> bool:
+    """Whether a system runs under the local KV cap (aqua-host-ra<size> included)."""
+    return system in CAPPED or system.startswith("aqua-host-ra")
+
+
 def llama_8b_config(layers: int) -> LlamaConfig:
     """Llama-3.1-8B's shape (hidden 4096, 32 heads, 8 KV heads, head dim 128)."""
     return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
@@ -127,7 +132,7 @@ def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Nam
     settings: dict[str, Any] = dict(host_reserve=kv_bytes + 256 * MiB)
     if system == "aqua-local":
         pass  # no cap
-    elif system in ("aqua-host", "aqua-host-in-place") or system.startswith("aqua-host-ra"):
+    elif is_capped(system) and system != "aqua-peer":
         settings.update(local_budget={0: local_kv}, lend="0")
     else:  # aqua-peer: GPU 1 lends; host only if it is full
         settings.update(local_budget={0: local_kv}, lend={d: (kv_bytes if d == 1 else 0) for d in range(num_gpus)})
@@ -276,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             bytes_per_tier = {k: v for k, v in r["where"].items() if v}
         rows.append({
             "system": system, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-            "kv_bytes": kv_bytes, "local_kv_cap": local_kv if system in CAPPED or system.startswith("aqua-host-ra") else None,
+            "kv_bytes": kv_bytes, "local_kv_cap": local_kv if is_capped(system) else None,
             "bytes_per_tier": bytes_per_tier, "decode_tok_s": r["decode_tok_s"],
             "decode_ms_per_token": r["decode_ms_per_token"], "rounds_tok_s": r.get("rounds_tok_s"),
             "decode_mean_ms_per_token": r["decode_mean_ms_per_token"], "prefill_s": r["prefill_s"],

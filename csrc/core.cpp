@@ -1395,9 +1395,10 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     const Step& first = *std::find_if(steps.begin(), steps.end(), [c = c](const Step& s) { return s.ctx == c; });
     record_at(start, AQUA_EV_MOVE_START, id, first.src, first.dst, bytes, 0, first.segment->va, 0);
   }
-  auto drain_issued = [&](size_t from) {
-    for (size_t j = from; j < steps.size(); ++j)
-      if (steps[j].copied) backend_->event_sync(steps[j].copied);
+  // Waits for every copy issued so far (before an unwind touches backings they may use).
+  auto drain_issued = [&]() {
+    for (const Step& s : steps)
+      if (s.copied) backend_->event_sync(s.copied);
   };
   auto failed = [&](size_t num_committed, const char* what, int code) {
     unwind(steps, num_committed);
@@ -1451,12 +1452,12 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     } else {
       s.target = s.segment->shadow + p.offset;
       if ((r = backend_->map(s.target, p.size, s.handle)) != 0) {
-        drain_issued(0);
+        drain_issued();
         return failed(0, "staging map", r);
       }
       s.staged = true;
       if ((r = backend_->set_access(s.target, p.size, s.ctx->device)) != 0) {
-        drain_issued(0);
+        drain_issued();
         return failed(0, "staging set-access", r);
       }
     }
@@ -1471,30 +1472,30 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       // copies they overlap (measured: every piece this way parked at 0.70 of the link).
       s.source = s.segment->shadow + p.offset;
       if ((r = backend_->map(s.source, p.size, p.handle)) != 0) {
-        drain_issued(0);
+        drain_issued();
         return failed(0, "source map", r);
       }
       s.source_shadowed = true;
       if ((r = backend_->set_access(s.source, p.size, s.ctx->device)) != 0) {
-        drain_issued(0);
+        drain_issued();
         return failed(0, "source set-access", r);
       }
     }
     uint64_t t1 = now_ns();
     // The event first: a copy is issued only with an event that the drains can wait on.
     if ((r = take_event(s.ctx->device, &s.copied)) != 0) {
-      drain_issued(0);
+      drain_issued();
       return failed(0, "copy", r);
     }
     if ((r = backend_->copy_async(s.target, s.source, p.size, stream)) != 0) {
-      drain_issued(0);
+      drain_issued();
       return failed(0, "copy", r);
     }
     if ((r = backend_->event_record(s.copied, stream)) != 0) {
       // Issued but not waitable: wait for the whole device before anything is unwound.
       if (backend_->device_sync(s.ctx->device) != 0)
         std::fprintf(stderr, "[aqua_alloc] a move's copy could not be waited for after a failed event record\n");
-      drain_issued(0);
+      drain_issued();
       return failed(0, "copy", r);
     }
     profile(kPhaseStage, t0, t1);
@@ -1503,30 +1504,28 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   // Pieces whose copy reads a second mapping are remapped at home without waiting for their
   // copy, but only once the kernels that may still write the context are done (its park
   // event): a remap must not pull the range from under them. Their copies are waited for,
-  // and the second mappings dropped, after the loop. Until then a failure drains every copy
-  // (a committed piece's new backing may still be written) before unwinding.
+  // and the second mappings dropped, after the loop. A failure drains every copy before
+  // unwinding (a committed piece's new backing may still be written; waiting again for a
+  // copy that is done costs nothing).
   bool kernels_done = false;
-  bool any_shadowed = false;
-  for (const Step& s : steps) any_shadowed = any_shadowed || s.source_shadowed;
   for (size_t k = 0; k < steps.size(); ++k) {
     Step& s = steps[k];
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
-    const size_t drain_from = any_shadowed ? 0 : k + 1;
     uint64_t t0 = now_ns();
     if (s.source_shadowed && !kernels_done) {
       for (auto& [id, c] : involved) {
         (void)id;
         if (!c->park_recorded) continue;
         if (int r = backend_->event_sync(c->park_event)) {
-          drain_issued(0);
+          drain_issued();
           return failed(k, "waiting for the park event", r);
         }
       }
       kernels_done = true;
     } else if (!s.source_shadowed) {
       if (int r = backend_->event_sync(s.copied)) {
-        drain_issued(drain_from);
+        drain_issued();
         return failed(k, "waiting for the copy", r);
       }
     }
@@ -1534,13 +1533,13 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     profile(kPhaseWait, t0, t1);
     if (s.staged) {
       if (int r = backend_->unmap(s.target, p.size)) {
-        drain_issued(drain_from);
+        drain_issued();
         return failed(k, "unstaging unmap", r);
       }
       s.staged = false;
     }
     if (int r = backend_->unmap(home, p.size)) {
-      drain_issued(drain_from);
+      drain_issued();
       return failed(k, "unmap", r);
     }
     int r = backend_->map(home, p.size, s.handle);
@@ -1553,7 +1552,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       bool mapped = false;
       if (!remap_retried(home, p.size, p.handle, s.ctx->device, &mapped))
         std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
-      drain_issued(drain_from);
+      drain_issued();
       return failed(k, "map at home", r);
     }
     profile(kPhaseRemap, t1, now_ns());
@@ -1564,13 +1563,13 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     const Piece& p = s.segment->pieces[s.index];
     uint64_t t0 = now_ns();
     if (int r = backend_->event_sync(s.copied)) {
-      drain_issued(0);
+      drain_issued();
       return failed(steps.size(), "waiting for the copy", r);
     }
     uint64_t t1 = now_ns();
     profile(kPhaseWait, t0, t1);
     if (int r = backend_->unmap(s.source, p.size)) {
-      drain_issued(0);
+      drain_issued();
       return failed(steps.size(), "source unmap", r);
     }
     s.source_shadowed = false;

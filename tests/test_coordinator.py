@@ -230,14 +230,21 @@ def test_ledger_offer_borrow_release():
     assert gpu(snapshot, "sim:0")["available"] == 30
 
 
-def test_ledger_reclaim_takes_unborrowed_first_then_asks_largest_borrowers():
+def lent(offer: int, *borrows: int) -> Ledger:
+    """A ledger where client 1 (pid 101) owns sim:0 and offers ``offer`` bytes, and clients
+    2, 3, ... (pids 102, 103, ...) borrow ``borrows`` bytes of it, in turn."""
     led = Ledger(reclaim_timeout=1.0)
     led.join(1, 101, 0, ["sim:0"])
-    led.join(2, 102, 0, [])
-    led.join(3, 103, 0, [])
-    led.offer(1, "sim:0", 100)
-    led.borrow(2, "sim:0", 50)
-    led.borrow(3, "sim:0", 30)
+    for client in range(2, 2 + len(borrows)):
+        led.join(client, 100 + client, 0, [])
+    led.offer(1, "sim:0", offer)
+    for client, nbytes in enumerate(borrows, start=2):
+        led.borrow(client, "sim:0", nbytes)
+    return led
+
+
+def test_ledger_reclaim_takes_unborrowed_first_then_asks_largest_borrowers():
+    led = lent(100, 50, 30)
     # 20 unborrowed: a reclaim of 15 is done at once, and the lender is told.
     reply, pushes = led.reclaim(1, "sim:0", 15, now=0.0)
     assert (reply["immediate"], reply["pending"]) == (15, 0)
@@ -266,11 +273,7 @@ def test_ledger_reclaim_takes_unborrowed_first_then_asks_largest_borrowers():
 
 
 def test_ledger_timeout_is_reported_never_assumed_and_late_completion_is_told():
-    led = Ledger(reclaim_timeout=1.0)
-    led.join(1, 101, 0, ["sim:0"])
-    led.join(2, 102, 0, [])
-    led.offer(1, "sim:0", 64)
-    led.borrow(2, "sim:0", 64)
+    led = lent(64, 64)
     led.reclaim(1, "sim:0", 64, now=10.0)
     assert led.next_deadline() == 11.0
     assert led.expire(now=10.9) == []
@@ -285,13 +288,7 @@ def test_ledger_timeout_is_reported_never_assumed_and_late_completion_is_told():
 
 
 def test_ledger_dead_borrower_returns_its_bytes_and_settles_its_debts():
-    led = Ledger(reclaim_timeout=1.0)
-    led.join(1, 101, 0, ["sim:0"])
-    led.join(2, 102, 0, [])
-    led.join(3, 103, 0, [])
-    led.offer(1, "sim:0", 100)
-    led.borrow(2, "sim:0", 60)
-    led.borrow(3, "sim:0", 40)
+    led = lent(100, 60, 40)
     led.reclaim(1, "sim:0", 80, now=0.0)        # asks 2 for 60, 3 for 20
     pushes = led.leave(2, now=0.1)              # its 60 are free again: part of the reclaim
     assert pushes == []
@@ -302,13 +299,7 @@ def test_ledger_dead_borrower_returns_its_bytes_and_settles_its_debts():
 
 
 def test_ledger_dead_lender_asks_every_borrower_to_move_away():
-    led = Ledger(reclaim_timeout=1.0)
-    led.join(1, 101, 0, ["sim:0"])
-    led.join(2, 102, 0, [])
-    led.join(3, 103, 0, [])
-    led.offer(1, "sim:0", 100)
-    led.borrow(2, "sim:0", 60)
-    led.borrow(3, "sim:0", 40)
+    led = lent(100, 60, 40)
     pushes = led.leave(1, now=0.0)
     assert sorted((c, m["type"], m["bytes"], m["reason"]) for c, m in pushes) == [
         (2, "reclaim", 60, "owner_left"), (3, "reclaim", 40, "owner_left")]
