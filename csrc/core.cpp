@@ -43,6 +43,7 @@ struct Core::Step {
   bool prestaged = false;  // host backing mapped once when created: no staging map
   uintptr_t source = 0;  // where the copy reads: home, or a second mapping of the old backing
   bool source_shadowed = false;  // old backing also mapped at the shadow (copy reads there)
+  bool committed = false;  // new backing mapped at home (an unwind maps the old one back)
   Event copied = 0;      // recorded after the copy
 };
 
@@ -1294,14 +1295,13 @@ bool Core::remap_retried(uintptr_t va, size_t size, Handle handle, int device, b
   return access;
 }
 
-// Undo a failed move: steps [0, num_committed) are mapped at home with their new backing
-// and get their old backing back; the rest are unstaged. Every new backing is returned.
+// Undo a failed move: committed steps are mapped at home with their new backing and get
+// their old backing back; the rest are unstaged. Every new backing is returned.
 // Old backings were never modified, so the bytes are as before the move. A committed piece
 // whose new backing cannot be unmapped (after retries) keeps it instead: its bytes are the
 // same, and memory that may still be mapped is never given back for reuse.
-void Core::unwind(std::vector<Step>& steps, size_t num_committed) {
-  for (size_t k = 0; k < steps.size(); ++k) {
-    Step& s = steps[k];
+void Core::unwind(std::vector<Step>& steps) {
+  for (Step& s : steps) {
     Context& ctx = *s.ctx;
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
@@ -1318,7 +1318,7 @@ void Core::unwind(std::vector<Step>& steps, size_t num_committed) {
                      ctx.tag.c_str());
       }
     }
-    if (k < num_committed) {
+    if (s.committed) {
       bool unmapped = retry(&Backend::unmap, home, p.size);
       bool mapped = false;
       bool access = unmapped && remap_retried(home, p.size, p.handle, ctx.device, &mapped);
@@ -1367,17 +1367,24 @@ void Core::unwind(std::vector<Step>& steps, size_t num_committed) {
 // destination). The steps may belong to several contexts of one device (a resume that
 // evicts parked contexts to make room): `ctx` is the context the move is for, and the
 // default owner of steps that name none. Each piece is staged (new backing mapped at the
-// shadow) and its copy issued at once, after the park events of every context involved:
-// copies into the device on one mover stream, copies out of it on another, so that an
-// eviction and a resume use both directions of the link at once. Then pieces are committed
-// in order as their copies complete (unmap old at home, map new), so remaps overlap copies
-// in flight. A park into pre-mapped host backings goes further: its copies read a second
-// mapping of the old backings (at the shadow), so its home remaps (the host set-access is the
-// costly call) run while the copies are in flight, once the context's kernels are done; the
-// last remap no longer follows the last copy. Old backings are released only when every
-// piece has committed (and every copy is done): until then an
-// unwind can map them back, and their bytes were never touched. *bytes_moved: bytes of
-// `ctx`'s own pieces moved.
+// shadow) and its copy issued, after the park events of every context involved: copies into
+// the device on one mover stream, copies out of it on another, so that an eviction and a
+// resume use both directions of the link at once. Then pieces are committed (unmap old at
+// home, map new) as their copies complete, so remaps overlap copies in flight.
+//
+// Three orderings come from measured driver costs (benchmarks/probe_park_copy.py, H200):
+// - While a copy out of the device runs, a set-access of device memory waits about 1 ms
+//   (0.03 ms otherwise; copies into the device do not slow it). So a move with copies out
+//   makes every staging and second mapping first, then issues the copies.
+// - A park into pre-mapped host backings reads its last pieces through a second mapping of
+//   the old backings (at the shadow): their home remaps (the host set-access, about 0.6 ms
+//   per 64 MiB, is the costly call) need not wait for their copies, so they are committed
+//   first, once the context's kernels are done, while the copies are in flight.
+// - Then pieces leaving the device commit in order, and pieces coming home last: by then
+//   the copies out are done and their set-access calls are cheap.
+// Old backings are released only when every piece has committed (and every copy is done):
+// until then an unwind can map them back, and their bytes were never touched. *bytes_moved:
+// bytes of `ctx`'s own pieces moved.
 int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved) {
   uint64_t start = now_ns();
   uint64_t total = 0;
@@ -1400,8 +1407,9 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     for (const Step& s : steps)
       if (s.copied) backend_->event_sync(s.copied);
   };
-  auto failed = [&](size_t num_committed, const char* what, int code) {
-    unwind(steps, num_committed);
+  // Unwinds the move after a failure; every copy issued must be drained first.
+  auto failed = [&](const char* what, int code) {
+    unwind(steps);
     for (auto& [id, c] : involved) {
       (void)c;
       record_at(start, AQUA_EV_MOVE_FAILED, id, src_tier, dst_tier, total, now_ns() - start, 0, code);
@@ -1412,22 +1420,27 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
                                      " -> " + tier_name(dst_tier) + "): " + what + " failed: " +
                                      backend_->error_name(code) + "; rolled back, bytes intact");
   };
+  auto drained_and_failed = [&](const char* what, int code) {
+    drain_issued();
+    return failed(what, code);
+  };
+  auto into_device = [](const Step& s) { return s.dst == s.ctx->device; };
 
   // One stream per direction; each waits for the last kernels of every context involved
   // (recorded at park), so no copy reads a range a kernel may still write.
   Stream streams[2] = {0, 0};  // [0]: out of the device (and between other tiers), [1]: into it
   for (const Step& s : steps) {
-    int dir = s.dst == s.ctx->device ? 1 : 0;
+    int dir = into_device(s) ? 1 : 0;
     if (streams[dir]) continue;
-    if (int r = mover_stream(ctx.device, dir == 1, &streams[dir])) return failed(0, "creating a mover stream", r);
+    if (int r = mover_stream(ctx.device, dir == 1, &streams[dir])) return failed("creating a mover stream", r);
     for (auto& [id, c] : involved) {
       (void)id;
       if (!c->park_recorded) continue;
       if (int r = backend_->stream_wait_event(streams[dir], c->park_event))
-        return failed(0, "waiting for the park event", r);
+        return failed("waiting for the park event", r);
     }
   }
-  // The last pieces of a park to host read through a second mapping (see below); which
+  // The last pieces of a park to host read through a second mapping (see above); which
   // ones: the last kShadowedTail pieces that leave their home device for pre-mapped host
   // backings.
   std::vector<bool> read_through_shadow(steps.size(), false);
@@ -1439,76 +1452,84 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       ++chosen;
     }
   }
-  for (size_t k = 0; k < steps.size(); ++k) {
+  // Maps where step k's copy writes (and reads, for a second mapping). AQUA_OK or failed().
+  auto prepare = [&](size_t k) -> int {
     Step& s = steps[k];
     const Piece& p = s.segment->pieces[s.index];
-    Stream stream = streams[s.dst == s.ctx->device ? 1 : 0];
     uint64_t t0 = now_ns();
-    int r = 0;
     auto prestaged = s.dst == AQUA_TIER_HOST ? host_staging_.find(s.handle) : host_staging_.end();
     if (prestaged != host_staging_.end()) {
       s.target = prestaged->second;
       s.prestaged = true;
     } else {
       s.target = s.segment->shadow + p.offset;
-      if ((r = backend_->map(s.target, p.size, s.handle)) != 0) {
-        drain_issued();
-        return failed(0, "staging map", r);
-      }
+      if (int r = backend_->map(s.target, p.size, s.handle)) return drained_and_failed("staging map", r);
       s.staged = true;
-      if ((r = backend_->set_access(s.target, p.size, s.ctx->device)) != 0) {
-        drain_issued();
-        return failed(0, "staging set-access", r);
-      }
+      if (int r = backend_->set_access(s.target, p.size, s.ctx->device))
+        return drained_and_failed("staging set-access", r);
     }
     s.source = s.segment->va + p.offset;
     if (read_through_shadow[k]) {
       // A park into a host backing mapped at its own address: the shadow is free, so the copy
       // reads a second mapping of the old backing there, and the home range can be remapped
-      // to the host backing while the copy is in flight. The host backing's set-access costs
-      // about 0.6 ms per 64 MiB (benchmarks/probe_park_copy.py): done this way for the last
-      // pieces, it overlaps their copies instead of following the last one. Not for every
-      // piece: the extra map and set-access cost host time, and set-access calls slow the
-      // copies they overlap (measured: every piece this way parked at 0.70 of the link).
+      // to the host backing while the copy is in flight. Not for every piece: each second
+      // mapping costs host time, and the host set-access calls slow the copies they overlap
+      // (to 0.93 of the link), so only the remaps that would follow the last copy are moved.
       s.source = s.segment->shadow + p.offset;
-      if ((r = backend_->map(s.source, p.size, p.handle)) != 0) {
-        drain_issued();
-        return failed(0, "source map", r);
-      }
+      if (int r = backend_->map(s.source, p.size, p.handle)) return drained_and_failed("source map", r);
       s.source_shadowed = true;
-      if ((r = backend_->set_access(s.source, p.size, s.ctx->device)) != 0) {
-        drain_issued();
-        return failed(0, "source set-access", r);
-      }
+      if (int r = backend_->set_access(s.source, p.size, s.ctx->device))
+        return drained_and_failed("source set-access", r);
     }
-    uint64_t t1 = now_ns();
+    profile(kPhaseStage, t0, now_ns());
+    return AQUA_OK;
+  };
+  // Issues step k's copy on its direction's stream, with an event after it. AQUA_OK or failed().
+  auto issue = [&](size_t k) -> int {
+    Step& s = steps[k];
+    uint64_t t0 = now_ns();
     // The event first: a copy is issued only with an event that the drains can wait on.
-    if ((r = take_event(s.ctx->device, &s.copied)) != 0) {
-      drain_issued();
-      return failed(0, "copy", r);
-    }
-    if ((r = backend_->copy_async(s.target, s.source, p.size, stream)) != 0) {
-      drain_issued();
-      return failed(0, "copy", r);
-    }
-    if ((r = backend_->event_record(s.copied, stream)) != 0) {
+    if (int r = take_event(s.ctx->device, &s.copied)) return drained_and_failed("copy", r);
+    if (int r = backend_->copy_async(s.target, s.source, s.segment->pieces[s.index].size,
+                                     streams[into_device(s) ? 1 : 0]))
+      return drained_and_failed("copy", r);
+    if (int r = backend_->event_record(s.copied, streams[into_device(s) ? 1 : 0])) {
       // Issued but not waitable: wait for the whole device before anything is unwound.
       if (backend_->device_sync(s.ctx->device) != 0)
         std::fprintf(stderr, "[aqua_alloc] a move's copy could not be waited for after a failed event record\n");
-      drain_issued();
-      return failed(0, "copy", r);
+      return drained_and_failed("copy", r);
     }
-    profile(kPhaseStage, t0, t1);
-    profile(kPhaseIssue, t1, now_ns());
+    profile(kPhaseIssue, t0, now_ns());
+    return AQUA_OK;
+  };
+  bool copies_out = std::any_of(steps.begin(), steps.end(), [&](const Step& s) { return !into_device(s); });
+  if (copies_out) {
+    for (size_t k = 0; k < steps.size(); ++k)
+      if (int st = prepare(k)) return st;
+    for (size_t k = 0; k < steps.size(); ++k)
+      if (int st = issue(k)) return st;
+  } else {
+    for (size_t k = 0; k < steps.size(); ++k) {  // the first copy starts after one staging
+      if (int st = prepare(k)) return st;
+      if (int st = issue(k)) return st;
+    }
   }
-  // Pieces whose copy reads a second mapping are remapped at home without waiting for their
-  // copy, but only once the kernels that may still write the context are done (its park
-  // event): a remap must not pull the range from under them. Their copies are waited for,
-  // and the second mappings dropped, after the loop. A failure drains every copy before
-  // unwinding (a committed piece's new backing may still be written; waiting again for a
-  // copy that is done costs nothing).
+  // Commit order (see above): second-mapping pieces, then pieces leaving, then pieces coming home.
+  std::vector<size_t> order;
+  order.reserve(steps.size());
+  for (size_t k = 0; k < steps.size(); ++k)
+    if (steps[k].source_shadowed) order.push_back(k);
+  for (bool home : {false, true})
+    for (size_t k = 0; k < steps.size(); ++k)
+      if (!steps[k].source_shadowed && into_device(steps[k]) == home) order.push_back(k);
+  // A piece read through a second mapping is remapped at home without waiting for its copy,
+  // but only once the kernels that may still write the context are done (its park event):
+  // a remap must not pull the range from under them. Their copies are waited for, and the
+  // second mappings dropped, after the loop. A failure drains every copy before unwinding
+  // (a committed piece's new backing may still be written; waiting again for a copy that is
+  // done costs nothing).
   bool kernels_done = false;
-  for (size_t k = 0; k < steps.size(); ++k) {
+  for (size_t k : order) {
     Step& s = steps[k];
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
@@ -1517,31 +1538,19 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       for (auto& [id, c] : involved) {
         (void)id;
         if (!c->park_recorded) continue;
-        if (int r = backend_->event_sync(c->park_event)) {
-          drain_issued();
-          return failed(k, "waiting for the park event", r);
-        }
+        if (int r = backend_->event_sync(c->park_event)) return drained_and_failed("waiting for the park event", r);
       }
       kernels_done = true;
     } else if (!s.source_shadowed) {
-      if (int r = backend_->event_sync(s.copied)) {
-        drain_issued();
-        return failed(k, "waiting for the copy", r);
-      }
+      if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
     }
     uint64_t t1 = now_ns();
     profile(kPhaseWait, t0, t1);
     if (s.staged) {
-      if (int r = backend_->unmap(s.target, p.size)) {
-        drain_issued();
-        return failed(k, "unstaging unmap", r);
-      }
+      if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
       s.staged = false;
     }
-    if (int r = backend_->unmap(home, p.size)) {
-      drain_issued();
-      return failed(k, "unmap", r);
-    }
+    if (int r = backend_->unmap(home, p.size)) return drained_and_failed("unmap", r);
     int r = backend_->map(home, p.size, s.handle);
     if (r == 0) {
       r = backend_->set_access(home, p.size, s.ctx->device);
@@ -1552,26 +1561,19 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       bool mapped = false;
       if (!remap_retried(home, p.size, p.handle, s.ctx->device, &mapped))
         std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
-      drain_issued();
-      return failed(k, "map at home", r);
+      return drained_and_failed("map at home", r);
     }
+    s.committed = true;
     profile(kPhaseRemap, t1, now_ns());
   }
-  for (size_t k = 0; k < steps.size(); ++k) {
-    Step& s = steps[k];
+  for (Step& s : steps) {
     if (!s.source_shadowed) continue;
     const Piece& p = s.segment->pieces[s.index];
     uint64_t t0 = now_ns();
-    if (int r = backend_->event_sync(s.copied)) {
-      drain_issued();
-      return failed(steps.size(), "waiting for the copy", r);
-    }
+    if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
     uint64_t t1 = now_ns();
     profile(kPhaseWait, t0, t1);
-    if (int r = backend_->unmap(s.source, p.size)) {
-      drain_issued();
-      return failed(steps.size(), "source unmap", r);
-    }
+    if (int r = backend_->unmap(s.source, p.size)) return drained_and_failed("source unmap", r);
     s.source_shadowed = false;
     profile(kPhaseRemap, t1, now_ns());
   }

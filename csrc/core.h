@@ -160,7 +160,7 @@ class Core {
 
   // The mover (mutex_ held): all or nothing over `steps`.
   int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);
-  void unwind(std::vector<Step>& steps, size_t num_committed);
+  void unwind(std::vector<Step>& steps);
   bool retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size);
   bool remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped);
   int take_event(int device, Event* event);

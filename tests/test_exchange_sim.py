@@ -83,3 +83,26 @@ def test_a_failure_anywhere_in_the_switch_rolls_both_contexts_back(op):
         stats = aq.stats()["tiers"]
         assert stats["gpu0"]["current"] == 16 * MiB and stats["host"]["current"] == 16 * MiB
         aq.resume("a")  # a runs again, as before the failed switch
+
+
+def test_a_switch_maps_every_staging_before_its_first_copy():
+    # On a GPU, a set-access of device memory waits about 1 ms while a copy out of the device
+    # runs (benchmarks/probe_park_copy.py), so a move with copies out stages every piece
+    # coming home before it issues any copy. B's 4 pieces of 4 MiB each need a staging map
+    # (A's go to pre-mapped host backings, its last 2 through a second mapping): all 6 maps
+    # and their set-access calls are made when the first copy fails.
+    ctxs = setup_switch()
+    aq.park("a")
+    maps, grants = sim.op_count(sim.Op.MAP), sim.op_count(sim.Op.SET_ACCESS)
+    sim.fail_nth(sim.Op.COPY, 0, 1)
+    with pytest.raises(aq.CoreError, match="rolled back, bytes intact"):
+        aq.resume("b")
+    sim.fail_clear()
+    assert sim.op_count(sim.Op.MAP) - maps == 4 + 2
+    assert sim.op_count(sim.Op.SET_ACCESS) - grants == 4 + 2
+    assert aq.where("a")["gpu0"] == 16 * MiB and aq.where("b")["host"] == 16 * MiB  # rolled back
+    for ptr, data in ctxs.values():
+        assert sim.read(ptr, len(data)) == data
+    assert aq.resume("b").bytes_moved == 16 * MiB  # the switch then goes through
+    for ptr, data in ctxs.values():
+        assert sim.read(ptr, len(data)) == data
