@@ -114,6 +114,7 @@ class _ChunkedSequence:
         self._last_start = 0               # tokens before the last chunk
         self._capacity = 0                 # tokens the chunks can hold
         self.version = 0                   # bumped whenever valid tokens are rewritten or dropped
+        self._signature: tuple | None = None  # see _fits; reset with the chunks
 
     @property
     def capacity(self) -> int:
@@ -128,6 +129,7 @@ class _ChunkedSequence:
     def clear(self) -> None:
         self.version += 1
         self.chunks = []
+        self._signature = None
         self.length = 0
         self._empty = None
         self._last_start = self._capacity = 0
@@ -173,9 +175,9 @@ class _ChunkedSequence:
         (None if nothing was ever appended)."""
         if self.length > self._last_start:
             # The valid tokens reach into the last chunk, so every earlier chunk is full.
+            if len(self.chunks) == 1:  # a contiguous copy (see below), in one call
+                return torch.narrow_copy(self.chunks[0], -2, 0, self.length)
             last = self.chunks[-1].narrow(-2, 0, self.length - self._last_start)
-            if len(self.chunks) == 1:
-                return last.clone(memory_format=torch.contiguous_format)  # a copy: see below
             return torch.cat([*self.chunks[:-1], last], dim=-2)
         pieces = self._valid_pieces(self.length)
         if not pieces:
@@ -211,13 +213,13 @@ class _ChunkedSequence:
         self.append(states)
 
     def _fits(self, states: torch.Tensor) -> bool:
-        first = self.chunks[0]
-        return (
-            states.shape[:-2] == first.shape[:-2]
-            and states.shape[-1] == first.shape[-1]
-            and states.dtype == first.dtype
-            and states.device == first.device
-        )
+        """Whether ``states`` match the chunks in all but dim -2 (shape, dtype, device)."""
+        if self._signature is None:  # the chunks' (leading dims, head dim, dtype, device), once
+            first = self.chunks[0]
+            self._signature = (first.shape[:-2], first.shape[-1], first.dtype, first.device)
+        lead, head_dim, dtype, device = self._signature
+        shape = states.shape
+        return shape[:-2] == lead and shape[-1] == head_dim and states.dtype == dtype and states.device == device
 
     def _valid_pieces(self, length: int, copies: dict[int, torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Views of the first ``length`` tokens, one per chunk holding some, read from

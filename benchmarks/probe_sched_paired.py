@@ -10,6 +10,10 @@ one process, the same prompts:
 - ``sched``: the same N prompts through ``Scheduler(policy="fair")`` with aqua_alloc on and a
   KV budget (bench_serve's: 128 MiB, contexts parked to host at switches);
 - ``sched-roomy``: the same with a budget that holds every context (no move);
+- ``lock-ctx``: ``lock`` with aqua_alloc on (roomy budget) and each call's KV in a
+  ``ContextKVCache`` context: the context cache's cost without the scheduler;
+- ``sched-dyn``: the scheduler with aqua_alloc on (roomy) but transformers' ``DynamicCache``
+  (``use_context_cache=False``): the scheduler's cost without the context cache;
 
 and reports each round's ms per token overall, the median model step (between two scheduler
 hooks, wall and thread CPU) and the ratio sched / lock of the same round, then the medians over
@@ -35,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import probe_step_time as pst  # noqa: E402  (StepClock, kwargs, the scheduler's timing wrappers)
 
 import aqua_alloc  # noqa: E402
+from aqua_alloc.kv_cache import ContextKVCache  # noqa: E402
 from aqua_alloc.scheduler import Scheduler  # noqa: E402
 from aqua_alloc.serve_bench import build_model  # noqa: E402
 
@@ -50,10 +55,30 @@ def run_lock(model, prompts, new):
     return run_threads(one, len(prompts))
 
 
-def run_sched(model, prompts, new, device, budget):
+def run_lock_ctx(model, prompts, new, device):
+    lock = threading.Lock()
+
+    def one(i):
+        with lock:
+            cache = ContextKVCache(model.config, tag=f"l{i}", device=device, chunk_tokens=256)
+            try:
+                model.generate(past_key_values=cache, **pst.kwargs(prompts[i], new, pst.StepClock()))
+            finally:
+                cache.release()
+    if device.type == "cuda":
+        aqua_alloc.enable(local_budget=4096 * MiB, lend=0)
+    try:
+        return run_threads(one, len(prompts))
+    finally:
+        if device.type == "cuda":
+            aqua_alloc.disable()
+
+
+def run_sched(model, prompts, new, device, budget, use_context_cache=None):
     if device.type == "cuda":
         aqua_alloc.enable(local_budget=budget, lend=0)
-    sched = Scheduler(device=device, policy="fair", slice_steps=5, chunk_tokens=256)
+    sched = Scheduler(device=device, policy="fair", slice_steps=5, chunk_tokens=256,
+                      use_context_cache=use_context_cache)
     try:
         sched.generate(model, tag="warm", **pst.kwargs(prompts[0], 4, pst.StepClock()))
         pst.TIMES.clear()
@@ -100,21 +125,27 @@ def main() -> int:
     prompts = [torch.randint(1, 500, (1, a.prompt), generator=g).to(device) for _ in range(a.prompts)]
     pst.install_timers()
     tokens = a.prompts * a.new
-    ratios, ratios_roomy = [], []
+    ratios, ratios_roomy, ratios_ctx, ratios_dyn = [], [], [], []
     with torch.inference_mode():
         run_lock(model, prompts, 4)  # warm-up
         for r in range(1, a.rounds + 1):
             lock_wall = run_lock(model, prompts, a.new)
             wall, step, cpu = run_sched(model, prompts, a.new, device, 128 * MiB)
             roomy_wall, roomy_step, roomy_cpu = run_sched(model, prompts, a.new, device, 4096 * MiB)
+            ctx_wall = run_lock_ctx(model, prompts, a.new, device)
+            dyn_wall, dyn_step, dyn_cpu = run_sched(model, prompts, a.new, device, 4096 * MiB, use_context_cache=False)
             ratios.append(wall / lock_wall)
             ratios_roomy.append(roomy_wall / lock_wall)
+            ratios_ctx.append(ctx_wall / lock_wall)
+            ratios_dyn.append(dyn_wall / lock_wall)
             print(f"round {r}: lock {lock_wall / tokens * 1e3:6.2f} ms/token | sched {wall / tokens * 1e3:6.2f} "
                   f"(step {step:5.2f} ms, CPU {cpu:5.2f}) x{ratios[-1]:.3f} | sched-roomy "
                   f"{roomy_wall / tokens * 1e3:6.2f} (step {roomy_step:5.2f}, CPU {roomy_cpu:5.2f}) "
-                  f"x{ratios_roomy[-1]:.3f}", flush=True)
+                  f"x{ratios_roomy[-1]:.3f} | lock-ctx {ctx_wall / tokens * 1e3:6.2f} x{ratios_ctx[-1]:.3f} | "
+                  f"sched-dyn {dyn_wall / tokens * 1e3:6.2f} (step {dyn_step:5.2f}) x{ratios_dyn[-1]:.3f}", flush=True)
     print(f"median over {a.rounds} rounds: sched / lock {statistics.median(ratios):.3f} "
-          f"({', '.join(f'{x:.3f}' for x in ratios)}); sched-roomy / lock {statistics.median(ratios_roomy):.3f}")
+          f"({', '.join(f'{x:.3f}' for x in ratios)}); sched-roomy / lock {statistics.median(ratios_roomy):.3f}; "
+          f"lock-ctx / lock {statistics.median(ratios_ctx):.3f}; sched-dyn / lock {statistics.median(ratios_dyn):.3f}")
     return 0
 
 
