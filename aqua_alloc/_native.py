@@ -29,6 +29,7 @@ class Status(enum.IntEnum):
     DRIVER = 4
     NO_DEVICE = 5
     STATE = 6
+    BUSY = 7
 
 
 class Backend(enum.IntEnum):
@@ -129,6 +130,7 @@ _SIGNATURES = {
     "aqua_resume_wait_on_stream": (_i, [ctypes.c_uint32, _u64]),
     "aqua_resume_result": (_i, [ctypes.c_uint32, _pu64, _pu64]),
     "aqua_context_where": (_i, [_i, _pu64, _i]),
+    "aqua_context_where_nowait": (_i, [_i, _pu64, _i]),
     "aqua_pointer_context": (_i, [_u64, _pi]),
     "aqua_range_where": (_i, [_u64, _u64, _pu64, _i]),
     "aqua_context_count": (_i, [_pi]),

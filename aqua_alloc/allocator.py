@@ -605,9 +605,29 @@ def contexts() -> list[str]:
         return list(_require().contexts)
 
 
-def where(tag_or_tensor: Any) -> dict[str, int]:
+def where(tag_or_tensor: Any, *, wait: bool = True) -> dict[str, int] | None:
     """Bytes of a context (by tag, or the context holding a tensor) per tier:
-    ``{"gpu0": ..., "gpu1": ..., "host": ...}``."""
+    ``{"gpu0": ..., "gpu1": ..., "host": ...}``.
+
+    ``wait=False`` (a tag only): None at once, instead of waiting, while another thread is
+    inside aqua_alloc (e.g. moving contexts): for hot paths, such as a model's forward, that
+    can reuse what they knew rather than stall behind a move.
+    """
+    if not wait:
+        if not isinstance(tag_or_tensor, str):
+            raise TypeError(f"where(..., wait=False) takes a context tag, got {type(tag_or_tensor).__name__}")
+        if not _lock.acquire(blocking=False):
+            return None
+        try:
+            state = _require()
+            buf = _tier_buffer(state)
+            status = _native.lib().aqua_context_where_nowait(_find(tag_or_tensor).id, buf, len(buf))
+            if status == _native.Status.BUSY:
+                return None
+            check(status, "where")
+            return _by_tier(buf)
+        finally:
+            _lock.release()
     with _lock:
         state = _require()
         if isinstance(tag_or_tensor, str):

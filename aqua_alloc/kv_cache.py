@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .kv_read_ahead import DEFAULT_READ_AHEAD_BYTES, ReadAhead, StagedLayer
+from .kv_read_ahead import DEFAULT_READ_AHEAD_BYTES, UNCHANGED, ReadAhead, StagedLayer
 
 log = logging.getLogger(__name__)
 
@@ -444,12 +444,16 @@ def _off_gpu(allocator: ModuleType, chunk: torch.Tensor) -> bool:
     return sum(placement.values()) > placement.get(_home_tier(chunk.device), 0)
 
 
-def _placement_key(allocator: ModuleType, tag: str, device: torch.device) -> tuple[tuple[str, int], ...] | None:
-    """The context's bytes per tier when some are off its GPU, else None (nothing to read ahead)."""
+def _placement_key(allocator: ModuleType, tag: str, device: torch.device) -> Any:
+    """The context's bytes per tier when some are off its GPU, else None (nothing to read
+    ahead); UNCHANGED while aqua_alloc is busy (a move of other contexts: not worth a stall
+    at every forward)."""
     try:
-        where = allocator.where(tag)
+        where = allocator.where(tag, wait=False)
     except Exception:  # noqa: BLE001 - released or disabled: nothing to read ahead
         return None
+    if where is None:
+        return UNCHANGED
     home = _home_tier(device)
     if not any(nbytes for tier, nbytes in where.items() if tier != home):
         return None

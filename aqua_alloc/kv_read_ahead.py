@@ -47,6 +47,11 @@ import torch
 # benchmarks/results/bench_long_prompt-windows-*.
 DEFAULT_READ_AHEAD_BYTES = 1 << 30
 _NO_LAYER = 1 << 62  # "no layer taken yet": the first take starts a forward
+# What a placement_key returns when it cannot tell now without waiting (aqua_alloc is busy
+# moving other contexts): the last forward's answer stands. A running context's chunks are
+# moved only by its own thread, between steps, so that answer is at worst stale from before
+# a move that brought chunks home: staging them again, or reading them in place, is correct.
+UNCHANGED = object()
 
 
 @dataclass
@@ -77,6 +82,7 @@ class ReadAhead:
         placement_key: ``() -> key``: called once per forward; None when the whole context is
             on its GPU (nothing to stage), else a value that changes when chunks may have
             moved (e.g. the context's bytes per tier); ``is_remote`` is then asked again.
+            :data:`UNCHANGED`: cannot tell without waiting; the last forward's answer stands.
 
     Counters for tests and benchmarks: ``layers_staged``, ``layers_used``, ``layers_dropped``,
     ``bytes_staged``, ``peak_bytes`` (staging held at once), ``out_of_memory`` (times the GPU
@@ -162,6 +168,8 @@ class ReadAhead:
             self._drop(j)
         self._next = 0
         key = self._placement_key()
+        if key is UNCHANGED:
+            return
         if key != self._key:
             self._remote.clear()
             self._key = key

@@ -260,6 +260,10 @@ int aqua_context_where(int id, uint64_t* out, int len) {
   WITH_CORE(core);
   return guarded([&] { return core->where(id, out, len); });
 }
+int aqua_context_where_nowait(int id, uint64_t* out, int len) {
+  WITH_CORE(core);
+  return guarded([&] { return core->where(id, out, len, /*wait=*/false); });
+}
 int aqua_pointer_context(uint64_t ptr, int* out_id) {
   WITH_CORE(core);
   return guarded([&] { return core->pointer_context(ptr, out_id); });

@@ -30,6 +30,7 @@ enum aqua_status {
   AQUA_ERR_DRIVER = 4,         /* a driver call failed; state rolled back */
   AQUA_ERR_NO_DEVICE = 5,      /* no CUDA driver or device */
   AQUA_ERR_STATE = 6,          /* not initialized, already initialized, busy */
+  AQUA_ERR_BUSY = 7,           /* (nowait calls only) another thread holds the core: try later */
 };
 
 enum aqua_backend_kind { AQUA_BACKEND_NONE = 0, AQUA_BACKEND_CUDA = 1, AQUA_BACKEND_SIM = 2 };
@@ -170,6 +171,10 @@ AQUA_EXPORT int aqua_evict(int id, int tier, uint64_t stream, uint64_t* bytes_mo
 AQUA_EXPORT int aqua_reclaim(int device, uint64_t* bytes_moved, uint64_t* bytes_pending);
 /* Bytes of the context per tier: out[0..n_devices-1] devices, out[n_devices] host. */
 AQUA_EXPORT int aqua_context_where(int id, uint64_t* out, int len);
+/* aqua_context_where, or AQUA_ERR_BUSY at once (nothing written, no error message) while
+ * another thread holds the core, e.g. a move in progress: for a caller on a hot path (a
+ * model's forward) that would rather reuse what it knew than wait for the move. */
+AQUA_EXPORT int aqua_context_where_nowait(int id, uint64_t* out, int len);
 /* The context owning a pointer (anywhere inside a segment), and that segment's tiers. */
 AQUA_EXPORT int aqua_pointer_context(uint64_t ptr, int* out_id);
 /* Bytes of the address range [ptr, ptr + len) per tier, laid out as aqua_context_where's.

@@ -362,8 +362,10 @@ int Core::record_park(Context& ctx, uint64_t stream) {
   return AQUA_OK;
 }
 
-int Core::where(int id, uint64_t* out, int len) {
-  std::lock_guard<std::mutex> lock(mutex_);
+int Core::where(int id, uint64_t* out, int len, bool wait) {
+  std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
+  if (!wait && !lock.try_lock()) return AQUA_ERR_BUSY;
+  if (!lock.owns_lock()) lock.lock();
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "where: no live context with id " + std::to_string(id));
   if (len < num_devices_ + 1)

@@ -97,7 +97,8 @@ class Core {
   int resume_wait_on_stream(uint32_t ticket, uint64_t stream);
   int resume_result(uint32_t ticket, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
   int evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved);
-  int where(int id, uint64_t* out, int len);
+  // wait=false: AQUA_ERR_BUSY at once (no error message) if another thread holds the core.
+  int where(int id, uint64_t* out, int len, bool wait = true);
   // Moves pieces of parked contexts off lender `device` until it holds no more of other
   // devices' contexts than its lend budget. *pending: bytes still over (running contexts'
   // pieces, which move at their next park or resume; or no room anywhere).

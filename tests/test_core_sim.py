@@ -1064,3 +1064,35 @@ def test_refused_evict_for_want_of_room_leaves_the_context_running():
     assert where_mib("b") == {"gpu0": 8, "gpu1": 8}
     assert where_mib("a") == {"gpu0": 8}
     assert_bytes(a, data, "a")
+
+
+def test_where_without_waiting_answers_now_or_says_it_cannot():
+    enable_sim()
+    ptr = alloc("a", 0, 8 * MiB)
+    aq.evict("a", "host")
+    assert aq.where("a", wait=False) == aq.where("a")
+    assert aq.where("a")["host"] == 8 * MiB
+    # Another thread inside aqua_alloc (here: holding its lock, as a move does): None at once.
+    from aqua_alloc import allocator  # noqa: PLC0415
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with allocator._lock:
+            held.set()
+            release.wait(10)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        t0 = time.monotonic()
+        assert aq.where("a", wait=False) is None
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        release.set()
+        holder.join()
+    assert aq.where("a", wait=False)["host"] == 8 * MiB
+    with pytest.raises(TypeError, match="context tag"):
+        aq.where(ptr, wait=False)
+    with pytest.raises(aq.ContextError, match="no context 'nope'"):
+        aq.where("nope", wait=False)

@@ -30,6 +30,7 @@ class SpillingAllocator:
         self.chunk_layer: dict[int, int] = {}  # chunk data_ptr -> layer index (filled by the test)
         self.placements = 0             # placement() calls
         self.moves = 0                  # bumped by tests: where() changes
+        self.busy = False               # True: where(wait=False) cannot tell (a move in progress)
         self.released: list[str] = []
 
     def is_enabled(self):
@@ -42,7 +43,9 @@ class SpillingAllocator:
     def release(self, tag):
         self.released.append(tag)
 
-    def where(self, tag):
+    def where(self, tag, wait=True):
+        if self.busy and not wait:
+            return None
         return {"gpu0": 1 + self.moves, "host": 1 if self.spilled else 0}
 
     def placement(self, chunk):
@@ -150,6 +153,26 @@ def test_placement_is_asked_once_per_chunk_until_the_context_moves(model, monkey
     fake.moves += 1  # the context's bytes per tier change: every chunk is asked again
     model.generate(out, max_new_tokens=3, past_key_values=cache, **GREEDY)
     assert fake.placements == 4
+
+
+@pytest.mark.parametrize("spilled", [True, False])
+def test_while_aqua_alloc_is_busy_the_last_forwards_answer_stands(model, monkeypatch, spilled):
+    # A forward does not wait for a move of other contexts to learn where its own chunks are.
+    expected = run(model, DynamicCache(config=model.config), new_tokens=15)
+    fake = SpillingAllocator(remote_layers={1}, spilled=spilled)
+    cache = spilling_cache(model, monkeypatch, fake, chunk_tokens=64)
+    out = run(model, cache, new_tokens=12)
+    staged, placements = cache.read_ahead.layers_staged, fake.placements
+    fake.busy = True
+    fake.moves += 1  # would make every chunk be asked again, if where() were asked
+    out = model.generate(out, max_new_tokens=3, past_key_values=cache, **GREEDY)
+    assert torch.equal(out, expected)
+    assert fake.placements == placements
+    # Spilled: layer 1 still staged at each of the 3 steps; on its GPU: still nothing staged.
+    assert cache.read_ahead.layers_staged == staged + (3 if spilled else 0)
+    fake.busy = False
+    model.generate(out, max_new_tokens=2, past_key_values=cache, **GREEDY)
+    assert fake.placements == placements + (2 if spilled else 0)  # asked again once it can tell
 
 
 # --- the ReadAhead on its own, driven like a forward: stale copies are dropped -------------
