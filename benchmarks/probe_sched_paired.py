@@ -7,24 +7,28 @@ machine whose decode step drifts between 16 and 34 ms. Here each round runs, bac
 one process, the same prompts:
 
 - ``lock``: N plain ``generate`` calls in N threads taking a lock (fcfs, a thread per request);
+- ``worker``: the same calls one after another on one long-lived thread (bench_serve's fcfs);
 - ``sched``: the same N prompts through ``Scheduler(policy="fair")`` with aqua_alloc on and a
   KV budget (bench_serve's: 128 MiB, contexts parked to host at switches);
-- ``sched-roomy``: the same with a budget that holds every context (no move);
+- ``sched-pool``: ``sched`` with the calls made from a pool of long-lived threads (started
+  once, reused every round, as a server's request pool) instead of a new thread per call;
+- ``sched-roomy``: ``sched`` with a budget that holds every context (no move);
 - ``lock-ctx``: ``lock`` with aqua_alloc on (roomy budget) and each call's KV in a
   ``ContextKVCache`` context: the context cache's cost without the scheduler;
 - ``sched-dyn``: the scheduler with aqua_alloc on (roomy) but transformers' ``DynamicCache``
   (``use_context_cache=False``): the scheduler's cost without the context cache;
 
 and reports each round's ms per token overall, the median model step (between two scheduler
-hooks, wall and thread CPU) and the ratio sched / lock of the same round, then the medians over
-rounds. The llama-1b shape in bf16 with random weights, cuDNN attention off, as bench_serve.
+hooks) and each variant's ratio to lock in the same round, then the medians over rounds. The llama-1b shape in bf16 with random weights, cuDNN attention off, as bench_serve.
 
     python benchmarks/probe_sched_paired.py [--rounds 5] [--prompts 4] [--prompt 1000] [--new 48]
+        [--variants lock,worker,sched,sched-pool,sched-roomy,lock-ctx,sched-dyn]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import statistics
 import sys
@@ -74,7 +78,7 @@ def run_lock_ctx(model, prompts, new, device):
             aqua_alloc.disable()
 
 
-def run_sched(model, prompts, new, device, budget, use_context_cache=None):
+def run_sched(model, prompts, new, device, budget, use_context_cache=None, runner=None):
     if device.type == "cuda":
         aqua_alloc.enable(local_budget=budget, lend=0)
     sched = Scheduler(device=device, policy="fair", slice_steps=5, chunk_tokens=256,
@@ -82,16 +86,93 @@ def run_sched(model, prompts, new, device, budget, use_context_cache=None):
     try:
         sched.generate(model, tag="warm", **pst.kwargs(prompts[0], 4, pst.StepClock()))
         pst.TIMES.clear()
-        wall = run_threads(lambda i: sched.generate(model, tag=f"p{i}", **pst.kwargs(prompts[i], new,
-                                                                                    pst.StepClock())), len(prompts))
+        wall = (runner or run_threads)(lambda i: sched.generate(model, tag=f"p{i}", **pst.kwargs(prompts[i], new,
+                                                                                               pst.StepClock())),
+                                       len(prompts))
         step = pst.TIMES["model step (between hooks, inside a slice)"]
         cpu = pst.TIMES["  its thread CPU time"]
+        first = pst.TIMES.get("first step of a slice (after a switch)") or [float("nan")]
+        ends = pst.TIMES.get("hook at a slice end (incl. waiting for others)") or [0.0]
+        if a_verbose:
+            print(f"    steps {len(step)} median {statistics.median(step) * 1e3:.2f} ms, sum {sum(step):.3f} s; "
+                  f"first steps of slices {len(first)} median {statistics.median(first) * 1e3:.2f} ms, "
+                  f"sum {sum(first):.3f} s; slice-end hooks {len(ends)} sum {sum(ends):.3f} s; wall {wall:.3f} s",
+                  flush=True)
         return wall, statistics.median(step) * 1e3, statistics.median(cpu) * 1e3
     finally:
         pst.TIMES.clear()
         sched.shutdown()
         if device.type == "cuda":
             aqua_alloc.disable()
+
+
+def run_worker(model, prompts, new):
+    """fcfs as bench_serve serves it: one long-lived worker thread runs the calls in turn."""
+    return POOL1.run(lambda i: model.generate(**pst.kwargs(prompts[i], new, pst.StepClock())), len(prompts),
+                     one_at_a_time=True)
+
+
+class Pool:
+    """Long-lived threads (made once, reused every round), as a server's request pool."""
+
+    def __init__(self, n):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=n)
+        barrier = threading.Barrier(n)
+        list(self.executor.map(lambda _: barrier.wait(), range(n)))  # start all n threads now
+
+    def run(self, target, n, one_at_a_time=False):
+        t0 = time.perf_counter()
+        if one_at_a_time:
+            for i in range(n):
+                self.executor.submit(target, i).result()
+        else:
+            for f in [self.executor.submit(target, i) for i in range(n)]:
+                f.result()
+        return time.perf_counter() - t0
+
+
+POOL1: Pool
+POOLN: Pool
+a_verbose = False  # --verbose: the step breakdown of each scheduled run
+
+
+def profile_variant(name, run, tokens):
+    """Run one variant with cProfile on in every new thread (and pool threads); print the top
+    functions by own time per token, and the CUDA caching allocator's counters over the run."""
+    import cProfile  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+
+    profiles = []
+    local = threading.local()
+
+    def tracer(frame, event, arg):  # installed in every thread: start a profiler once per thread
+        if not getattr(local, "on", False):
+            local.on = True
+            prof = cProfile.Profile()
+            profiles.append(prof)
+            prof.enable()
+        return None
+    before = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    threading.setprofile(tracer)
+    for pool in (POOL1, POOLN):  # pool threads exist already: profile them through a task
+        pool.executor.map(lambda _: tracer(None, None, None), range(pool.executor._max_workers))
+    try:
+        wall = run()[0]
+    finally:
+        threading.setprofile(None)
+        for prof in profiles:
+            prof.disable()
+    after = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    counters = {k: after.get(k, 0) - before.get(k, 0) for k in
+                ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
+    print(f"--- profile {name}: {wall / tokens * 1e3:.2f} ms/token under cProfile; allocator {counters}", flush=True)
+    stats = pstats.Stats(profiles[0])
+    for prof in profiles[1:]:
+        stats.add(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
+    for (file, line, func), (cc, nc, tt, ct, _) in rows:
+        print(f"    {tt / tokens * 1e3:7.3f} ms/token own  {ct / tokens * 1e3:8.3f} cum  {nc:8d} calls  "
+              f"{os.path.basename(file)}:{line}({func})", flush=True)
 
 
 def run_threads(target, n):
@@ -111,6 +192,11 @@ def main() -> int:
     p.add_argument("--prompt", type=int, default=1000, help="prompt tokens")
     p.add_argument("--new", type=int, default=48, help="new tokens per prompt")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (tiny model)")
+    p.add_argument("--verbose", action="store_true", help="the step breakdown of each scheduled run")
+    p.add_argument("--profile", action="store_true",
+                   help="after the rounds, one more run of each variant under cProfile (every thread): top functions")
+    p.add_argument("--variants", default="lock,sched,sched-roomy,lock-ctx,sched-dyn",
+                   help="comma-separated, lock first: lock, worker, sched, sched-pool, sched-roomy, lock-ctx, sched-dyn")
     a = p.parse_args()
     if a.rounds < 1 or a.prompts < 1 or a.prompt < 1 or a.new < 2:
         p.error("--rounds, --prompts, --prompt must be >= 1 and --new >= 2")
@@ -124,28 +210,48 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 500, (1, a.prompt), generator=g).to(device) for _ in range(a.prompts)]
     pst.install_timers()
+    global POOL1, POOLN, a_verbose
+    a_verbose = a.verbose
+    POOL1, POOLN = Pool(1), Pool(a.prompts)
+    roomy = 4096 * MiB
+    variants = {  # name -> () -> (wall s, median model step ms or None)
+        "lock": lambda: (run_lock(model, prompts, a.new), None),
+        "worker": lambda: (run_worker(model, prompts, a.new), None),
+        "sched": lambda: run_sched(model, prompts, a.new, device, 128 * MiB)[:2],
+        "sched-pool": lambda: run_sched(model, prompts, a.new, device, 128 * MiB, runner=POOLN.run)[:2],
+        "sched-roomy": lambda: run_sched(model, prompts, a.new, device, roomy)[:2],
+        "lock-ctx": lambda: (run_lock_ctx(model, prompts, a.new, device), None),
+        "sched-dyn": lambda: run_sched(model, prompts, a.new, device, roomy, use_context_cache=False)[:2],
+    }
+    chosen = a.variants.split(",")
+    unknown = [v for v in chosen if v not in variants]
+    if unknown or chosen[0] != "lock":
+        p.error(f"--variants: lock first, then any of {', '.join(variants)} (unknown: {unknown})")
     tokens = a.prompts * a.new
-    ratios, ratios_roomy, ratios_ctx, ratios_dyn = [], [], [], []
+    ratios: dict[str, list[float]] = {v: [] for v in chosen[1:]}
     with torch.inference_mode():
         run_lock(model, prompts, 4)  # warm-up
         for r in range(1, a.rounds + 1):
-            lock_wall = run_lock(model, prompts, a.new)
-            wall, step, cpu = run_sched(model, prompts, a.new, device, 128 * MiB)
-            roomy_wall, roomy_step, roomy_cpu = run_sched(model, prompts, a.new, device, 4096 * MiB)
-            ctx_wall = run_lock_ctx(model, prompts, a.new, device)
-            dyn_wall, dyn_step, dyn_cpu = run_sched(model, prompts, a.new, device, 4096 * MiB, use_context_cache=False)
-            ratios.append(wall / lock_wall)
-            ratios_roomy.append(roomy_wall / lock_wall)
-            ratios_ctx.append(ctx_wall / lock_wall)
-            ratios_dyn.append(dyn_wall / lock_wall)
-            print(f"round {r}: lock {lock_wall / tokens * 1e3:6.2f} ms/token | sched {wall / tokens * 1e3:6.2f} "
-                  f"(step {step:5.2f} ms, CPU {cpu:5.2f}) x{ratios[-1]:.3f} | sched-roomy "
-                  f"{roomy_wall / tokens * 1e3:6.2f} (step {roomy_step:5.2f}, CPU {roomy_cpu:5.2f}) "
-                  f"x{ratios_roomy[-1]:.3f} | lock-ctx {ctx_wall / tokens * 1e3:6.2f} x{ratios_ctx[-1]:.3f} | "
-                  f"sched-dyn {dyn_wall / tokens * 1e3:6.2f} (step {dyn_step:5.2f}) x{ratios_dyn[-1]:.3f}", flush=True)
-    print(f"median over {a.rounds} rounds: sched / lock {statistics.median(ratios):.3f} "
-          f"({', '.join(f'{x:.3f}' for x in ratios)}); sched-roomy / lock {statistics.median(ratios_roomy):.3f}; "
-          f"lock-ctx / lock {statistics.median(ratios_ctx):.3f}; sched-dyn / lock {statistics.median(ratios_dyn):.3f}")
+            parts = []
+            lock_wall = None
+            for v in chosen:
+                wall, step = variants[v]()
+                if lock_wall is None:
+                    lock_wall = wall
+                else:
+                    ratios[v].append(wall / lock_wall)
+                text = f"{v} {wall / tokens * 1e3:6.2f} ms/token"
+                if step is not None:
+                    text += f" (step {step:5.2f})"
+                if v != "lock":
+                    text += f" x{ratios[v][-1]:.3f}"
+                parts.append(text)
+            print(f"round {r}: " + " | ".join(parts), flush=True)
+        if a.profile:
+            for v in chosen:
+                profile_variant(v, variants[v], tokens)
+    print(f"median over {a.rounds} rounds, ratio to lock: " + "; ".join(
+        f"{v} {statistics.median(xs):.3f} ({', '.join(f'{x:.3f}' for x in xs)})" for v, xs in ratios.items()))
     return 0
 
 

@@ -79,6 +79,8 @@ def on_step(self, prompt, input_ids):
     if last is not None and in_slice >= 1:
         TIMES["model step (between hooks, inside a slice)"].append(t_in - last)
         TIMES["  its thread CPU time"].append(cpu_in - _tls.cpu_out)
+    elif last is not None:  # the thread just got the device back (its last hook returned then)
+        TIMES["first step of a slice (after a switch)"].append(t_in - last)
     slice_ends = prompt.slice_num_steps + 1 >= self.slice_steps
     try:
         return orig_on_step(self, prompt, input_ids)
