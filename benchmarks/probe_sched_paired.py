@@ -136,45 +136,6 @@ POOLN: Pool
 a_verbose = False  # --verbose: the step breakdown of each scheduled run
 
 
-def profile_variant(name, run, tokens):
-    """Run one variant with cProfile on in every new thread (and pool threads); print the top
-    functions by own time per token, and the CUDA caching allocator's counters over the run."""
-    import cProfile  # noqa: PLC0415
-    import pstats  # noqa: PLC0415
-
-    profiles = []
-    local = threading.local()
-
-    def tracer(frame, event, arg):  # installed in every thread: start a profiler once per thread
-        if not getattr(local, "on", False):
-            local.on = True
-            prof = cProfile.Profile()
-            profiles.append(prof)
-            prof.enable()
-        return None
-    before = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
-    threading.setprofile(tracer)
-    for pool in (POOL1, POOLN):  # pool threads exist already: profile them through a task
-        pool.executor.map(lambda _: tracer(None, None, None), range(pool.executor._max_workers))
-    try:
-        wall = run()[0]
-    finally:
-        threading.setprofile(None)
-        for prof in profiles:
-            prof.disable()
-    after = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
-    counters = {k: after.get(k, 0) - before.get(k, 0) for k in
-                ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
-    print(f"--- profile {name}: {wall / tokens * 1e3:.2f} ms/token under cProfile; allocator {counters}", flush=True)
-    stats = pstats.Stats(profiles[0])
-    for prof in profiles[1:]:
-        stats.add(prof)
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
-    for (file, line, func), (cc, nc, tt, ct, _) in rows:
-        print(f"    {tt / tokens * 1e3:7.3f} ms/token own  {ct / tokens * 1e3:8.3f} cum  {nc:8d} calls  "
-              f"{os.path.basename(file)}:{line}({func})", flush=True)
-
-
 def run_threads(target, n):
     threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
     t0 = time.perf_counter()
@@ -193,8 +154,6 @@ def main() -> int:
     p.add_argument("--new", type=int, default=48, help="new tokens per prompt")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (tiny model)")
     p.add_argument("--verbose", action="store_true", help="the step breakdown of each scheduled run")
-    p.add_argument("--profile", action="store_true",
-                   help="after the rounds, one more run of each variant under cProfile (every thread): top functions")
     p.add_argument("--variants", default="lock,sched,sched-roomy,lock-ctx,sched-dyn",
                    help="comma-separated, lock first: lock, worker, sched, sched-pool, sched-roomy, lock-ctx, sched-dyn")
     a = p.parse_args()
@@ -247,9 +206,6 @@ def main() -> int:
                     text += f" x{ratios[v][-1]:.3f}"
                 parts.append(text)
             print(f"round {r}: " + " | ".join(parts), flush=True)
-        if a.profile:
-            for v in chosen:
-                profile_variant(v, variants[v], tokens)
     print(f"median over {a.rounds} rounds, ratio to lock: " + "; ".join(
         f"{v} {statistics.median(xs):.3f} ({', '.join(f'{x:.3f}' for x in xs)})" for v, xs in ratios.items()))
     return 0
