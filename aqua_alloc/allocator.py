@@ -619,17 +619,10 @@ def where(tag_or_tensor: Any, *, wait: bool = True) -> dict[str, int] | None:
         if not _lock.acquire(blocking=False):
             return None
         try:
-            state = _require()
-            buf = _tier_buffer(state)
-            status = _native.lib().aqua_context_where_nowait(_find(tag_or_tensor).id, buf, len(buf))
-            if status == _native.Status.BUSY:
-                return None
-            check(status, "where")
-            return _by_tier(buf)
+            return _context_where(_find(tag_or_tensor).id, _native.lib().aqua_context_where_nowait)
         finally:
             _lock.release()
     with _lock:
-        state = _require()
         if isinstance(tag_or_tensor, str):
             ctx_id = _find(tag_or_tensor).id
         else:
@@ -637,9 +630,18 @@ def where(tag_or_tensor: Any, *, wait: bool = True) -> dict[str, int] | None:
             out_id = ctypes.c_int()
             check(_native.lib().aqua_pointer_context(ptr, ctypes.byref(out_id)), "where(tensor)")
             ctx_id = out_id.value
-        buf = _tier_buffer(state)
-        check(_native.lib().aqua_context_where(ctx_id, buf, len(buf)), "where")
-        return _by_tier(buf)
+        return _context_where(ctx_id, _native.lib().aqua_context_where)
+
+
+def _context_where(ctx_id: int, core_call: Any) -> dict[str, int] | None:
+    """``where`` of context ``ctx_id`` through ``core_call`` (the waiting or the nowait form;
+    None when the nowait one finds the core busy). Under ``_lock``."""
+    buf = _tier_buffer(_require())
+    status = core_call(ctx_id, buf, len(buf))
+    if status == _native.Status.BUSY:
+        return None
+    check(status, "where")
+    return _by_tier(buf)
 
 
 def _tier_buffer(state: _State) -> ctypes.Array:

@@ -48,9 +48,10 @@ import torch
 DEFAULT_READ_AHEAD_BYTES = 1 << 30
 _NO_LAYER = 1 << 62  # "no layer taken yet": the first take starts a forward
 # What a placement_key returns when it cannot tell now without waiting (aqua_alloc is busy
-# moving other contexts): the last forward's answer stands. A running context's chunks are
-# moved only by its own thread, between steps, so that answer is at worst stale from before
-# a move that brought chunks home: staging them again, or reading them in place, is correct.
+# moving contexts): the last forward's answer stands. A running context's chunks move only
+# at its own thread's request (a resume, a spill), ordered before the kernels that follow,
+# so that answer is at worst stale about where chunks are, never about their bytes: staging
+# a chunk that is now home, or reading in place one that is now away, is slower, not wrong.
 UNCHANGED = object()
 
 
