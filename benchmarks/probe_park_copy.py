@@ -618,36 +618,32 @@ def run_probe(torch, drv: Driver, vmm: Vmm, ctx, sizes, piece, a, gpu_host_numa,
         return {"stage+issue": stage, "wait": wait, "remap": remap_s}
 
     for n in sizes:
-        # device -> host (the park direction)
-        raw = measure("d2h", "raw", n, lambda n: [(pin_ptr, dev_ptr, n)])
-        measure("d2h", "raw/64M", n, lambda n: pieces(n, pin_at, dev_at), raw=raw)
-        measure("d2h", "vmmhost/1h", n, lambda n: [(host1_va, dev_ptr, n)], raw=raw)
-        measure("d2h", "vmmhost/64M", n, lambda n: pieces(n, hostp_at, dev_at), raw=raw)
-        if numa_pieces:
-            measure("d2h", f"vmmhost/64M@numa{gpu_host_numa}", n,
-                    lambda n: pieces(n, [va for _, va in numa_pieces], dev_at), raw=raw)
-        measure("d2h", "vmmdev->vmmhost/64M", n, lambda n: pieces(n, hostp_at, home_at), raw=raw)
-        measure("d2h", "vmmdev->vmmhost/64M+remap-dev", n, lambda n: pieces(n, hostp_at, home_at),
-                remap="dev", raw=raw)
-        measure("d2h", "vmmdev->vmmhost/64M+remap-park", n, lambda n: pieces(n, hostp_at, home_at),
-                remap="park", raw=raw)
-        measure("d2h", "park-emul", n, None, body=park_body, restore=unpark, raw=raw)
-        measure("d2h", "raw (again)", n, lambda n: [(pin_ptr, dev_ptr, n)], raw=raw)
-        # host -> device (the resume direction)
-        raw = measure("h2d", "raw", n, lambda n: [(dev_ptr, pin_ptr, n)])
-        measure("h2d", "raw/64M", n, lambda n: pieces(n, dev_at, pin_at), raw=raw)
-        measure("h2d", "vmmhost/1h", n, lambda n: [(dev_ptr, host1_va, n)], raw=raw)
-        measure("h2d", "vmmhost/64M", n, lambda n: pieces(n, dev_at, hostp_at), raw=raw)
-        if numa_pieces:
-            measure("h2d", f"vmmhost/64M@numa{gpu_host_numa}", n,
-                    lambda n: pieces(n, dev_at, [va for _, va in numa_pieces]), raw=raw)
-        measure("h2d", "vmmhost->vmmdev/64M", n, lambda n: pieces(n, home_at, hostp_at), raw=raw)
-        measure("h2d", "vmmhost->vmmdev/64M+remap-dev", n, lambda n: pieces(n, home_at, hostp_at),
-                remap="dev", raw=raw)
-        measure("h2d", "vmmhost->vmmdev/64M+remap-park", n, lambda n: pieces(n, home_at, hostp_at),
-                remap="park", raw=raw)
-        measure("h2d", "resume-emul", n, None, prepare=park_remaps_only, body=resume_body, raw=raw)
-        measure("h2d", "raw (again)", n, lambda n: [(dev_ptr, pin_ptr, n)], raw=raw)
+        # device -> host (the park direction), then host -> device (the resume direction):
+        # the same variants with source and destination swapped.
+        for direction in ("d2h", "h2d"):
+            park = direction == "d2h"
+
+            def copies(device_side, host_side):  # one direction's (dst, src) plan of pieces
+                return (lambda n: pieces(n, host_side, device_side)) if park else \
+                       (lambda n: pieces(n, device_side, host_side))
+            whole = (lambda n: [(pin_ptr, dev_ptr, n)]) if park else (lambda n: [(dev_ptr, pin_ptr, n)])
+            vmm_pair = "vmmdev->vmmhost/64M" if park else "vmmhost->vmmdev/64M"
+            raw = measure(direction, "raw", n, whole)
+            measure(direction, "raw/64M", n, copies(dev_at, pin_at), raw=raw)
+            measure(direction, "vmmhost/1h", n,
+                    (lambda n: [(host1_va, dev_ptr, n)]) if park else (lambda n: [(dev_ptr, host1_va, n)]), raw=raw)
+            measure(direction, "vmmhost/64M", n, copies(dev_at, hostp_at), raw=raw)
+            if numa_pieces:
+                measure(direction, f"vmmhost/64M@numa{gpu_host_numa}", n,
+                        copies(dev_at, [va for _, va in numa_pieces]), raw=raw)
+            measure(direction, vmm_pair, n, copies(home_at, hostp_at), raw=raw)
+            for remap in ("dev", "park"):
+                measure(direction, f"{vmm_pair}+remap-{remap}", n, copies(home_at, hostp_at), remap=remap, raw=raw)
+            if park:
+                measure(direction, "park-emul", n, None, body=park_body, restore=unpark, raw=raw)
+            else:
+                measure(direction, "resume-emul", n, None, prepare=park_remaps_only, body=resume_body, raw=raw)
+            measure(direction, "raw (again)", n, whole, raw=raw)
 
     # ---- summary table ----
     print()
