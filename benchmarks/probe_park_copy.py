@@ -561,6 +561,11 @@ def run_probe(torch, drv: Driver, vmm: Vmm, ctx, sizes, piece, a, gpu_host_numa,
     hostp_at = [va for _, va in host_pieces]
     hostp_h = [h for h, _ in host_pieces]
 
+    def remap_home(k: int, handle) -> None:  # piece k's home range onto another handle
+        vmm.unmap(home_at[k], piece)
+        vmm.map(home_at[k], piece, handle)
+        vmm.set_access(home_at[k], piece)
+
     # ---- the emulated park: copies home -> host pieces, then per piece in order: wait,
     # unmap home, map the host handle at home, set access (Core::execute_move, prestaged host)
     def park_body(n: int) -> dict:
@@ -572,24 +577,18 @@ def run_probe(torch, drv: Driver, vmm: Vmm, ctx, sizes, piece, a, gpu_host_numa,
             t0 = time.perf_counter()
             drv("cuEventSynchronize", piece_events[k])
             t1 = time.perf_counter()
-            vmm.unmap(home_at[k], piece)
-            vmm.map(home_at[k], piece, hostp_h[k])
-            vmm.set_access(home_at[k], piece)
+            remap_home(k, hostp_h[k])
             t2 = time.perf_counter()
             wait, remap_s = wait + t1 - t0, remap_s + t2 - t1
         return {"wait": wait, "remap": remap_s}
 
     def unpark(n: int) -> None:  # untimed: home back on its device handles
         for k in range(n // piece):
-            vmm.unmap(home_at[k], piece)
-            vmm.map(home_at[k], piece, dev_handles[k])
-            vmm.set_access(home_at[k], piece)
+            remap_home(k, dev_handles[k])
 
     def park_remaps_only(n: int) -> None:  # untimed: home on the host handles (a parked context)
         for k in range(n // piece):
-            vmm.unmap(home_at[k], piece)
-            vmm.map(home_at[k], piece, hostp_h[k])
-            vmm.set_access(home_at[k], piece)
+            remap_home(k, hostp_h[k])
 
     # ---- the emulated resume: home maps the host handles (parked); per piece: stage the
     # device handle at the shadow VA, copy home -> shadow, event; then per piece in order:
@@ -610,9 +609,7 @@ def run_probe(torch, drv: Driver, vmm: Vmm, ctx, sizes, piece, a, gpu_host_numa,
             drv("cuEventSynchronize", piece_events[k])
             t1 = time.perf_counter()
             vmm.unmap(shadow_at[k], piece)
-            vmm.unmap(home_at[k], piece)
-            vmm.map(home_at[k], piece, dev_handles[k])
-            vmm.set_access(home_at[k], piece)
+            remap_home(k, dev_handles[k])
             t2 = time.perf_counter()
             wait, remap_s = wait + t1 - t0, remap_s + t2 - t1
         return {"stage+issue": stage, "wait": wait, "remap": remap_s}
