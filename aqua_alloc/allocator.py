@@ -619,7 +619,7 @@ def where(tag_or_tensor: Any, *, wait: bool = True) -> dict[str, int] | None:
         if not _lock.acquire(blocking=False):
             return None
         try:
-            return _context_where(_find(tag_or_tensor).id, _native.lib().aqua_context_where_nowait)
+            return _per_tier("where", _native.lib().aqua_context_where_nowait, _find(tag_or_tensor).id)
         finally:
             _lock.release()
     with _lock:
@@ -630,29 +630,20 @@ def where(tag_or_tensor: Any, *, wait: bool = True) -> dict[str, int] | None:
             out_id = ctypes.c_int()
             check(_native.lib().aqua_pointer_context(ptr, ctypes.byref(out_id)), "where(tensor)")
             ctx_id = out_id.value
-        return _context_where(ctx_id, _native.lib().aqua_context_where)
+        return _per_tier("where", _native.lib().aqua_context_where, ctx_id)
 
 
-def _context_where(ctx_id: int, core_call: Any) -> dict[str, int] | None:
-    """``where`` of context ``ctx_id`` through ``core_call`` (the waiting or the nowait form;
-    None when the nowait one finds the core busy). Under ``_lock``."""
-    buf = _tier_buffer(_require())
-    status = core_call(ctx_id, buf, len(buf))
+def _per_tier(what: str, core_call: Any, *args: Any) -> dict[str, int] | None:
+    """``{"gpu0": ..., "gpuN-1": ..., "host": ...}`` from a core call that fills one uint64 per
+    device, then host, after ``args``; None when a nowait call finds the core busy. Under ``_lock``."""
+    num_tiers = _require().num_devices + 1
+    buf = (ctypes.c_uint64 * num_tiers)()
+    status = core_call(*args, buf, num_tiers)
     if status == _native.Status.BUSY:
         return None
-    check(status, "where")
-    return _by_tier(buf)
-
-
-def _tier_buffer(state: _State) -> ctypes.Array:
-    """The core's per-tier output: one uint64 per device, then host."""
-    return (ctypes.c_uint64 * (state.num_devices + 1))()
-
-
-def _by_tier(buf: ctypes.Array) -> dict[str, int]:
-    """``{"gpu0": ..., "gpuN-1": ..., "host": ...}`` from a :func:`_tier_buffer`."""
-    result = {f"gpu{d}": buf[d] for d in range(len(buf) - 1)}
-    result["host"] = buf[len(buf) - 1]
+    check(status, what)
+    result = {f"gpu{d}": buf[d] for d in range(num_tiers - 1)}
+    result["host"] = buf[num_tiers - 1]
     return result
 
 
@@ -670,10 +661,7 @@ def placement(tensor_or_ptr: Any, nbytes: int | None = None) -> dict[str, int]:
             raise ValueError(f"placement(ptr, nbytes): nbytes must be a byte count >= 0, got {nbytes!r}")
         ptr = int(tensor_or_ptr)
     with _lock:
-        state = _require()
-        buf = _tier_buffer(state)
-        check(_native.lib().aqua_range_where(ptr, nbytes, buf, len(buf)), "placement")
-        return _by_tier(buf)
+        return _per_tier("placement", _native.lib().aqua_range_where, ptr, nbytes)
 
 
 def flush_releases() -> None:

@@ -364,8 +364,7 @@ class _Run:
 
     @property
     def label(self) -> str:
-        """system@load, and #round when the benchmark runs more than one round."""
-        return f"{self.system.value}@{self.load:g}" + (f"#{self.round_no}" if self.bench.options.rounds > 1 else "")
+        return _run_label(self.system, self.load, self.round_no, self.bench.options.rounds)
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -816,6 +815,11 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
 
 
+def _run_label(system: System, load: float, round_no: int, rounds: int) -> str:
+    """system@load, and #round when the benchmark runs more than one round."""
+    return f"{system.value}@{load:g}" + (f"#{round_no}" if rounds > 1 else "")
+
+
 def _make_row(system: str, load: float, round_no: int = 1, **fields: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
         "system": system, "load": load, "round": round_no, "requests": None, "completed": None, "failed": None, "oom": None,
@@ -1101,7 +1105,7 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
             if rounds > 1:
                 log(f"load {load:g}: round {round_no}/{rounds}")
             for system in plan.systems:
-                label = f"{system.value}@{load:g}" + (f"#{round_no}" if rounds > 1 else "")
+                label = _run_label(system, load, round_no, rounds)
                 remaining = replay_limit - (time.perf_counter() - t_replays)
                 if not skipped[system] and remaining < arrivals[-1] + mean_service:
                     skipped[system] = f"out of time: too little left of {OVERRUN:g} x --budget-s for a replay"

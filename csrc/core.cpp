@@ -376,29 +376,29 @@ int Core::where(int id, uint64_t* out, int len, bool wait) {
   return AQUA_OK;
 }
 
+const Segment* Core::segment_holding(uint64_t ptr) const {
+  auto it = segments_.upper_bound(static_cast<uintptr_t>(ptr));
+  if (it == segments_.begin()) return nullptr;
+  --it;
+  const Segment& seg = *it->second;
+  return ptr >= seg.va && ptr < seg.va + seg.size ? &seg : nullptr;
+}
+
 int Core::pointer_context(uint64_t ptr, int* out_id) {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = segments_.upper_bound(static_cast<uintptr_t>(ptr));
-  if (it != segments_.begin()) {
-    --it;
-    if (ptr >= it->first && ptr < it->first + it->second->size) {
-      *out_id = it->second->context;
-      return AQUA_OK;
-    }
-  }
-  return fail(AQUA_ERR_NOT_FOUND, "no aqua_alloc segment holds the pointer");
+  const Segment* seg = segment_holding(ptr);
+  if (!seg) return fail(AQUA_ERR_NOT_FOUND, "no aqua_alloc segment holds the pointer");
+  *out_id = seg->context;
+  return AQUA_OK;
 }
 
 int Core::range_where(uint64_t ptr, uint64_t len, uint64_t* out, int n) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (n < num_devices_ + 1)
     return fail(AQUA_ERR_INVALID, "range_where: the output needs " + std::to_string(num_devices_ + 1) + " entries");
-  auto it = segments_.upper_bound(static_cast<uintptr_t>(ptr));
-  if (it == segments_.begin()) return fail(AQUA_ERR_NOT_FOUND, "range_where: no aqua_alloc segment holds the pointer");
-  --it;
-  const Segment& seg = *it->second;
-  if (ptr < seg.va || ptr >= seg.va + seg.size)
-    return fail(AQUA_ERR_NOT_FOUND, "range_where: no aqua_alloc segment holds the pointer");
+  const Segment* found = segment_holding(ptr);
+  if (!found) return fail(AQUA_ERR_NOT_FOUND, "range_where: no aqua_alloc segment holds the pointer");
+  const Segment& seg = *found;
   if (len > seg.va + seg.size - ptr)
     return fail(AQUA_ERR_INVALID, "range_where: the range of " + std::to_string(len) +
                                       " bytes runs past the end of its segment");
@@ -1489,13 +1489,13 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   // Issues step k's copy on its direction's stream, with an event after it. AQUA_OK or failed().
   auto issue = [&](size_t k) -> int {
     Step& s = steps[k];
+    Stream stream = streams[into_device(s) ? 1 : 0];
     uint64_t t0 = now_ns();
     // The event first: a copy is issued only with an event that the drains can wait on.
     if (int r = take_event(s.ctx->device, &s.copied)) return drained_and_failed("copy", r);
-    if (int r = backend_->copy_async(s.target, s.source, s.segment->pieces[s.index].size,
-                                     streams[into_device(s) ? 1 : 0]))
+    if (int r = backend_->copy_async(s.target, s.source, s.segment->pieces[s.index].size, stream))
       return drained_and_failed("copy", r);
-    if (int r = backend_->event_record(s.copied, streams[into_device(s) ? 1 : 0])) {
+    if (int r = backend_->event_record(s.copied, stream)) {
       // Issued but not waitable: wait for the whole device before anything is unwound.
       if (backend_->device_sync(s.ctx->device) != 0)
         std::fprintf(stderr, "[aqua_alloc] a move's copy could not be waited for after a failed event record\n");

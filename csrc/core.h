@@ -131,6 +131,7 @@ class Core {
   int tier_index(int tier) const { return tier == AQUA_TIER_HOST ? num_devices_ : tier; }
   bool valid_tier(int tier) const { return tier == AQUA_TIER_HOST || (tier >= 0 && tier < num_devices_); }
   Context* find_context(int id);
+  const Segment* segment_holding(uint64_t ptr) const;  // the segment whose range holds ptr, or null
   Context* default_context(int device);
   std::string tier_name(int tier) const;
   std::string usage_line() const;
