@@ -323,6 +323,18 @@ def op_stats(ops, t_from: float = float("-inf"), t_to: float = float("inf")) -> 
             "set_access_ms": med([o[3] - o[2] for o in sel]), "cycle_ms": med([o[3] - o[0] for o in sel])}
 
 
+def open_primary_context(torch, drv: Driver, device: int) -> c_void_p:
+    """Makes the primary context torch uses current on this thread and returns it."""
+    torch.cuda.set_device(device)
+    torch.cuda.init()
+    drv("cuInit", 0)
+    cu_dev, ctx = c_int(), c_void_p()
+    drv("cuDeviceGet", byref(cu_dev), device)
+    drv("cuDevicePrimaryCtxRetain", byref(ctx), cu_dev)
+    drv("cuCtxSetCurrent", ctx)
+    return ctx
+
+
 # ---- the probe -----------------------------------------------------------------------------
 
 def parse_size(s: str) -> int:
@@ -361,13 +373,9 @@ def main() -> int:
 
     t_start = time.perf_counter()
     device = 0
-    torch.cuda.set_device(device)
-    torch.cuda.init()
-    drv("cuInit", 0)
-    cu_dev, ctx = c_int(), c_void_p()
+    ctx = open_primary_context(torch, drv, device)
+    cu_dev = c_int()
     drv("cuDeviceGet", byref(cu_dev), device)
-    drv("cuDevicePrimaryCtxRetain", byref(ctx), cu_dev)  # the context torch uses
-    drv("cuCtxSetCurrent", ctx)
     ver = c_int()
     drv("cuDriverGetVersion", byref(ver))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
-# Steps: build gpu_tests long_prompt long_prompt_window move probe_park probe_sched soak sanitizer serve coordinator
+# Steps: build gpu_tests long_prompt long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve coordinator
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -24,6 +24,7 @@ for step in "$@"; do
         --read-ahead "${READ_AHEAD:-2GiB}" --systems local,aqua-host,offloaded --name "ra${READ_AHEAD:-2GiB}" --out "$OUT" ;;
     probe_park) run probe_park_copy 120 python3 benchmarks/probe_park_copy.py --sizes 256M,1G,4G \
                   --out "$OUT/probe_park_copy-$tag.json" ;;
+    probe_host) run probe_host_access 120 python3 benchmarks/probe_host_access.py --out "$OUT/probe_host_access-$tag.json" ;;
     probe_sched) run probe_sched_paired 400 python3 benchmarks/probe_sched_paired.py --rounds "${PROBE_ROUNDS:-6}" ;;
     move) run bench_move 240 python3 benchmarks/bench_move.py --sizes "${MOVE_SIZES:-64MiB,256MiB,1GiB,4GiB,8GiB}" \
             --out "$OUT/bench_move-$tag.json" ;;
