@@ -141,6 +141,8 @@ _SIGNATURES = {
     "aqua_events_dropped": (_u64, []),
     "aqua_profile_get": (_i, [_pu64, _pu64, _i]),
     "aqua_profile_reset": (_i, []),
+    "aqua_profile_record_spans": (_i, [_i]),
+    "aqua_profile_spans": (_i, [_pu64, _i, _pi]),
     "aqua_flush_releases": (_i, []),
     "aqua_malloc": (_p, [ctypes.c_size_t, _i, _p]),
     "aqua_free": (None, [_p, ctypes.c_size_t, _i, _p]),

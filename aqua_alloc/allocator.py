@@ -747,6 +747,26 @@ def move_profile(reset: bool = False) -> dict[str, dict[str, float]]:
     return {phase: {"ms": ns[i] / 1e6, "calls": calls[i]} for i, phase in enumerate(_native.PHASES)}
 
 
+def move_spans(record: bool | None = None) -> list[tuple[str, int, int]]:
+    """The move phases recorded since recording began (or the last call) as
+    (phase, t0_ns, t1_ns), on the clock of time.monotonic_ns(): a move's timeline. Recording
+    is off by default; ``record=True`` clears and starts it, ``False`` stops it (at most
+    16384 spans are kept; later ones are dropped)."""
+    _require()
+    lib = _native.lib()
+    out: list[tuple[str, int, int]] = []
+    buf = (ctypes.c_uint64 * (3 * 1024))()
+    count = ctypes.c_int()
+    while True:
+        check(lib.aqua_profile_spans(buf, 1024, ctypes.byref(count)), "move_spans")
+        out += [(_native.PHASES[buf[3 * i]], buf[3 * i + 1], buf[3 * i + 2]) for i in range(count.value)]
+        if count.value < 1024:
+            break
+    if record is not None:
+        check(lib.aqua_profile_record_spans(int(bool(record))), "move_spans")
+    return out
+
+
 def num_core_events_dropped() -> int:
     try:
         return int(_native.lib().aqua_events_dropped())

@@ -86,7 +86,25 @@ def make_context(tag: str, nbytes: int) -> torch.Tensor:
     return t
 
 
-def bench_pair(tier: str, nbytes: int, repeat: int, log) -> list[dict]:
+def log_park_timeline(tag: str, tier: str, nbytes: int, log) -> None:
+    """One more park of `tag`, with the core's spans: each phase's start and length in ms
+    from the call, to show where a park's time goes beyond its copies."""
+    torch.cuda.synchronize()
+    aq.allocator.move_spans(record=True)
+    t_call = time.monotonic_ns()
+    aq.evict(tag, tier)
+    t_return = time.monotonic_ns()
+    torch.cuda.synchronize()
+    t_sync = time.monotonic_ns()
+    spans = aq.allocator.move_spans(record=False)
+    ms = lambda ns: (ns - t_call) / 1e6  # noqa: E731
+    log(f"  timeline of one {nbytes / MiB:.0f} MiB park (ms from the call; phase@start+length):")
+    for i in range(0, len(spans), 6):
+        log("    " + "  ".join(f"{p}@{ms(t0):.3f}+{(t1 - t0) / 1e6:.3f}" for p, t0, t1 in spans[i:i + 6]))
+    log(f"    returned @{ms(t_return):.3f}, device idle @{ms(t_sync):.3f}")
+
+
+def bench_pair(tier: str, nbytes: int, repeat: int, log, timeline_sizes=()) -> list[dict]:
     tag = f"bench-{tier}-{nbytes}"
     t = make_context(tag, nbytes)
     ptr, before = t.data_ptr(), checksum(t)
@@ -95,6 +113,10 @@ def bench_pair(tier: str, nbytes: int, repeat: int, log) -> list[dict]:
     for _ in range(repeat):
         parks += timed(lambda: aq.evict(tag, tier), 1)
         resumes += timed(lambda: aq.resume(tag), 1)
+        aq.park(tag)
+    if nbytes in timeline_sizes:
+        log_park_timeline(tag, tier, nbytes, log)
+        aq.resume(tag)
         aq.park(tag)
     assert t.data_ptr() == ptr and checksum(t) == before, f"{tag}: bytes changed across moves"
     if tier == "host":
@@ -164,12 +186,15 @@ def main() -> int:
     parser.add_argument("--sizes", default="64MiB,256MiB,1GiB,4GiB,8GiB")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--chunk", default="64MiB", help="AQUA_CHUNK: largest piece a segment moves in")
+    parser.add_argument("--timeline", default="256MiB",
+                        help="sizes whose park's timeline (the core's phase spans) is printed; '' for none")
     parser.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_move: needs a CUDA GPU; none here", file=sys.stderr)
         return 2
     sizes = [parse_size(s, "--sizes", allow_percent=False) for s in args.sizes.split(",")]
+    timeline_sizes = {parse_size(s, "--timeline", allow_percent=False) for s in args.timeline.split(",") if s}
     n = torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
     lines: list[str] = []
@@ -194,7 +219,7 @@ def main() -> int:
         bench_pair(tier, 64 * MiB, 2, lambda _line: None)
         aq.allocator.move_profile(reset=True)
         for nbytes in sizes:
-            rows += bench_pair(tier, nbytes, args.repeat, log)
+            rows += bench_pair(tier, nbytes, args.repeat, log, timeline_sizes)
         for method in ("evict+resume", "resume"):
             switches.append(bench_switch(tier, GiB, args.repeat * 2, log, method))
     for method in ("evict+resume", "resume"):

@@ -322,6 +322,22 @@ int aqua_profile_reset(void) {
   core->profile_reset();
   return AQUA_OK;
 }
+int aqua_profile_record_spans(int on) {
+  WITH_CORE(core);
+  return guarded([&] {
+    core->profile_record_spans(on != 0);
+    return static_cast<int>(AQUA_OK);
+  });
+}
+int aqua_profile_spans(uint64_t* out, int max_spans, int* count) {
+  WITH_CORE(core);
+  if (!out || !count || max_spans < 0) {
+    aqua::set_last_error("aqua_profile_spans: null out or count, or negative max_spans");
+    return AQUA_ERR_INVALID;
+  }
+  *count = core->profile_spans(out, max_spans);
+  return AQUA_OK;
+}
 
 void* aqua_malloc(size_t size, int device, void* /*stream*/) {
   Core* core = g_core.load();

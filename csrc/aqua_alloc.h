@@ -203,6 +203,11 @@ enum aqua_phase {
 };
 AQUA_EXPORT int aqua_profile_get(uint64_t* ns, uint64_t* calls, int n);
 AQUA_EXPORT int aqua_profile_reset(void);
+/* Record each timed phase call as a span (on != 0; clears what was recorded) or stop. */
+AQUA_EXPORT int aqua_profile_record_spans(int on);
+/* Copies up to max_spans recorded spans into out as (phase, t0_ns, t1_ns) triples of
+ * CLOCK_MONOTONIC ns, forgets them, and sets *count to how many. */
+AQUA_EXPORT int aqua_profile_spans(uint64_t* out, int max_spans, int* count);
 /* Device backings given back by moves and frees are released a few ms later by a
  * background thread (a context switch reuses them instead); this releases them now. */
 AQUA_EXPORT int aqua_flush_releases(void);

@@ -487,6 +487,28 @@ int Core::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64
 void Core::profile(int phase, uint64_t t0, uint64_t t1) {
   profile_ns_[phase] += t1 - t0;
   profile_calls_[phase]++;
+  if (record_spans_ && spans_.size() < kMaxSpans) spans_.push_back({static_cast<uint64_t>(phase), t0, t1});
+}
+
+void Core::profile_record_spans(bool on) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record_spans_ = on;
+  spans_.clear();
+  if (on) spans_.reserve(kMaxSpans);
+}
+
+// Copies up to max_spans recorded spans as (phase, t0_ns, t1_ns) triples and forgets them;
+// returns how many. Times are steady_clock ns (CLOCK_MONOTONIC, as Python's time.monotonic_ns).
+int Core::profile_spans(uint64_t* out, int max_spans) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  size_t n = std::min(spans_.size(), static_cast<size_t>(std::max(max_spans, 0)));
+  for (size_t i = 0; i < n; ++i) {
+    out[3 * i] = spans_[i].phase;
+    out[3 * i + 1] = spans_[i].t0_ns;
+    out[3 * i + 2] = spans_[i].t1_ns;
+  }
+  spans_.erase(spans_.begin(), spans_.begin() + n);
+  return static_cast<int>(n);
 }
 
 int Core::profile_get(uint64_t* ns, uint64_t* calls, int n) {

@@ -121,6 +121,11 @@ class Core {
   static constexpr int kNumPhases = 6;
   int profile_get(uint64_t* ns, uint64_t* calls, int n);
   void profile_reset();
+  // The spans behind the totals, one per timed phase call, when recording (off by default;
+  // at most kMaxSpans kept, later ones dropped): a move's timeline, for benchmarks.
+  static constexpr size_t kMaxSpans = 1 << 14;
+  void profile_record_spans(bool on);
+  int profile_spans(uint64_t* out, int max_spans);
 
  private:
   struct Step;  // one piece's move, see core.cpp
@@ -253,6 +258,11 @@ class Core {
 
   uint64_t profile_ns_[kNumPhases] = {};
   uint64_t profile_calls_[kNumPhases] = {};
+  struct Span {
+    uint64_t phase, t0_ns, t1_ns;
+  };
+  bool record_spans_ = false;
+  std::vector<Span> spans_;
 
   EventLog events_;
 };

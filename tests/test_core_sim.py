@@ -994,6 +994,28 @@ def test_moves_are_recorded_as_events():
         kinds[0] == ("move_start", 0) and kinds[1][0] == "move_failed" and kinds[1][1] != 0, kinds
 
 
+def test_move_spans_are_the_profile_totals_call_by_call():
+    enable_sim()
+    freeze_host_pool()
+    alloc("a", 0, 10 * MiB)  # pieces of 4, 4 and 2 MiB
+    aq.allocator.move_profile(reset=True)
+    assert aq.allocator.move_spans(record=True) == []  # nothing recorded while off
+    before = time.monotonic_ns()
+    aq.evict("a", "host")
+    aq.resume("a")
+    after = time.monotonic_ns()
+    spans = aq.allocator.move_spans(record=False)
+    totals = aq.allocator.move_profile()
+    for phase, stat in totals.items():
+        mine = [t1 - t0 for p, t0, t1 in spans if p == phase]
+        assert len(mine) == stat["calls"] and sum(mine) / 1e6 == stat["ms"], phase
+    assert {p for p, _, _ in spans} == set(_native.PHASES)
+    assert all(before <= t0 <= t1 <= after for _, t0, t1 in spans)  # the same clock as Python's
+    assert [t0 for _, t0, _ in spans] == sorted(t0 for _, t0, _ in spans)  # in the order they began
+    aq.evict("a", "host")
+    assert aq.allocator.move_spans() == []  # stopped
+
+
 def test_tiny_event_ring_drops_and_counts():
     def scenario(capacity: int) -> tuple[int, int]:
         enable_sim(trace_events=capacity)
