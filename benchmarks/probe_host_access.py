@@ -22,6 +22,10 @@ probe asks which of the knobs the driver API has changes either cost:
   the copy on a high-priority stream, or in 16 MiB copies. Each row: copy GiB/s, its ratio to
   the same copy with no remapping, and the remapper's set-access ms per 64 MiB meanwhile.
 
+  part 4, a park's remaps only (each range device -> host once, 16 ranges during one 1 GiB
+  copy), in groups of 1, 2 or 4 ranges per set-access call, with the copies on one stream or
+  round-robin on two: copy time lost and set-access time, per 64 MiB remapped.
+
   part 3, the link itself: one 1 GiB device-to-host copy against two 512 MiB halves on two
   streams at once (does a second copy engine add bandwidth?).
 
@@ -266,6 +270,80 @@ def run(torch, vmm: Vmm, ctx, repeat: int, result: dict) -> None:
             print(f"  rebacked with {row['rebacked_with']:11s} stream {name:6s} copies {chunk // MiB:3d} MiB  "
                   f"{gib_s:6.2f} GiB/s  alone {base[(name, chunk)]:6.2f}  ratio {row['ratio']:.3f}  host set-access "
                   f"{row['host_set_access_ms']} ms per 64 MiB ({len(during)} during)", flush=True)
+
+    # part 4: what a park's home remaps cost the copies, per 64 MiB remapped
+    print("part 4: 1 GiB device-to-host copy while 16 other 64 MiB ranges go device -> host once each, "
+          "in groups of `batch` (unmap and map each, one set-access over the group)", flush=True)
+    m = 16
+    park_va = vmm.reserve(m * piece)
+    park_vas = [park_va + i * piece for i in range(m)]
+    park_dev = [Backing(vmm, "device", piece, piece, False) for _ in range(m)]
+    park_host = [Backing(vmm, "numa", piece, piece, True) for _ in range(m)]
+    for b, v in zip(park_dev, park_vas):
+        b.map_at(v)
+        b.set_access_at(v, one_call=True)
+    streams = [normal, torch.cuda.Stream()]
+
+    def copy_on(num_streams: int) -> tuple[float, float]:
+        """(event seconds, host time the copy was seen done) of n bytes in 64 MiB copies
+        spread round-robin over num_streams streams."""
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record(normal)
+        for j, off in enumerate(range(0, n, piece)):
+            st = streams[j % num_streams]
+            if j < num_streams and st is not normal:
+                st.wait_event(e0)
+            with torch.cuda.stream(st):
+                dst[off:off + piece].copy_(src[off:off + piece], non_blocking=True)
+        for st in streams[1:num_streams]:
+            ev = torch.cuda.Event()
+            ev.record(st)
+            normal.wait_event(ev)
+        e1.record(normal)
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1e3, time.perf_counter()
+
+    for num_streams in (1, 2):
+        alone = statistics.median(copy_on(num_streams)[0] for _ in range(repeat))
+        for batch in (1, 2, 4):
+            losses, access_ms = [], []
+            for _ in range(repeat):
+                done: list[tuple[float, int, float]] = []  # (end, pieces, set-access seconds)
+
+                def park_all() -> None:
+                    vmm.drv("cuCtxSetCurrent", ctx)
+                    for g in range(0, m, batch):
+                        for i in range(g, g + batch):
+                            park_dev[i].unmap_at(park_vas[i])
+                            park_host[i].map_at(park_vas[i])
+                        desc = AccessDesc()
+                        desc.location.type, desc.location.id = CU_MEM_LOCATION_TYPE_DEVICE, vmm.device
+                        desc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+                        t0 = time.perf_counter()
+                        vmm.drv("cuMemSetAccess", park_vas[g], batch * piece, byref(desc), 1)
+                        t1 = time.perf_counter()
+                        done.append((t1, batch, t1 - t0))
+
+                th = threading.Thread(target=park_all)
+                th.start()
+                t_copy, t_seen = copy_on(num_streams)
+                th.join()
+                during = [(k_, a_) for end, k_, a_ in done if end <= t_seen]
+                pieces_during = sum(k_ for k_, _ in during)
+                if pieces_during:
+                    losses.append((t_copy - alone) * 1e3 / pieces_during)
+                    access_ms.append(sum(a_ for _, a_ in during) * 1e3 / pieces_during)
+                for i in range(m):  # back on the device, untimed
+                    park_host[i].unmap_at(park_vas[i])
+                    park_dev[i].map_at(park_vas[i])
+                    park_dev[i].set_access_at(park_vas[i], one_call=True)
+            row = {"streams": num_streams, "batch": batch, "alone_gib_s": round(n / alone / GiB, 2),
+                   "copy_ms_lost_per_64mib": round(statistics.median(losses), 4) if losses else None,
+                   "set_access_ms_per_64mib": round(statistics.median(access_ms), 4) if access_ms else None}
+            result.setdefault("park_remaps", []).append(row)
+            print(f"  {num_streams} stream(s), groups of {batch}: copy alone {row['alone_gib_s']} GiB/s; copy time "
+                  f"lost {row['copy_ms_lost_per_64mib']} ms and set-access {row['set_access_ms_per_64mib']} ms "
+                  f"per 64 MiB remapped", flush=True)
 
     # part 3: one copy against two halves on two streams
     print("part 3: the link", flush=True)
