@@ -43,6 +43,7 @@ struct Core::Step {
   bool prestaged = false;  // host backing mapped once when created: no staging map
   uintptr_t source = 0;  // where the copy reads: home, or a second mapping of the old backing
   bool source_shadowed = false;  // old backing also mapped at the shadow (copy reads there)
+  bool had_kept = false;  // the old backing was mapped at the shadow when the move began (Piece::shadow_mapped)
   bool committed = false;  // new backing mapped at home (an unwind maps the old one back)
   Event copied = 0;      // recorded after the copy
 };
@@ -959,21 +960,25 @@ void Core::free(void* ptr) {
   }
   Segment* seg = it->second.get();
   auto ctx_it = contexts_.find(seg->context);
-  bool all_unmapped = true;
-  for (const Piece& p : seg->pieces) {
+  bool all_unmapped = true, shadow_unmapped = true;
+  for (Piece& p : seg->pieces) {
     record(AQUA_EV_UNMAP, seg->context, p.tier, AQUA_TIER_NONE, p.size, 0, seg->va + p.offset, 0);
     account_remove(p.tier, home, p.size, false);
-    if (retry(&Backend::unmap, seg->va + p.offset, p.size)) {
+    if (p.shadow_mapped && retry(&Backend::unmap, seg->shadow + p.offset, p.size)) p.shadow_mapped = false;
+    bool home_unmapped = retry(&Backend::unmap, seg->va + p.offset, p.size);
+    shadow_unmapped = shadow_unmapped && !p.shadow_mapped;
+    all_unmapped = all_unmapped && home_unmapped;
+    if (home_unmapped && !p.shadow_mapped) {
       give_back(p.tier, p.handle, p.handle_bytes);
     } else {
       // Still mapped: never hand this backing to anyone else (leaked, and said so).
-      all_unmapped = false;
-      std::fprintf(stderr, "[aqua_alloc] unmapping a freed segment at 0x%lx failed; its %s backing is leaked\n",
-                   static_cast<unsigned long>(seg->va + p.offset), tier_name(p.tier).c_str());
+      std::fprintf(stderr, "[aqua_alloc] unmapping a freed segment at 0x%lx%s failed; its %s backing is leaked\n",
+                   static_cast<unsigned long>(seg->va + p.offset), home_unmapped ? " (its staging mapping)" : "",
+                   tier_name(p.tier).c_str());
     }
   }
   if (all_unmapped) backend_->free_va(seg->va, seg->size);
-  backend_->free_va(seg->shadow, seg->size);
+  if (shadow_unmapped) backend_->free_va(seg->shadow, seg->size);
   record(AQUA_EV_SEGMENT_FREE, seg->context, AQUA_TIER_NONE, AQUA_TIER_NONE, seg->size, 0, seg->va, 0);
   Context* ctx = ctx_it->second.get();
   ctx->segments.erase(seg->va);
@@ -1319,8 +1324,19 @@ bool Core::remap_retried(uintptr_t va, size_t size, Handle handle, int device, b
   return access;
 }
 
+bool Core::in_shadowed_tail(const Context& ctx, const Segment* seg, size_t index) const {
+  size_t seen = 0;
+  for (auto va = ctx.segments.rbegin(); va != ctx.segments.rend() && seen < kShadowedTail; ++va) {
+    const Segment* s = segments_.at(*va).get();
+    for (size_t i = s->pieces.size(); i-- > 0 && seen < kShadowedTail; ++seen)
+      if (s == seg && i == index) return true;
+  }
+  return false;
+}
+
 // Undo a failed move: committed steps are mapped at home with their new backing and get
-// their old backing back; the rest are unstaged. Every new backing is returned.
+// their old backing back; every staging mapping (a kept one too) is dropped. Every new
+// backing is returned.
 // Old backings were never modified, so the bytes are as before the move. A committed piece
 // whose new backing cannot be unmapped (after retries) keeps it instead: its bytes are the
 // same, and memory that may still be mapped is never given back for reuse.
@@ -1331,8 +1347,11 @@ void Core::unwind(std::vector<Step>& steps) {
     uintptr_t home = s.segment->va + p.offset;
     // The copies are drained: drop the old backing's second mapping (it stays the backing).
     // If it cannot be dropped, the old backing must never be given back while mapped there.
+    // A mapping kept since the piece's resume stays, as before the move, while the old
+    // backing stays the piece's backing.
     bool old_backing_pinned = false;
-    if (s.source_shadowed) {
+    bool keep_source = s.source_shadowed && s.had_kept;
+    if (s.source_shadowed && !keep_source) {
       if (retry(&Backend::unmap, s.source, p.size)) {
         s.source_shadowed = false;
       } else {
@@ -1358,28 +1377,44 @@ void Core::unwind(std::vector<Step>& steps) {
           std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' at 0x%lx could not restore the old "
                        "backing; the piece stays on %s (bytes intact)\n", ctx.tag.c_str(),
                        static_cast<unsigned long>(home), tier_name(s.dst).c_str());
+          if (keep_source) old_backing_pinned = !retry(&Backend::unmap, s.source, p.size);  // the old backing leaves
           account_remove(p.tier, ctx.device, p.size, true);
           charge(s.dst, p.size, true);
           if (!old_backing_pinned) give_back(p.tier, p.handle, p.handle_bytes);  // else leaked, still mapped
           p.tier = s.dst;
           p.handle = s.handle;
           p.handle_bytes = s.handle_bytes;
+          p.shadow_mapped = s.staged;  // a kept staging mapping stays with its backing
         } else {
           // Neither backing could be mapped back: keep both (leaked, never reused).
           std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' failed at 0x%lx: the range is unmapped; "
                        "its backings are kept and never reused\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
           account_remove(s.dst, ctx.device, p.size, false);
+          p.shadow_mapped = keep_source;
         }
         if (s.copied) idle_events_[ctx.device].push_back(s.copied);
         continue;
       }
-    } else if (s.staged && !retry(&Backend::unmap, s.target, p.size)) {
-      // Still mapped at the shadow: keep the backing out of reuse (leaked, counted below).
+    }
+    if (s.staged && !retry(&Backend::unmap, s.target, p.size)) {
+      // Still mapped at the shadow (staged, or a kept staging mapping of a committed piece):
+      // keep the backing out of reuse (leaked, counted below).
       std::fprintf(stderr, "[aqua_alloc] unstaging a move of context '%s' failed: a backing is leaked\n",
                    ctx.tag.c_str());
       account_remove(s.dst, ctx.device, p.size, false);
       if (s.copied) idle_events_[ctx.device].push_back(s.copied);
       continue;
+    }
+    if (keep_source) {  // the old backing is the piece's backing again, and so is its kept mapping
+      p.shadow_mapped = true;
+      s.source_shadowed = false;
+    } else if (s.had_kept) {  // ... which the move had dropped: map it again
+      uintptr_t shadow = s.segment->shadow + p.offset;
+      bool mapped = false;
+      p.shadow_mapped = remap_retried(shadow, p.size, p.handle, ctx.device, &mapped);
+      if (!p.shadow_mapped && mapped && !retry(&Backend::unmap, shadow, p.size))
+        std::fprintf(stderr, "[aqua_alloc] restoring a staging mapping of context '%s' failed halfway: it stays "
+                     "mapped without access (later moves of the piece fail and roll back)\n", ctx.tag.c_str());
     }
     account_remove(s.dst, ctx.device, p.size, false);
     give_back(s.dst, s.handle, s.handle_bytes);
@@ -1403,7 +1438,9 @@ void Core::unwind(std::vector<Step>& steps) {
 // - A park into pre-mapped host backings reads its last pieces through a second mapping of
 //   the old backings (at the shadow): their home remaps (the host set-access, about 0.6 ms
 //   per 64 MiB, is the costly call) need not wait for their copies, so they are committed
-//   first, once the context's kernels are done, while the copies are in flight.
+//   first, once the context's kernels are done, while the copies are in flight. A resume
+//   keeps its staging mappings of the context's last pieces (Piece::shadow_mapped), so the
+//   park after it maps nothing before its copies (two mappings cost about 0.06 ms there).
 // - Then pieces leaving the device commit in order, and pieces coming home last: by then
 //   the copies out are done and their set-access calls are cheap.
 // Old backings are released only when every piece has committed (and every copy is done):
@@ -1464,22 +1501,35 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
         return failed("waiting for the park event", r);
     }
   }
-  // The last pieces of a park to host read through a second mapping (see above); which
-  // ones: the last kShadowedTail pieces that leave their home device for pre-mapped host
-  // backings.
+  // Pieces of a park to host read through a second mapping (see above): up to kShadowedTail
+  // of the pieces that leave their home device for pre-mapped host backings, first those
+  // still mapped at the shadow since their resume (nothing to map), then the last ones.
   std::vector<bool> read_through_shadow(steps.size(), false);
-  for (size_t k = steps.size(), chosen = 0; k-- > 0 && chosen < kShadowedTail;) {
-    const Step& s = steps[k];
-    if (s.dst == AQUA_TIER_HOST && s.segment->pieces[s.index].tier == s.ctx->device &&
-        host_staging_.count(s.handle)) {
-      read_through_shadow[k] = true;
-      ++chosen;
-    }
+  auto piece_of = [](const Step& s) -> Piece& { return s.segment->pieces[s.index]; };
+  auto may_read_through = [&](const Step& s) {
+    return s.dst == AQUA_TIER_HOST && piece_of(s).tier == s.ctx->device && host_staging_.count(s.handle) > 0;
+  };
+  size_t chosen = 0;
+  for (bool kept_only : {true, false})
+    for (size_t k = steps.size(); k-- > 0 && chosen < kShadowedTail;)
+      if (!read_through_shadow[k] && may_read_through(steps[k]) && (piece_of(steps[k]).shadow_mapped || !kept_only)) {
+        read_through_shadow[k] = true;
+        ++chosen;
+      }
+  // A kept shadow mapping that this move does not read through is dropped before anything
+  // else: the shadow may be needed for staging, and the backing may leave.
+  for (size_t k = 0; k < steps.size(); ++k) {
+    Piece& p = piece_of(steps[k]);
+    if (!p.shadow_mapped || read_through_shadow[k]) continue;
+    if (int r = backend_->unmap(steps[k].segment->shadow + p.offset, p.size))
+      return failed("dropping a kept staging mapping", r);
+    p.shadow_mapped = false;
+    steps[k].had_kept = true;  // an unwind maps it again
   }
   // Maps where step k's copy writes (and reads, for a second mapping). AQUA_OK or failed().
   auto prepare = [&](size_t k) -> int {
     Step& s = steps[k];
-    const Piece& p = s.segment->pieces[s.index];
+    Piece& p = s.segment->pieces[s.index];
     uint64_t t0 = now_ns();
     auto prestaged = s.dst == AQUA_TIER_HOST ? host_staging_.find(s.handle) : host_staging_.end();
     if (prestaged != host_staging_.end()) {
@@ -1500,10 +1550,16 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       // mapping costs host time, and the host set-access calls slow the copies they overlap
       // (to 0.93 of the link), so only the remaps that would follow the last copy are moved.
       s.source = s.segment->shadow + p.offset;
-      if (int r = backend_->map(s.source, p.size, p.handle)) return drained_and_failed("source map", r);
-      s.source_shadowed = true;
-      if (int r = backend_->set_access(s.source, p.size, s.ctx->device))
-        return drained_and_failed("source set-access", r);
+      if (p.shadow_mapped) {  // kept since its resume: the step owns (and later drops) it
+        p.shadow_mapped = false;
+        s.source_shadowed = true;
+        s.had_kept = true;
+      } else {
+        if (int r = backend_->map(s.source, p.size, p.handle)) return drained_and_failed("source map", r);
+        s.source_shadowed = true;
+        if (int r = backend_->set_access(s.source, p.size, s.ctx->device))
+          return drained_and_failed("source set-access", r);
+      }
     }
     profile(kPhaseStage, t0, now_ns());
     return AQUA_OK;
@@ -1530,8 +1586,10 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   if (copies_out) {
     for (size_t k = 0; k < steps.size(); ++k)
       if (int st = prepare(k)) return st;
-    for (size_t k = 0; k < steps.size(); ++k)
-      if (int st = issue(k)) return st;
+    for (bool through_shadow : {false, true})  // the copies read through the shadow go last
+      for (size_t k = 0; k < steps.size(); ++k)
+        if (read_through_shadow[k] == through_shadow)
+          if (int st = issue(k)) return st;
   } else {
     for (size_t k = 0; k < steps.size(); ++k) {  // the first copy starts after one staging
       if (int st = prepare(k)) return st;
@@ -1552,6 +1610,12 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   // second mappings dropped, after the loop. A failure drains every copy before unwinding
   // (a committed piece's new backing may still be written; waiting again for a copy that is
   // done costs nothing).
+  // A piece coming home that is one of its context's last ones keeps its staging mapping:
+  // its next park reads through it without mapping anything first.
+  std::vector<bool> keep_staging(steps.size(), false);
+  for (size_t k = 0; k < steps.size(); ++k)
+    keep_staging[k] = steps[k].staged && into_device(steps[k]) &&
+                      in_shadowed_tail(*steps[k].ctx, steps[k].segment, steps[k].index);
   bool kernels_done = false;
   for (size_t k : order) {
     Step& s = steps[k];
@@ -1570,7 +1634,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     }
     uint64_t t1 = now_ns();
     profile(kPhaseWait, t0, t1);
-    if (s.staged) {
+    if (s.staged && !keep_staging[k]) {
       if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
       s.staged = false;
     }
@@ -1622,6 +1686,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     p.tier = s.dst;
     p.handle = s.handle;
     p.handle_bytes = s.handle_bytes;
+    p.shadow_mapped = s.staged;  // a kept staging mapping (keep_staging)
     idle_events_[c.device].push_back(s.copied);
   }
   for (int t : tiers_out) counters_[t].moves_out++;

@@ -40,6 +40,10 @@ struct Piece {
   Handle handle = 0;
   uint64_t handle_bytes = 0;  // physical bytes of the handle (>= size for host pool classes)
   uint64_t away_since = 0;    // logical clock when it left (or was placed off) its home device
+  // The backing is also mapped (with access) at the segment's shadow: a resume's staging
+  // mapping kept for one of the context's last pieces, so that the next park reads through
+  // it without mapping anything before its copies (execute_move).
+  bool shadow_mapped = false;
 };
 
 struct Segment {
@@ -132,6 +136,9 @@ class Core {
   // Pieces at the end of a park to host whose copy reads a second mapping of the old
   // backing, so that their home remaps overlap the copies still in flight (execute_move).
   static constexpr size_t kShadowedTail = 2;
+  // Whether (segment, piece) is one of the last kShadowedTail pieces of `ctx` (the ones
+  // its next park reads through the shadow): their resume keeps its staging mapping.
+  bool in_shadowed_tail(const Context& ctx, const Segment* seg, size_t index) const;
 
   int tier_index(int tier) const { return tier == AQUA_TIER_HOST ? num_devices_ : tier; }
   bool valid_tier(int tier) const { return tier == AQUA_TIER_HOST || (tier >= 0 && tier < num_devices_); }

@@ -381,7 +381,9 @@ def test_random_walk_with_driver_failures():
 # ==========================================================================================
 # Rollback at each driver call of a move.
 
-MOVES = ["gpu0->host", "gpu0->gpu1", "host->gpu0"]
+# "resumed->host": a park right after a resume, whose last 2 pieces are still mapped at the
+# shadow (the resume's staging, kept); "gpu0->host": a park of pieces never moved.
+MOVES = ["gpu0->host", "resumed->host", "gpu0->gpu1", "host->gpu0"]
 
 
 class Rollback:
@@ -392,6 +394,14 @@ class Rollback:
                    host_budget=128 * MiB, host_reserve=64 * MiB)
         freeze_host_pool()
         self.data = random.Random(7).randbytes(16 * MiB)
+        self.p1 = self.p2 = 0
+        self.allocate()
+
+    def allocate(self) -> None:
+        """The context's segments, made anew (pieces never moved), with its bytes."""
+        for ptr in (self.p1, self.p2):
+            if ptr:
+                sim.free(ptr)
         self.p1 = alloc("a", 0, 10 * MiB)
         self.p2 = alloc("a", 0, 6 * MiB)
         sim.write(self.p1, self.data[:10 * MiB])
@@ -408,11 +418,17 @@ class Rollback:
                 {t: (v["current"], v["lent"]) for t, v in aq.stats()["tiers"].items()},
                 host["pool_free"], host["pool_total"])
 
-    @staticmethod
-    def prepare(move: str) -> None:
-        """Put the context where `move` starts: all on gpu0, or all on host."""
+    def prepare(self, move: str) -> None:
+        """Put the context where `move` starts: all on gpu0 (fresh, or just resumed from
+        host), or all on host."""
         if move == "host->gpu0":
             aq.evict("a", "host")
+        elif move == "resumed->host":
+            aq.evict("a", "host")
+            aq.resume("a")
+            aq.park("a")
+        elif move == "gpu0->host":
+            self.allocate()
         else:
             aq.resume("a")
             aq.park("a")
@@ -420,7 +436,7 @@ class Rollback:
 
     @staticmethod
     def run(move: str):
-        if move == "gpu0->host":
+        if move.endswith("->host"):
             return aq.evict("a", "host")
         if move == "gpu0->gpu1":
             return aq.evict("a", "gpu1")
@@ -448,13 +464,19 @@ def test_failure_at_each_driver_call_rolls_back(move):
     # backing is mapped once when it is created, so a move to host does not stage the new
     # backing; for its last 2 pieces it maps the old one at the shadow instead, as the copy's
     # source (their home ranges are then remapped before their copies end), after one wait
-    # for the park event. A device backing is created per piece (host: taken from the pool);
-    # old device backings are released later, off the move's path (not counted here).
-    staged = 2 if move == "gpu0->host" else 5  # maps at the shadow: new backings, or old ones as sources
-    park_waits = 1 if move == "gpu0->host" else 0
-    assert calls[sim.Op.MAP] == calls[sim.Op.UNMAP] == calls[sim.Op.SET_ACCESS] == 5 + staged, calls
+    # for the park event. Right after a resume those 2 are still mapped there (the resume
+    # kept its staging of the context's last 2 pieces): no map or set-access, one unmap each.
+    # A device backing is created per piece (host: taken from the pool); old device backings
+    # are released later, off the move's path (not counted here).
+    to_host = move.endswith("->host")
+    staged = {"gpu0->host": 2, "resumed->host": 0}.get(move, 5)  # maps at the shadow: new backings, or sources
+    kept = 2 if move == "resumed->host" else 0  # kept mappings read through, then dropped
+    park_waits = 1 if to_host else 0
+    assert calls[sim.Op.MAP] == calls[sim.Op.SET_ACCESS] == 5 + staged, calls
+    # a resume keeps 2 of its staging mappings: 2 unmaps fewer
+    assert calls[sim.Op.UNMAP] == 5 + staged + kept - (2 if move == "host->gpu0" else 0), calls
     assert calls[sim.Op.COPY] == 5 and calls[sim.Op.SYNC] == 5 + park_waits, calls
-    assert calls[sim.Op.CREATE] == (0 if move == "gpu0->host" else 5), calls
+    assert calls[sim.Op.CREATE] == (0 if to_host else 5), calls
     assert calls[sim.Op.RESERVE] == calls[sim.Op.FREE_VA] == 0, calls
 
     num_rolled_back = 0
@@ -492,9 +514,11 @@ def test_failure_at_each_driver_call_rolls_back(move):
             assert aq.where("a")[rb.destination(move)] == 16 * MiB, f"{op.name}[{nth}]"
             rb.verify()
             rb.prepare(move)
-    # map, unmap, set-access, copy and sync per piece, 3 calls per mapping at the shadow,
-    # plus, for a peer, a create per piece; to host, the wait for the park event.
-    assert num_rolled_back == 25 + staged * 3 + (5 if move == "gpu0->gpu1" else 0) + park_waits
+    # map, unmap, set-access, copy and sync per piece, 3 calls per mapping at the shadow (an
+    # unmap for a kept one; none for the 2 a resume keeps), plus, for a peer, a create per
+    # piece; to host, the wait for the park event.
+    assert num_rolled_back == 25 + staged * 3 + kept - (2 if move == "host->gpu0" else 0) + \
+        (5 if move == "gpu0->gpu1" else 0) + park_waits
 
 
 def test_two_failures_in_a_row_are_absorbed_by_the_restore_retries():
@@ -992,6 +1016,42 @@ def test_moves_are_recorded_as_events():
     kinds = [(e.kind.value, e.status) for e in drain_core_events() if e.kind.value.startswith("move_")]
     assert kinds == [("move_start", 0), ("move_failed", _native.Status.DRIVER.value)] or \
         kinds[0] == ("move_start", 0) and kinds[1][0] == "move_failed" and kinds[1][1] != 0, kinds
+
+
+def test_a_resume_keeps_the_staging_of_the_last_pieces_for_the_next_park():
+    # A park to host reads its last 2 pieces through a second mapping at the shadow; the
+    # resume before it staged them there already, and keeps those 2 mappings: the park then
+    # maps nothing before its copies (on a GPU, about 0.03 ms per mapping, before the first
+    # copy can start).
+    enable_sim(sim_devices=2, sim_device_bytes=128 * MiB, local_budget=64 * MiB, lend=64 * MiB,
+               host_budget=128 * MiB, host_reserve=64 * MiB)
+    freeze_host_pool()
+    ptr = alloc("a", 0, 16 * MiB)  # 4 pieces of 4 MiB
+    data = write_pattern(ptr, 16 * MiB, 11)
+    aq.park("a")
+    aq.evict("a", "host")
+    assert sim.usage("gpu0") == (0, 0)
+    aq.resume("a")
+    assert sim.usage("gpu0") == (16 * MiB, 4 + 2)  # home, and the last 2 pieces at the shadow
+    aq.park("a")
+    before = count_ops()
+    aq.evict("a", "host")
+    calls = {op: n - before[op] for op, n in count_ops().items()}
+    assert calls[sim.Op.MAP] == calls[sim.Op.SET_ACCESS] == 4, calls  # host backings at home only
+    assert calls[sim.Op.UNMAP] == 4 + 2, calls  # home, then the 2 kept mappings after their copies
+    assert sim.usage("gpu0") == (0, 0)
+    assert_bytes(ptr, data)
+    # a move that does not read through them drops them first (the shadow stages a peer)
+    aq.resume("a")
+    aq.park("a")
+    aq.evict("a", "gpu1")
+    assert sim.usage("gpu0") == (0, 0) and sim.usage("gpu1") == (16 * MiB, 4)
+    assert_bytes(ptr, data)
+    # and a free unmaps them with the rest
+    aq.resume("a")
+    assert sim.usage("gpu0") == (16 * MiB, 4 + 2)
+    sim.free(ptr)
+    assert sim.usage("gpu0") == (0, 0)
 
 
 def test_move_spans_are_the_profile_totals_call_by_call():

@@ -63,6 +63,9 @@ def test_switch_evicts_and_resumes_in_one_move():
 @pytest.mark.parametrize("op", [sim.Op.MAP, sim.Op.UNMAP, sim.Op.SET_ACCESS, sim.Op.COPY, sim.Op.SYNC])
 def test_a_failure_anywhere_in_the_switch_rolls_both_contexts_back(op):
     ctxs = setup_switch()
+    for tag in ("b", "a"):  # each comes home once: its last 2 pieces keep their staging mapping,
+        aq.park("a" if tag == "b" else "b")  # as every switch after the first finds them
+        aq.resume(tag)
     aq.park("a")
     before = sim.op_count(op)
     aq.resume("b")  # a clean switch, to count the op's calls
