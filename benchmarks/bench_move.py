@@ -86,19 +86,19 @@ def make_context(tag: str, nbytes: int) -> torch.Tensor:
     return t
 
 
-def log_park_timeline(tag: str, tier: str, nbytes: int, log) -> None:
-    """One more park of `tag`, with the core's spans: each phase's start and length in ms
-    from the call, to show where a park's time goes beyond its copies."""
+def log_timeline(what: str, move, nbytes: int, log) -> None:
+    """move() once more, with the core's spans: each phase's start and length in ms from the
+    call, to show where a park's (or resume's) time goes beyond its copies."""
     torch.cuda.synchronize()
     aq.allocator.move_spans(record=True)
     t_call = time.monotonic_ns()
-    aq.evict(tag, tier)
+    move()
     t_return = time.monotonic_ns()
     torch.cuda.synchronize()
     t_sync = time.monotonic_ns()
     spans = aq.allocator.move_spans(record=False)
     ms = lambda ns: (ns - t_call) / 1e6  # noqa: E731
-    log(f"  timeline of one {nbytes / MiB:.0f} MiB park (ms from the call; phase@start+length):")
+    log(f"  timeline of one {nbytes / MiB:.0f} MiB {what} (ms from the call; phase@start+length):")
     for i in range(0, len(spans), 6):
         log("    " + "  ".join(f"{p}@{ms(t0):.3f}+{(t1 - t0) / 1e6:.3f}" for p, t0, t1 in spans[i:i + 6]))
     log(f"    returned @{ms(t_return):.3f}, device idle @{ms(t_sync):.3f}")
@@ -115,8 +115,8 @@ def bench_pair(tier: str, nbytes: int, repeat: int, log, timeline_sizes=()) -> l
         resumes += timed(lambda: aq.resume(tag), 1)
         aq.park(tag)
     if nbytes in timeline_sizes:
-        log_park_timeline(tag, tier, nbytes, log)
-        aq.resume(tag)
+        log_timeline("park", lambda: aq.evict(tag, tier), nbytes, log)
+        log_timeline("resume", lambda: aq.resume(tag), nbytes, log)
         aq.park(tag)
     assert t.data_ptr() == ptr and checksum(t) == before, f"{tag}: bytes changed across moves"
     if tier == "host":

@@ -44,6 +44,7 @@ struct Core::Step {
   uintptr_t source = 0;  // where the copy reads: home, or a second mapping of the old backing
   bool source_shadowed = false;  // old backing also mapped at the shadow (copy reads there)
   bool had_kept = false;  // the old backing was mapped at the shadow when the move began (Piece::shadow_mapped)
+  bool early = false;      // committed before its copy completes (the copy does not read home)
   bool committed = false;  // new backing mapped at home (an unwind maps the old one back)
   Event copied = 0;      // recorded after the copy
 };
@@ -1441,6 +1442,10 @@ void Core::unwind(std::vector<Step>& steps) {
 //   first, once the context's kernels are done, while the copies are in flight. A resume
 //   keeps its staging mappings of the context's last pieces (Piece::shadow_mapped), so the
 //   park after it maps nothing before its copies (two mappings cost about 0.06 ms there).
+// - A resume (no copies out) reads each piece that comes home from pre-mapped host backing
+//   at the backing's own mapping, so its home remap (the host unmap, about 0.17 ms per
+//   64 MiB, is the costly call) need not wait for the copy either: the last piece's remap
+//   no longer follows the last copy.
 // - Then pieces leaving the device commit in order, and pieces coming home last: by then
 //   the copies out are done and their set-access calls are cheap.
 // Old backings are released only when every piece has committed (and every copy is done):
@@ -1501,6 +1506,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
         return failed("waiting for the park event", r);
     }
   }
+  bool copies_out = std::any_of(steps.begin(), steps.end(), [&](const Step& s) { return !into_device(s); });
   // Pieces of a park to host read through a second mapping (see above): up to kShadowedTail
   // of the pieces that leave their home device for pre-mapped host backings, first those
   // still mapped at the shadow since their resume (nothing to map), then the last ones.
@@ -1543,7 +1549,17 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
         return drained_and_failed("staging set-access", r);
     }
     s.source = s.segment->va + p.offset;
+    if (!copies_out && into_device(s) && p.tier == AQUA_TIER_HOST && s.ctx->park_recorded) {
+      // A resume from a pre-mapped host backing reads it at its own mapping, so that home
+      // can be remapped while the copy is in flight (see above).
+      auto own = host_staging_.find(p.handle);
+      if (own != host_staging_.end()) {
+        s.source = own->second;
+        s.early = true;
+      }
+    }
     if (read_through_shadow[k]) {
+      s.early = true;
       // A park into a host backing mapped at its own address: the shadow is free, so the copy
       // reads a second mapping of the old backing there, and the home range can be remapped
       // to the host backing while the copy is in flight. Not for every piece: each second
@@ -1582,7 +1598,6 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     profile(kPhaseIssue, t0, now_ns());
     return AQUA_OK;
   };
-  bool copies_out = std::any_of(steps.begin(), steps.end(), [&](const Step& s) { return !into_device(s); });
   if (copies_out) {
     for (size_t k = 0; k < steps.size(); ++k)
       if (int st = prepare(k)) return st;
@@ -1596,20 +1611,21 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       if (int st = issue(k)) return st;
     }
   }
-  // Commit order (see above): second-mapping pieces, then pieces leaving, then pieces coming home.
+  // Commit order (see above): pieces whose copies do not read home, then pieces leaving,
+  // then pieces coming home.
   std::vector<size_t> order;
   order.reserve(steps.size());
   for (size_t k = 0; k < steps.size(); ++k)
-    if (steps[k].source_shadowed) order.push_back(k);
+    if (steps[k].early) order.push_back(k);
   for (bool home : {false, true})
     for (size_t k = 0; k < steps.size(); ++k)
-      if (!steps[k].source_shadowed && into_device(steps[k]) == home) order.push_back(k);
-  // A piece read through a second mapping is remapped at home without waiting for its copy,
-  // but only once the kernels that may still write the context are done (its park event):
+      if (!steps[k].early && into_device(steps[k]) == home) order.push_back(k);
+  // A piece whose copy does not read home is remapped at home without waiting for its copy,
+  // but only once the kernels that may still use the context are done (its park event):
   // a remap must not pull the range from under them. Their copies are waited for, and the
-  // second mappings dropped, after the loop. A failure drains every copy before unwinding
-  // (a committed piece's new backing may still be written; waiting again for a copy that is
-  // done costs nothing).
+  // second and staging mappings dropped, after the loop. A failure drains every copy before
+  // unwinding (a committed piece's new backing may still be written; waiting again for a
+  // copy that is done costs nothing).
   // A piece coming home that is one of its context's last ones keeps its staging mapping:
   // its next park reads through it without mapping anything first.
   std::vector<bool> keep_staging(steps.size(), false);
@@ -1622,19 +1638,19 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     Piece& p = s.segment->pieces[s.index];
     uintptr_t home = s.segment->va + p.offset;
     uint64_t t0 = now_ns();
-    if (s.source_shadowed && !kernels_done) {
+    if (s.early && !kernels_done) {
       for (auto& [id, c] : involved) {
         (void)id;
         if (!c->park_recorded) continue;
         if (int r = backend_->event_sync(c->park_event)) return drained_and_failed("waiting for the park event", r);
       }
       kernels_done = true;
-    } else if (!s.source_shadowed) {
+    } else if (!s.early) {
       if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
     }
     uint64_t t1 = now_ns();
     profile(kPhaseWait, t0, t1);
-    if (s.staged && !keep_staging[k]) {
+    if (s.staged && !keep_staging[k] && !s.early) {
       if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
       s.staged = false;
     }
@@ -1654,15 +1670,22 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     s.committed = true;
     profile(kPhaseRemap, t1, now_ns());
   }
-  for (Step& s : steps) {
-    if (!s.source_shadowed) continue;
+  for (size_t k = 0; k < steps.size(); ++k) {
+    Step& s = steps[k];
+    if (!s.early) continue;
     const Piece& p = s.segment->pieces[s.index];
     uint64_t t0 = now_ns();
     if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
     uint64_t t1 = now_ns();
     profile(kPhaseWait, t0, t1);
-    if (int r = backend_->unmap(s.source, p.size)) return drained_and_failed("source unmap", r);
-    s.source_shadowed = false;
+    if (s.source_shadowed) {
+      if (int r = backend_->unmap(s.source, p.size)) return drained_and_failed("source unmap", r);
+      s.source_shadowed = false;
+    }
+    if (s.staged && !keep_staging[k]) {
+      if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
+      s.staged = false;
+    }
     profile(kPhaseRemap, t1, now_ns());
   }
   // Commit: every piece now maps its new backing at home. Release the old backings and

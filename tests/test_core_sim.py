@@ -466,12 +466,14 @@ def test_failure_at_each_driver_call_rolls_back(move):
     # source (their home ranges are then remapped before their copies end), after one wait
     # for the park event. Right after a resume those 2 are still mapped there (the resume
     # kept its staging of the context's last 2 pieces): no map or set-access, one unmap each.
+    # A resume from host reads the host backings at their own mappings and remaps home after
+    # the same wait, without waiting for the copies.
     # A device backing is created per piece (host: taken from the pool); old device backings
     # are released later, off the move's path (not counted here).
     to_host = move.endswith("->host")
     staged = {"gpu0->host": 2, "resumed->host": 0}.get(move, 5)  # maps at the shadow: new backings, or sources
     kept = 2 if move == "resumed->host" else 0  # kept mappings read through, then dropped
-    park_waits = 1 if to_host else 0
+    park_waits = 1 if move != "gpu0->gpu1" else 0  # before remapping home while copies run
     assert calls[sim.Op.MAP] == calls[sim.Op.SET_ACCESS] == 5 + staged, calls
     # a resume keeps 2 of its staging mappings: 2 unmaps fewer
     assert calls[sim.Op.UNMAP] == 5 + staged + kept - (2 if move == "host->gpu0" else 0), calls
@@ -1052,6 +1054,31 @@ def test_a_resume_keeps_the_staging_of_the_last_pieces_for_the_next_park():
     assert sim.usage("gpu0") == (16 * MiB, 4 + 2)
     sim.free(ptr)
     assert sim.usage("gpu0") == (0, 0)
+
+
+def test_a_resume_from_host_remaps_home_before_its_copies_end():
+    # The first wait for a copy fails: by then all 4 pieces are mapped at home on their new
+    # device backings (the copies read the host backings at their own mappings), and the
+    # rollback maps the 4 host backings back. A remap that waited for its copy would have
+    # made 1 home map by then, not 4.
+    enable_sim(sim_devices=2, sim_device_bytes=128 * MiB, local_budget=64 * MiB, lend=64 * MiB,
+               host_budget=128 * MiB, host_reserve=64 * MiB)
+    freeze_host_pool()
+    ptr = alloc("a", 0, 16 * MiB)  # 4 pieces of 4 MiB
+    data = write_pattern(ptr, 16 * MiB, 12)
+    aq.park("a")
+    aq.evict("a", "host")
+    maps = sim.op_count(sim.Op.MAP)
+    sim.fail_nth(sim.Op.SYNC, 1, 1)  # [0]: the park event; [1]: the first copy
+    with pytest.raises(aq.CoreError, match="waiting for the copy failed.*rolled back, bytes intact"):
+        aq.resume("a")
+    sim.fail_clear()
+    assert sim.op_count(sim.Op.MAP) - maps == 4 + 4 + 4  # staging, home, home again (rollback)
+    assert aq.where("a")["host"] == 16 * MiB and sim.usage("gpu0") == (0, 0)
+    assert_bytes(ptr, data)
+    aq.resume("a")
+    assert aq.where("a")["gpu0"] == 16 * MiB
+    assert_bytes(ptr, data)
 
 
 def test_move_spans_are_the_profile_totals_call_by_call():
