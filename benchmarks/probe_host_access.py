@@ -37,7 +37,6 @@ Without a CUDA GPU it says so and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,7 @@ from ctypes import byref, c_uint64
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe_park_copy import (  # noqa: E402  (the driver bindings and VMM helpers)
     CU_MEM_ACCESS_FLAGS_PROT_READWRITE, CU_MEM_LOCATION_TYPE_DEVICE, CU_MEM_LOCATION_TYPE_HOST,
-    CU_MEM_LOCATION_TYPE_HOST_NUMA, AccessDesc, CudaError, Driver, Vmm, open_primary_context)
+    CU_MEM_LOCATION_TYPE_HOST_NUMA, AccessDesc, RangeCycler, Vmm, open_primary_context, run_and_write, torch_and_driver)
 
 MiB, GiB = 1 << 20, 1 << 30
 CU_MEM_ACCESS_FLAGS_PROT_READ = 1
@@ -109,36 +108,28 @@ def idle_costs(vmm: Vmm, backing: Backing, va: int, repeat: int, one_call: bool,
     return {k + "_ms": round(statistics.median(v) * 1e3 / per, 4) for k, v in t.items()}
 
 
-class Rebacker(threading.Thread):
+class Rebacker(RangeCycler):
     """Re-backs each of `vas` (64 MiB each) alternately with its device and its host backing,
     nonstop: unmap, map, one set-access over the range. Records set-access seconds of the
     host re-backings, with their end times."""
 
     def __init__(self, vmm: Vmm, ctx, vas, dev: list[Backing], host: list[Backing]) -> None:
-        super().__init__(daemon=True)
-        self.vmm, self.ctx, self.vas, self.dev, self.host = vmm, ctx, vas, dev, host
+        super().__init__(vmm, ctx, vas)
+        self.dev, self.host = dev, host
         self.on_host = [False] * len(vas)
-        self.stop = threading.Event()
         self.host_access: list[tuple[float, float]] = []  # (end, seconds)
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            self.vmm.drv("cuCtxSetCurrent", self.ctx)
-            while not self.stop.is_set():
-                for i, va in enumerate(self.vas):
-                    old = self.host[i] if self.on_host[i] else self.dev[i]
-                    new = self.dev[i] if self.on_host[i] else self.host[i]
-                    old.unmap_at(va)
-                    new.map_at(va)
-                    t0 = time.perf_counter()
-                    new.set_access_at(va, one_call=True)
-                    t1 = time.perf_counter()
-                    self.on_host[i] = not self.on_host[i]
-                    if self.on_host[i]:
-                        self.host_access.append((t1, t1 - t0))
-        except BaseException as e:  # reported by the main thread
-            self.error = e
+    def cycle(self, i: int, va: int) -> None:
+        old = self.host[i] if self.on_host[i] else self.dev[i]
+        new = self.dev[i] if self.on_host[i] else self.host[i]
+        old.unmap_at(va)
+        new.map_at(va)
+        t0 = time.perf_counter()
+        new.set_access_at(va, one_call=True)
+        t1 = time.perf_counter()
+        self.on_host[i] = not self.on_host[i]
+        if self.on_host[i]:
+            self.host_access.append((t1, t1 - t0))
 
     def finish(self) -> None:
         self.stop.set()
@@ -158,35 +149,17 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5, help="cycles (part 1) or copies (parts 2, 3) per row, median")
     ap.add_argument("--out", default="benchmarks/results/probe_host_access.json")
     a = ap.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print("probe_host_access: needs PyTorch and a CUDA GPU; torch is not installed: nothing measured")
+    found = torch_and_driver("probe_host_access")
+    if not found:
         return 0
-    if not torch.cuda.is_available():
-        print("probe_host_access: needs a CUDA GPU; none is visible: nothing measured")
-        return 0
-    try:
-        drv = Driver()
-    except (OSError, CudaError) as e:
-        print(f"probe_host_access: needs the CUDA driver (libcuda.so.1): {e}: nothing measured")
-        return 0
+    torch, drv = found
     t_start = time.perf_counter()
     ctx = open_primary_context(torch, drv, 0)
     vmm = Vmm(drv, 0, torch.cuda.device_count())
     result: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "repeat": a.repeat,
                     "idle": [], "copy": [], "link": []}
     print(f"probe_host_access: {result['device']}, torch {result['torch']}, repeat {a.repeat}", flush=True)
-    try:
-        run(torch, vmm, ctx, a.repeat, result)
-    finally:
-        result["seconds"] = round(time.perf_counter() - t_start, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {a.out} ({result['seconds']} s)", flush=True)
-        torch.cuda.synchronize()
-        vmm.teardown()
+    run_and_write(lambda: run(torch, vmm, ctx, a.repeat, result), torch, vmm, a.out, result, t_start)
     return 0
 
 

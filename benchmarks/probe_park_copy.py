@@ -273,7 +273,34 @@ class Vmm:
 
 # ---- a second thread that remaps other ranges while copies run -----------------------------
 
-class Remapper(threading.Thread):
+class RangeCycler(threading.Thread):
+    """A thread that calls cycle(i, va) for each of `vas` in turn, nonstop, with `ctx`
+    current, until `stop` is set. `running` is set after the first cycle (or a failure); an
+    exception ends the thread and is kept in `error` for the main thread to raise."""
+
+    def __init__(self, vmm: Vmm, ctx: c_void_p, vas) -> None:
+        super().__init__(daemon=True)
+        self.vmm, self.ctx, self.vas = vmm, ctx, vas
+        self.stop = threading.Event()
+        self.running = threading.Event()
+        self.error: BaseException | None = None
+
+    def cycle(self, i: int, va: int) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        try:
+            self.vmm.drv("cuCtxSetCurrent", self.ctx)
+            while not self.stop.is_set():
+                for i, va in enumerate(self.vas):
+                    self.cycle(i, va)
+                    self.running.set()
+        except BaseException as e:  # reported by the main thread
+            self.error = e
+            self.running.set()
+
+
+class Remapper(RangeCycler):
     """Cycles unmap / map / set-access over `vas` (piece bytes each) until stopped.
     mode 'dev': map the range's device handle back (page-table work only);
     mode 'park': alternate each range between its device handle and a host handle
@@ -282,35 +309,24 @@ class Remapper(threading.Thread):
 
     def __init__(self, vmm: Vmm, ctx: c_void_p, vas, dev_handles, host_handles, on_host: list, piece: int,
                  mode: str):
-        super().__init__(daemon=True)
-        self.vmm, self.ctx, self.vas, self.piece, self.mode = vmm, ctx, vas, piece, mode
+        super().__init__(vmm, ctx, vas)
+        self.piece, self.mode = piece, mode
         self.dev_handles, self.host_handles = dev_handles, host_handles
         self.on_host = on_host  # which backing each range has now (shared by every Remapper)
-        self.stop = threading.Event()
-        self.running = threading.Event()
         self.ops: list[tuple[float, float, float, float]] = []
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            self.vmm.drv("cuCtxSetCurrent", self.ctx)
-            while not self.stop.is_set():
-                for i, va in enumerate(self.vas):
-                    to_host = self.mode == "park" and not self.on_host[i]
-                    h = self.host_handles[i] if to_host else self.dev_handles[i]
-                    t0 = time.perf_counter()
-                    self.vmm.unmap(va, self.piece)
-                    t1 = time.perf_counter()
-                    self.vmm.map(va, self.piece, h)
-                    t2 = time.perf_counter()
-                    self.vmm.set_access(va, self.piece)
-                    t3 = time.perf_counter()
-                    self.on_host[i] = to_host
-                    self.ops.append((t0, t1, t2, t3))
-                    self.running.set()
-        except BaseException as e:  # reported by the main thread
-            self.error = e
-            self.running.set()
+    def cycle(self, i: int, va: int) -> None:
+        to_host = self.mode == "park" and not self.on_host[i]
+        h = self.host_handles[i] if to_host else self.dev_handles[i]
+        t0 = time.perf_counter()
+        self.vmm.unmap(va, self.piece)
+        t1 = time.perf_counter()
+        self.vmm.map(va, self.piece, h)
+        t2 = time.perf_counter()
+        self.vmm.set_access(va, self.piece)
+        t3 = time.perf_counter()
+        self.on_host[i] = to_host
+        self.ops.append((t0, t1, t2, t3))
 
 
 def op_stats(ops, t_from: float = float("-inf"), t_to: float = float("inf")) -> dict:
@@ -321,6 +337,24 @@ def op_stats(ops, t_from: float = float("-inf"), t_to: float = float("inf")) -> 
     med = lambda xs: round(statistics.median(xs) * 1e3, 4)  # noqa: E731
     return {"ops": len(sel), "unmap_ms": med([o[1] - o[0] for o in sel]), "map_ms": med([o[2] - o[1] for o in sel]),
             "set_access_ms": med([o[3] - o[2] for o in sel]), "cycle_ms": med([o[3] - o[0] for o in sel])}
+
+
+def torch_and_driver(probe: str):
+    """(torch, Driver) when PyTorch sees a CUDA GPU and libcuda.so.1 loads; otherwise says
+    why nothing is measured and returns None."""
+    try:
+        import torch
+    except ImportError:
+        print(f"{probe}: needs PyTorch and a CUDA GPU; torch is not installed: nothing measured")
+        return None
+    if not torch.cuda.is_available():
+        print(f"{probe}: needs a CUDA GPU; none is visible (torch.cuda.is_available() is False): nothing measured")
+        return None
+    try:
+        return torch, Driver()
+    except (OSError, CudaError) as e:
+        print(f"{probe}: needs the CUDA driver (libcuda.so.1): {e}: nothing measured")
+        return None
 
 
 def open_primary_context(torch, drv: Driver, device: int) -> c_void_p:
@@ -356,20 +390,10 @@ def main() -> int:
     if any(n % piece for n in sizes):
         ap.error("every size must be a multiple of --piece")
 
-    try:
-        import torch
-    except ImportError:
-        print("probe_park_copy: needs PyTorch and a CUDA GPU; torch is not installed: nothing measured")
+    found = torch_and_driver("probe_park_copy")
+    if not found:
         return 0
-    if not torch.cuda.is_available():
-        print("probe_park_copy: needs a CUDA GPU; none is visible (torch.cuda.is_available() is False): "
-              "nothing measured")
-        return 0
-    try:
-        drv = Driver()
-    except (OSError, CudaError) as e:
-        print(f"probe_park_copy: needs the CUDA driver (libcuda.so.1): {e}: nothing measured")
-        return 0
+    torch, drv = found
 
     t_start = time.perf_counter()
     device = 0
@@ -397,22 +421,30 @@ def main() -> int:
 
     result: dict = {"info": info, "rows": []}
     vmm = Vmm(drv, device, torch.cuda.device_count())
+    run_and_write(lambda: run_probe(torch, drv, vmm, ctx, sizes, piece, a, gpu_host_numa, result),
+                  torch, vmm, a.out, result, t_start)
+    return 0
+
+
+def run_and_write(body, torch, vmm: Vmm, out: str, result: dict, t_start: float) -> None:
+    """Runs body(). Either way then writes `result` (with the probe's seconds, and the error
+    that ended it, if one did, which is raised again) to `out` as JSON, and frees what `vmm`
+    made."""
     try:
-        run_probe(torch, drv, vmm, ctx, sizes, piece, a, gpu_host_numa, result)
+        body()
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
         result["seconds"] = round(time.perf_counter() - t_start, 1)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {a.out} ({result['seconds']} s)", flush=True)
+        print(f"wrote {out} ({result['seconds']} s)", flush=True)
         try:  # copies may still be in flight after a failure: let them end before unmapping
             torch.cuda.synchronize()
         finally:
             vmm.teardown()
-    return 0
 
 
 def run_probe(torch, drv: Driver, vmm: Vmm, ctx, sizes, piece, a, gpu_host_numa, result) -> None:

@@ -1020,18 +1020,25 @@ def test_moves_are_recorded_as_events():
         kinds[0] == ("move_start", 0) and kinds[1][0] == "move_failed" and kinds[1][1] != 0, kinds
 
 
+def evicted_to_host(seed: int) -> tuple[int, bytes]:
+    """Context 'a' of 16 MiB (4 pieces of 4 MiB) of random bytes, parked and evicted to host
+    (2 GPUs, host pool frozen). Returns its pointer and bytes."""
+    enable_sim(sim_devices=2, sim_device_bytes=128 * MiB, local_budget=64 * MiB, lend=64 * MiB,
+               host_budget=128 * MiB, host_reserve=64 * MiB)
+    freeze_host_pool()
+    ptr = alloc("a", 0, 16 * MiB)
+    data = write_pattern(ptr, 16 * MiB, seed)
+    aq.park("a")
+    aq.evict("a", "host")
+    return ptr, data
+
+
 def test_a_resume_keeps_the_staging_of_the_last_pieces_for_the_next_park():
     # A park to host reads its last 2 pieces through a second mapping at the shadow; the
     # resume before it staged them there already, and keeps those 2 mappings: the park then
     # maps nothing before its copies (on a GPU, about 0.03 ms per mapping, before the first
     # copy can start).
-    enable_sim(sim_devices=2, sim_device_bytes=128 * MiB, local_budget=64 * MiB, lend=64 * MiB,
-               host_budget=128 * MiB, host_reserve=64 * MiB)
-    freeze_host_pool()
-    ptr = alloc("a", 0, 16 * MiB)  # 4 pieces of 4 MiB
-    data = write_pattern(ptr, 16 * MiB, 11)
-    aq.park("a")
-    aq.evict("a", "host")
+    ptr, data = evicted_to_host(seed=11)
     assert sim.usage("gpu0") == (0, 0)
     aq.resume("a")
     assert sim.usage("gpu0") == (16 * MiB, 4 + 2)  # home, and the last 2 pieces at the shadow
@@ -1061,13 +1068,7 @@ def test_a_resume_from_host_remaps_home_before_its_copies_end():
     # device backings (the copies read the host backings at their own mappings), and the
     # rollback maps the 4 host backings back. A remap that waited for its copy would have
     # made 1 home map by then, not 4.
-    enable_sim(sim_devices=2, sim_device_bytes=128 * MiB, local_budget=64 * MiB, lend=64 * MiB,
-               host_budget=128 * MiB, host_reserve=64 * MiB)
-    freeze_host_pool()
-    ptr = alloc("a", 0, 16 * MiB)  # 4 pieces of 4 MiB
-    data = write_pattern(ptr, 16 * MiB, 12)
-    aq.park("a")
-    aq.evict("a", "host")
+    ptr, data = evicted_to_host(seed=12)
     maps = sim.op_count(sim.Op.MAP)
     sim.fail_nth(sim.Op.SYNC, 1, 1)  # [0]: the park event; [1]: the first copy
     with pytest.raises(aq.CoreError, match="waiting for the copy failed.*rolled back, bytes intact"):
