@@ -13,7 +13,8 @@ move, both link directions at once). Every move is checked: the context's
 checksum after the moves equals the one before.
 
 Writes benchmarks/results/bench_move-<gpu-name>-<n>gpu.json (rows as issue 3 specifies)
-and prints a table. Run: python benchmarks/bench_move.py [--sizes 64M,256M,1G,4G,8G]
+and prints a table. For the sizes in --timeline (default 256 MiB) it also prints one park's
+and one resume's phases from the core's spans (aq.allocator.move_spans), in ms from the call. Run: python benchmarks/bench_move.py [--sizes 64M,256M,1G,4G,8G]
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--chunk", default="64MiB", help="AQUA_CHUNK: largest piece a segment moves in")
     parser.add_argument("--timeline", default="256MiB",
-                        help="sizes whose park's timeline (the core's phase spans) is printed; '' for none")
+                        help="sizes whose park and resume timelines (the core's phase spans) are printed; "
+                             "'' for none")
     parser.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
