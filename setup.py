@@ -92,7 +92,7 @@ if editable_wheel is not None and hasattr(editable_wheel, "_run_build_commands")
 
 
 core = Extension(
-    "aqua_alloc._aqua_core",
+    "aqua_alloc.memory._aqua_core",
     sources=sorted(glob.glob("csrc/*.cpp")),
     include_dirs=["csrc"],
     language="c++",

@@ -9,45 +9,51 @@ a peer GPU and pinned host memory while every tensor keeps its pointer. Switch i
 Importing the package is cheap: it imports neither torch nor the CUDA driver.
 """
 
-from .allocator import (
+from aqua_alloc.lifecycle import disable, enable, stats
+from aqua_alloc.memory import allocator  # noqa: F401 - aq.allocator.move_profile() and friends keep working
+from aqua_alloc.memory.allocator import (
     ContextError,
     MoveResult,
     NoDeviceError,
     context,
     contexts,
     current_context,
-    disable,
-    enable,
     evict,
     is_enabled,
     lend,
+    move_profile,
+    move_spans,
     park,
     placement,
     prefetch,
     reclaim,
     release,
     resume,
-    stats,
     wait_on_stream,
     where,
 )
-from .config import ConfigError, Settings
-from .lending import ReclaimResult
-from ._native import CoreError, CoreOutOfMemory
+from aqua_alloc.memory.config import ConfigError, Settings
+from aqua_alloc.memory.lending import ReclaimResult
+from aqua_alloc.memory.native import CoreError, CoreOutOfMemory
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "ContextError", "CoreError", "CoreOutOfMemory", "MoveResult", "NoDeviceError", "ReclaimResult",
-    "Settings", "Scheduler", "context", "contexts", "current_context", "disable", "enable", "evict", "is_enabled",
-    "lend", "park", "placement", "prefetch", "reclaim", "release", "resume", "stats", "wait_on_stream", "where",
+    "Settings", "Scheduler", "ContextKVCache", "context", "contexts", "current_context", "disable", "enable", "evict",
+    "is_enabled", "lend", "move_profile", "move_spans", "park", "placement", "prefetch", "reclaim", "release",
+    "resume", "stats", "wait_on_stream", "where",
 ]
 
 
 def __getattr__(name: str):
-    # The scheduler imports transformers-facing code; load it only when asked for.
+    # The HuggingFace layer imports transformers: load it only when asked for.
     if name == "Scheduler":
-        from .scheduler import Scheduler
+        from aqua_alloc.hf.scheduler import Scheduler
 
         return Scheduler
+    if name == "ContextKVCache":
+        from aqua_alloc.hf.kv_cache import ContextKVCache
+
+        return ContextKVCache
     raise AttributeError(f"module 'aqua_alloc' has no attribute {name!r}")

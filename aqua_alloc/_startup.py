@@ -7,7 +7,7 @@ without aqua_alloc, rather than a traceback from inside Python's start-up.
 import sys
 
 try:
-    from .allocator import enable
+    from aqua_alloc.lifecycle import enable
 
     enable()
 except Exception as exc:  # noqa: BLE001 - start-up must not die here

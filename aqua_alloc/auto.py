@@ -4,6 +4,6 @@ The ``AQUA_ALLOC=1`` start-up hook (aqua_alloc_startup.pth, installed with the p
 imports this module; with the variable unset the hook does nothing and imports nothing.
 """
 
-from .allocator import enable
+from aqua_alloc.lifecycle import enable
 
 enable()

@@ -49,7 +49,7 @@ def collect_info() -> tuple[dict[str, Any], bool]:
     ok = True
     topo = settings = config = None
     try:
-        topology = importlib.import_module("aqua_alloc.topology")
+        topology = importlib.import_module("aqua_alloc.memory.topology")
         topo = topology.discover()
         info["gpus"] = [
             {"index": int(g.index), "name": str(g.name),
@@ -69,7 +69,7 @@ def collect_info() -> tuple[dict[str, Any], bool]:
         info["notes"].append(f"topology discovery failed: {type(e).__name__}: {e}")
         ok = False
     try:
-        config = importlib.import_module("aqua_alloc.config")
+        config = importlib.import_module("aqua_alloc.memory.config")
         settings = config.Settings.from_env()
         info["settings"] = json.loads(json.dumps(settings.describe(), default=str))
     except ImportError as e:
@@ -92,7 +92,7 @@ def _coordinator_info() -> dict[str, Any]:
     """The ledger of the coordinator at $AQUA_COORDINATOR (or the default socket), asked
     with a short timeout. No coordinator is not a failure: lending between processes is
     optional."""
-    from aqua_alloc import coordinator_protocol as proto
+    from aqua_alloc.coordinator import protocol as proto
     path = proto.socket_path_from_env()
     try:
         return {"socket": path, "ledger": proto.query_ledger(path, timeout=0.5), "error": None}
@@ -214,7 +214,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _read(path: str) -> Any:
-    from aqua_alloc.trace import TraceFormatError, read_trace
+    from aqua_alloc.obs.trace import TraceFormatError, read_trace
     try:
         return read_trace(path)
     except TraceFormatError as e:
@@ -226,7 +226,7 @@ def _read(path: str) -> Any:
 
 
 def _cmd_trace_summarize(args: argparse.Namespace) -> int:
-    from aqua_alloc.trace_summary import format_summary, summarize
+    from aqua_alloc.obs.summary import format_summary, summarize
     summary = summarize(_read(args.file))
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
@@ -236,7 +236,7 @@ def _cmd_trace_summarize(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace_plot(args: argparse.Namespace) -> int:
-    from aqua_alloc.trace_plot import PlotUnavailableError, plot_trace
+    from aqua_alloc.obs.plot import PlotUnavailableError, plot_trace
     trace = _read(args.file)
     try:
         out = plot_trace(trace, args.output)
@@ -249,7 +249,7 @@ def _cmd_trace_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
-    from aqua_alloc import coordinator
+    from aqua_alloc.coordinator import daemon as coordinator
     try:
         return coordinator.run(args)
     except coordinator.CoordinatorError as e:
@@ -257,15 +257,16 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """A short serving benchmark (aqua_alloc/serve_bench.py) on the packaged trace excerpt."""
+    """A minute of the packaged trace excerpt, served by fcfs and by aqua_alloc's fair
+    scheduler (aqua_alloc/demo.py)."""
     try:
-        from aqua_alloc import serve_bench
+        from aqua_alloc import demo
     except ImportError as e:
         raise CliError(f"demo needs torch and transformers ({e}); install them with: "
                        "pip install 'aqua_alloc[hf]'") from None
     try:
-        return serve_bench.run_demo(device=args.device, out_dir=args.out)
-    except serve_bench.BenchInputError as e:
+        return demo.run(device=args.device, out_dir=args.out)
+    except demo.DemoError as e:
         raise CliError(str(e)) from None
 
 
@@ -300,17 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
         "coordinator", help="serve the per-server ledger of GPU lending between processes (a daemon)",
         description="One coordinator per server and user: aqua_alloc processes offer, borrow and reclaim "
                     "GPU memory through it (docs/coordinator-protocol.md). Runs until SIGTERM or Ctrl-C.")
-    from aqua_alloc.coordinator import add_arguments
+    from aqua_alloc.coordinator.daemon import add_arguments
     add_arguments(coordinator)
     coordinator.set_defaults(run=_cmd_coordinator)
 
     demo = commands.add_parser(
-        "demo", help="replay a minute of a real trace: fcfs, threads, aqua_alloc's fair scheduler, "
-                     "HF continuous batching (GPU; on CPU a tiny model, scheduling only)")
+        "demo", help="replay a minute of a real trace: fcfs against aqua_alloc's fair scheduler "
+                     "(GPU: contexts parked to host; on CPU a tiny model, scheduling only)")
     demo.add_argument("--device", choices=["cuda", "cpu"], default=None,
                       help="default: cuda when available, else cpu")
     demo.add_argument("--out", metavar="DIR", default=None,
-                      help="where to write results and traces (default: a new temporary directory)")
+                      help="write demo.json and the aqua run's trace demo-trace.json there, creating DIR "
+                           "(default: write nothing)")
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -11,7 +11,7 @@ the same run, on the same prompt:
 - ``aqua-host``: ContextKVCache in an aqua_alloc context whose local budget is the cap:
   what does not fit is placed in pinned host memory at allocation; while a layer computes,
   later layers' spilled chunks are copied in on a side stream (read-ahead, ``--read-ahead``
-  bytes of staging at most; aqua_alloc/kv_read_ahead.py); further windows given to
+  bytes of staging at most; aqua_alloc/hf/read_ahead.py); further windows given to
   ``--read-ahead`` run as ``aqua-host-ra<size>`` in the same rounds;
 - ``aqua-host-in-place``: the same with read-ahead off: attention's inputs are gathered from
   the host chunks in place (a kernel reading over PCIe, in series with the compute);
@@ -50,10 +50,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import aqua_alloc as aq
-from aqua_alloc.attention import use_decode_friendly_attention
-from aqua_alloc.config import parse_size
-from aqua_alloc.kv_cache import ContextKVCache
-from aqua_alloc.kv_read_ahead import DEFAULT_READ_AHEAD_BYTES
+from aqua_alloc.hf.attention import use_decode_friendly_attention
+from aqua_alloc.memory.config import parse_size
+from aqua_alloc.hf.kv_cache import ContextKVCache
+from aqua_alloc.hf.read_ahead import DEFAULT_READ_AHEAD_BYTES
 
 MiB, GiB = 1 << 20, 1 << 30
 SYSTEMS = ("local", "aqua-local", "aqua-host", "aqua-host-in-place", "aqua-peer", "offloaded")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # Deterministic mode also fills every new empty tensor with NaN: a kernel per allocation
     # that none of the systems needs (each writes its buffers before reading them).
     torch.utils.deterministic.fill_uninitialized_memory = False
-    if use_decode_friendly_attention():  # else each decode step builds a cuDNN graph (aqua_alloc/attention.py)
+    if use_decode_friendly_attention():  # else each decode step builds a cuDNN graph (aqua_alloc/hf/attention.py)
         print("attention: cuDNN attention off for every system (a graph build per new sequence length)")
     dtype = torch.bfloat16
     config = llama_8b_config(args.layers)

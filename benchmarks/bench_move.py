@@ -30,8 +30,8 @@ import time
 import torch
 
 import aqua_alloc as aq
-from aqua_alloc import _native
-from aqua_alloc.config import parse_size
+from aqua_alloc.memory import native as _native
+from aqua_alloc.memory.config import parse_size
 
 MiB, GiB = 1 << 20, 1 << 30
 

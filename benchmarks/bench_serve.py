@@ -6,7 +6,7 @@ Every system serves the same requests (the trace's prompt and output lengths, ra
 ids, a random-weight model of a real shape) at offered loads that are shares of the request
 rate fcfs sustains (measured first). Reports time to first token, time per output token,
 throughput, failures and peak memory per tier, and each system's ratio to fcfs; checks that
-outputs equal the same requests run alone. The logic lives in aqua_alloc/serve_bench.py.
+outputs equal the same requests run alone. The logic lives in benchmarks/serve_harness.py (traces: benchmarks/serve_trace.py).
 
     python benchmarks/bench_serve.py                                  # llama-1b shape, conv trace
     python benchmarks/bench_serve.py --model tiny --device cpu --systems fcfs,aqua-host  # smoke test
@@ -36,7 +36,7 @@ from pathlib import Path
 # split-K reduction a GEMM happened to use, or the solo-run check would flag noise.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from aqua_alloc.serve_trace import BenchInputError, parse_loads, parse_names
+from serve_trace import BenchInputError, parse_loads, parse_names
 
 
 def _optional_int(text: str) -> int | None:
@@ -44,7 +44,7 @@ def _optional_int(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from aqua_alloc.serve_bench import MODELS, BenchOptions, System
+    from serve_harness import MODELS, BenchOptions, System
 
     d = BenchOptions()
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from aqua_alloc.serve_bench import BenchOptions, Log, System, format_table, run_benchmark, write_results
+    from serve_harness import BenchOptions, Log, System, format_table, run_benchmark, write_results
 
     try:
         options = BenchOptions(

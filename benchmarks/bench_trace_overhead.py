@@ -28,8 +28,8 @@ def child(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import aqua_alloc
-    from aqua_alloc import trace
-    from aqua_alloc.scheduler import Scheduler
+    from aqua_alloc.obs import trace
+    from aqua_alloc.hf.scheduler import Scheduler
 
     aqua_alloc.enable(local_budget=args.local_budget, host_reserve="2GiB")  # honours AQUA_TRACE
     torch.manual_seed(0)

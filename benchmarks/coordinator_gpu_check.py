@@ -41,7 +41,7 @@ import tempfile
 import time
 from typing import Any
 
-from aqua_alloc import coordinator_protocol as proto
+from aqua_alloc.coordinator import protocol as proto
 
 MiB = 1 << 20
 # One borrow step of the client's policy (Policy.borrow_step): the borrower's own policy
@@ -60,7 +60,7 @@ import dataclasses, json, os, sys
 if os.environ.get("AQUA_BACKEND") != "sim":
     import torch  # noqa: F401 - CUDA up first, as in a model server
 import aqua_alloc as aq
-from aqua_alloc import allocator
+from aqua_alloc.memory import allocator
 aq.enable(host_reserve="64MiB")
 # aqua_alloc has no public accessor for the coordinator client enable() joined: this check
 # (only this script) reaches it through the allocator's state, as tests/conftest.py does.

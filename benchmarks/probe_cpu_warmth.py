@@ -16,7 +16,7 @@ import psutil
 import torch
 from transformers import DynamicCache
 
-from aqua_alloc.serve_bench import build_model
+from serve_harness import build_model
 
 dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
 model = build_model("llama-1b" if dev.type == "cuda" else "tiny", dev)

@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import probe_step_time as pst  # noqa: E402  (StepClock, kwargs, the scheduler's timing wrappers)
 
 import aqua_alloc  # noqa: E402
-from aqua_alloc.kv_cache import ContextKVCache  # noqa: E402
-from aqua_alloc.scheduler import Scheduler  # noqa: E402
-from aqua_alloc.serve_bench import build_model  # noqa: E402
+from aqua_alloc.hf.kv_cache import ContextKVCache  # noqa: E402
+from aqua_alloc.hf.scheduler import Scheduler  # noqa: E402
+from serve_harness import build_model  # noqa: E402
 
 MiB = 1 << 20
 

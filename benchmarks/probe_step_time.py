@@ -29,9 +29,9 @@ import torch  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 import aqua_alloc  # noqa: E402
-from aqua_alloc.kv_cache import ContextKVCache  # noqa: E402
-from aqua_alloc.scheduler import Scheduler  # noqa: E402
-from aqua_alloc.serve_bench import build_model  # noqa: E402
+from aqua_alloc.hf.kv_cache import ContextKVCache  # noqa: E402
+from aqua_alloc.hf.scheduler import Scheduler  # noqa: E402
+from serve_harness import build_model  # noqa: E402
 
 
 class StepClock(StoppingCriteria):

@@ -16,7 +16,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
-from aqua_alloc.serve_bench import build_model  # noqa: E402
+from serve_harness import build_model  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 dev = torch.device(args[0] if args else "cuda")

@@ -8,8 +8,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from tiny_models import llama_config, build, prompt_ids, GREEDY
 from transformers import LlamaConfig, AutoModelForCausalLM
-from aqua_alloc.kv_cache import ContextKVCache
-from aqua_alloc.scheduler import Scheduler
+from aqua_alloc.hf.kv_cache import ContextKVCache
+from aqua_alloc.hf.scheduler import Scheduler
 cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
 torch.manual_seed(0)
 m = AutoModelForCausalLM.from_config(cfg).eval()

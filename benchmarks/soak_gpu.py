@@ -28,8 +28,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import aqua_alloc as aq
-from aqua_alloc.config import parse_size
-from aqua_alloc.scheduler import Scheduler
+from aqua_alloc.memory.config import parse_size
+from aqua_alloc.hf.scheduler import Scheduler
 
 MiB, GiB = 1 << 20, 1 << 30
 

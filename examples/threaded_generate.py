@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import aqua_alloc
-from aqua_alloc.scheduler import Scheduler
+from aqua_alloc.hf.scheduler import Scheduler
 
 
 def build_model(device: torch.device, layers: int, hidden: int, heads: int, kv_heads: int) -> torch.nn.Module:

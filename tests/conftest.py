@@ -29,16 +29,17 @@ def pytest_collection_modifyitems(config, items):
 def reset_aqua() -> None:
     """Disable aqua_alloc and tear the core down even if tensors are alive (tests only)."""
     import aqua_alloc
-    from aqua_alloc import _native
+    from aqua_alloc import lifecycle
+    from aqua_alloc.memory import native
 
     if aqua_alloc.is_enabled():
         try:
             aqua_alloc.disable()
         except Exception:
-            import aqua_alloc.allocator as allocator
+            import aqua_alloc.memory.allocator as allocator
 
-            if allocator._state.coordinator is not None:  # disable() closes it first; refused before that
-                client, allocator._state.coordinator = allocator._state.coordinator, None
+            client = lifecycle.forget_coordinator_for_tests()  # disable() closes it first; refused before that
+            if client is not None:
                 try:
                     client.close(timeout=0.0)
                 except Exception:  # the core may be half down: leave the coordinator all the same
@@ -47,7 +48,7 @@ def reset_aqua() -> None:
             if allocator._state.lending:
                 allocator._state.lending.stop()
             allocator._state = None
-    _native.lib().aqua_shutdown(1)
+    native.lib().aqua_shutdown(1)
 
 
 @pytest.fixture(autouse=True)
@@ -62,12 +63,12 @@ def _no_soak_variables(monkeypatch):
 def fresh_core():
     """A torn-down core before and after the test, with injected failures cleared."""
     import aqua_alloc
-    import aqua_alloc.sim
+    import aqua_alloc.memory.sim
 
     reset_aqua()
     yield
     if aqua_alloc.is_enabled():
-        aqua_alloc.sim.fail_clear()
+        aqua_alloc.memory.sim.fail_clear()
     reset_aqua()
 
 

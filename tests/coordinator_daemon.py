@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from aqua_alloc import coordinator_protocol as proto
+from aqua_alloc.coordinator import protocol as proto
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 0.5  # s: the daemon's reclaim timeout in these tests

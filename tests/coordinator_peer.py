@@ -7,7 +7,7 @@ bytes that cannot move now (pieces of running contexts move at their next park o
 resume). Excess bytes move to host at once.
 
 Run as a script, it is one process of a test: it joins the coordinator with a
-:class:`~aqua_alloc.coordinator_client.Client` over a FakeLocal (no policy thread unless
+:class:`~aqua_alloc.coordinator.client.Client` over a FakeLocal (no policy thread unless
 ``--policy``), then answers one JSON command per stdin line with one JSON line on stdout.
 """
 
@@ -113,8 +113,8 @@ class FakeLocal:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from aqua_alloc import coordinator_client as cc
-    from aqua_alloc.events import drain_python_events
+    from aqua_alloc.coordinator import client as cc
+    from aqua_alloc.obs.events import drain_python_events
 
     local = FakeLocal(num_devices=args.devices)
     client = cc.join(args.socket, gpus=args.gpus, offer=args.offer, max_borrow=args.max_borrow,

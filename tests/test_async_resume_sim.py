@@ -13,7 +13,7 @@ import random
 import pytest
 
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
+import aqua_alloc.memory.sim as sim
 from conftest import reset_aqua
 
 MiB = 1 << 20

@@ -1,11 +1,11 @@
-"""aqua_alloc.attention: the once-per-process warning about cuDNN attention, and the switch."""
+"""aqua_alloc.hf.attention: the once-per-process warning about cuDNN attention, and the switch."""
 
 import warnings
 
 import pytest
 import torch
 
-from aqua_alloc import attention
+from aqua_alloc.hf import attention
 
 
 @pytest.fixture

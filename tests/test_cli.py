@@ -171,7 +171,7 @@ class Topology:
 
 
 def fake_modules(monkeypatch, topology=None, discover_error=None, settings_error=None):
-    topo_mod = types.ModuleType("aqua_alloc.topology")
+    topo_mod = types.ModuleType("aqua_alloc.memory.topology")
 
     def discover():
         if discover_error:
@@ -179,7 +179,7 @@ def fake_modules(monkeypatch, topology=None, discover_error=None, settings_error
         return topology
 
     topo_mod.discover = discover
-    config_mod = types.ModuleType("aqua_alloc.config")
+    config_mod = types.ModuleType("aqua_alloc.memory.config")
 
     class Settings:
         @classmethod
@@ -200,8 +200,8 @@ def fake_modules(monkeypatch, topology=None, discover_error=None, settings_error
             host_budget=host_available - GiB, host_reserve=GiB)
 
     config_mod.resolve = resolve
-    monkeypatch.setitem(sys.modules, "aqua_alloc.topology", topo_mod)
-    monkeypatch.setitem(sys.modules, "aqua_alloc.config", config_mod)
+    monkeypatch.setitem(sys.modules, "aqua_alloc.memory.topology", topo_mod)
+    monkeypatch.setitem(sys.modules, "aqua_alloc.memory.config", config_mod)
 
 
 TWO_GPUS = Topology(

@@ -2,7 +2,7 @@
 ConfigError that names the setting and the value.
 
 Pure Python: no core, no device. The machine-dependent checks (more than exists, an
-unknown GPU) go through :func:`aqua_alloc.config.resolve` with a made-up machine.
+unknown GPU) go through :func:`aqua_alloc.memory.config.resolve` with a made-up machine.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aqua_alloc as aq
-from aqua_alloc.config import (
+from aqua_alloc.memory.config import (
     GiB,
     KiB,
     MiB,

@@ -5,7 +5,7 @@ subprocess; aqua_alloc processes are subprocesses too (tests/coordinator_peer.py
 Client over a fake local allocator, driven one JSON command at a time), so that a
 process can be killed mid-borrow. The ledger is checked after every step: borrowers keep
 at most the offer of each GPU, nobody holds a negative amount, nobody is asked more than
-it holds (:func:`aqua_alloc.coordinator_protocol.check_ledger`).
+it holds (:func:`aqua_alloc.coordinator.protocol.check_ledger`).
 
 Sizes are bytes; the reclaim timeout is short (0.5 s) to keep the suite fast.
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from aqua_alloc import coordinator_client as cc
-from aqua_alloc import coordinator_protocol as proto
-from aqua_alloc.config import Percent
-from aqua_alloc.coordinator import Ledger
-from aqua_alloc.coordinator_protocol import ProtocolError
-from aqua_alloc.events import EventKind, drain_python_events
+from aqua_alloc.coordinator import client as cc
+from aqua_alloc.coordinator import protocol as proto
+from aqua_alloc.memory.config import Percent
+from aqua_alloc.coordinator.daemon import Ledger
+from aqua_alloc.coordinator.protocol import ProtocolError
+from aqua_alloc.obs.events import EventKind, drain_python_events
 from coordinator_daemon import REPO, TIMEOUT, Daemon, clean_env, wait_for
 from coordinator_peer import FakeLocal
 
@@ -323,30 +323,30 @@ def test_ledger_dead_lender_asks_every_borrower_to_move_away():
 
 
 def test_plan_offer():
-    elastic = cc.Policy(margin=100 * MiB, offer_step=64 * MiB)
+    elastic = cc.LendingPolicy(margin=100 * MiB, offer_step=64 * MiB)
     G = 1 << 30
     # free 600 MiB + 200 MiB borrowed (counted as used by the driver) - 100 MiB margin.
     assert cc.plan_offer(elastic, 600 * MiB, G, 200 * MiB, 0) == ("offer", 700 * MiB)
     assert cc.plan_offer(elastic, 600 * MiB, G, 200 * MiB, 650 * MiB) is None        # under the step
     assert cc.plan_offer(elastic, 300 * MiB, G, 200 * MiB, 700 * MiB) == ("reclaim", 300 * MiB)
     assert cc.plan_offer(elastic, 50 * MiB, G, 0, 0) is None                        # margin not met
-    pct = cc.Policy(margin=Percent(10))
+    pct = cc.LendingPolicy(margin=Percent(10))
     assert cc.plan_offer(pct, G, G, 0, 0) == ("offer", G - G // 10)
-    fixed = cc.Policy(offer=256 * MiB)
+    fixed = cc.LendingPolicy(offer=256 * MiB)
     assert cc.plan_offer(fixed, 0, G, 0, 0) == ("offer", 256 * MiB)
     assert cc.plan_offer(fixed, 0, G, 0, 256 * MiB) is None
-    assert cc.plan_offer(cc.Policy(offer=Percent(50)), 0, G, 0, G) == ("reclaim", G // 2)
+    assert cc.plan_offer(cc.LendingPolicy(offer=Percent(50)), 0, G, 0, G) == ("reclaim", G // 2)
 
 
 def test_plan_borrow_and_release():
-    p = cc.Policy(borrow_step=100, max_borrow=1000)
+    p = cc.LendingPolicy(borrow_step=100, max_borrow=1000)
     assert cc.plan_borrow(p, 0, 0, {"sim:0": 500}) is None                  # nothing in host memory
     assert cc.plan_borrow(p, 150, 0, {"sim:0": 500, "sim:2": 900}) == ("sim:2", 200)
     assert cc.plan_borrow(p, 150, 0, {"sim:2": 500, "sim:0": 500}) == ("sim:0", 200)   # ties: smallest key
     assert cc.plan_borrow(p, 150, 950, {"sim:0": 500}) == ("sim:0", 50)     # within max_borrow
     assert cc.plan_borrow(p, 150, 1000, {"sim:0": 500}) is None
     assert cc.plan_borrow(p, 150, 0, {"sim:0": 30}) == ("sim:0", 30)
-    assert cc.plan_borrow(cc.Policy(max_borrow=0), 150, 0, {"sim:0": 500}) is None
+    assert cc.plan_borrow(cc.LendingPolicy(max_borrow=0), 150, 0, {"sim:0": 500}) is None
     assert cc.plan_release(p, 0, 1000, 700) == 200          # unused 300 > 2 steps: keep one step
     assert cc.plan_release(p, 0, 1000, 800) == 0
     assert cc.plan_release(p, 1, 1000, 0) == 0               # contexts in host memory could use it
@@ -354,9 +354,9 @@ def test_plan_borrow_and_release():
 
 def test_policy_and_join_settings_are_checked():
     with pytest.raises(cc.ConfigError, match="Policy.interval=0"):
-        cc.Policy(interval=0)
+        cc.LendingPolicy(interval=0)
     with pytest.raises(cc.ConfigError, match="Policy.max_borrow=-1"):
-        cc.Policy(max_borrow=-1)
+        cc.LendingPolicy(max_borrow=-1)
     local = FakeLocal()
     with pytest.raises(cc.ConfigError, match="AQUA_COORDINATOR_GPUS: device 9 is not one of"):
         cc.join("/nonexistent.sock", gpus=[9], local=local)
@@ -744,8 +744,8 @@ def test_client_in_process_records_events(daemon):
 
 
 def test_lend_events_round_trip_through_a_trace(tmp_path):
-    from aqua_alloc import trace
-    from aqua_alloc.events import Event
+    from aqua_alloc.obs import trace
+    from aqua_alloc.obs.events import Event
 
     events = [Event(1000, EventKind.LEND_BORROW, dst="gpu0", bytes=64 * MiB, args={"gpu": "sim:0", "asked": 1}),
               Event(2000, EventKind.LEND_RELEASE, src="gpu0", bytes=64 * MiB, args={"gpu": "sim:0"})]
@@ -794,8 +794,8 @@ def test_info_shows_the_ledger_or_says_there_is_none(daemon, short_dir):
 REAL_PEER = r"""
 import json, random, sys
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
-from aqua_alloc import coordinator_client as cc
+import aqua_alloc.memory.sim as sim
+from aqua_alloc.coordinator import client as cc
 MiB = 1 << 20
 aq.enable(backend="sim", sim_devices=2, sim_device_bytes=64 * MiB, sim_host_bytes=256 * MiB, host_reserve=64 * MiB,
           chunk=4 * MiB, lend_poll_ms=0)

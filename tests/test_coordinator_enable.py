@@ -3,7 +3,7 @@
 The daemon runs as ``python -m aqua_alloc coordinator --socket PATH`` in a subprocess, as in
 tests/test_coordinator.py; aqua_alloc runs in this process on simulated devices and joins
 it from enable(). The ledger is read with
-:func:`aqua_alloc.coordinator_protocol.query_ledger` and checked with ``check_ledger``.
+:func:`aqua_alloc.coordinator.protocol.query_ledger` and checked with ``check_ledger``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import os
 import pytest
 
 import aqua_alloc as aq
-from aqua_alloc import _native, allocator
-from aqua_alloc.config import ConfigError
-from aqua_alloc.coordinator_client import CoordinatorError
+from aqua_alloc.memory import native as _native, allocator
+from aqua_alloc.memory.config import ConfigError
+from aqua_alloc.coordinator.client import CoordinatorError
 from conftest import reset_aqua
 from coordinator_daemon import wait_for
 

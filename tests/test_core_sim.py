@@ -29,9 +29,9 @@ import time
 import pytest
 
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
-from aqua_alloc import _native
-from aqua_alloc.allocator import drain_core_events, num_core_events_dropped
+import aqua_alloc.memory.sim as sim
+from aqua_alloc.memory import native as _native
+from aqua_alloc.memory.allocator import drain_core_events, num_core_events_dropped
 from conftest import reset_aqua
 
 MiB = 1 << 20
@@ -1183,7 +1183,7 @@ def test_where_without_waiting_answers_now_or_says_it_cannot():
     assert aq.where("a", wait=False) == aq.where("a")
     assert aq.where("a")["host"] == 8 * MiB
     # Another thread inside aqua_alloc (here: holding its lock, as a move does): None at once.
-    from aqua_alloc import allocator  # noqa: PLC0415
+    from aqua_alloc.memory import allocator  # noqa: PLC0415
 
     held, release = threading.Event(), threading.Event()
 

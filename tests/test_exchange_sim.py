@@ -13,9 +13,9 @@ import random
 import pytest
 
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
-from aqua_alloc import events
-from aqua_alloc.allocator import drain_core_events
+import aqua_alloc.memory.sim as sim
+from aqua_alloc.obs import events
+from aqua_alloc.memory.allocator import drain_core_events
 from conftest import reset_aqua
 
 MiB = 1 << 20

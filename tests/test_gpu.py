@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import aqua_alloc as aq  # noqa: E402
-from aqua_alloc import sim  # noqa: E402,F401 - imported for parity with the CPU suite
+from aqua_alloc.memory import sim  # noqa: E402,F401 - imported for parity with the CPU suite
 from conftest import reset_aqua  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -169,7 +169,7 @@ def test_peer_tier_needs_two_gpus(gpu):
 def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
     import pickle
 
-    from aqua_alloc import trace
+    from aqua_alloc.obs import trace
 
     with aq.context("snap"):
         kv = torch.ones(32 * MiB // 4, device="cuda")
@@ -200,8 +200,8 @@ def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu, read_ahead_
 
     from transformers import StoppingCriteria
 
-    from aqua_alloc import _native
-    from aqua_alloc.kv_cache import ContextKVCache
+    from aqua_alloc.memory import native as _native
+    from aqua_alloc.hf.kv_cache import ContextKVCache
 
     class AtStep(StoppingCriteria):  # calls `action` at the given steps; never stops
         def __init__(self, steps, action):

@@ -14,8 +14,8 @@ import torch
 from transformers import DynamicCache, StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
-from aqua_alloc import hf_generate, kv_cache
-from aqua_alloc.kv_cache import ContextKVCache
+from aqua_alloc.hf import generate_hook as hf_generate, kv_cache
+from aqua_alloc.hf.kv_cache import ContextKVCache
 from tiny_models import GREEDY, AtStep, build, llama_config, prompt_ids
 
 
@@ -50,8 +50,8 @@ class FakeAllocator:
 @pytest.fixture
 def fake(monkeypatch, hook):
     allocator = FakeAllocator()
-    monkeypatch.setattr(hf_generate, "allocator_for", lambda device: allocator)
-    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: allocator)
+    monkeypatch.setattr(hf_generate, "memory_for", lambda device: allocator)
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: allocator)
     return allocator
 
 

@@ -14,8 +14,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache
 
-from aqua_alloc import kv_cache
-from aqua_alloc.kv_cache import ChunkedLayer, ContextKVCache, _ChunkedSequence, chunk_sizes
+from aqua_alloc.hf import kv_cache
+from aqua_alloc.hf.kv_cache import ChunkedLayer, ContextKVCache, _ChunkedSequence, chunk_sizes
 from tiny_models import GREEDY, build, gpt2_config, llama_config, mistral_config, prompt_ids
 
 MODELS = {
@@ -197,7 +197,7 @@ class FakeAllocator:
 def test_only_chunks_are_allocated_in_the_context(models, monkeypatch):
     model = models["gpt2"]
     fake = FakeAllocator()
-    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
     real_empty = torch.empty
 
     def counting_empty(*args, **kwargs):
@@ -219,7 +219,7 @@ def test_only_chunks_are_allocated_in_the_context(models, monkeypatch):
 def test_release_when_collected(models, monkeypatch):
     model = models["gpt2"]
     fake = FakeAllocator()
-    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
     cache = ContextKVCache(model.config, tag="kept", chunk_tokens=8)
     model.generate(prompt_ids(6, seed=1), max_new_tokens=3, past_key_values=cache, **GREEDY)
     cache.release_when_collected()

@@ -1,4 +1,4 @@
-"""Read-ahead of spilled KV chunks (aqua_alloc.kv_read_ahead) on the CPU: the same tokens as
+"""Read-ahead of spilled KV chunks (aqua_alloc.hf.read_ahead) on the CPU: the same tokens as
 DynamicCache, only off-GPU chunks staged, the window respected, stale copies never used.
 
 A fake allocator stands for aqua_alloc: it says which chunks are "off the GPU" (a rule on the
@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache
 
-from aqua_alloc import kv_cache
-from aqua_alloc.kv_cache import ChunkedLayer, ContextKVCache
-from aqua_alloc.kv_read_ahead import ReadAhead
+from aqua_alloc.hf import kv_cache
+from aqua_alloc.hf.kv_cache import ChunkedLayer, ContextKVCache
+from aqua_alloc.hf.read_ahead import ReadAhead
 from tiny_models import GREEDY, build, llama_config, prompt_ids
 
 
@@ -61,7 +61,7 @@ def model():
 
 
 def spilling_cache(model, monkeypatch, fake, **kwargs) -> ContextKVCache:
-    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
     cache = ContextKVCache(model.config, tag="long", **kwargs)
     # Chunks are allocated while a layer updates: remember that layer as the chunk's.
     real_allocate = cache._allocate

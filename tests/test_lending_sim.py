@@ -17,8 +17,9 @@ import time
 import pytest
 
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
-from aqua_alloc import events, lending
+import aqua_alloc.memory.sim as sim
+from aqua_alloc.obs import events
+from aqua_alloc.memory import lending
 from conftest import reset_aqua
 
 MiB = 1 << 20

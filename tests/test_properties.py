@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
-from aqua_alloc import _native, config
-from aqua_alloc.config import ConfigError, Percent, Settings, parse_size
+import aqua_alloc.memory.sim as sim
+from aqua_alloc.memory import native as _native, config
+from aqua_alloc.memory.config import ConfigError, Percent, Settings, parse_size
 from conftest import reset_aqua
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -596,7 +596,7 @@ def test_api_state_machine():
 
 
 # ==========================================================================================
-# Bugs found here, fixed (aqua_alloc/config.py; csrc/core.cpp resume_wait_on_stream).
+# Bugs found here, fixed (aqua_alloc/memory/config.py; csrc/core.cpp resume_wait_on_stream).
 
 
 @pytest.mark.parametrize("name", ["sim_device_bytes", "sim_host_bytes"])
@@ -614,7 +614,7 @@ def test_simulated_sizes_too_large_are_config_errors(clean, name):
 
 
 _HANG_SCRIPT = """
-import aqua_alloc as aq, aqua_alloc.sim as sim
+import aqua_alloc as aq, aqua_alloc.memory.sim as sim
 MiB = 1 << 20
 aq.enable(backend="sim", sim_devices=2, sim_device_bytes=64 * MiB, sim_host_bytes=128 * MiB, chunk=4 * MiB,
           local_budget=16 * MiB, lend=0, host_budget=32 * MiB, host_reserve=32 * MiB, lend_poll_ms=0,

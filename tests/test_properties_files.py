@@ -27,10 +27,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aqua_alloc import cli, trace
-from aqua_alloc.events import Event, EventKind
-from aqua_alloc.trace import TraceFormatError
-from aqua_alloc.trace_summary import format_summary, summarize
+from aqua_alloc import cli
+from aqua_alloc.obs import trace
+from aqua_alloc.obs.events import Event, EventKind
+from aqua_alloc.obs.trace import TraceFormatError
+from aqua_alloc.obs.summary import format_summary, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "small_trace.json"
@@ -273,7 +274,7 @@ def test_bad_arguments_of_each_command(tmp_path, capsys, argv, code, text):
 
 
 # ==========================================================================================
-# Known bugs (aqua_alloc/trace.py reader; trace_summary.py, trace_plot.py, cli.py).
+# Known bugs (aqua_alloc/obs/trace.py reader; obs/summary.py, obs/plot.py, cli.py).
 
 
 def _doc_with(mutate) -> str:

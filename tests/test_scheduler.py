@@ -18,9 +18,9 @@ import torch
 from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from aqua_alloc import kv_cache, scheduler as scheduler_module
-from aqua_alloc.events import EventKind, drain_python_events
-from aqua_alloc.scheduler import (
+from aqua_alloc.hf import kv_cache, scheduler as scheduler_module
+from aqua_alloc.obs.events import EventKind, drain_python_events
+from aqua_alloc.hf.scheduler import (
     Policy,
     PromptCancelled,
     PromptState,
@@ -529,15 +529,24 @@ class FakeAllocator:
             self.parked.discard(tag)
             self.calls.append(("release", tag))
 
-    def where(self, tag):
+    def prefetch(self, tag):
+        return self.resume(tag, wait=False)
+
+    def wait_on_stream(self, future, stream=None):
+        return False  # like a driver that cannot queue a GPU-side wait: the scheduler waits on the host
+
+    def reclaim_pending(self):
+        return False
+
+    def where(self, tag, *, wait=True):
         return {"gpu0": 60, "host": 40} if tag in self.parked else {"gpu0": 100, "host": 0}
 
 
 @pytest.fixture
 def fake_allocator(monkeypatch):
     fake = FakeAllocator()
-    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
-    monkeypatch.setattr(scheduler_module, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
+    monkeypatch.setattr(scheduler_module, "memory_for", lambda device: fake)
     return fake
 
 
@@ -596,8 +605,8 @@ def test_partial_prefetch_is_completed_when_the_slice_begins(llama, monkeypatch)
     # Regression: on the H200, contexts prefetched under a small local budget stayed mostly
     # on host for their whole slice because nothing resumed them once the GPU was free.
     fake = PartialPrefetchAllocator()
-    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
-    monkeypatch.setattr(scheduler_module, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
+    monkeypatch.setattr(scheduler_module, "memory_for", lambda device: fake)
     sched = Scheduler(policy="rr", slice_steps=2)
     specs = [("a", prompt_ids(5, 1), 5, {}), ("b", prompt_ids(6, 2), 5, {})]
     results = held_backlog(sched, llama, specs)
@@ -634,8 +643,8 @@ class ReclaimingAllocator(FakeAllocator):
 
 def test_a_pending_reclaim_resumes_the_running_prompt_between_steps(llama, monkeypatch):
     fake = ReclaimingAllocator()
-    monkeypatch.setattr(kv_cache, "allocator_for", lambda device: fake)
-    monkeypatch.setattr(scheduler_module, "allocator_for", lambda device: fake)
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
+    monkeypatch.setattr(scheduler_module, "memory_for", lambda device: fake)
     sched = Scheduler(policy="fcfs")
 
     def reclaim_now():

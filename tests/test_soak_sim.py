@@ -58,8 +58,8 @@ from typing import Callable
 import pytest
 
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
-from aqua_alloc import _native
+import aqua_alloc.memory.sim as sim
+from aqua_alloc.memory import native as _native
 from conftest import reset_aqua
 
 MiB = 1 << 20

@@ -27,8 +27,9 @@ from pathlib import Path
 import pytest
 
 import aqua_alloc as aq
-import aqua_alloc.sim as sim
-from aqua_alloc import _native, trace
+import aqua_alloc.memory.sim as sim
+from aqua_alloc.memory import native as _native
+from aqua_alloc.obs import trace
 from conftest import reset_aqua
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ TIMEOUT_S = 60
 # host, 'split' (of gpu2): 16 MiB local, the rest spilled to peers and host.
 CHILD = textwrap.dedent("""
     import os, random, signal, sys, threading, time
-    import aqua_alloc as aq, aqua_alloc.sim as sim
+    import aqua_alloc as aq, aqua_alloc.memory.sim as sim
     MiB = 1 << 20
     mode = sys.argv[1]
     aq.enable(backend="sim", sim_devices=4, sim_device_bytes=64 * MiB, sim_host_bytes=256 * MiB, chunk=4 * MiB,
@@ -338,7 +339,7 @@ def test_disable_twice_and_use_after_disable_say_not_enabled():
 
 
 # ==========================================================================================
-# A refused disable() (aqua_alloc/allocator.py).
+# A refused disable() (aqua_alloc/memory/allocator.py).
 
 
 def test_refused_disable_leaves_contexts_brought_home_before_at_home():

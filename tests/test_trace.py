@@ -20,11 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aqua_alloc import events as ev
-from aqua_alloc import trace
-from aqua_alloc.events import Event, EventKind, EventQueue
-from aqua_alloc.trace import TraceFormatError
-from aqua_alloc.trace_summary import format_summary, percentile, summarize
+from aqua_alloc.obs import events as ev
+from aqua_alloc.obs import trace
+from aqua_alloc.obs.events import Event, EventKind, EventQueue
+from aqua_alloc.obs.trace import TraceFormatError
+from aqua_alloc.obs.summary import format_summary, percentile, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "small_trace.json"
@@ -514,14 +514,14 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_plot_writes_a_png_of_the_promised_size(tmp_path):
     pytest.importorskip("matplotlib")
-    from aqua_alloc.trace_plot import figure_size_px, plot_trace
+    from aqua_alloc.obs.plot import figure_size_px, plot_trace
     out = plot_trace(trace.read_trace(FIXTURE), tmp_path / "t.png")
     assert png_size(out) == figure_size_px(2) == (1200, 800)
 
 
 def test_plot_grows_with_many_contexts_and_handles_no_events(tmp_path):
     pytest.importorskip("matplotlib")
-    from aqua_alloc.trace_plot import figure_size_px, plot_trace
+    from aqua_alloc.obs.plot import figure_size_px, plot_trace
     events = random_core_events(seed=4, steps=200)
     num_contexts = len({x.context for x in events})
     assert png_size(plot_trace(events, tmp_path / "a.png")) == figure_size_px(num_contexts)
@@ -531,7 +531,7 @@ def test_plot_grows_with_many_contexts_and_handles_no_events(tmp_path):
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
-    from aqua_alloc.trace_plot import PlotUnavailableError, plot_trace
+    from aqua_alloc.obs.plot import PlotUnavailableError, plot_trace
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)     # None: "not installed" to import
     with pytest.raises(PlotUnavailableError, match=r"pip install 'aqua_alloc\[plot\]'"):
@@ -559,31 +559,29 @@ def test_event_queue_drops_and_counts_when_full():
 def clean_trace_state(monkeypatch):
     ev.drain_python_events()
     trace._reset_for_tests()
-    monkeypatch.delitem(sys.modules, "aqua_alloc.allocator", raising=False)
+    monkeypatch.setattr(ev, "_sources", {})  # no real core: each test registers the source it needs
     yield
     ev.drain_python_events()
     trace._reset_for_tests()
 
 
-def fake_allocator(events, dropped=0, fail=False):
-    module = types.ModuleType("aqua_alloc.allocator")
+def fake_core_source(events, dropped=0, fail=False) -> ev.EventSource:
+    """A core event source as the memory layer registers it: hands out ``events`` once."""
     pending = list(events)
 
-    def drain_core_events():
+    def drain():
         if fail:
             raise RuntimeError("allocator not enabled")
         out = list(pending)
         pending.clear()
         return out
 
-    module.drain_core_events = drain_core_events
-    module.num_core_events_dropped = lambda: dropped
-    return module
+    return ev.EventSource(drain=drain, num_dropped=lambda: dropped)
 
 
 def test_dump_keeps_earlier_events_for_later_dumps(tmp_path, clean_trace_state, monkeypatch):
     core = [Event(1, EventKind.SEGMENT_ALLOC, "a", dst="gpu0", bytes=GiB)]
-    monkeypatch.setitem(sys.modules, "aqua_alloc.allocator", fake_allocator(core, dropped=5))
+    ev.register_source("core", fake_core_source(core, dropped=5))
     ev.emit(EventKind.PROMPT_ARRIVED, "a", prompt_tokens=3)
     first = trace.read_trace(trace.dump(tmp_path / "1.json"))
     assert [x.kind for x in first.events] == [EventKind.SEGMENT_ALLOC, EventKind.PROMPT_ARRIVED]
@@ -597,7 +595,7 @@ def test_dump_keeps_earlier_events_for_later_dumps(tmp_path, clean_trace_state, 
 
 
 def test_dump_without_a_working_allocator_has_no_core_events(tmp_path, clean_trace_state, monkeypatch):
-    monkeypatch.setitem(sys.modules, "aqua_alloc.allocator", fake_allocator([], fail=True))
+    ev.register_source("core", fake_core_source([], fail=True))
     ev.emit(EventKind.SLICE_START, "a")
     back = trace.read_trace(trace.dump(tmp_path / "t.json"))
     assert [x.kind for x in back.events] == [EventKind.SLICE_START]
@@ -625,7 +623,7 @@ def test_snapshot_with_cuda_pickles_torch_snapshot(tmp_path, clean_trace_state, 
 
 _EXIT_SCRIPT = textwrap.dedent("""
     import sys
-    from aqua_alloc import events, trace
+    from aqua_alloc.obs import events, trace
     trace.install_exit_hook(sys.argv[1], snapshot=True)
     events.emit(events.EventKind.PROMPT_ARRIVED, "p")
     events.emit(events.EventKind.SLICE_START, "p")

@@ -7,7 +7,7 @@ Per-device settings take one size for every device or a list ``0:20GiB,1:40%``.
 
 A bad value is refused with :class:`ConfigError`, whose message names the setting and the
 value. Values that depend on the machine (more than exists, an unknown GPU) are checked by
-:func:`resolve` against the :class:`~aqua_alloc.topology.Topology` that ``enable()`` sees.
+:func:`resolve` against the :class:`~aqua_alloc.memory.topology.Topology` that ``enable()`` sees.
 """
 
 from __future__ import annotations

@@ -107,11 +107,9 @@ _SIGNATURES = {
     "aqua_shutdown": (_i, [_i]),
     "aqua_backend": (_i, []),
     "aqua_last_error": (ctypes.c_char_p, []),
-    "aqua_cuda_probe": (ctypes.c_char_p, []),
     "aqua_device_count": (_i, [_pi]),
     "aqua_can_access_peer": (_i, [_i, _i, _pi]),
     "aqua_mem_info": (_i, [_i, _pu64, _pu64]),
-    "aqua_granularity": (_u64, []),
     "aqua_set_local_budget": (_i, [_i, _u64]),
     "aqua_set_lend_budget": (_i, [_i, _u64]),
     "aqua_set_host_budget": (_i, [_u64]),
@@ -156,7 +154,7 @@ _SIGNATURES = {
 
 
 def library_path() -> str:
-    """Path of the built core (aqua_alloc/_aqua_core*.so)."""
+    """Path of the built core (aqua_alloc/memory/_aqua_core*.so)."""
     here = os.path.dirname(os.path.abspath(__file__))
     matches = sorted(glob.glob(os.path.join(here, "_aqua_core*.so")))
     if not matches:

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from aqua_alloc.events import Event, EventKind, drain_python_events, num_python_events_dropped
+from aqua_alloc.obs import events as events_module
+from aqua_alloc.obs.events import Event, EventKind, drain_python_events, num_python_events_dropped
 
 __all__ = [
     "FORMAT_NAME",
@@ -749,25 +750,25 @@ _exit_written_events = -1           # len(_collected) at the last exit-time writ
 _previous_excepthook = sys.excepthook
 
 
-def _drain_core() -> list[Event]:
-    """Core events, or none when the allocator was never imported or cannot say."""
+def _drain_sources() -> list[Event]:
+    """New events of every registered source (the core's, once the memory layer is loaded);
+    a source that cannot say (a core not loaded or shut down) gives none."""
     global _num_core_dropped
-    allocator = sys.modules.get("aqua_alloc.allocator")
-    if allocator is None:
-        return []
-    try:
-        events = list(allocator.drain_core_events())
-        _num_core_dropped = int(allocator.num_core_events_dropped())
-    except Exception as e:  # a missing or disabled core: no core events
-        log.debug("no core events: %s: %s", type(e).__name__, e)
-        return []
-    return events
+    drained: list[Event] = []
+    for name, source in events_module.sources().items():
+        try:
+            drained += source.drain()
+            if name == "core":
+                _num_core_dropped = int(source.num_dropped())
+        except Exception as e:  # a missing or disabled core: no core events
+            log.debug("no %s events: %s: %s", name, type(e).__name__, e)
+    return drained
 
 
 def collect() -> list[Event]:
     """Drain the core's and the scheduler's queues into the in-memory trace; return a copy."""
     with _lock:
-        new = _drain_core() + drain_python_events()
+        new = _drain_sources() + drain_python_events()
         new.sort(key=lambda e: e.t_ns)
         # Events usually arrive later than those collected before; merge when they do not.
         if _collected and new and new[0].t_ns < _collected[-1].t_ns:

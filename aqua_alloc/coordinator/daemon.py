@@ -20,7 +20,7 @@ Two parts:
   to the ledger, reclaim deadlines. A bad message gets an error reply; one that breaks the
   framing also closes its connection; nothing a client sends stops the daemon.
 
-The protocol is in docs/coordinator-protocol.md (and :mod:`aqua_alloc.coordinator_protocol`).
+The protocol is in docs/coordinator-protocol.md (and :mod:`aqua_alloc.coordinator.protocol`).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import coordinator_protocol as proto
-from .coordinator_protocol import ProtocolError
+from aqua_alloc.coordinator import protocol as proto
+from aqua_alloc.coordinator.protocol import ProtocolError
 
 __all__ = ["Ledger", "Server", "CoordinatorError", "bind_socket", "main"]
 
-log = logging.getLogger("aqua_alloc.coordinator")
+log = logging.getLogger("aqua_alloc.coordinator.daemon")
 
 DEFAULT_RECLAIM_TIMEOUT = 5.0   # s a borrower has to confirm a reclaim before the lender is told
 MAX_CLIENTS = 256               # connections at once; more are refused ("busy")
@@ -379,7 +379,7 @@ class Ledger:
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """The whole ledger as plain data (the ``ledger`` reply; checked by
-        :func:`aqua_alloc.coordinator_protocol.check_ledger`)."""
+        :func:`aqua_alloc.coordinator.protocol.check_ledger`)."""
         now = time.monotonic() if now is None else now
         gpus = []
         for key in sorted(self.gpus):

@@ -1,7 +1,11 @@
 """The allocator: contexts of inference memory that can move between tiers.
 
-``enable()`` starts the C++ core over the CUDA driver (or over simulated devices) and sets
-the tiers' budgets. ``with context(tag):`` routes the calling thread's CUDA allocations to
+:func:`start` (called by ``aqua_alloc.enable()``) starts the C++ core over the CUDA driver
+(or over simulated devices) and sets the tiers' budgets; :func:`stop` brings every context
+home and stops it. What else ``enable()`` switches on (the HuggingFace hook, the
+coordinator client, the trace at exit) is wired by :mod:`aqua_alloc.lifecycle`, above.
+
+``with context(tag):`` routes the calling thread's CUDA allocations to
 the context's pool: one ``torch.cuda.MemPool`` per (device, context), whose allocator is the
 core's ``aqua_malloc`` / ``aqua_free``. PyTorch's caching allocator stays in front (it
 splits and caches blocks inside the pool) and asks the core only for new segments; weights
@@ -23,8 +27,10 @@ import dataclasses
 import threading
 from typing import Any, Iterator
 
-from . import _native, config, events, lending
-from ._native import TIER_AUTO, TIER_HOST, TIER_NONE, Backend, check
+from aqua_alloc.memory import config, lending
+from aqua_alloc.memory import native as _native
+from aqua_alloc.memory.native import TIER_AUTO, TIER_HOST, TIER_NONE, Backend, check
+from aqua_alloc.obs import events
 
 _lock = threading.RLock()
 _state: "_State | None" = None
@@ -61,7 +67,6 @@ class _State:
     prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
     released_pools: list[Any] = dataclasses.field(default_factory=list)  # see _sweep_released_pools
     lending: lending.Lending | None = None  # lend budgets: elastic re-reads and reclaims
-    coordinator: Any = None  # coordinator_client.Client: lending between processes (AQUA_COORDINATOR)
 
 
 _keep_alive: list[Any] = []  # pluggable allocators: torch may call them until exit
@@ -97,21 +102,23 @@ def is_enabled() -> bool:
     return _state is not None
 
 
+def num_devices() -> int:
+    """GPUs (or simulated devices) the running core drives."""
+    return _require().num_devices
+
+
 def settings() -> config.Settings | None:
     return _state.settings if _state else None
 
 
-def enable(**overrides: Any) -> None:
-    """Start aqua_alloc. Settings: ``AQUA_*`` variables, overridden by these arguments
-    (see :class:`aqua_alloc.config.Settings`). A bad value raises ConfigError naming it.
-    Calling it again while enabled with no arguments does nothing."""
+def start(settings: config.Settings) -> None:
+    """Start the core with ``settings`` (already parsed and validated). Raises ContextError
+    when already started, NoDeviceError when CUDA is asked for and missing; on any failure
+    nothing is left started."""
     global _state
     with _lock:
         if _state is not None:
-            if overrides:
-                raise ContextError("aqua_alloc is already enabled; call disable() before enabling with new settings")
-            return
-        settings = config.Settings.from_env(**overrides)
+            raise ContextError("aqua_alloc is already enabled; call disable() before enabling with new settings")
         lib = _native.lib()
         if lib.aqua_backend() != Backend.NONE:
             # A core left up by disable() while tensors were alive: shut it down now if they
@@ -143,22 +150,23 @@ def enable(**overrides: Any) -> None:
         _state = _State(settings=settings, plan=plan, backend=backend, num_devices=num_devices)
         _state.lending = lending.Lending(num_devices, plan, settings.lend_poll_ms)
         _state.lending.start()
-        if backend == Backend.CUDA:
-            _install_hooks()
-        if settings.coordinator:
-            try:
-                _state.coordinator = _join_coordinator(settings)
-            except BaseException:
-                # Not half started: no coordinator, no aqua_alloc (a later enable() starts afresh).
-                _state.lending.stop()
-                if backend == Backend.CUDA:
-                    _uninstall_hooks()
-                _state = None
-                lib.aqua_shutdown(1)
-                raise
-        if settings.trace:
-            from . import trace  # noqa: PLC0415 - only when tracing is asked for
-            trace.install_exit_hook(settings.trace, snapshot=settings.trace_snapshot)
+
+
+def abort_start() -> None:
+    """Undo :func:`start` at once, when a layer above fails to start with it (no context
+    can exist yet: nothing is brought home)."""
+    global _state
+    with _lock:
+        if _state is None:
+            return
+        _state.lending.stop()
+        _state = None
+        _native.lib().aqua_shutdown(1)
+
+
+def uses_cuda() -> bool:
+    """Whether the running core drives CUDA devices (not simulated ones)."""
+    return _state is not None and _state.backend == Backend.CUDA
 
 
 def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) -> tuple[config.Plan, int]:
@@ -179,7 +187,7 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
         host_total = host_available = settings.sim_host_bytes
         nvlink = peer
     else:
-        from . import topology  # noqa: PLC0415
+        from aqua_alloc.memory import topology  # noqa: PLC0415 - pynvml, psutil: CUDA only
 
         topo = topology.discover(peer)
         host_total, host_available = topo.host_total_bytes, topo.host_available_bytes
@@ -199,63 +207,32 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
     return plan, num_devices
 
 
-def _join_coordinator(settings: config.Settings) -> Any:
-    """Join the cross-process coordinator (caller holds _lock, _state is set): the client
-    reaches this process's allocator through aqua_alloc's public API."""
-    from . import coordinator_client  # noqa: PLC0415 - only when asked for
-
-    return coordinator_client.join(settings.coordinator, gpus=settings.coordinator_gpus,
-                                   offer=settings.coordinator_offer, margin=settings.lend_margin,
-                                   max_borrow=settings.coordinator_borrow, interval=settings.coordinator_interval)
-
-
-def _install_hooks() -> None:
-    try:
-        from . import hf_generate  # noqa: PLC0415
-    except ImportError:
-        return  # transformers is optional
-    hf_generate.install_generate_hook()
-
-
-def _uninstall_hooks() -> None:
-    try:
-        from . import hf_generate  # noqa: PLC0415
-    except ImportError:
-        return
-    hf_generate.uninstall_generate_hook()
-
-
 def _refuse_if_in_use(state: _State) -> None:
     for ctx in state.contexts.values():
         if ctx.users:
             raise ContextError(f"disable(): context {ctx.tag!r} is in use by {ctx.users} `with context()` block(s)")
 
 
-def disable() -> None:
-    """Stop aqua_alloc. Tensors made in contexts stay valid; the core keeps serving their
+def refuse_if_in_use() -> None:
+    """ContextError naming a context some thread is inside ``with context(tag)`` of."""
+    with _lock:
+        _refuse_if_in_use(_require())
+
+
+def stop() -> None:
+    """Stop the core. Tensors made in contexts stay valid; the core keeps serving their
     frees and is shut down once none is left.
 
     Refused, with ContextError naming the context and nothing changed, while a thread is
-    inside ``with context(tag)`` of any context (as :func:`release` is).
-
-    Otherwise it first leaves the cross-process coordinator, if it joined one (what was
-    borrowed from other processes is given back, its pieces moved away), then brings every
-    context home to its GPU, one after the other. When one cannot come home (no room),
-    disable() is refused with ContextError naming it: contexts brought home before that
-    one stay home and running (they are not parked again), nothing is released, and
-    aqua_alloc stays enabled (but no longer in the coordinator: it does not join again)."""
+    inside ``with context(tag)`` of any context (as :func:`release` is). Otherwise it brings
+    every context home to its GPU, one after the other. When one cannot come home (no
+    room), it is refused with ContextError naming it: contexts brought home before that
+    one stay home and running (they are not parked again), nothing is released, and the
+    core keeps running."""
     global _state
     with _lock:
         state = _require()
         _refuse_if_in_use(state)
-        client, state.coordinator = state.coordinator, None
-    if client is not None:
-        # Outside _lock: the client's threads call into aqua_alloc (lend, reclaim, stats)
-        # and close() waits for them.
-        client.close()
-    with _lock:
-        state = _require()
-        _refuse_if_in_use(state)  # a thread may have entered a context meanwhile
         lib = _native.lib()
         for ctx in list(state.contexts.values()):
             moved, elsewhere = ctypes.c_uint64(), ctypes.c_uint64()
@@ -268,8 +245,6 @@ def disable() -> None:
             state.lending.stop()
         if state.prefetcher:
             state.prefetcher.shutdown(wait=True)
-        if state.backend == Backend.CUDA:
-            _uninstall_hooks()
         for ctx in list(state.contexts.values()):
             _release_locked(state, ctx)
         _keep_alive.extend(state.released_pools)  # pools with live tensors outlive the state
@@ -526,7 +501,7 @@ def lend(device: int, max_bytes: int | str | None) -> None:
             state.lending.set_elastic(device)
         else:
             state.lending.set_fixed(device, _lend_bytes(max_bytes, device, "lend()", "max_bytes"))
-    state.lending.reclaim_now(device)
+    state.lending.move_excess(device)
 
 
 def reclaim(device: int, nbytes: int | str | None = None, timeout: float = 5.0) -> lending.ReclaimResult:
@@ -694,11 +669,6 @@ def stats() -> dict[str, Any]:
             "num_contexts": num_contexts.value,
             "num_segments": num_segments.value,
         }
-        client = state.coordinator
-    if client is not None:
-        # Outside _lock: the client takes its own lock, and holds it while calling into
-        # aqua_alloc (lend, reclaim, stats), which takes _lock.
-        out["coordinator"] = {"borrowed": client.borrowed(), "offers": client.offers()}
     return out
 
 
@@ -712,7 +682,7 @@ def _event_args(kind: events.EventKind, e: _native.CoreEvent) -> dict[str, Any]:
 
 
 def drain_core_events() -> list[events.Event]:
-    """Take the core's recorded events out, as :class:`aqua_alloc.events.Event`."""
+    """Take the core's recorded events out, as :class:`aqua_alloc.obs.events.Event`."""
     try:
         lib = _native.lib()
     except ImportError:
@@ -772,3 +742,7 @@ def num_core_events_dropped() -> int:
         return int(_native.lib().aqua_events_dropped())
     except ImportError:
         return 0
+
+
+# The trace (obs, the layer below) collects the core's events through this source.
+events.register_source("core", events.EventSource(drain=drain_core_events, num_dropped=num_core_events_dropped))

@@ -3,7 +3,7 @@
 :func:`install_generate_hook` wraps the public entry point ``GenerationMixin.generate`` (and
 nothing inside transformers). While aqua_alloc is enabled and the model is on a CUDA device,
 each call that would have made transformers' default ``DynamicCache`` gets a
-:class:`~aqua_alloc.kv_cache.ContextKVCache` instead, tagged ``"generate-<n>"``: the context is
+:class:`~aqua_alloc.hf.kv_cache.ContextKVCache` instead, tagged ``"generate-<n>"``: the context is
 made by the cache's first chunk and released when the call returns (or raises). If the caller
 asked for the cache back (``return_dict_in_generate=True``), it is released when that cache is
 garbage collected. Calls that pass their own ``past_key_values`` (the scheduler does), ask for
@@ -25,7 +25,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerationMixin
 
-from aqua_alloc.kv_cache import DEFAULT_CHUNK_TOKENS, ContextKVCache, allocator_for
+from aqua_alloc.hf.context_memory import memory_for
+from aqua_alloc.hf.kv_cache import DEFAULT_CHUNK_TOKENS, ContextKVCache
 
 _lock = threading.Lock()
 _original_generate: Callable[..., Any] | None = None
@@ -65,7 +66,7 @@ def is_generate_hook_installed() -> bool:
 
 def _generate_in_context(original: Callable[..., Any], model: Any, args: tuple, kwargs: dict) -> Any:
     device = model_device(model)
-    if allocator_for(device) is None:
+    if memory_for(device) is None:
         return original(model, *args, **kwargs)
     cache = make_context_cache(model, args, kwargs, f"generate-{next(_call_numbers)}", device)
     if cache is None:
@@ -86,7 +87,7 @@ def _generate_in_context(original: Callable[..., Any], model: Any, args: tuple, 
 
 
 def unscheduled_generate(model: Any) -> Callable[..., Any]:
-    """``model.generate`` before any :meth:`aqua_alloc.scheduler.Scheduler.wrap`."""
+    """``model.generate`` before any :meth:`aqua_alloc.hf.scheduler.Scheduler.wrap`."""
     return model.__dict__.get("_aqua_unscheduled_generate") or model.generate
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 
 class EventKind(str, enum.Enum):
@@ -144,3 +144,32 @@ def drain_python_events() -> list[Event]:
 
 def num_python_events_dropped() -> int:
     return _python_events.num_dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class EventSource:
+    """Events recorded below Python (the C++ core's ring buffer), handed up by the layer that
+    owns them: ``drain()`` takes the new events out; ``num_dropped()`` counts those lost so
+    far. Either may raise (a core that is not loaded): collectors then take none from it."""
+
+    drain: Callable[[], list[Event]]
+    num_dropped: Callable[[], int]
+
+
+_sources: dict[str, EventSource] = {}
+
+
+def register_source(name: str, source: EventSource) -> None:
+    """Make ``source``'s events part of every trace collected from now on (``name``: "core").
+    Registering a name again replaces its source. The memory layer registers the core's, so
+    this bottom layer never imports upward."""
+    _sources[name] = source
+
+
+def unregister_source(name: str) -> None:
+    _sources.pop(name, None)
+
+
+def sources() -> dict[str, EventSource]:
+    """The registered sources by name (a copy)."""
+    return dict(_sources)

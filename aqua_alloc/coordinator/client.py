@@ -1,5 +1,5 @@
 """The client side of lending between processes: one :class:`Client` per process joins
-the server's coordinator (:mod:`aqua_alloc.coordinator`) and keeps this process's
+the server's coordinator (:mod:`aqua_alloc.coordinator.daemon`) and keeps this process's
 allocator in step with the ledger.
 
 What it does, on a background thread, every ``interval`` seconds:
@@ -41,18 +41,19 @@ import queue
 import socket
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
-from . import coordinator_protocol as proto
-from . import events
-from .config import ConfigError, MiB, Percent, parse_size
-from .coordinator_protocol import ProtocolError
-from .lending import elastic_budget
+from aqua_alloc.coordinator import protocol as proto
+from aqua_alloc.coordinator.protocol import ProtocolError
+from aqua_alloc.memory import allocator, native
+from aqua_alloc.memory.config import ConfigError, MiB, Percent, parse_size
+from aqua_alloc.memory.lending import elastic_budget
+from aqua_alloc.obs import events
 
-__all__ = ["Client", "Policy", "AquaLocal", "CoordinatorError", "CoordinatorRefused", "LenderReclaim", "join",
+__all__ = ["Client", "LendingPolicy", "AquaLocal", "CoordinatorError", "CoordinatorRefused", "LenderReclaim", "join",
            "plan_offer", "plan_borrow", "plan_release", "gpu_keys"]
 
-log = logging.getLogger("aqua_alloc.coordinator_client")
+log = logging.getLogger("aqua_alloc.coordinator.client")
 
 _KEEP_OUTCOMES = 64  # finished reclaims remembered (a late "reclaimed" may still update one)
 _LOST = object()     # inbox sentinel: the connection is gone
@@ -72,7 +73,7 @@ class CoordinatorRefused(CoordinatorError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Policy:
+class LendingPolicy:
     """How a process lends and borrows. Sizes are bytes."""
 
     offer: int | Percent | None = None     # bytes offered of each owned GPU (or a share of its
@@ -88,25 +89,25 @@ class Policy:
         for name in ("offer_step", "borrow_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"Policy.{name}={value!r}: expected a positive number of bytes")
+                raise ConfigError(f"LendingPolicy.{name}={value!r}: expected a positive number of bytes")
         for name in ("interval", "request_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ConfigError(f"Policy.{name}={value!r}: expected a positive number of seconds")
+                raise ConfigError(f"LendingPolicy.{name}={value!r}: expected a positive number of seconds")
         if self.max_borrow is not None and (isinstance(self.max_borrow, bool) or not isinstance(self.max_borrow, int)
                                             or self.max_borrow < 0):
-            raise ConfigError(f"Policy.max_borrow={self.max_borrow!r}: expected bytes >= 0 or None")
+            raise ConfigError(f"LendingPolicy.max_borrow={self.max_borrow!r}: expected bytes >= 0 or None")
 
 
 # --------------------------------------------------------------------------------------
-# Policy decisions: pure functions of numbers, tested with exact values.
+# LendingPolicy decisions: pure functions of numbers, tested with exact values.
 
 
 def _of(size: int | Percent, total: int) -> int:
     return size.of(total) if isinstance(size, Percent) else size
 
 
-def plan_offer(policy: Policy, free: int, total: int, borrowed: int, offer: int) -> tuple[str, int] | None:
+def plan_offer(policy: LendingPolicy, free: int, total: int, borrowed: int, offer: int) -> tuple[str, int] | None:
     """What an owner should do about one GPU: ``("offer", new_offer)``,
     ``("reclaim", bytes)`` or None.
 
@@ -127,7 +128,7 @@ def plan_offer(policy: Policy, free: int, total: int, borrowed: int, offer: int)
     return None
 
 
-def plan_borrow(policy: Policy, host_bytes: int, kept: int, available: Mapping[str, int]) -> tuple[str, int] | None:
+def plan_borrow(policy: LendingPolicy, host_bytes: int, kept: int, available: Mapping[str, int]) -> tuple[str, int] | None:
     """Whether to borrow: ``(gpu key, bytes)`` or None. A borrower wants room for the
     bytes its contexts have in host memory (``host_bytes``), rounded up to
     ``borrow_step``, within ``max_borrow`` less what it ``kept`` already; from the GPU
@@ -145,7 +146,7 @@ def plan_borrow(policy: Policy, host_bytes: int, kept: int, available: Mapping[s
     return (key, nbytes) if nbytes > 0 else None
 
 
-def plan_release(policy: Policy, host_bytes: int, budget: int, placed: int) -> int:
+def plan_release(policy: LendingPolicy, host_bytes: int, budget: int, placed: int) -> int:
     """Bytes of one borrowed GPU to give back: what is unused (``budget - placed``) past
     two borrow steps, keeping one step of room, and only while no context is in host
     memory (it could use the room)."""
@@ -175,39 +176,43 @@ def gpu_keys(backend: str, num_devices: int) -> dict[int, str]:
     return keys
 
 
-class AquaLocal:
-    """The running aqua_alloc of this process, as the client's ``local`` object."""
+class LocalMemory(Protocol):
+    """What the client asks of this process's allocator (tests pass fakes)."""
 
     def lend(self, device: int, max_bytes: int | None) -> None:
-        self._api("lend")(device, max_bytes)
+        """Fix the lend budget of GPU ``device`` (None: elastic)."""
 
     def reclaim(self, device: int, nbytes: int | None = None, timeout: float = 5.0) -> Any:
-        return self._api("reclaim")(device, nbytes, timeout=timeout)
+        """Take back ``nbytes`` of what ``device`` lends; the result has ``moved_bytes``,
+        ``pending_bytes`` and ``seconds``."""
 
     def stats(self) -> dict[str, Any]:
-        import aqua_alloc  # noqa: PLC0415
-
-        return aqua_alloc.stats()
+        """The allocator's stats (``["tiers"]["gpuN"]["lent"]``: bytes placed on GPU N)."""
 
     def mem_info(self, device: int) -> tuple[int, int]:
-        from . import _native  # noqa: PLC0415
-
-        return _native.mem_info(device)
+        """(free, total) bytes of GPU ``device``."""
 
     def gpu_keys(self) -> dict[int, str]:
-        from . import _native, allocator  # noqa: PLC0415
+        """Each GPU's name that every process on the server agrees on (its UUID)."""
 
-        state = allocator._require()
-        return gpu_keys("sim" if state.backend == _native.Backend.SIM else "cuda", state.num_devices)
 
-    @staticmethod
-    def _api(name: str) -> Any:
-        import aqua_alloc  # noqa: PLC0415
+class AquaLocal:
+    """The running aqua_alloc of this process, as the client's :class:`LocalMemory`."""
 
-        fn = getattr(aqua_alloc, name, None)
-        if fn is None:
-            raise CoordinatorError(f"aqua_alloc.{name}() is missing: this aqua_alloc cannot lend between processes")
-        return fn
+    def lend(self, device: int, max_bytes: int | None) -> None:
+        allocator.lend(device, max_bytes)
+
+    def reclaim(self, device: int, nbytes: int | None = None, timeout: float = 5.0) -> Any:
+        return allocator.reclaim(device, nbytes, timeout=timeout)
+
+    def stats(self) -> dict[str, Any]:
+        return allocator.stats()
+
+    def mem_info(self, device: int) -> tuple[int, int]:
+        return native.mem_info(device)
+
+    def gpu_keys(self) -> dict[int, str]:
+        return gpu_keys("cuda" if allocator.uses_cuda() else "sim", allocator.num_devices())
 
 
 # --------------------------------------------------------------------------------------
@@ -252,10 +257,10 @@ class Client:
     ``start=False`` joins but runs no policy thread (explicit calls only; reclaims pushed
     by the coordinator are still answered)."""
 
-    def __init__(self, socket_path: str, gpus: Sequence[int], policy: Policy | None = None, local: Any = None, *,
+    def __init__(self, socket_path: str, gpus: Sequence[int], policy: LendingPolicy | None = None, local: Any = None, *,
                  keys: Mapping[int, str] | None = None, name: str = "", start: bool = True) -> None:
         self.socket_path = socket_path
-        self.policy = policy or Policy()
+        self.policy = policy or LendingPolicy()
         self.local = local if local is not None else AquaLocal()
         self._keys = dict(keys if keys is not None else self.local.gpu_keys())
         self._ordinals = {k: d for d, k in self._keys.items()}
@@ -778,7 +783,7 @@ def join(socket_path: str | None = None, *, gpus: Sequence[int] | str | None = N
         raise ConfigError(f"AQUA_COORDINATOR_INTERVAL={interval!r}: not a number of seconds") from None
     if not 0 < interval_s < math.inf:
         raise ConfigError(f"AQUA_COORDINATOR_INTERVAL={interval!r}: must be > 0 seconds")
-    policy = Policy(offer=_size_or_none(offer, "AQUA_COORDINATOR_OFFER"),
+    policy = LendingPolicy(offer=_size_or_none(offer, "AQUA_COORDINATOR_OFFER"),
                     margin=parse_size(margin, "AQUA_LEND_MARGIN"),
                     max_borrow=_size_or_none(max_borrow, "AQUA_COORDINATOR_BORROW", allow_percent=False),
                     interval=interval_s)

@@ -25,10 +25,10 @@ before; the price is one extra switch per prompt. Prompts that have their first 
 policy's order and its no-starvation bound; newcomers delay them by one step each.
 
 Memory side (only when aqua_alloc is enabled and the model is on CUDA): each prompt's KV cache
-is a :class:`~aqua_alloc.kv_cache.ContextKVCache` in its own context (tag = the prompt's tag).
-At a switch the outgoing context is parked (``allocator.park``: moved only if the incoming
+is a :class:`~aqua_alloc.hf.kv_cache.ContextKVCache` in its own context (tag = the prompt's tag).
+At a switch the outgoing context is parked (``park``: moved only if the incoming
 prompt needs the room), the incoming one resumed; while a prompt runs, the context of the
-prompt predicted to run next is prefetched (``allocator.resume(tag, wait=False)``). On CPU, or
+prompt predicted to run next is prefetched (``prefetch``). On CPU, or
 with aqua_alloc off, the scheduler only schedules.
 
 Faults: an exception in one prompt is raised in its caller's thread, its context is released
@@ -51,22 +51,22 @@ import itertools
 import logging
 import threading
 import time
-from types import ModuleType
 from typing import Any, Callable
 
 import torch
 from transformers import StoppingCriteria
 
-from aqua_alloc.attention import warn_if_cudnn_attention
-from aqua_alloc.events import EventKind, emit
-from aqua_alloc.hf_generate import (
+from aqua_alloc.hf.attention import warn_if_cudnn_attention
+from aqua_alloc.obs.events import EventKind, emit
+from aqua_alloc.hf.generate_hook import (
     describe_call,
     make_context_cache,
     model_device,
     unscheduled_generate,
     with_stopping_criterion,
 )
-from aqua_alloc.kv_cache import ContextKVCache, allocator_for
+from aqua_alloc.hf.context_memory import ContextMemory, memory_for
+from aqua_alloc.hf.kv_cache import ContextKVCache
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ _prompt_numbers = itertools.count()  # process-wide, so tags stay unique across 
 
 
 def _wait_move(handle: Any) -> Any:
-    """Wait for ``allocator.resume(tag, wait=False)``'s handle (a Future, or anything with wait())."""
+    """Wait for a ``prefetch`` or ``resume(tag, wait=False)``'s handle (a Future, or anything with wait())."""
     return handle.result() if hasattr(handle, "result") else handle.wait()
 
 
@@ -204,7 +204,7 @@ class _Prompt:
         self.bytes_moved = 0
         self.parked_context_bytes = 0
         self.parked_kv_bytes = 0
-        self.allocator: ModuleType | None = None  # set when the memory side applies
+        self.memory: ContextMemory | None = None  # set when the memory side applies
         self.cache: ContextKVCache | None = None
         self.local_tier = "gpu0"
         self.prefetch: Any = None           # handle of a resume(wait=False) in flight
@@ -213,7 +213,7 @@ class _Prompt:
 
     @property
     def has_context(self) -> bool:
-        return self.allocator is not None and self.cache is not None and self.cache.context_created
+        return self.memory is not None and self.cache is not None and self.cache.context_created
 
     def snapshot(self) -> PromptStats:
         return PromptStats(
@@ -468,10 +468,10 @@ class Scheduler:
         """The arguments of the real generate call: our step hook added, maybe our KV cache."""
         device = self.device if self.device is not None else model_device(model)
         warn_if_cudnn_attention(device)
-        prompt.allocator = allocator_for(device)
+        prompt.memory = memory_for(device)
         if device is not None and device.type == "cuda":
             prompt.local_tier = f"gpu{device.index if device.index is not None else torch.cuda.current_device()}"
-        use_cache = self.use_context_cache if self.use_context_cache is not None else prompt.allocator is not None
+        use_cache = self.use_context_cache if self.use_context_cache is not None else prompt.memory is not None
         cache = make_context_cache(model, args, kwargs, prompt.tag, device, self.chunk_tokens) if use_cache else None
         call_args, call_kwargs = with_stopping_criterion(model, args, kwargs, _StepHook(self, prompt))
         if cache is not None:
@@ -542,12 +542,12 @@ class Scheduler:
         if prompt.error is not None:
             raise prompt.error
         if prompt.has_context and (prompt.resume_needed
-                                   or getattr(prompt.allocator, "reclaim_pending", lambda: False)()):
+                                   or prompt.memory.reclaim_pending()):
             # Between two steps is a safe point to move this running context (the move waits
             # for this step's kernels): to finish a prefetch that could not bring everything
             # back, or because a lender wants memory that holds part of it.
             prompt.resume_needed = False
-            prompt.allocator.resume(prompt.tag, wait=True)
+            prompt.memory.resume(prompt.tag, wait=True)
         if not self._slice_over(prompt):
             return
         with self._cond:
@@ -636,9 +636,9 @@ class Scheduler:
     def _park(self, prompt: _Prompt) -> None:
         """Mark the outgoing prompt's context not running (the allocator moves it only if needed)."""
         if prompt.has_context:
-            prompt.allocator.park(prompt.tag)
+            prompt.memory.park(prompt.tag)
             prompt.parked_since = time.monotonic_ns()
-            prompt.parked_context_bytes = sum(prompt.allocator.where(prompt.tag).values())
+            prompt.parked_context_bytes = sum(prompt.memory.where(prompt.tag).values())
             prompt.parked_kv_bytes = prompt.cache.live_bytes()
             emit(EventKind.PARKED, context=prompt.tag, step=self._num_steps,
                  bytes=prompt.parked_context_bytes, kv_bytes=prompt.parked_kv_bytes)
@@ -650,8 +650,7 @@ class Scheduler:
             prompt.prefetch = None
             if self._prefetched is prompt:
                 self._prefetched = None
-        wait_on_stream = getattr(prompt.allocator, "wait_on_stream", None)
-        if handle is not None and not handle.done() and wait_on_stream is not None and wait_on_stream(handle):
+        if handle is not None and not handle.done() and prompt.memory.wait_on_stream(handle):
             # Still moving: this prompt's kernels wait for the move on the GPU while its thread
             # goes on, so the host-side work of its next step overlaps the move's tail. The
             # outcome is counted when it lands; bytes it left elsewhere come back at the next step.
@@ -668,11 +667,11 @@ class Scheduler:
             if getattr(result, "bytes_elsewhere", 0):
                 # The prefetch ran while the previous prompt still held the GPU (running, so
                 # not evictable) and brought back only what fitted; it is parked now.
-                result = prompt.allocator.resume(prompt.tag, wait=True)
+                result = prompt.memory.resume(prompt.tag, wait=True)
                 moved_in += getattr(result, "bytes_moved", 0)
         else:
             away = self._bytes_away(prompt)
-            result = prompt.allocator.resume(prompt.tag, wait=True)
+            result = prompt.memory.resume(prompt.tag, wait=True)
             moved_in = getattr(result, "bytes_moved", 0)
         now = time.monotonic_ns()
         with self._lock:
@@ -705,15 +704,13 @@ class Scheduler:
             if self._prefetched is not None:
                 self._unprefetch_locked()
             successor.prefetch_away = self._bytes_away(successor)
-            start = getattr(successor.allocator, "prefetch", None)  # no wait on this thread's stream
-            successor.prefetch = (start(successor.tag) if start is not None
-                                  else successor.allocator.resume(successor.tag, wait=False))
+            successor.prefetch = successor.memory.prefetch(successor.tag)  # no wait on this thread's stream
             self._prefetched = successor
 
     @staticmethod
     def _bytes_away(prompt: _Prompt) -> int:
         """Bytes of the prompt's context that are not on its GPU now."""
-        return sum(n for tier, n in prompt.allocator.where(prompt.tag).items() if tier != prompt.local_tier)
+        return sum(n for tier, n in prompt.memory.where(prompt.tag).items() if tier != prompt.local_tier)
 
     def _unprefetch_locked(self) -> None:
         """The predicted successor is not next after all: park its context again."""
@@ -723,6 +720,6 @@ class Scheduler:
         handle, prompt.prefetch = prompt.prefetch, None
         try:
             _wait_move(handle)
-            prompt.allocator.park(prompt.tag)
+            prompt.memory.park(prompt.tag)
         except Exception:  # noqa: BLE001 - a failed prefetch only costs its resume later
             log.exception("aqua_alloc: re-parking prefetched context %r failed", prompt.tag)

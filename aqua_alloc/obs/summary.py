@@ -1,6 +1,6 @@
 """Numbers from a trace: time running and parked per context, bytes moved, time to first
 token, peak bytes per tier and move bandwidth. Consumes the events of a trace (as read by
-:func:`aqua_alloc.trace.read_trace`) through :func:`aqua_alloc.trace.replay`, so the numbers
+:func:`aqua_alloc.obs.trace.read_trace`) through :func:`aqua_alloc.obs.trace.replay`, so the numbers
 are those the trace draws.
 
 Units: times in ns (ints where exact), bytes, bandwidth in GiB/s (2**30 bytes per second).
@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable
 
-from aqua_alloc.events import Event, EventKind
-from aqua_alloc.trace import Trace, context_label, replay, tier_sort_key
+from aqua_alloc.obs.events import Event, EventKind
+from aqua_alloc.obs.trace import Trace, context_label, replay, tier_sort_key
 
 __all__ = [
     "ContextSummary",

@@ -1,8 +1,8 @@
 """The coordinator's wire protocol: framing, message validation, and where the socket lives.
 
 One coordinator per server keeps the ledger of which process lends how much of which GPU
-to whom (:mod:`aqua_alloc.coordinator`); every aqua_alloc process talks to it through
-:mod:`aqua_alloc.coordinator_client`. This module is the contract between the two, and
+to whom (:mod:`aqua_alloc.coordinator.daemon`); every aqua_alloc process talks to it through
+:mod:`aqua_alloc.coordinator.client`. This module is the contract between the two, and
 the only place that knows the format. It is documented in docs/coordinator-protocol.md;
 bump :data:`VERSION` when a message changes.
 

@@ -42,19 +42,20 @@ import functools
 import logging
 import threading
 import weakref
-from types import ModuleType
 from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .kv_read_ahead import DEFAULT_READ_AHEAD_BYTES, UNCHANGED, ReadAhead, StagedLayer
+from aqua_alloc.hf.context_memory import ContextMemory, memory_for
+from aqua_alloc.hf.read_ahead import DEFAULT_READ_AHEAD_BYTES, UNCHANGED, ReadAhead, StagedLayer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_TOKENS = 256  # tokens per decode chunk; the prefill chunk is rounded up to it
 
-# PyTorch's caching allocator in front of a context's pool (DESIGN.md, measured on torch 2.11):
+# PyTorch's caching allocator in front of a context's pool (c10/cuda/CUDACachingAllocator.cpp:
+# kSmallSize, kSmallBuffer, kMinLargeAlloc, kLargeBuffer, kRoundLarge; seen on torch 2.11):
 # blocks <= 1 MiB share 2 MiB segments, blocks < 10 MiB share 20 MiB segments, larger blocks
 # get a segment of their own rounded up to 2 MiB. Chunk sizes follow it so that a context's
 # segments hold little but KV: small chunks pack 2 MiB segments, large ones fill their own.
@@ -78,21 +79,6 @@ def chunk_sizes(num_tokens: int, token_bytes: int, chunk_tokens: int) -> list[in
     if tokens % piece:
         sizes.append(tokens % piece)
     return sizes
-
-
-def allocator_for(device: torch.device | str | None) -> ModuleType | None:
-    """The aqua_alloc allocator module when contexts apply to ``device``, else None.
-
-    Contexts apply when ``device`` is a CUDA device, the allocator module is importable and
-    ``allocator.is_enabled()``. On CPU, or with aqua_alloc off, callers schedule only.
-    """
-    if device is None or torch.device(device).type != "cuda":
-        return None
-    try:
-        from aqua_alloc import allocator
-    except ImportError:  # the allocator core is not built / not present: memory side off
-        return None
-    return allocator if allocator.is_enabled() else None
 
 
 class _ChunkedSequence:
@@ -345,7 +331,7 @@ class ContextKVCache(DynamicCache):
         self.context_device = torch.device(device) if device is not None else None
         self.chunk_tokens = chunk_tokens
         self.context_created = False
-        self._allocator: ModuleType | None = None  # the allocator that made the context
+        self._allocator: ContextMemory | None = None  # the allocator that made the context
         self._context_made_on: torch.device | None = None
         self._release_lock = threading.Lock()
         self._released = False
@@ -410,12 +396,12 @@ class ContextKVCache(DynamicCache):
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         context_device = self.context_device or device
-        allocator = allocator_for(context_device) if self.tag is not None else None
+        allocator = memory_for(context_device) if self.tag is not None else None
         with self._in_context(allocator, context_device):
             return torch.empty(shape, dtype=dtype, device=device)
 
     @contextlib.contextmanager
-    def _in_context(self, allocator: ModuleType | None, device: torch.device) -> Iterator[None]:
+    def _in_context(self, allocator: ContextMemory | None, device: torch.device) -> Iterator[None]:
         if allocator is None:
             yield
             return
@@ -434,7 +420,7 @@ def _home_tier(device: torch.device | str) -> str:
     return f"gpu{torch.device(device).index or 0}"
 
 
-def _off_gpu(allocator: ModuleType, chunk: torch.Tensor) -> bool:
+def _off_gpu(allocator: ContextMemory, chunk: torch.Tensor) -> bool:
     """Whether any byte of ``chunk`` (a context's tensor) lives off its GPU. Unknown: False
     (read-ahead only speeds reads up; a wrong False reads in place)."""
     try:
@@ -444,7 +430,7 @@ def _off_gpu(allocator: ModuleType, chunk: torch.Tensor) -> bool:
     return sum(placement.values()) > placement.get(_home_tier(chunk.device), 0)
 
 
-def _placement_key(allocator: ModuleType, tag: str, device: torch.device) -> Any:
+def _placement_key(allocator: ContextMemory, tag: str, device: torch.device) -> Any:
     """The context's bytes per tier when some are off its GPU, else None (nothing to read
     ahead); UNCHANGED while aqua_alloc is busy (a move of other contexts: not worth a stall
     at every forward)."""
@@ -460,7 +446,7 @@ def _placement_key(allocator: ModuleType, tag: str, device: torch.device) -> Any
     return tuple(sorted(where.items()))
 
 
-def _release_context(allocator: ModuleType | None, tag: str | None, device: torch.device | None) -> None:
+def _release_context(allocator: ContextMemory | None, tag: str | None, device: torch.device | None) -> None:
     """Release a context once the kernels that used it are done; the free path never raises
     (logs and goes on). The chunks must already be dropped."""
     try:

@@ -28,7 +28,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from aqua_alloc.trace_summary import percentile
+import aqua_alloc
+from aqua_alloc.obs.summary import percentile
 
 __all__ = [
     "BenchInputError",
@@ -61,7 +62,7 @@ TRACE_FILES = {
 }
 # The first rows of the conv trace, shipped in the package (aqua_alloc/data/README.md).
 EXCERPT_NAME = "conv-excerpt"
-EXCERPT_PATH = Path(__file__).resolve().parent / "data" / "azure_conv_excerpt.csv"
+EXCERPT_PATH = Path(aqua_alloc.__file__).resolve().parent / "data" / "azure_conv_excerpt.csv"  # shipped for the demo
 _HEADER = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 

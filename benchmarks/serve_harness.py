@@ -37,7 +37,7 @@ runs after the scheduler's step hook, which may hold a prompt at the end of a sl
 counts when the caller's per-step hooks (and a streamer) see it, as a user would.
 
 Offered load: :func:`run_benchmark` first runs a few requests alone (calibration), fits a
-:class:`~aqua_alloc.serve_trace.ServiceModel`, and replays the window at arrival rates of
+:class:`~serve_trace.ServiceModel`, and replays the window at arrival rates of
 ``load / mean service time`` (``1 / mean service time`` is what ``fcfs`` sustains). The
 same solo runs are the references of the correctness check: every system's output ids for
 those requests must equal them (``hf-cb`` batches kernels differently, so its outputs are
@@ -66,7 +66,6 @@ import queue
 import random
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -77,11 +76,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
 
 import aqua_alloc
-from aqua_alloc.attention import cudnn_attention_enabled, use_decode_friendly_attention
-from aqua_alloc.config import parse_size
-from aqua_alloc.serve_trace import (
+from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
+from aqua_alloc.memory.config import parse_size
+from serve_trace import (
     BenchInputError,
-    EXCERPT_NAME,
     LoadedTrace,
     Request,
     RequestRecord,
@@ -107,8 +105,6 @@ __all__ = [
     "run_benchmark",
     "format_table",
     "write_results",
-    "demo_options",
-    "run_demo",
 ]
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -537,7 +533,7 @@ class _AquaRun(_ThreadsRun):
         return {"local_budget": self.bench.kv_budget, "lend": 0}  # lend 0: no peer tier, parked contexts go to host
 
     def setup(self) -> None:
-        from aqua_alloc.scheduler import Scheduler  # noqa: PLC0415 - imports transformers-facing code
+        from aqua_alloc.hf.scheduler import Scheduler  # noqa: PLC0415 - imports transformers-facing code
 
         bench = self.bench
         self._enabled = False
@@ -565,7 +561,7 @@ class _AquaRun(_ThreadsRun):
         self.scheduler.shutdown(wait=False)   # the waiting ones fail with SchedulerShutdown
 
     def teardown(self) -> dict[str, Any]:
-        from aqua_alloc import trace  # noqa: PLC0415
+        from aqua_alloc.obs import trace  # noqa: PLC0415
 
         bench = self.bench
         fields: dict[str, Any] = self._torch_peak()
@@ -1041,7 +1037,7 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
         if use_decode_friendly_attention():
             log("attention: cuDNN attention off for every system (it builds a graph per new sequence length "
                 "per thread, i.e. at every decode step of a request served in its own thread; see "
-                "aqua_alloc/attention.py)")
+                "aqua_alloc/hf/attention.py)")
     else:
         log(f"device: CPU (no CUDA GPU); torch {torch.__version__}")
     log(f"model {options.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
@@ -1368,8 +1364,8 @@ def _plot_ttft(runs: Sequence[dict[str, Any]], path: Path, files: dict[str, str]
 
 def _plot_traces(rows: Sequence[dict[str, Any]], files: dict[str, str]) -> None:
     """Bytes per tier over time of each aqua system's run at the highest load (its last round)."""
-    from aqua_alloc.trace import read_trace  # noqa: PLC0415
-    from aqua_alloc.trace_plot import plot_trace  # noqa: PLC0415
+    from aqua_alloc.obs.trace import read_trace  # noqa: PLC0415
+    from aqua_alloc.obs.plot import plot_trace  # noqa: PLC0415
 
     top: dict[str, dict[str, Any]] = {}
     for row in rows:
@@ -1379,44 +1375,3 @@ def _plot_traces(rows: Sequence[dict[str, Any]], files: dict[str, str]) -> None:
         out = Path(row["trace_file"]).with_suffix(".png")
         plot_trace(read_trace(row["trace_file"]), out)
         files[f"trace_plot {system}"] = str(out)
-
-
-# --------------------------------------------------------------------------------------
-# The demo (python -m aqua_alloc demo)
-
-
-def demo_options(device: str | None = None, out_dir: str | Path | None = None) -> BenchOptions:
-    """A short run: a minute of the packaged conv excerpt at one load. GPU: the llama-1b shape;
-    CPU: the tiny model, short prompts, scheduling only."""
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="aqua-demo-"))
-    common = dict(trace=EXCERPT_NAME, window_start_s=0.0, window_s=60.0, loads=(0.8,), out_dir=out,
-                  device="cuda" if cuda else "cpu", name="demo")
-    if cuda:
-        return BenchOptions(model="llama-1b", max_requests=12, max_prompt=1024, max_output=64, budget_s=90.0,
-                            **common)
-    return BenchOptions(model="tiny", max_requests=24, max_prompt=64, max_output=64, budget_s=30.0, **common)
-
-
-def run_demo(device: str | None = None, out_dir: str | Path | None = None) -> int:
-    """Run the demo, print the table and where the files are; 0 if every exact system's
-    outputs matched the solo runs, else 1."""
-    options = demo_options(device, out_dir)
-    log = Log()
-    if options.device == "cpu":
-        log("No CUDA GPU here: running the scheduling part on the CPU with a tiny model. aqua-host runs "
-            "aqua_alloc's fair scheduler only; parking and moving contexts needs a CUDA GPU (and aqua-peer two).")
-    result = run_benchmark(options, log)
-    log("")
-    log(format_table(result.rows))
-    files = write_results(result, options.out_dir, log, plots=options.plots)
-    trace_files = files.get("traces")
-    log(f"aqua_alloc trace(s): {trace_files}" if trace_files else "no aqua_alloc trace was written")
-    if trace_files:
-        log("read one with: python -m aqua_alloc trace summarize FILE  (or trace plot FILE -o OUT.png)")
-    status = 0
-    if not result.ok:
-        log(f"OUTPUT MISMATCH: {', '.join(result.mismatches)}")
-        status = 1
-    log.write(Path(files["log"]))
-    return status

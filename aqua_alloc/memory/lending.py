@@ -26,8 +26,9 @@ import threading
 import time
 import warnings
 
-from . import _native, config
-from ._native import check
+from aqua_alloc.memory import config
+from aqua_alloc.memory import native as _native
+from aqua_alloc.memory.native import check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +90,9 @@ class Lending:
         budget = elastic_budget(free, self._tier(device).lent, self._margin.get(device, 0))
         check(_native.lib().aqua_set_lend_budget(device, budget), f"elastic lend budget of GPU {device}")
 
-    def reclaim_now(self, device: int) -> tuple[int, int]:
-        """One pass: move parked borrowers off `device` down to its budget. (moved, pending)."""
+    def move_excess(self, device: int) -> tuple[int, int]:
+        """One pass of a reclaim: move parked borrowers' pieces off `device` down to its lend
+        budget (the core's aqua_reclaim). Returns (bytes moved, bytes still over the budget)."""
         moved, pending = ctypes.c_uint64(), ctypes.c_uint64()
         check(_native.lib().aqua_reclaim(device, ctypes.byref(moved), ctypes.byref(pending)),
               f"reclaim(GPU {device})")
@@ -109,7 +111,7 @@ class Lending:
             check(_native.lib().aqua_set_lend_budget(device, new_budget), f"reclaim(GPU {device})")
         moved_total = 0
         while True:
-            moved, pending = self.reclaim_now(device)
+            moved, pending = self.move_excess(device)
             moved_total += moved
             if pending == 0 or time.monotonic() - start >= timeout:
                 break
@@ -143,7 +145,7 @@ class Lending:
         for device in range(self._num_devices):
             s = self._tier(device)
             if s.lent > s.lend_budget:
-                self.reclaim_now(device)
+                self.move_excess(device)
             else:
                 self._pending.discard(device)
 

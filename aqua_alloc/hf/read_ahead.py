@@ -23,7 +23,7 @@ snapshot consumed within the same forward). A staged layer is used only if it is
 was copied: same token count, and no rewrite since (:attr:`_ChunkedSequence.version`);
 otherwise it is dropped and the layer is read in place as before.
 
-What is on the GPU is asked of aqua_alloc (:func:`aqua_alloc.allocator.placement`) once per
+What is on the GPU is asked of aqua_alloc (:func:`aqua_alloc.memory.allocator.placement`) once per
 chunk, and again only after the context's per-tier bytes change; a context wholly on its GPU
 costs one ``where()`` per forward.
 

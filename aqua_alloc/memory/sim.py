@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import ctypes
 
-from . import _native
-from ._native import Op, TIER_HOST, check
-from .allocator import _require, parse_tier
+from aqua_alloc.memory import native as _native
+from aqua_alloc.memory.allocator import _require, parse_tier
+from aqua_alloc.memory.native import Op, TIER_HOST, check
 
 __all__ = ["Op", "malloc", "free", "write", "read", "fail_nth", "fail_random", "fail_clear", "op_count",
            "failures", "usage", "segment_count"]
@@ -23,7 +23,7 @@ __all__ = ["Op", "malloc", "free", "write", "read", "fail_nth", "fail_random", "
 def _sim_state():
     state = _require()
     if state.backend != _native.Backend.SIM:
-        raise RuntimeError("aqua_alloc.sim needs enable(backend='sim')")
+        raise RuntimeError("aqua_alloc.memory.sim needs enable(backend='sim')")
     return state
 
 
