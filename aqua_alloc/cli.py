@@ -214,7 +214,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _read(path: str) -> Any:
-    from aqua_alloc.obs.trace import TraceFormatError, read_trace
+    from aqua_alloc.obs.trace_format import TraceFormatError
+    from aqua_alloc.obs.trace_reader import read_trace
     try:
         return read_trace(path)
     except TraceFormatError as e:

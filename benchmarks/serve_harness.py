@@ -1364,7 +1364,7 @@ def _plot_ttft(runs: Sequence[dict[str, Any]], path: Path, files: dict[str, str]
 
 def _plot_traces(rows: Sequence[dict[str, Any]], files: dict[str, str]) -> None:
     """Bytes per tier over time of each aqua system's run at the highest load (its last round)."""
-    from aqua_alloc.obs.trace import read_trace  # noqa: PLC0415
+    from aqua_alloc.obs.trace_reader import read_trace  # noqa: PLC0415
     from aqua_alloc.obs.plot import plot_trace  # noqa: PLC0415
 
     top: dict[str, dict[str, Any]] = {}

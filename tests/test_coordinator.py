@@ -744,14 +744,14 @@ def test_client_in_process_records_events(daemon):
 
 
 def test_lend_events_round_trip_through_a_trace(tmp_path):
-    from aqua_alloc.obs import trace
+    from aqua_alloc.obs import trace_reader, trace_writer
     from aqua_alloc.obs.events import Event
 
     events = [Event(1000, EventKind.LEND_BORROW, dst="gpu0", bytes=64 * MiB, args={"gpu": "sim:0", "asked": 1}),
               Event(2000, EventKind.LEND_RELEASE, src="gpu0", bytes=64 * MiB, args={"gpu": "sim:0"})]
     path = tmp_path / "t.json"
-    trace.write_trace(path, events)
-    back = trace.read_trace(path)
+    trace_writer.write_trace(path, events)
+    back = trace_reader.read_trace(path)
     assert back.events == events
     instants = [e for e in back.trace_events if e.get("ph") == "i"]
     assert [(e["name"], e["args"]["bytes"]) for e in instants] == [("lend_borrow", 64 * MiB),

@@ -20,7 +20,7 @@ import pytest
 
 from aqua_alloc import cli
 from aqua_alloc.obs.events import EventKind
-from aqua_alloc.obs.trace import read_trace
+from aqua_alloc.obs.trace_reader import read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_REQUESTS = 12   # the CPU demo's cap: rows 1..12 of the excerpt, all in its first minute

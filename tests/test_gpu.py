@@ -170,13 +170,14 @@ def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
     import pickle
 
     from aqua_alloc.obs import trace
+    from aqua_alloc.obs import trace_reader
 
     with aq.context("snap"):
         kv = torch.ones(32 * MiB // 4, device="cuda")
     aq.evict("snap", "host")
     aq.resume("snap")
     path = trace.dump(tmp_path / "trace.json", snapshot=True)
-    events = trace.read_trace(path).events
+    events = trace_reader.read_trace(path).events
     kinds = {e.kind.value for e in events}
     assert {"segment_alloc", "move_start", "move_end"} <= kinds
     snapshot_file = trace.snapshot_path_for(path)

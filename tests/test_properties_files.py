@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aqua_alloc import cli
-from aqua_alloc.obs import trace
+from aqua_alloc.obs import trace_reader, trace_writer
 from aqua_alloc.obs.events import Event, EventKind
-from aqua_alloc.obs.trace import TraceFormatError
+from aqua_alloc.obs.trace_format import TraceFormatError
 from aqua_alloc.obs.summary import format_summary, summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def _read_file(tmp_path: Path, data: bytes | str, name: str = "fuzz.json") -> tu
     path = tmp_path / name
     path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass"))
     try:
-        return path, trace.read_trace(path)
+        return path, trace_reader.read_trace(path)
     except TraceFormatError as exc:
         return path, exc
 
@@ -181,7 +181,7 @@ events = st.lists(st.builds(
 @settings(FUZZ, max_examples=80)
 @given(events)
 def test_any_written_trace_is_summarized_by_the_cli(tmp_path, capsys, evs):
-    path = trace.write_trace(tmp_path / "t.json", evs)
+    path = trace_writer.write_trace(tmp_path / "t.json", evs)
     code, out, err = run_cli(["trace", "summarize", str(path)], capsys)
     assert code == 0 and out and not err, err
     code, out, err = run_cli(["trace", "summarize", str(path), "--json"], capsys)
@@ -194,7 +194,7 @@ def test_any_written_trace_is_summarized_by_the_cli(tmp_path, capsys, evs):
 @given(events)
 def test_any_written_trace_is_plotted(tmp_path, capsys, evs):
     pytest.importorskip("matplotlib")
-    path = trace.write_trace(tmp_path / "t.json", evs)
+    path = trace_writer.write_trace(tmp_path / "t.json", evs)
     out = tmp_path / "t.png"
     assert cli.main(["trace", "plot", str(path), "-o", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -274,7 +274,7 @@ def test_bad_arguments_of_each_command(tmp_path, capsys, argv, code, text):
 
 
 # ==========================================================================================
-# Known bugs (aqua_alloc/obs/trace.py reader; obs/summary.py, obs/plot.py, cli.py).
+# Known bugs (aqua_alloc/obs/trace_reader.py; obs/summary.py, obs/plot.py, cli.py).
 
 
 def _doc_with(mutate) -> str:

@@ -42,7 +42,7 @@ from serve_trace import (  # noqa: E402
     time_scale,
     window_rate,
 )
-from aqua_alloc.obs.trace import read_trace
+from aqua_alloc.obs.trace_reader import read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"

@@ -2,7 +2,7 @@
 
 The known trace (``known_events``) is also committed as tests/data/small_trace.json, the
 format's golden file: regenerate it with ``PYTHONPATH=. python tests/test_trace.py`` when
-the format changes on purpose (and bump trace.FORMAT_VERSION).
+the format changes on purpose (and bump trace_format.FORMAT_VERSION).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from aqua_alloc.obs import events as ev
 from aqua_alloc.obs import trace
+from aqua_alloc.obs import replay, trace_format, trace_reader, trace_writer
 from aqua_alloc.obs.events import Event, EventKind, EventQueue
-from aqua_alloc.obs.trace import TraceFormatError
+from aqua_alloc.obs.trace_format import TraceFormatError
 from aqua_alloc.obs.summary import format_summary, percentile, summarize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,9 +140,9 @@ def brute_force_tier_bytes(events: list[Event]) -> list[dict[str, int]]:
     return out
 
 
-def write_and_read(tmp_path: Path, events: list[Event], **kwargs) -> trace.Trace:
-    path = trace.write_trace(tmp_path / "t.json", events, **kwargs)
-    return trace.read_trace(path)
+def write_and_read(tmp_path: Path, events: list[Event], **kwargs) -> trace_format.Trace:
+    path = trace_writer.write_trace(tmp_path / "t.json", events, **kwargs)
+    return trace_reader.read_trace(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_round_trip_keeps_every_event(tmp_path):
     events = known_events()
     back = write_and_read(tmp_path, events, num_core_events_dropped=3, num_python_events_dropped=1)
     assert back.events == sorted(events, key=lambda x: x.t_ns)
-    assert back.version == trace.FORMAT_VERSION
+    assert back.version == trace_format.FORMAT_VERSION
     assert back.t0_ns == T0
     assert (back.num_core_events_dropped, back.num_python_events_dropped) == (3, 1)
 
@@ -162,7 +163,7 @@ def test_round_trip_core_events_of_simulated_backend(tmp_path):
     back = write_and_read(tmp_path, events)
     assert back.events == sorted(events, key=lambda x: x.t_ns)
     # Replaying a consistent core trace never makes a tier negative and ends where it should.
-    rep = trace.replay(back.events)
+    rep = replay.replay(back.events)
     assert all(b >= 0 for _, tiers in rep.tier_samples for b in tiers.values())
     assert rep.tier_samples[-1][1] == brute_force_tier_bytes(events)[-1]
 
@@ -186,11 +187,11 @@ def test_args_are_made_json_safe(tmp_path):
 
 def test_unknown_kind_is_refused_by_the_writer(tmp_path):
     with pytest.raises(ValueError):
-        trace.write_trace(tmp_path / "t.json", [Event(T0, "no_such_kind")])
+        trace_writer.write_trace(tmp_path / "t.json", [Event(T0, "no_such_kind")])
 
 
 def test_chrome_events_tracks_slices_counters_moves():
-    doc = trace.build_trace(known_events())
+    doc = trace_writer.build_trace(known_events())
     assert list(doc) == ["displayTimeUnit", "traceEvents", "metadata"]
     tes = doc["traceEvents"]
     names = {(t["pid"], t["tid"]): t["args"]["name"] for t in tes if t["name"] == "thread_name"}
@@ -219,7 +220,7 @@ def test_slices_on_every_track_nest():
         Event(T0 + 10 * i, EventKind.SLICE_START if i % 2 == 0 else EventKind.PARKED, "ctx1")
         for i in range(20)]
     tracks: dict[tuple[int, int], list[tuple[float, float]]] = {}
-    for t in trace.build_trace(events)["traceEvents"]:
+    for t in trace_writer.build_trace(events)["traceEvents"]:
         if t["ph"] == "X":
             tracks.setdefault((t["pid"], t["tid"]), []).append((t["ts"], t["ts"] + t["dur"]))
     assert tracks
@@ -230,13 +231,13 @@ def test_slices_on_every_track_nest():
 
 
 def test_open_state_is_closed_at_the_end_and_marked():
-    doc = trace.build_trace([e(0, EventKind.PARKED, "a"), e(7, EventKind.PROMPT_ARRIVED, "b")])
+    doc = trace_writer.build_trace([e(0, EventKind.PARKED, "a"), e(7, EventKind.PROMPT_ARRIVED, "b")])
     parked = [t for t in doc["traceEvents"] if t["ph"] == "X"]
     assert [(t["name"], t["dur"], t["args"]) for t in parked] == [("parked", 7000.0, {"open": True})]
 
 
 def test_golden_file_matches_the_writer(tmp_path):
-    path = trace.write_trace(tmp_path / "t.json", known_events())
+    path = trace_writer.write_trace(tmp_path / "t.json", known_events())
     assert path.read_bytes() == FIXTURE.read_bytes(), (
         "the trace format changed: bump FORMAT_VERSION if on purpose, then regenerate "
         "tests/data/small_trace.json (see this file's docstring)")
@@ -255,7 +256,7 @@ def test_empty_event_list_round_trips(tmp_path):
 
 
 def test_summary_of_known_trace_is_exact():
-    s = summarize(trace.read_trace(FIXTURE))
+    s = summarize(trace_reader.read_trace(FIXTURE))
     assert s.duration_ns == 100 * MS
     assert s.num_events == len(known_events())
     by_ctx = {c.context: c for c in s.contexts}
@@ -317,7 +318,7 @@ def test_spilled_segment_is_split_by_its_pieces():
 
 def test_local_and_lend_budgets_are_separate_counters():
     K = EventKind
-    doc = trace.build_trace([e(0, K.BUDGET, dst="gpu0", bytes=100),
+    doc = trace_writer.build_trace([e(0, K.BUDGET, dst="gpu0", bytes=100),
                              e(0, K.BUDGET, dst="gpu0", bytes=40, args={"addr": 1}),
                              e(1, K.BUDGET, dst="host", bytes=500)])
     counters = [(t["name"], t["ts"], t["args"]) for t in doc["traceEvents"] if t["ph"] == "C"]
@@ -393,7 +394,7 @@ def test_bad_fields_are_named(mutate, message):
     doc = valid_doc()
     mutate(doc)
     with pytest.raises(TraceFormatError) as info:
-        trace.loads_trace(json.dumps(doc), source="t.json")
+        trace_reader.loads_trace(json.dumps(doc), source="t.json")
     assert str(info.value).startswith("t.json: ")
     assert message in str(info.value)
 
@@ -408,21 +409,21 @@ def test_bad_fields_are_named(mutate, message):
 ])
 def test_bad_files_are_refused(data, message):
     with pytest.raises(TraceFormatError, match=None) as info:
-        trace.loads_trace(data, source="t.json")
+        trace_reader.loads_trace(data, source="t.json")
     assert message in str(info.value)
 
 
 def test_truncated_file_says_so():
     text = FIXTURE.read_text()
     with pytest.raises(TraceFormatError) as info:
-        trace.loads_trace(text[: len(text) // 2], source="t.json")
+        trace_reader.loads_trace(text[: len(text) // 2], source="t.json")
     assert "not valid JSON (truncated?)" in str(info.value)
     assert "line" in str(info.value)
 
 
 def test_read_trace_of_a_missing_file_is_an_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
-        trace.read_trace(tmp_path / "nope.json")
+        trace_reader.read_trace(tmp_path / "nope.json")
 
 
 json_values = st.recursive(
@@ -436,7 +437,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 def _reads_or_refuses(data) -> None:
     try:
-        trace.loads_trace(data)
+        trace_reader.loads_trace(data)
     except TraceFormatError:
         pass
 
@@ -496,7 +497,7 @@ def test_fuzz_mutated_valid_trace(data):
     args=st.dictionaries(st.text(max_size=4), st.integers() | st.text(max_size=4), max_size=2),
 ), max_size=30))
 def test_fuzz_any_event_list_round_trips(events):
-    back = trace.loads_trace(trace._dumps(trace.build_trace(events)))
+    back = trace_reader.loads_trace(trace_writer._dumps(trace_writer.build_trace(events)))
     assert back.events == sorted(events, key=lambda x: x.t_ns)
     summarize(back)
 
@@ -515,7 +516,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_plot_writes_a_png_of_the_promised_size(tmp_path):
     pytest.importorskip("matplotlib")
     from aqua_alloc.obs.plot import figure_size_px, plot_trace
-    out = plot_trace(trace.read_trace(FIXTURE), tmp_path / "t.png")
+    out = plot_trace(trace_reader.read_trace(FIXTURE), tmp_path / "t.png")
     assert png_size(out) == figure_size_px(2) == (1200, 800)
 
 
@@ -583,13 +584,13 @@ def test_dump_keeps_earlier_events_for_later_dumps(tmp_path, clean_trace_state, 
     core = [Event(1, EventKind.SEGMENT_ALLOC, "a", dst="gpu0", bytes=GiB)]
     ev.register_source("core", fake_core_source(core, dropped=5))
     ev.emit(EventKind.PROMPT_ARRIVED, "a", prompt_tokens=3)
-    first = trace.read_trace(trace.dump(tmp_path / "1.json"))
+    first = trace_reader.read_trace(trace.dump(tmp_path / "1.json"))
     assert [x.kind for x in first.events] == [EventKind.SEGMENT_ALLOC, EventKind.PROMPT_ARRIVED]
     assert first.events[1].args == {"prompt_tokens": 3}
     assert first.num_core_events_dropped == 5
     assert first.info["pid"] > 0
     ev.emit(EventKind.FIRST_TOKEN, "a")
-    second = trace.read_trace(trace.dump(tmp_path / "2.json"))
+    second = trace_reader.read_trace(trace.dump(tmp_path / "2.json"))
     assert [x.kind for x in second.events] == [
         EventKind.SEGMENT_ALLOC, EventKind.PROMPT_ARRIVED, EventKind.FIRST_TOKEN]
 
@@ -597,7 +598,7 @@ def test_dump_keeps_earlier_events_for_later_dumps(tmp_path, clean_trace_state, 
 def test_dump_without_a_working_allocator_has_no_core_events(tmp_path, clean_trace_state, monkeypatch):
     ev.register_source("core", fake_core_source([], fail=True))
     ev.emit(EventKind.SLICE_START, "a")
-    back = trace.read_trace(trace.dump(tmp_path / "t.json"))
+    back = trace_reader.read_trace(trace.dump(tmp_path / "t.json"))
     assert [x.kind for x in back.events] == [EventKind.SLICE_START]
 
 
@@ -645,12 +646,12 @@ def test_exit_hook_writes_the_trace(tmp_path, how):
         assert proc.returncode == 0, proc.stderr
     assert "no memory snapshot" in proc.stderr          # asked for, no torch: says why
     assert proc.stderr.count(f"[aqua_alloc] trace written to {out}") == 1   # once, not twice
-    back = trace.read_trace(out)
+    back = trace_reader.read_trace(out)
     assert [x.kind for x in back.events] == [EventKind.PROMPT_ARRIVED, EventKind.SLICE_START]
     assert not list(tmp_path.glob("*.pickle"))
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 if __name__ == "__main__":   # regenerate the golden file
-    trace.write_trace(FIXTURE, known_events())
+    trace_writer.write_trace(FIXTURE, known_events())
     print(f"wrote {FIXTURE}")

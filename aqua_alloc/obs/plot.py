@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from aqua_alloc.obs.events import Event
-from aqua_alloc.obs.trace import Trace, context_label, replay, tier_sort_key
+from aqua_alloc.obs.trace_format import Trace
+from aqua_alloc.obs.replay import context_label, replay, tier_sort_key
 
 __all__ = ["PlotUnavailableError", "plot_trace", "figure_size_px"]
 

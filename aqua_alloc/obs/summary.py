@@ -13,7 +13,8 @@ import dataclasses
 from typing import Any, Iterable
 
 from aqua_alloc.obs.events import Event, EventKind
-from aqua_alloc.obs.trace import Trace, context_label, replay, tier_sort_key
+from aqua_alloc.obs.trace_format import Trace
+from aqua_alloc.obs.replay import context_label, replay, tier_sort_key
 
 __all__ = [
     "ContextSummary",
