@@ -4,8 +4,8 @@
     aqua-alloc trace summarize FILE [--json]  numbers from a trace (AQUA_TRACE=FILE)
     aqua-alloc trace plot FILE -o OUT.png     bytes per tier and context residency over time
     aqua-alloc demo [--device cuda|cpu] [--out DIR]
-                                              a minute of a real trace served four ways: fcfs,
-                                              threads, aqua_alloc's scheduler, HF batching
+                                              a minute of a real trace served two ways: one
+                                              request at a time (fcfs), and aqua_alloc's scheduler
     aqua-alloc coordinator [--socket PATH]    the per-server daemon for lending between processes
 
 Errors exit non-zero with one line on stderr, never a traceback: 1 for a file that cannot

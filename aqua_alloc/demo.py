@@ -381,7 +381,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         mean, p99, tok = (f"{c:.3f}" if c is not None else "-" for c in cells)
         _say(f"{row['system']:<8}{row['requests']:>9}{row['completed']:>11}{mean:>15}{p99:>14}{tok:>10}")
     fcfs, aqua = rows
+    # Every ratio is aqua's figure over fcfs's, as in the README and bench_serve.
     if fcfs["ttft_mean_s"] and aqua["ttft_mean_s"]:
-        _say(f"fcfs/aqua mean TTFT: {fcfs['ttft_mean_s'] / aqua['ttft_mean_s']:.1f}x (higher is better)")
+        _say(f"aqua/fcfs mean TTFT: {aqua['ttft_mean_s'] / fcfs['ttft_mean_s']:.3g} (lower is better)")
     if fcfs["output_tok_s"] and aqua["output_tok_s"]:
-        _say(f"aqua/fcfs tokens/s: {aqua['output_tok_s'] / fcfs['output_tok_s']:.2f}")
+        _say(f"aqua/fcfs tokens/s: {aqua['output_tok_s'] / fcfs['output_tok_s']:.2f} (higher is better)")

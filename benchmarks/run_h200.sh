@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
-# Steps: build gpu_tests long_prompt long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve coordinator
+# Steps: build gpu_tests demo long_prompt long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve coordinator
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
-GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))" 2>/dev/null || echo gpu)
+# Result files are named by what they measured and the machine: NAME-<N>gpu-<model>, e.g.
+# bench_move-1gpu-h200 (model: the GPU's name less its vendor, lower case).
+GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())" 2>/dev/null || echo gpu)
 N=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-tag="$GPU-${N}gpu"
+tag="${N}gpu-$GPU"
 run() {  # run NAME SECONDS CMD...: log to $OUT/NAME-$tag.log, say how it ended
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
@@ -32,6 +34,7 @@ for step in "$@"; do
     sanitizer) run sanitizer_memcheck 300 compute-sanitizer --tool memcheck --target-processes all \
                  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${SANITIZER_K:+-k "$SANITIZER_K"} ;;
     coordinator) run coordinator_gpu 120 python3 benchmarks/coordinator_gpu_check.py --out "$OUT/coordinator_gpu-$tag.json" ;;
+    demo) run demo 240 python3 -m aqua_alloc demo --out "$OUT/demo-$tag" ;;
     serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac

@@ -1,7 +1,6 @@
 """Request traces for the serving benchmark: loading, windows, time scaling, metrics.
 
-Pure Python (no torch): what ``benchmarks/bench_serve.py`` and ``python -m aqua_alloc demo``
-replay, and the numbers they report, so that all of it is testable without a model.
+Pure Python (no torch): what ``benchmarks/bench_serve.py`` replays, and the numbers it reports, so that all of it is testable without a model.
 
 - A trace is the Azure LLM inference trace format (Patel et al., "Splitwise", ISCA 2024;
   CC-BY-4.0): CSV rows ``TIMESTAMP,ContextTokens,GeneratedTokens``, one per request, with

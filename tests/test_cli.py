@@ -82,7 +82,7 @@ def test_bad_arguments_from_outside():
 
 def test_demo_bad_device_is_one_line():
     assert_one_line_error(run_module("demo", "--device", "tpu"), 2, "invalid choice: 'tpu'")
-    # The demo itself runs end to end in tests/test_serve_bench.py.
+    # The demo itself runs end to end in tests/test_demo.py.
 
 
 def test_info_runs_on_this_machine():

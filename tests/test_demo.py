@@ -51,7 +51,7 @@ def test_demo_on_cpu_end_to_end(tmp_path):
     assert "outputs identical: yes" in lines
     assert [line.split()[:3] for line in lines if line.startswith(("fcfs ", "aqua "))] == [
         ["fcfs", str(NUM_REQUESTS), str(NUM_REQUESTS)], ["aqua", str(NUM_REQUESTS), str(NUM_REQUESTS)]]
-    assert sum(line.startswith("fcfs/aqua mean TTFT: ") and line.endswith("x (higher is better)")
+    assert sum(line.startswith("aqua/fcfs mean TTFT: ") and line.endswith(" (lower is better)")
                for line in lines) == 1
     assert sum(line.startswith("aqua/fcfs tokens/s: ") for line in lines) == 1
     trace_path = out_dir / "demo-trace.json"

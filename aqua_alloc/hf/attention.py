@@ -11,11 +11,11 @@ never does.
 
 Measured on the H200 machine, a decode step of a 1B-parameter model after a 1000-token
 prompt: 52 to 60 ms on a thread's first generate, 16 ms on a repeat
-(benchmarks/results/probe_threads-cudnn-on-NVIDIA_H200-1gpu.log); 16 to 21 ms every time with
+(benchmarks/results/probe_threads-cudnn-on-1gpu-h200.log); 16 to 21 ms every time with
 cuDNN attention off, flash and memory-efficient attention building nothing
-(probe_threads-and-step_time-cudnn-off-NVIDIA_H200-1gpu.log). Through the scheduler, four
+(probe_threads-and-step_time-cudnn-off-1gpu-h200.log). Through the scheduler, four
 prompts sharing the GPU took 62 ms per token with cuDNN attention
-(probe_step_time-cudnn-on-NVIDIA_H200-1gpu.log) and 27 ms without.
+(probe_step_time-cudnn-on-1gpu-h200.log) and 27 ms without.
 
 The switch is process-wide (``torch.backends.cuda.enable_cudnn_sdp``): aqua_alloc never flips
 it behind a user's back. The scheduler warns once; the benchmarks turn it off for every system

@@ -1,7 +1,7 @@
 """Numbers from a trace: time running and parked per context, bytes moved, time to first
 token, peak bytes per tier and move bandwidth. Consumes the events of a trace (as read by
-:func:`aqua_alloc.obs.trace.read_trace`) through :func:`aqua_alloc.obs.trace.replay`, so the numbers
-are those the trace draws.
+:func:`aqua_alloc.obs.trace_reader.read_trace`) through :func:`aqua_alloc.obs.replay.replay`, so the
+numbers are those the trace draws.
 
 Units: times in ns (ints where exact), bytes, bandwidth in GiB/s (2**30 bytes per second).
 Percentiles interpolate linearly between the two nearest ranks (numpy's default).
