@@ -1,15 +1,19 @@
 """Build: the C++ core as a plain shared library, and the AQUA_ALLOC start-up hook.
 
-The core (csrc/) is compiled with the C++17 compiler against the CUDA headers only: it
-links neither libcuda nor libcudart (the driver is loaded at run time), so it loads on
-machines with no GPU. The headers are found through CUDA_HOME / CUDA_PATH or the usual
-locations; when they are missing the build stops and says where it looked.
+The core (csrc/) is compiled with the C++17 compiler against the CUDA driver API header
+(cuda.h) only: it links neither libcuda nor libcudart (the driver is loaded at run time), so
+it loads on machines with no GPU. cuda.h is taken from CUDA_HOME / CUDA_PATH / CUDA_ROOT,
+then a CUDA toolkit in the usual places, then NVIDIA's `nvidia-cuda-runtime` pip package
+(a build requirement in pyproject.toml, so `pip install .` needs no toolkit); when none has
+it the build stops and says where it looked.
 """
 
 import glob
 import os
 import shutil
+import site
 import sys
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -24,6 +28,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STARTUP_PTH = "aqua_alloc_startup.pth"
 
 
+def _site_dirs():
+    """Every site-packages this build can see: sys.path (pip's isolated build environment is
+    on it), then the interpreter's own (a --no-build-isolation build into a venv)."""
+    dirs = list(sys.path)
+    for key in ("purelib", "platlib"):
+        dirs.append(sysconfig.get_paths().get(key, ""))
+    try:
+        dirs += site.getsitepackages()
+    except AttributeError:  # pragma: no cover - old virtualenv's site module
+        pass
+    seen, out = set(), []
+    for d in dirs:
+        if d and os.path.isdir(d) and os.path.realpath(d) not in seen:
+            seen.add(os.path.realpath(d))
+            out.append(d)
+    return out
+
+
 def find_cuda_include():
     candidates = []
     for var in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"):
@@ -31,17 +53,21 @@ def find_cuda_include():
             candidates.append(os.path.join(os.environ[var], "include"))
     candidates += ["/usr/local/cuda/include", "/opt/cuda/include", "/usr/include"]
     candidates += sorted(glob.glob("/usr/local/cuda-*/include"), reverse=True)
-    # The headers shipped in NVIDIA's pip packages (nvidia-cuda-runtime and friends).
-    for path in sys.path:
-        candidates += glob.glob(os.path.join(path, "nvidia", "cu*", "include"))
+    # The headers in NVIDIA's pip packages: nvidia-cuda-runtime (CUDA 13: nvidia/cu13/include,
+    # the build requirement) and nvidia-cuda-runtime-cu12 (nvidia/cuda_runtime/include).
+    for path in _site_dirs():
+        candidates += sorted(glob.glob(os.path.join(path, "nvidia", "cu[0-9]*", "include")), reverse=True)
         candidates += glob.glob(os.path.join(path, "nvidia", "cuda_runtime", "include"))
     for inc in candidates:
         if os.path.isfile(os.path.join(inc, "cuda.h")):
+            print(f"aqua_alloc: building the core against {os.path.join(inc, 'cuda.h')}")
             return inc
     sys.exit(
         "aqua_alloc: cannot build the C++ core: cuda.h (the CUDA driver API header) was not found.\n"
         "Looked in: " + ", ".join(candidates) + "\n"
-        "Install the CUDA toolkit headers or set CUDA_HOME to the toolkit's root."
+        "`pip install .` (with build isolation, the default) brings it in NVIDIA's nvidia-cuda-runtime\n"
+        "package; with --no-build-isolation run `pip install nvidia-cuda-runtime` first, or set\n"
+        "CUDA_HOME to a CUDA toolkit's root."
     )
 
 
