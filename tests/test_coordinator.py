@@ -696,6 +696,9 @@ def test_policy_threads_give_unused_room_back(daemon, peers):
     borrower.call("set", host=600 * MiB)
     wait_for(lambda: holdings(daemon.ledger(), "sim:0").get(borrower.client) == (768 * MiB, 0),
              what="a borrow of 768 MiB")
+    # The ledger records the grant before the borrower raises its lend budget to it (the
+    # client's order, so that the ledger is never less than what is in use): wait for both.
+    wait_for(lambda: borrower.call("fake")["budget"]["0"] == 768 * MiB, what="the borrower's budget to rise")
     borrower.call("place", device=0, bytes=100 * MiB)    # some contexts parked there
     borrower.call("set", host=0)
     # 668 MiB unused, more than two 256 MiB steps: give back all but one step.
