@@ -561,7 +561,7 @@ class _AquaRun(_ThreadsRun):
         self.scheduler.shutdown(wait=False)   # the waiting ones fail with SchedulerShutdown
 
     def teardown(self) -> dict[str, Any]:
-        from aqua_alloc.obs import trace  # noqa: PLC0415
+        from aqua_alloc.obs import trace, trace_writer  # noqa: PLC0415
 
         bench = self.bench
         fields: dict[str, Any] = self._torch_peak()
@@ -579,7 +579,7 @@ class _AquaRun(_ThreadsRun):
         if bench.options.rounds > 1:
             name += f"-round{self.round_no}"  # one file per run: rounds must not overwrite each other
         path = bench.out_dir / f"{name}.json"
-        trace.write_trace(path, events, extra_metadata={"benchmark": "bench_serve", "system": self.system.value,
+        trace_writer.write_trace(path, events, extra_metadata={"benchmark": "bench_serve", "system": self.system.value,
                                                         "load": self.load, "round": self.round_no})
         fields["trace_file"] = str(path)
         if self._enabled:

@@ -29,7 +29,7 @@ import pytest
 import aqua_alloc as aq
 import aqua_alloc.memory.sim as sim
 from aqua_alloc.memory import native as _native
-from aqua_alloc.obs import trace
+from aqua_alloc.obs import trace_reader
 from conftest import reset_aqua
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def assert_clean_stderr(err: str, allowed: tuple[str, ...] = ()) -> None:
 
 
 def assert_trace_has_the_contexts(path: Path) -> None:
-    back = trace.read_trace(path)  # valid, or TraceFormatError
+    back = trace_reader.read_trace(path)  # valid, or TraceFormatError
     tags = {e.context for e in back.events}
     assert {"local", "peer", "host", "split"} <= tags, tags
     assert any(e.kind.value == "move_end" and e.context == "peer" and e.dst == "gpu1" for e in back.events)
