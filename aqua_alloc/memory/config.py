@@ -156,6 +156,15 @@ def parse_bool(text: Any, setting: str) -> bool:
     raise ConfigError(f"{setting}={text!r}: expected 1/0, true/false, yes/no or on/off")
 
 
+def expect_bool(value: Any, parameter: str, allow_none: bool = False) -> bool | None:
+    """``value`` of a True/False parameter of the API (``resume(wait=...)``); TypeError naming
+    ``parameter`` for anything else, since ``wait="no"`` would read as true."""
+    if isinstance(value, bool) or (allow_none and value is None):
+        return value
+    accepted = "True, False or None" if allow_none else "True or False"
+    raise TypeError(f"{parameter}={value!r}: expected {accepted}, got {type(value).__name__}")
+
+
 def parse_int(text: Any, setting: str, low: int, high: int) -> int:
     try:
         if isinstance(text, bool) or (isinstance(text, str) and not text.strip().isascii()):
