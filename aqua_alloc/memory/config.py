@@ -438,6 +438,15 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
     raise ConfigError(f"unknown setting {label!r}")  # pragma: no cover - fields are fixed
 
 
+def trace_settings_from_env(env: Mapping[str, str] | None = None) -> tuple[str | None, bool]:
+    """(``AQUA_TRACE``, ``AQUA_TRACE_SNAPSHOT``) alone, checked as ``enable()`` checks them: for
+    layers that trace without enabling aqua_alloc (the scheduler on CPU)."""
+    env = os.environ if env is None else env
+    path = _parse_field("trace", env["AQUA_TRACE"], "AQUA_TRACE") if "AQUA_TRACE" in env else None
+    snapshot = "AQUA_TRACE_SNAPSHOT" in env and parse_bool(env["AQUA_TRACE_SNAPSHOT"], "AQUA_TRACE_SNAPSHOT")
+    return path, snapshot
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Settings resolved against the machine: concrete bytes for every tier."""
