@@ -86,9 +86,10 @@ def _wait_move(handle: Any) -> Any:
 def _expect_model(model: Any, what: str) -> None:
     """TypeError naming what was passed where a HuggingFace model belongs."""
     if not callable(getattr(model, "generate", None)) or not hasattr(model, "__dict__"):
+        kind = type(model)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
         raise TypeError(f"{what}: expected a HuggingFace model (an object with a .generate method, such as "
-                        f"AutoModelForCausalLM.from_pretrained(...)), got {type(model).__module__}."
-                        f"{type(model).__qualname__}")
+                        f"AutoModelForCausalLM.from_pretrained(...)), got {name}")
 
 
 def _trace_without_enable() -> None:
