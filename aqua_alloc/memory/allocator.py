@@ -248,8 +248,8 @@ def stop() -> None:
             check(lib.aqua_resume(ctx.id, _current_stream(ctx), ctypes.byref(moved), ctypes.byref(elsewhere)),
                   f"bringing {ctx.tag!r} home")
             if elsewhere.value:
-                raise ContextError(f"disable(): context {ctx.tag!r} still has {config.format_size(elsewhere.value)} off its GPU "
-                                   "(no room to bring them home); release contexts or free memory first")
+                raise ContextError(f"disable(): context {ctx.tag!r} still has {config.format_size(elsewhere.value)} "
+                                   "off its GPU (no room to bring them home); release contexts or free memory first")
         if state.lending:
             state.lending.stop()
         if state.prefetcher:
