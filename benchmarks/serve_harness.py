@@ -76,7 +76,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, St
 
 import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
-from aqua_alloc.memory.config import parse_size
 from serve_options import EXACT_SYSTEMS, MODEL_DEFAULTS, BenchOptions, System, check_options
 from serve_trace import (
     BenchInputError,
@@ -190,7 +189,7 @@ def weights_bytes(model: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# Options, log, result
+# Log and result (the options: serve_options.py)
 
 
 class Log:
