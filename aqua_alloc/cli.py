@@ -3,6 +3,7 @@
     aqua-alloc info [--json]                  GPUs, peer access / NVLink, memory, settings
     aqua-alloc trace summarize FILE [--json]  numbers from a trace (AQUA_TRACE=FILE)
     aqua-alloc trace plot FILE -o OUT.png     bytes per tier and context residency over time
+                                              (-o's suffix chooses PNG, SVG or PDF)
     aqua-alloc demo [--device cuda|cpu] [--out DIR]
                                               a minute of a real trace served two ways: one
                                               request at a time (fcfs), and aqua_alloc's scheduler
@@ -19,6 +20,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["main", "build_parser", "collect_info", "format_info"]
@@ -236,6 +238,17 @@ def _cmd_trace_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+PLOT_FORMATS = ("png", "svg", "pdf")   # trace plot -o: the suffix chooses one
+
+
+def _plot_output(text: str) -> str:
+    """``trace plot -o``: a file whose suffix names a format matplotlib writes."""
+    if Path(text).suffix.lower()[1:] not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r}: its suffix chooses the format; expected "
+                                         f"{', '.join('.' + f for f in PLOT_FORMATS)}")
+    return text
+
+
 def _cmd_trace_plot(args: argparse.Namespace) -> int:
     from aqua_alloc.obs.plot import PlotUnavailableError, plot_trace
     trace = _read(args.file)
@@ -293,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--json", action="store_true", help="machine-readable output")
     summarize.set_defaults(run=_cmd_trace_summarize)
     plot = trace_commands.add_parser(
-        "plot", help="PNG of bytes per tier and context residency over time (needs matplotlib)")
+        "plot", help="picture of bytes per tier and context residency over time (needs matplotlib)")
     plot.add_argument("file", metavar="FILE", help="trace JSON file")
-    plot.add_argument("-o", "--output", required=True, metavar="OUT.png", help="PNG to write")
+    plot.add_argument("-o", "--output", required=True, metavar="OUT.png", type=_plot_output,
+                      help="picture to write: its suffix chooses the format (.png, .svg or .pdf)")
     plot.set_defaults(run=_cmd_trace_plot)
 
     coordinator = commands.add_parser(

@@ -6,9 +6,10 @@ Every system serves the same requests (the trace's prompt and output lengths, ra
 ids, a random-weight model of a real shape) at offered loads that are shares of the request
 rate fcfs sustains (measured first). Reports time to first token, time per output token,
 throughput, failures and peak memory per tier, and each system's ratio to fcfs; checks that
-outputs equal the same requests run alone. The logic lives in benchmarks/serve_harness.py (traces: benchmarks/serve_trace.py).
+outputs equal the same requests run alone. The logic lives in benchmarks/serve_harness.py (traces:
+benchmarks/serve_trace.py; options and the checks that need no torch: benchmarks/serve_options.py).
 
-    python benchmarks/bench_serve.py                                  # llama-1b shape, conv trace
+    python benchmarks/bench_serve.py                                  # llama-1b shape (tiny on CPU), conv trace
     python benchmarks/bench_serve.py --model tiny --device cpu --systems fcfs,aqua-host  # smoke test
 
 --rounds N runs, at each load, every system in turn N times (paired rounds: each run's ratio
@@ -20,7 +21,7 @@ system, load and round), .meta.json (settings, calibration, per-request records,
 .log, -ttft.png, and an aqua_alloc trace per aqua run (with a PNG of bytes per tier for the
 highest load).
 Exit status: 0; 1 if an output differs from its solo run (fcfs, threads, aqua-*); 2 for bad
-arguments.
+arguments (checked before torch is imported, so refused at once; serve_options.py).
 
 Data: Azure LLM inference traces (CC-BY-4.0), Patel et al., "Splitwise", ISCA 2024.
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 # split-K reduction a GEMM happened to use, or the solo-run check would flag noise.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+from serve_options import DEFAULT_MODEL, MODEL_DEFAULTS, BenchOptions, System, check_arguments
 from serve_trace import BenchInputError, parse_loads, parse_names
 
 
@@ -44,12 +46,11 @@ def _optional_int(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from serve_harness import MODELS, BenchOptions, System
-
     d = BenchOptions()
 
     def per_model(field: str) -> str:
-        return "default per model: " + ", ".join(f"{name} {getattr(spec, field)}" for name, spec in MODELS.items())
+        return "default per model: " + ", ".join(f"{name} {getattr(defaults, field)}"
+                                                 for name, defaults in MODEL_DEFAULTS.items())
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     add = p.add_argument
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="first requests of the window kept; 0 or none: all (default %(default)s)")
     add("--max-prompt", type=int, default=None, help=f"clip prompts to this many tokens ({per_model('max_prompt')})")
     add("--max-output", type=int, default=None, help=f"clip outputs to this many tokens ({per_model('max_output')})")
-    add("--model", default=d.model, choices=list(MODELS), help="model shape, random weights (default %(default)s)")
+    add("--model", default=d.model, choices=list(MODEL_DEFAULTS),
+        help=f"model shape, random weights (default {DEFAULT_MODEL['cuda']} on a GPU, {DEFAULT_MODEL['cpu']} on CPU)")
     add("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     add("--kv-budget", default=None, help=f"GPU bytes for contexts, e.g. 256MiB ({per_model('kv_budget')})")
     add("--systems", default=",".join(s.value for s in System), help="comma-separated (default: all)")
@@ -89,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from serve_harness import BenchOptions, Log, System, format_table, run_benchmark, write_results
-
     try:
         options = BenchOptions(
             trace=args.trace, traces_dir=args.traces_dir, window_start_s=args.window_start, window_s=args.window_s,
@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
             rounds=args.rounds,
             out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
+        check_arguments(options)  # before torch is imported (seconds): a bad argument is refused at once
+    except BenchInputError as e:
+        parser.error(str(e))  # exits 2 with the usage line
+    from serve_harness import Log, format_table, run_benchmark, write_results  # noqa: PLC0415 - imports torch
+
+    try:
         log = Log()
         log("bench_serve " + " ".join(sys.argv[1:] if argv is None else argv))
         import torch  # noqa: PLC0415

@@ -57,7 +57,6 @@ sets the process's CUDA memory fraction).
 from __future__ import annotations
 
 import dataclasses
-import enum
 import gc
 import inspect
 import json
@@ -77,7 +76,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, St
 
 import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
-from aqua_alloc.memory.config import parse_size
+from serve_options import EXACT_SYSTEMS, MODEL_DEFAULTS, BenchOptions, System, check_options
 from serve_trace import (
     BenchInputError,
     LoadedTrace,
@@ -117,18 +116,6 @@ OVERRUN = 1.5              # the replays stop (later runs skipped, deadlines cut
 CB_PAGE_TOKENS = 256       # transformers' ContinuousBatchingConfig.page_size default (tokens)
 
 
-class System(str, enum.Enum):
-    FCFS = "fcfs"
-    THREADS = "threads"
-    AQUA_HOST = "aqua-host"
-    AQUA_PEER = "aqua-peer"
-    HF_CB = "hf-cb"
-
-
-# Systems whose outputs must equal the same request run alone, token for token.
-EXACT_SYSTEMS = frozenset({System.FCFS, System.THREADS, System.AQUA_HOST, System.AQUA_PEER})
-
-
 # --------------------------------------------------------------------------------------
 # Models: real architectures, random weights, built from a config (no download).
 
@@ -166,17 +153,15 @@ def _tiny() -> LlamaConfig:
 class ModelSpec:
     config: Callable[[], LlamaConfig]
     cuda_dtype: torch.dtype      # CPU runs use float32 (bf16 matmuls are slow there)
-    kv_budget: str               # default --kv-budget: room for about six contexts of a mean clipped conv
-                                 #   request (~660 tokens) and for the largest (2,176 tokens) alone
-    max_prompt: int              # default --max-prompt (tokens)
-    max_output: int              # default --max-output (tokens)
 
 
+# Shapes; the defaults that depend on the model are serve_options.MODEL_DEFAULTS.
 MODELS: dict[str, ModelSpec] = {
-    "llama-8b": ModelSpec(_llama_8b, torch.bfloat16, kv_budget="512MiB", max_prompt=2048, max_output=128),
-    "llama-1b": ModelSpec(_llama_1b, torch.bfloat16, kv_budget="128MiB", max_prompt=2048, max_output=128),
-    "tiny": ModelSpec(_tiny, torch.float32, kv_budget="4MiB", max_prompt=64, max_output=16),
+    "llama-8b": ModelSpec(_llama_8b, torch.bfloat16),
+    "llama-1b": ModelSpec(_llama_1b, torch.bfloat16),
+    "tiny": ModelSpec(_tiny, torch.float32),
 }
+assert set(MODELS) == set(MODEL_DEFAULTS)
 
 
 def build_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
@@ -204,36 +189,7 @@ def weights_bytes(model: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------
-# Options, log, result
-
-
-@dataclasses.dataclass
-class BenchOptions:
-    """What to replay and how. Sizes in bytes unless a string like '256MiB'."""
-
-    trace: str = "conv"                      # conv, code, conv-excerpt or a CSV path
-    traces_dir: str | None = None            # where conv/code are (default: shared/traces near the repo)
-    window_start_s: float = 0.0              # window start, seconds of trace time
-    window_s: float = 60.0                   # window duration, seconds of trace time
-    max_requests: int | None = 40            # first requests of the window kept (before the budget trims)
-    max_prompt: int | None = None            # clip prompts to this many tokens (default: per model)
-    max_output: int | None = None            # clip outputs to this many tokens (default: per model)
-    model: str = "llama-1b"                  # key of MODELS
-    device: str | None = None                # "cuda" / "cpu"; default cuda when available
-    kv_budget: str | int | None = None       # GPU bytes for contexts (default: per model)
-    systems: Sequence[str] = tuple(s.value for s in System)
-    loads: Sequence[float] = (0.5, 0.8, 0.95)  # offered loads, shares of what fcfs sustains
-    seed: int = 0                            # prompt token ids, weights, correctness sample
-    check: int = 3                           # requests run alone first: calibration and references
-    slice_steps: int = 5                     # aqua scheduler: decode steps per slice
-    chunk_tokens: int = 256                  # aqua scheduler: tokens per KV chunk of a context
-    budget_s: float | None = 300.0           # replay phase target (s): fewer requests if the estimate is over
-    min_requests: int = 8                    # the budget never trims below this
-    rounds: int = 1                          # each load: every system in turn, this many times (paired rounds)
-    out_dir: str | Path = "benchmarks/results"
-    name: str | None = None                  # file name stem (default bench_serve-<trace>-<device name>)
-    plots: bool = True
-    verbose: bool = False                    # one log line per request
+# Log and result (the options: serve_options.py)
 
 
 class Log:
@@ -872,7 +828,8 @@ def _paired_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 class _Plan:
     """Options checked and resolved, before any model is built."""
 
-    spec: ModelSpec
+    model: str                  # key of MODELS
+    model_is_default: bool      # chosen by the device (serve_options.DEFAULT_MODEL), not by --model
     systems: list[System]
     loads: list[float]
     kv_budget: int              # bytes
@@ -882,42 +839,18 @@ class _Plan:
 
 
 def _resolve(options: BenchOptions) -> _Plan:
-    """Check the options; raise BenchInputError naming the bad one."""
-    spec = MODELS.get(options.model)
-    if spec is None:
-        raise BenchInputError(f"--model={options.model!r}: choose from {', '.join(MODELS)}")
-    try:
-        systems = [System(s) for s in options.systems]
-    except ValueError as e:
-        raise BenchInputError(f"--systems: {e} (choose from {', '.join(s.value for s in System)})") from None
-    if not systems:
-        raise BenchInputError("--systems: empty")
-    if not options.loads:
-        raise BenchInputError("--loads: empty")
-    kv_budget_text = options.kv_budget if options.kv_budget is not None else spec.kv_budget
-    try:
-        kv_budget = int(parse_size(kv_budget_text, "--kv-budget", allow_percent=False))
-    except ValueError as e:
-        raise BenchInputError(str(e)) from None
-    if kv_budget <= 0:
-        raise BenchInputError(f"--kv-budget={kv_budget_text!r}: must be more than 0 bytes")
-    if options.check < 1:
-        raise BenchInputError(f"--check={options.check}: at least one request must run alone (calibration)")
-    if options.slice_steps < 1:
-        raise BenchInputError(f"--slice-steps={options.slice_steps}: must be at least 1")
-    if options.budget_s is not None and options.budget_s <= 0:
-        raise BenchInputError(f"--budget-s={options.budget_s}: must be positive")
-    if isinstance(options.rounds, bool) or not isinstance(options.rounds, int) or options.rounds < 1:
-        raise BenchInputError(f"--rounds={options.rounds!r}: must be a whole number, at least 1")
-    device_type = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type not in ("cuda", "cpu"):
+    """Check the options (serve_options.check_options) on this machine's device; raise
+    BenchInputError naming the bad one."""
+    if options.device not in (None, "cuda", "cpu"):
         raise BenchInputError(f"--device={options.device!r}: expected cuda or cpu")
+    device_type = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise BenchInputError("--device=cuda: CUDA is not available on this machine")
-    return _Plan(spec=spec, systems=systems, loads=list(options.loads), kv_budget=kv_budget,
+    checked = check_options(options, device_type)
+    return _Plan(model=checked.model, model_is_default=checked.model_is_default, systems=checked.systems,
+                 loads=checked.loads, kv_budget=checked.kv_budget,
                  device=torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu"),
-                 max_prompt=options.max_prompt if options.max_prompt is not None else spec.max_prompt,
-                 max_output=options.max_output if options.max_output is not None else spec.max_output)
+                 max_prompt=checked.max_prompt, max_output=checked.max_output)
 
 
 def _load_requests(options: BenchOptions, plan: _Plan, log: Log) -> tuple[LoadedTrace, list[Request], dict[str, Any]]:
@@ -1028,7 +961,7 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
 
     # The model and the prompts.
     t_build = time.perf_counter()
-    model = build_model(options.model, device, options.seed)
+    model = build_model(plan.model, device, options.seed)
     per_token = kv_bytes_per_token(model)
     if device.type == "cuda":
         log(f"device: {torch.cuda.get_device_name(device)} "
@@ -1040,17 +973,20 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
                 "aqua_alloc/hf/attention.py)")
     else:
         log(f"device: CPU (no CUDA GPU); torch {torch.__version__}")
-    log(f"model {options.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+    log(f"model {plan.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
         f"{model.dtype}, weights {_fmt_bytes(weights_bytes(model))}, KV {per_token / 1024:g} KiB per token; "
         f"built in {time.perf_counter() - t_build:.1f} s")
+    if plan.model_is_default and device.type == "cpu":
+        log(f"model {plan.model}: the default on CPU, where llama-1b takes seconds per request (--model to choose)")
     generator = torch.Generator().manual_seed(options.seed)
     prompts = [torch.randint(1, model.config.vocab_size, (1, r.prompt_tokens), generator=generator).to(device)
                for r in requests]
     mean_context = sum(r.prompt_tokens + r.output_tokens for r in requests) / len(requests)
     log(f"kv budget {_fmt_bytes(plan.kv_budget)}: room for {plan.kv_budget / (mean_context * per_token):.1f} "
-        f"contexts of the mean request ({mean_context:.0f} tokens)")
+        f"contexts of the mean request ({mean_context:.0f} tokens)"
+        + ("" if device.type == "cuda" else "; on CPU nothing is capped (fcfs and threads) or parked (aqua)"))
     largest = max(r.prompt_tokens + r.output_tokens for r in requests) * per_token
-    if largest > plan.kv_budget:
+    if largest > plan.kv_budget and device.type == "cuda":  # the caps apply on CUDA only
         log(f"WARNING: the largest request holds {_fmt_bytes(largest)} of KV, more than --kv-budget: fcfs and "
             "threads will run out of memory on it; aqua systems spill it off the GPU")
     out_dir = Path(options.out_dir)
@@ -1126,7 +1062,7 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
                                  "Patel et al., Splitwise, ISCA 2024"},
         "window": window | {"trace_rows": [requests[0].id, requests[-1].id], "num_requests": len(requests)},
         "seed": options.seed,
-        "model": {"name": options.model, "dtype": str(model.dtype), "weights_bytes": weights_bytes(model),
+        "model": {"name": plan.model, "dtype": str(model.dtype), "weights_bytes": weights_bytes(model),
                   "kv_bytes_per_token": per_token},
         "device": {"type": device.type, "name": _device_name(device),
                    "count": torch.cuda.device_count() if device.type == "cuda" else 0},

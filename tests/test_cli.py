@@ -127,6 +127,26 @@ def test_plot_writes_png(tmp_path, capsys):
     assert capsys.readouterr().out == f"wrote {out}\n"
 
 
+@pytest.mark.parametrize("name, magic", [("t.svg", b"<?xml"), ("t.pdf", b"%PDF-"), ("T.PNG", b"\x89PNG")])
+def test_plot_format_follows_the_suffix(tmp_path, capsys, name, magic):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / name
+    assert cli.main(["trace", "plot", str(FIXTURE), "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("name", ["t.jpg", "t", "t.png.txt"])
+def test_plot_refuses_a_suffix_it_cannot_write_before_reading_anything(tmp_path, capsys, name):
+    out = tmp_path / name
+    with pytest.raises(SystemExit) as info:
+        cli.main(["trace", "plot", str(tmp_path / "missing.json"), "-o", str(out)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"aqua-alloc trace plot: error: argument -o/--output: {str(out)!r}: its suffix chooses the format; "
+        "expected .png, .svg, .pdf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)

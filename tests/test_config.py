@@ -21,6 +21,7 @@ from aqua_alloc.memory.config import (
     Percent,
     Plan,
     Settings,
+    format_size,
     parse_per_device,
     parse_size,
     resolve,
@@ -105,8 +106,44 @@ def test_parse_size_refuses_bad_values_by_name(value, why):
 
 
 def test_parse_size_percent_not_allowed_where_there_is_no_total():
-    with pytest.raises(ConfigError, match=r"AQUA_CHUNK='50%': a percentage is not allowed here"):
+    with pytest.raises(ConfigError) as info:
         parse_size("50%", "AQUA_CHUNK", allow_percent=False)
+    assert str(info.value) == ("AQUA_CHUNK='50%': a percentage is not allowed here (expected a byte count or a size "
+                               "such as 512MiB or 8GiB; no percentage here)")
+    with pytest.raises(ConfigError, match="a percentage is not allowed here"):
+        parse_size(Percent(50), "AQUA_CHUNK", allow_percent=False)
+
+
+def test_not_a_size_says_what_is_accepted_and_offers_percent_only_where_it_is_taken():
+    with pytest.raises(ConfigError) as info:
+        parse_size("banana", "AQUA_HOST_BUDGET")
+    assert str(info.value) == ("AQUA_HOST_BUDGET='banana': not a size (expected a byte count or a size such as "
+                               "512MiB or 8GiB, or a percentage such as 80%)")
+    with pytest.raises(ConfigError) as info:
+        parse_size("banana", "AQUA_CHUNK", allow_percent=False)
+    assert str(info.value) == ("AQUA_CHUNK='banana': not a size (expected a byte count or a size such as "
+                               "512MiB or 8GiB; no percentage here)")
+    assert "%" not in str(info.value)
+
+
+@pytest.mark.parametrize("num_bytes, text", [
+    (0, "0 bytes"),
+    (1023, "1023 bytes"),
+    (KiB, "1 KiB (1024 bytes)"),
+    (3 * GiB // 2, "1.5 GiB (1610612736 bytes)"),
+    (TiB, "1 TiB (1099511627776 bytes)"),
+    (68157440, "65 MiB (68157440 bytes)"),
+    (1 << 50, "1 PiB (1125899906842624 bytes)"),
+    ((1 << 64) - 1, "16 EiB (18446744073709551615 bytes)"),
+])
+def test_format_size_is_readable_and_exact(num_bytes, text):
+    assert format_size(num_bytes) == text
+
+
+def test_too_large_is_said_readably():
+    with pytest.raises(ConfigError) as info:
+        parse_size(1 << 64, "AQUA_HOST_BUDGET")
+    assert str(info.value) == f"AQUA_HOST_BUDGET={1 << 64}: too large: at most 16 EiB (18446744073709551615 bytes)"
 
 
 # --------------------------------------------------------------------------------------
@@ -184,6 +221,34 @@ def test_from_env_defaults_and_overrides():
     assert Settings.from_env({"AQUA_TRACE_SNAPSHOT": "off"}).trace_snapshot is False
 
 
+def test_trace_path_is_checked_when_given_not_at_exit(tmp_path, monkeypatch):
+    good = tmp_path / "t.json"
+    assert Settings.from_env({"AQUA_TRACE": str(good)}).trace == str(good)
+    assert not good.exists(), "checking the path creates nothing"
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"AQUA_TRACE": "/no/such/dir/t.json"})
+    assert str(info.value) == ("AQUA_TRACE='/no/such/dir/t.json': directory /no/such/dir does not exist; "
+                               "create it or give a file path in an existing directory")
+    assert not __import__("os").path.exists("/no/such/dir")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"AQUA_TRACE": str(tmp_path)})
+    assert str(info.value) == (f"AQUA_TRACE={str(tmp_path)!r}: is a directory; expected a file path in it, "
+                               f"such as {tmp_path / 'trace.json'}")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"AQUA_TRACE=.*/file/t.json': .*/file is not a directory"):
+        Settings.from_env({"AQUA_TRACE": str(tmp_path / "file" / "t.json")})
+    with pytest.raises(ConfigError, match=r"^trace='/no/such/dir/t.json': directory /no/such/dir does not exist"):
+        Settings.from_env({}, trace="/no/such/dir/t.json")
+    with pytest.raises(ConfigError, match=r"^trace=3: expected a file path, such as /tmp/aqua-trace.json$"):
+        Settings.from_env({}, trace=3)
+    # Unwritable (root may write anywhere, so the check is made to fail here).
+    monkeypatch.setattr("aqua_alloc.memory.config.os.access", lambda path, mode: False)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"AQUA_TRACE": str(good)})
+    assert str(info.value) == (f"AQUA_TRACE={str(good)!r}: directory {tmp_path} is not writable by this process; "
+                               "give a file path in a directory it may write to")
+
+
 @pytest.mark.parametrize("var, value, why", [
     ("AQUA_BACKEND", "tpu", "expected 'cuda' or 'sim'"),
     ("AQUA_LOCAL_BUDGET", "0:1GiB,0:2GiB", "device 0 is given twice"),
@@ -206,9 +271,9 @@ def test_from_env_defaults_and_overrides():
     ("AQUA_SIM_DEVICES", "65", "must be in 1..64"),
     ("AQUA_SIM_DEVICE_BYTES", "3MiB", "multiple of 2MiB"),
     ("AQUA_SIM_HOST_BYTES", "10%", "percentage is not allowed"),
-    ("AQUA_SIM_HOST_BYTES", str(1 << 63), "at most 1125899906842624 bytes"),
+    ("AQUA_SIM_HOST_BYTES", str(1 << 63), "at most 1 PiB (1125899906842624 bytes)"),
     ("AQUA_SIM_DEVICE_BYTES", "2PiB", "not a size"),
-    ("AQUA_SIM_DEVICE_BYTES", "1025TiB", "at most 1125899906842624 bytes"),
+    ("AQUA_SIM_DEVICE_BYTES", "1025TiB", "at most 1 PiB (1125899906842624 bytes)"),
     ("AQUA_COORDINATOR_GPUS", "x", "expected device ordinals"),
     ("AQUA_COORDINATOR_GPUS", "0,", "expected device ordinals"),
     ("AQUA_COORDINATOR_GPUS", "1,1", "given twice"),
@@ -310,9 +375,12 @@ def test_resolve_explicit_values():
 @pytest.mark.parametrize("overrides, expected", [
     (dict(local_budget={2: "1GiB"}), "AQUA_LOCAL_BUDGET: unknown GPU 2 (GPUs: 0, 1)"),
     (dict(lend="5:1GiB"), "AQUA_LEND: unknown GPU 5 (GPUs: 0, 1)"),
-    (dict(local_budget="100GiB"), f"AQUA_LOCAL_BUDGET={100 * GiB} bytes for GPU 0 is more than it has ({80 * GiB} bytes)"),
-    (dict(lend="1:81GiB"), f"AQUA_LEND={81 * GiB} bytes for GPU 1 is more than it has ({80 * GiB} bytes)"),
-    (dict(host_budget="600GiB"), f"AQUA_HOST_BUDGET={600 * GiB} bytes is more than the host has ({512 * GiB} bytes)"),
+    (dict(local_budget="100GiB"), f"AQUA_LOCAL_BUDGET=100 GiB ({100 * GiB} bytes) for GPU 0 is more than the "
+                                  f"80 GiB ({80 * GiB} bytes) it has (give at most that, or a percentage such as 90%)"),
+    (dict(lend="1:81GiB"), f"AQUA_LEND=81 GiB ({81 * GiB} bytes) for GPU 1 is more than the 80 GiB ({80 * GiB} bytes) "
+                           "it has"),
+    (dict(host_budget="600GiB"), f"AQUA_HOST_BUDGET=600 GiB ({600 * GiB} bytes) is more than the 512 GiB "
+                                 f"({512 * GiB} bytes) the host has (give at most that, or a percentage such as 80%)"),
 ])
 def test_resolve_refuses_what_the_machine_does_not_have(overrides, expected):
     with pytest.raises(ConfigError) as info:

@@ -376,12 +376,12 @@ def test_policy_and_join_settings_are_checked():
 # The daemon: its socket.
 
 
-def test_socket_and_directory_are_private_and_one_daemon_per_path(short_dir):
+def test_socket_is_private_and_one_daemon_per_path(short_dir):
+    os.mkdir(os.path.join(short_dir, "sub"), mode=0o700)
     path = os.path.join(short_dir, "sub", "c.sock")
     d = Daemon(path)
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
         second = subprocess.run([sys.executable, "-m", "aqua_alloc", "coordinator", "--socket", path],
                                 env=clean_env(), capture_output=True, text=True, timeout=30)
         assert second.returncode == 1
@@ -399,6 +399,41 @@ def test_socket_and_directory_are_private_and_one_daemon_per_path(short_dir):
     proc = subprocess.run([sys.executable, "-m", "aqua_alloc", "coordinator", "--socket", path],
                           env=clean_env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "exists and is not a socket" in proc.stderr
+
+
+def test_a_named_socket_in_a_missing_directory_is_refused_and_nothing_is_created(short_dir):
+    path = os.path.join(short_dir, "missing", "dir", "c.sock")
+    runtime = os.path.join(short_dir, "run")
+    os.mkdir(runtime, mode=0o700)
+    for args, env in ((["--socket", path], {}), ([], {"AQUA_COORDINATOR": path})):
+        proc = subprocess.run([sys.executable, "-m", "aqua_alloc", "coordinator", *args],
+                              env=clean_env(XDG_RUNTIME_DIR=runtime, **env), capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr == (f"aqua-alloc: error: cannot serve {path}: directory {os.path.dirname(path)} does not "
+                               "exist; create it or give a socket path in an existing directory (the default, "
+                               f"{runtime}/aqua_alloc/coordinator.sock, needs none)\n")
+        assert sorted(os.listdir(short_dir)) == ["run"] and os.listdir(runtime) == []
+    Path(short_dir, "file").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "aqua_alloc", "coordinator", "--socket",
+                           os.path.join(short_dir, "file", "c.sock")], env=clean_env(), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 1 and f"directory {short_dir}/file is not a directory" in proc.stderr
+
+
+def test_the_default_socket_directory_is_made_private(short_dir):
+    runtime = os.path.join(short_dir, "run")
+    os.mkdir(runtime, mode=0o700)
+    proc = subprocess.Popen([sys.executable, "-m", "aqua_alloc", "coordinator"], env=clean_env(XDG_RUNTIME_DIR=runtime),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = os.path.join(runtime, "aqua_alloc", "coordinator.sock")
+    try:
+        wait_for(lambda: os.path.exists(path), what="the default socket")
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
 
 
 def test_default_directory_must_be_private(short_dir):

@@ -168,11 +168,13 @@ def clean():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (dict(local_budget="65MiB"), "AQUA_LOCAL_BUDGET=68157440 bytes for GPU 0 is more than it has (67108864 bytes)"),
-    (dict(lend={1: "1GiB"}), "AQUA_LEND=1073741824 bytes for GPU 1 is more than it has"),
+    (dict(local_budget="65MiB"), "AQUA_LOCAL_BUDGET=65 MiB (68157440 bytes) for GPU 0 is more than the "
+                                 "64 MiB (67108864 bytes) it has"),
+    (dict(lend={1: "1GiB"}), "AQUA_LEND=1 GiB (1073741824 bytes) for GPU 1 is more than the 64 MiB"),
     (dict(local_budget={2: "1MiB"}), "AQUA_LOCAL_BUDGET: unknown GPU 2 (GPUs: 0, 1)"),
     (dict(lend="5:1MiB"), "AQUA_LEND: unknown GPU 5 (GPUs: 0, 1)"),
-    (dict(host_budget="257MiB"), "AQUA_HOST_BUDGET=269484032 bytes is more than the host has (268435456 bytes)"),
+    (dict(host_budget="257MiB"), "AQUA_HOST_BUDGET=257 MiB (269484032 bytes) is more than the "
+                                 "256 MiB (268435456 bytes) the host has"),
     (dict(sim_peer_access=[[1, 1, 1]] * 3), "sim_peer_access: expected a 2x2 matrix, got 3 rows"),
     (dict(sim_peer_access=[[1], [1]]), "sim_peer_access: expected a square matrix"),
     (dict(chunk="3MiB"), "chunk='3MiB': must be 2MiB times a power of two"),

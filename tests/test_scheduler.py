@@ -11,7 +11,11 @@ import asyncio
 import contextlib
 import concurrent.futures
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from aqua_alloc.hf import kv_cache, scheduler as scheduler_module
 from aqua_alloc.obs.events import EventKind, drain_python_events
+from aqua_alloc.obs.trace_reader import read_trace
 from aqua_alloc.hf.scheduler import (
     Policy,
     PromptCancelled,
@@ -232,11 +237,93 @@ def test_rr_round_robin_and_fcfs_arrival_order(llama):
 
 def test_policy_lookup_and_bad_arguments():
     assert Scheduler(policy="rr").policy is Policy.RR
+    assert Scheduler(policy=Policy.FCFS).policy is Policy.FCFS
     assert scheduler_module.pick_next(Policy.FAIR, []) is None  # "not now"
-    with pytest.raises(ValueError):
-        Scheduler(policy="lottery")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as info:
+        Scheduler(policy="bogus")
+    assert str(info.value) == "policy='bogus': expected one of 'fair', 'rr', 'fcfs'"
+    with pytest.raises(ValueError) as info:
         Scheduler(slice_steps=0)
+    assert str(info.value) == "slice_steps=0: expected a whole number of decode steps, at least 1"
+    with pytest.raises(ValueError, match=r"^slice_steps='5': expected a whole number"):
+        Scheduler(slice_steps="5")
+    with pytest.raises(ValueError, match=r"^chunk_tokens=0: expected a whole number of tokens, at least 1$"):
+        Scheduler(chunk_tokens=0)
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: Scheduler(prefetch="no"), "Scheduler(): prefetch='no': expected True or False, got str"),
+    (lambda: Scheduler(first_token_priority=1), "Scheduler(): first_token_priority=1: expected True or False, got int"),
+    (lambda: Scheduler(use_context_cache="auto"),
+     "Scheduler(): use_context_cache='auto': expected True, False or None, got str"),
+    (lambda: Scheduler().shutdown(wait="no"), "Scheduler.shutdown(): wait='no': expected True or False, got str"),
+])
+def test_flags_take_only_booleans(call, text):
+    with pytest.raises(TypeError) as info:
+        call()
+    assert str(info.value) == text
+
+
+@pytest.mark.parametrize("name, call", [
+    ("Scheduler.generate()", lambda sched, x: sched.generate(x)),
+    ("Scheduler.wrap()", lambda sched, x: sched.wrap(x)),
+    ("Scheduler.unwrap()", lambda sched, x: Scheduler.unwrap(x)),
+    ("Scheduler.agenerate()", lambda sched, x: asyncio.run(sched.agenerate(x))),
+])
+def test_something_that_is_not_a_model_is_named(name, call):
+    sched = Scheduler()
+    for thing, type_name in ((object(), "object"), ("gpt2", "str"),
+                             (torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear")):
+        with pytest.raises(TypeError) as info:
+            call(sched, thing)
+        assert str(info.value) == (f"{name}: expected a HuggingFace model (an object with a .generate method, such "
+                                   f"as AutoModelForCausalLM.from_pretrained(...)), got {type_name}")
+    assert sched.stats().prompts == [], "nothing was admitted"
+
+
+_TRACED_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from tiny_models import CONFIGS, GREEDY, build, prompt_ids
+import aqua_alloc
+from aqua_alloc import Scheduler
+
+model = build(CONFIGS["llama"]())
+sched = Scheduler(slice_steps=2)
+sched.generate(model, prompt_ids(5, 1), max_new_tokens=4, tag="cpu-a", **GREEDY)
+assert not aqua_alloc.is_enabled()
+print("served")
+"""
+
+
+def run_traced(tmp_path, trace_path: str) -> subprocess.CompletedProcess:
+    """The scheduled CPU run above in a fresh interpreter, with AQUA_TRACE set and nothing enabled."""
+    tests = str(Path(__file__).resolve().parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AQUA_")}
+    env.update(AQUA_TRACE=trace_path, PYTHONPATH=os.pathsep.join([str(Path(tests).parent), tests]))
+    return subprocess.run([sys.executable, "-c", _TRACED_RUN.format(tests=tests)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_aqua_trace_traces_a_scheduled_run_on_cpu_without_enable(tmp_path):
+    path = tmp_path / "t.json"
+    proc = run_traced(tmp_path, str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "served\n"
+    assert f"[aqua_alloc] trace written to {path} at exit (7 events)" in proc.stderr
+    events = [(e.kind, e.context) for e in read_trace(path).events]
+    S, E = EventKind.SLICE_START, EventKind.SLICE_END
+    assert events == [(k, "cpu-a") for k in (EventKind.PROMPT_ARRIVED, S, EventKind.FIRST_TOKEN, E, S, E,
+                                              EventKind.FINISHED)]
+
+
+def test_aqua_trace_to_a_missing_directory_is_refused_when_the_scheduler_is_made(tmp_path):
+    proc = run_traced(tmp_path, "/no/such/dir/t.json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.rstrip().endswith(
+        "aqua_alloc.memory.config.ConfigError: AQUA_TRACE='/no/such/dir/t.json': directory /no/such/dir does not "
+        "exist; create it or give a file path in an existing directory")
+    assert "trace written" not in proc.stderr and list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- faults

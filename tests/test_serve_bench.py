@@ -9,9 +9,11 @@ No test measures time.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))  # the harness lives there
 
 import serve_harness as sb  # noqa: E402
+from serve_options import check_options  # noqa: E402
 from serve_trace import (  # noqa: E402
     EXCERPT_NAME,
     BenchInputError,
@@ -466,6 +469,57 @@ def test_bench_cli_bad_inputs_exit_2_naming_the_argument(args, text, capsys, tmp
         cli.main([*args, "--device", "cpu", "--model", "tiny", "--out", str(tmp_path)])
     assert info.value.code == 2
     assert text in capsys.readouterr().err
+
+
+_REFUSAL = """
+import os, runpy, sys
+sys.argv = ["bench_serve.py", *{args!r}]
+sys.path.insert(0, os.path.dirname({script!r}))  # as running the script does
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "torch imported:", "torch" in sys.modules, "transformers imported:",
+          "transformers" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--trace", "nope"], "--trace='nope': not a known trace"),
+    (["--loads", "0.5,fast"], "--loads='0.5,fast': 'fast' is not a number"),
+    (["--systems", "fcfs,tgi"], "--systems='fcfs,tgi': unknown 'tgi'"),
+    (["--trace", "conv-excerpt", "--window-start", "5000"], "--window-start=5000 --window-s=60: no request"),
+    (["--kv-budget", "lots"], "--kv-budget='lots': not a size"),
+    (["--rounds", "0"], "--rounds=0: must be a whole number, at least 1"),
+    (["--check", "0"], "--check=0: at least one request must run alone"),
+    (["--model", "gpt5"], "argument --model: invalid choice: 'gpt5'"),
+])
+def test_bench_cli_refuses_bad_arguments_before_importing_torch(args, text, tmp_path):
+    script = str(REPO / "benchmarks" / "bench_serve.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AQUA_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-c", _REFUSAL.format(args=[*args, "--out", str(tmp_path)], script=script)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "exit 2 torch imported: False transformers imported: False\n", proc.stderr
+    assert text in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cpu_defaults_to_the_tiny_model_and_a_gpu_to_llama_1b():
+    plan = sb._resolve(sb.BenchOptions(device="cpu"))
+    assert (plan.model, plan.model_is_default, plan.kv_budget, plan.max_prompt) == ("tiny", True, 4 * 2**20, 64)
+    assert sb._resolve(sb.BenchOptions(device="cpu", model="llama-1b")).model == "llama-1b"  # asked for: kept
+    checked = check_options(sb.BenchOptions(), "cuda")
+    assert (checked.model, checked.kv_budget, checked.max_prompt) == ("llama-1b", 128 * 2**20, 2048)
+
+
+def test_no_out_of_memory_warning_on_cpu_where_nothing_is_capped(tmp_path):
+    stream = io.StringIO()
+    sb.run_benchmark(tiny_options(tmp_path, model=None, kv_budget="1KiB", systems=["fcfs"], budget_s=1e-3),
+                     sb.Log(stream=stream))
+    log = stream.getvalue()
+    assert "model tiny: the default on CPU, where llama-1b takes seconds per request (--model to choose)" in log
+    assert "; on CPU nothing is capped (fcfs and threads) or parked (aqua)" in log
+    assert "WARNING" not in log and "run out of memory" not in log
 
 
 def test_runs_that_would_overrun_the_budget_are_skipped_not_started(tmp_path):

@@ -421,15 +421,21 @@ class _Connection:
 
 
 def _prepare_directory(path: str, strict: bool) -> None:
-    """Create the socket's directory (mode 0700). ``strict`` (the default, shared
-    location): it must be a real directory of ours that no one else may enter."""
+    """Check the socket's directory. ``strict`` (the default, shared location): create it
+    (mode 0700) if missing; it must be a real directory of ours that no one else may enter.
+    Otherwise (a path the user named) it must exist: nothing is created that was not asked for."""
     directory = os.path.dirname(path) or "."
+    if not strict:
+        if not os.path.isdir(directory):
+            why = "is not a directory" if os.path.lexists(directory) else "does not exist"
+            raise CoordinatorError(f"cannot serve {path}: directory {directory} {why}; create it or give a socket "
+                                   f"path in an existing directory (the default, {proto.default_socket_path()}, "
+                                   "needs none)")
+        return
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
     except OSError as e:
         raise CoordinatorError(f"cannot create the socket's directory {directory}: {e.strerror or e}") from None
-    if not strict:
-        return
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise CoordinatorError(f"{directory} must be a directory of uid {os.getuid()} with mode 0700 (found uid "

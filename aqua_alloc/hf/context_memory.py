@@ -16,7 +16,7 @@ from typing import Any, ContextManager, Protocol
 
 import torch
 
-__all__ = ["ContextMemory", "AllocatorMemory", "memory_for"]
+__all__ = ["ContextMemory", "AllocatorMemory", "is_enabled", "memory_for"]
 
 
 class ContextMemory(Protocol):
@@ -93,17 +93,27 @@ class AllocatorMemory:
 _memory: AllocatorMemory | None = None
 
 
-def memory_for(device: torch.device | str | None) -> ContextMemory | None:
-    """aqua_alloc's contexts when they apply to ``device``, else None.
-
-    They apply when ``device`` is a CUDA device, the memory layer loads (its C++ core is
-    built) and aqua_alloc is enabled."""
+def _enabled_memory() -> AllocatorMemory | None:
+    """The running aqua_alloc, or None when it is not enabled (or its core is not built)."""
     global _memory
-    if device is None or torch.device(device).type != "cuda":
-        return None
     if _memory is None:
         try:
             _memory = AllocatorMemory()
         except ImportError:  # the allocator core is not built / not present: memory side off
             return None
     return _memory if _memory.is_enabled() else None
+
+
+def is_enabled() -> bool:
+    """Whether aqua_alloc is enabled in this process, on any device."""
+    return _enabled_memory() is not None
+
+
+def memory_for(device: torch.device | str | None) -> ContextMemory | None:
+    """aqua_alloc's contexts when they apply to ``device``, else None.
+
+    They apply when ``device`` is a CUDA device, the memory layer loads (its C++ core is
+    built) and aqua_alloc is enabled."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    return _enabled_memory()

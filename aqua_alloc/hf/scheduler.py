@@ -29,7 +29,8 @@ is a :class:`~aqua_alloc.hf.kv_cache.ContextKVCache` in its own context (tag = t
 At a switch the outgoing context is parked (``park``: moved only if the incoming
 prompt needs the room), the incoming one resumed; while a prompt runs, the context of the
 prompt predicted to run next is prefetched (``prefetch``). On CPU, or
-with aqua_alloc off, the scheduler only schedules.
+with aqua_alloc off, the scheduler only schedules; ``AQUA_TRACE`` then still traces its events
+(written at exit; a bad path raises ConfigError when the scheduler is made).
 
 Faults: an exception in one prompt is raised in its caller's thread, its context is released
 and the others go on. :meth:`Scheduler.cancel` (and cancelling an :meth:`Scheduler.agenerate`
@@ -57,6 +58,8 @@ import torch
 from transformers import StoppingCriteria
 
 from aqua_alloc.hf.attention import warn_if_cudnn_attention
+from aqua_alloc.memory.config import expect_bool, trace_settings_from_env
+from aqua_alloc.obs import trace
 from aqua_alloc.obs.events import EventKind, emit
 from aqua_alloc.hf.generate_hook import (
     describe_call,
@@ -65,6 +68,7 @@ from aqua_alloc.hf.generate_hook import (
     unscheduled_generate,
     with_stopping_criterion,
 )
+from aqua_alloc.hf import context_memory
 from aqua_alloc.hf.context_memory import ContextMemory, memory_for
 from aqua_alloc.hf.kv_cache import ContextKVCache
 
@@ -77,6 +81,26 @@ _prompt_numbers = itertools.count()  # process-wide, so tags stay unique across 
 def _wait_move(handle: Any) -> Any:
     """Wait for a ``prefetch`` or ``resume(tag, wait=False)``'s handle (a Future, or anything with wait())."""
     return handle.result() if hasattr(handle, "result") else handle.wait()
+
+
+def _expect_model(model: Any, what: str) -> None:
+    """TypeError naming what was passed where a HuggingFace model belongs."""
+    if not callable(getattr(model, "generate", None)) or not hasattr(model, "__dict__"):
+        kind = type(model)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"{what}: expected a HuggingFace model (an object with a .generate method, such as "
+                        f"AutoModelForCausalLM.from_pretrained(...)), got {name}")
+
+
+def _trace_without_enable() -> None:
+    """``AQUA_TRACE`` with aqua_alloc not enabled (on CPU, say): the scheduler's events are
+    traced all the same, written at exit like enable()'s trace. A bad path raises ConfigError
+    now. When aqua_alloc is enabled, its settings decide (an ``enable(trace=...)`` wins)."""
+    if context_memory.is_enabled() or trace.exit_hook_path() is not None:
+        return
+    path, snapshot = trace_settings_from_env()
+    if path is not None:
+        trace.install_exit_hook(path, snapshot=snapshot)
 
 
 class SchedulerShutdown(RuntimeError):
@@ -269,10 +293,18 @@ class Scheduler:
         prefetch: bool = True,
         first_token_priority: bool = True,
     ) -> None:
-        if slice_steps < 1:
-            raise ValueError(f"slice_steps must be at least 1, got {slice_steps}")
+        if isinstance(slice_steps, bool) or not isinstance(slice_steps, int) or slice_steps < 1:
+            raise ValueError(f"slice_steps={slice_steps!r}: expected a whole number of decode steps, at least 1")
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={chunk_tokens!r}: expected a whole number of tokens, at least 1")
+        expect_bool(use_context_cache, "Scheduler(): use_context_cache", allow_none=True)
+        expect_bool(prefetch, "Scheduler(): prefetch")
+        expect_bool(first_token_priority, "Scheduler(): first_token_priority")
+        try:
+            self.policy = Policy(policy)
+        except ValueError:
+            raise ValueError(f"policy={policy!r}: expected one of {', '.join(repr(p.value) for p in Policy)}") from None
         self.device = torch.device(device) if device is not None else None
-        self.policy = Policy(policy)
         self.slice_steps = slice_steps
         self.use_context_cache = use_context_cache
         self.chunk_tokens = chunk_tokens
@@ -290,6 +322,7 @@ class Scheduler:
         self._closed = False
         self._finished: collections.deque[_Prompt] = collections.deque(maxlen=_HISTORY)
         self._slices: collections.deque[SliceRecord] = collections.deque(maxlen=_HISTORY)
+        _trace_without_enable()
 
     # ------------------------------------------------------------------ public API
 
@@ -300,6 +333,7 @@ class Scheduler:
         prompts). ``tag`` names the prompt (and its context); default ``"prompt-<n>"``.
         Raises what ``generate`` raises, or :class:`PromptCancelled` / :class:`SchedulerShutdown`.
         """
+        _expect_model(model, "Scheduler.generate()")
         prompt = self._admit(model, args, kwargs, tag)
         return self._run(prompt, model, args, kwargs)
 
@@ -309,6 +343,7 @@ class Scheduler:
         Cancelling the awaiting task cancels the prompt; the task's ``CancelledError`` is raised
         once the prompt has left the scheduler and its context is freed.
         """
+        _expect_model(model, "Scheduler.agenerate()")
         prompt = self._admit(model, args, kwargs, tag)
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -348,6 +383,7 @@ class Scheduler:
 
         Existing code then changes by one line: ``model = sched.wrap(model)``.
         """
+        _expect_model(model, "Scheduler.wrap()")
         original = unscheduled_generate(model)
 
         @functools.wraps(original)
@@ -361,6 +397,7 @@ class Scheduler:
     @staticmethod
     def unwrap(model: Any) -> Any:
         """Undo :meth:`wrap`; returns the model."""
+        _expect_model(model, "Scheduler.unwrap()")
         if "_aqua_unscheduled_generate" in model.__dict__:
             del model.__dict__["generate"]
             del model.__dict__["_aqua_unscheduled_generate"]
@@ -384,6 +421,7 @@ class Scheduler:
         With ``wait``, block until they have left (a running prompt leaves at the end of its
         current step) or ``timeout`` seconds pass. Returns whether none is left.
         """
+        expect_bool(wait, "Scheduler.shutdown(): wait")
         with self._cond:
             self._closed = True
             for prompt in self._live.values():

@@ -76,22 +76,31 @@ def tier_name(tier: int) -> str:
     return "host" if tier == TIER_HOST else f"gpu{tier}"
 
 
+def _tiers_accepted(num_devices: int) -> str:
+    """What a tier argument may be on this machine, for messages."""
+    last = num_devices - 1
+    gpus = "'gpu0' or the device ordinal 0" if last == 0 else f"'gpu0'..'gpu{last}' or a device ordinal 0..{last}"
+    return f"'host', 'auto', {gpus}"
+
+
 def parse_tier(tier: int | str, num_devices: int) -> int:
     """'host', 'gpuN', 'auto' or a device ordinal -> the core's tier number."""
+    given = tier
     if isinstance(tier, str):
         t = tier.strip().lower()
         if t == "host":
             return TIER_HOST
         if t == "auto":
             return TIER_AUTO
-        if t.startswith("gpu") and t[3:].isdigit():
+        if t.startswith("gpu") and t[3:].isascii() and t[3:].isdigit():
             tier = int(t[3:])
-        elif t.startswith("cuda:") and t[5:].isdigit():
+        elif t.startswith("cuda:") and t[5:].isascii() and t[5:].isdigit():
             tier = int(t[5:])
-        else:
-            raise ValueError(f"tier={tier!r}: expected 'host', 'auto', 'gpuN' or a device ordinal")
-    if isinstance(tier, bool) or not isinstance(tier, int) or not 0 <= tier < num_devices:
-        raise ValueError(f"tier={tier!r}: no such GPU ({num_devices} devices)")
+    if isinstance(tier, bool) or not isinstance(tier, int):
+        raise ValueError(f"tier={given!r}: expected {_tiers_accepted(num_devices)}")
+    if not 0 <= tier < num_devices:
+        raise ValueError(f"tier={given!r}: no such GPU; this process has {num_devices} "
+                         f"GPU{'s' if num_devices != 1 else ''}: expected {_tiers_accepted(num_devices)}")
     return tier
 
 
@@ -239,8 +248,8 @@ def stop() -> None:
             check(lib.aqua_resume(ctx.id, _current_stream(ctx), ctypes.byref(moved), ctypes.byref(elsewhere)),
                   f"bringing {ctx.tag!r} home")
             if elsewhere.value:
-                raise ContextError(f"disable(): context {ctx.tag!r} still has {elsewhere.value} bytes off its GPU "
-                                   "(no room to bring them home); release contexts or free memory first")
+                raise ContextError(f"disable(): context {ctx.tag!r} still has {config.format_size(elsewhere.value)} "
+                                   "off its GPU (no room to bring them home); release contexts or free memory first")
         if state.lending:
             state.lending.stop()
         if state.prefetcher:
@@ -395,6 +404,7 @@ def resume(tag: str, wait: bool = True) -> MoveResult | concurrent.futures.Futur
     (a stream wait on a flag the move sets), not on the host, so kernels may be launched on
     the context right away. Where the driver cannot queue such a wait, the call waits for
     the move on the host before it returns (the Future is then already done)."""
+    config.expect_bool(wait, "resume(): wait")
     with _lock:
         ctx = _find(tag)
     stream = _current_stream(ctx)  # the caller's: a running context's moves wait for its work
@@ -481,11 +491,16 @@ def _lend_device(state: _State, device: Any, what: str) -> int:
     return device
 
 
-def _lend_bytes(value: Any, device: int, what: str, name: str) -> int:
-    size = config.parse_size(value, f"{what}: {name}", allow_percent=False)
+def _lend_bytes(value: Any, device: int, what: str, name: str, none_means: str) -> int:
+    """Bytes of GPU ``device`` given to lend()/reclaim() (``none_means``: what None asks for)."""
+    try:
+        size = config.parse_size(value, f"{what}: {name}", allow_percent=False)
+    except config.ConfigError as e:
+        raise config.ConfigError(f"{e}; or None for {none_means}") from None
     _, total = _native.mem_info(device)
     if size > total:
-        raise config.ConfigError(f"{what}: {name}={value!r} is more than GPU {device} has ({total} bytes)")
+        raise config.ConfigError(f"{what}: {name}={value!r} is {config.format_size(size)}, more than the "
+                                 f"{config.format_size(total)} GPU {device} has")
     return size
 
 
@@ -500,7 +515,8 @@ def lend(device: int, max_bytes: int | str | None) -> None:
         if max_bytes is None:
             state.lending.set_elastic(device)
         else:
-            state.lending.set_fixed(device, _lend_bytes(max_bytes, device, "lend()", "max_bytes"))
+            state.lending.set_fixed(device, _lend_bytes(max_bytes, device, "lend()", "max_bytes",
+                                                       "the elastic default"))
     state.lending.move_excess(device)
 
 
@@ -514,7 +530,7 @@ def reclaim(device: int, nbytes: int | str | None = None, timeout: float = 5.0) 
     with _lock:
         state = _require()
         device = _lend_device(state, device, "reclaim()")
-        size = None if nbytes is None else _lend_bytes(nbytes, device, "reclaim()", "nbytes")
+        size = None if nbytes is None else _lend_bytes(nbytes, device, "reclaim()", "nbytes", "all it lends")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"reclaim(): timeout={timeout!r}: expected seconds >= 0")
     return state.lending.reclaim(device, size, float(timeout))
@@ -588,6 +604,7 @@ def where(tag_or_tensor: Any, *, wait: bool = True) -> dict[str, int] | None:
     inside aqua_alloc (e.g. moving contexts): for hot paths, such as a model's forward, that
     can reuse what they knew rather than stall behind a move.
     """
+    config.expect_bool(wait, "where(): wait")
     if not wait:
         if not isinstance(tag_or_tensor, str):
             raise TypeError(f"where(..., wait=False) takes a context tag, got {type(tag_or_tensor).__name__}")
@@ -707,6 +724,7 @@ def drain_core_events() -> list[events.Event]:
 def move_profile(reset: bool = False) -> dict[str, dict[str, float]]:
     """Where moves spent their time since enable() (or the last reset): per phase
     (acquire, stage, issue, wait, remap, release) total milliseconds and calls."""
+    config.expect_bool(reset, "move_profile(): reset")
     _require()
     lib = _native.lib()
     n = len(_native.PHASES)
@@ -722,6 +740,7 @@ def move_spans(record: bool | None = None) -> list[tuple[str, int, int]]:
     (phase, t0_ns, t1_ns), on the clock of time.monotonic_ns(): a move's timeline. Recording
     is off by default; ``record=True`` clears and starts it, ``False`` stops it (at most
     16384 spans are kept; later ones are dropped)."""
+    config.expect_bool(record, "move_spans(): record", allow_none=True)
     _require()
     lib = _native.lib()
     out: list[tuple[str, int, int]] = []

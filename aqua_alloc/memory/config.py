@@ -38,6 +38,24 @@ class ConfigError(ValueError):
     """A setting has a bad value. The message names the setting and the value."""
 
 
+_SIZE_UNITS = ((1 << 60, "EiB"), (1 << 50, "PiB"), (TiB, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB"))
+
+
+def format_size(num_bytes: int) -> str:
+    """A byte count for people, exact count kept: ``1 TiB (1099511627776 bytes)``,
+    ``1.5 GiB (1610612736 bytes)``, ``512 bytes``. The one form of sizes in messages."""
+    for unit, name in _SIZE_UNITS:
+        if num_bytes >= unit:
+            return f"{num_bytes / unit:.4g} {name} ({num_bytes} bytes)"
+    return f"{num_bytes} bytes"
+
+
+def _size_examples(allow_percent: bool) -> str:
+    """What a size setting accepts, for messages."""
+    return "a byte count or a size such as 512MiB or 8GiB" + (", or a percentage such as 80%" if allow_percent
+                                                               else "; no percentage here")
+
+
 @dataclasses.dataclass(frozen=True)
 class Percent:
     """A size given as a share of a total (the device's or the host's memory)."""
@@ -54,7 +72,7 @@ Size = int | Percent
 def parse_size(text: Any, setting: str, allow_percent: bool = True) -> Size:
     """Parse one size; raise ConfigError naming `setting` when it is not one."""
     if isinstance(text, bool):
-        raise ConfigError(f"{setting}={text!r}: not a size (examples: 512MiB, 8GiB, 80%)")
+        raise ConfigError(f"{setting}={text!r}: not a size (expected {_size_examples(allow_percent)})")
     if isinstance(text, int):
         if text < 0:
             raise ConfigError(f"{setting}={text}: a size cannot be negative")
@@ -64,23 +82,27 @@ def parse_size(text: Any, setting: str, allow_percent: bool = True) -> Size:
             raise ConfigError(f"{setting}={text}: a size cannot be negative or NaN or infinite")
         return _bounded(int(text), text, setting)
     if isinstance(text, Percent):
+        if not allow_percent:
+            raise ConfigError(f"{setting}={text!r}: a percentage is not allowed here "
+                              f"(expected {_size_examples(allow_percent)})")
         return text
     if not isinstance(text, str):
-        raise ConfigError(f"{setting}={text!r}: not a size (examples: 512MiB, 8GiB, 80%)")
+        raise ConfigError(f"{setting}={text!r}: not a size (expected {_size_examples(allow_percent)})")
     s = text.strip()
     if s.startswith("-"):
         raise ConfigError(f"{setting}={text!r}: a size cannot be negative")
     m = _PERCENT_RE.match(s)
     if m:
         if not allow_percent:
-            raise ConfigError(f"{setting}={text!r}: a percentage is not allowed here; give bytes (e.g. 64MiB)")
+            raise ConfigError(f"{setting}={text!r}: a percentage is not allowed here "
+                              f"(expected {_size_examples(allow_percent)})")
         value = float(m.group(1))
         if value > 100:
             raise ConfigError(f"{setting}={text!r}: a percentage must be at most 100%")
         return Percent(value)
     m = _SIZE_RE.match(s)
     if not m or not m.group(1).isascii() or m.group(2).lower() not in _UNITS:
-        raise ConfigError(f"{setting}={text!r}: not a size (examples: 512MiB, 8GiB, 80%)")
+        raise ConfigError(f"{setting}={text!r}: not a size (expected {_size_examples(allow_percent)})")
     number, unit = m.group(1), _UNITS[m.group(2).lower()]
     if "." not in number:
         return _bounded(int(number) * unit, text, setting)  # exact, however large
@@ -95,7 +117,7 @@ _MAX_SIZE = 1 << 64  # bytes: no machine has more
 
 def _bounded(size: int, text: Any, setting: str) -> int:
     if size >= _MAX_SIZE:
-        raise ConfigError(f"{setting}={text!r}: too large (at most {_MAX_SIZE - 1} bytes)")
+        raise ConfigError(f"{setting}={text!r}: too large: at most {format_size(_MAX_SIZE - 1)}")
     return size
 
 
@@ -134,6 +156,15 @@ def parse_bool(text: Any, setting: str) -> bool:
     raise ConfigError(f"{setting}={text!r}: expected 1/0, true/false, yes/no or on/off")
 
 
+def expect_bool(value: Any, parameter: str, allow_none: bool = False) -> bool | None:
+    """``value`` of a True/False parameter of the API (``resume(wait=...)``); TypeError naming
+    ``parameter`` for anything else, since ``wait="no"`` would read as true."""
+    if isinstance(value, bool) or (allow_none and value is None):
+        return value
+    accepted = "True, False or None" if allow_none else "True or False"
+    raise TypeError(f"{parameter}={value!r}: expected {accepted}, got {type(value).__name__}")
+
+
 def parse_int(text: Any, setting: str, low: int, high: int) -> int:
     try:
         if isinstance(text, bool) or (isinstance(text, str) and not text.strip().isascii()):
@@ -167,7 +198,8 @@ class Settings:
                                                    #   at enable() and kept topped up (bytes)
     chunk: int = 64 * MiB                          # AQUA_CHUNK: largest piece a segment moves in (bytes;
                                                    #   2MiB times a power of two)
-    trace: str | None = None                       # AQUA_TRACE: write a trace here at exit
+    trace: str | None = None                       # AQUA_TRACE: write a trace here at exit (its directory
+                                                   #   must exist and be writable: checked at parse)
     trace_snapshot: bool = False                   # AQUA_TRACE_SNAPSHOT: also PyTorch's memory snapshot
     trace_events: int = 1 << 20                    # AQUA_TRACE_EVENTS: event buffer capacity (events)
     sim_devices: int = 8                           # AQUA_SIM_DEVICES: simulated GPUs (backend "sim")
@@ -284,6 +316,32 @@ def _parse_coordinator(value: Any, label: str) -> str | None:
     return path
 
 
+def _parse_trace_path(value: Any, label: str) -> str | None:
+    """A file the trace can be written to at exit: checked now, so that a typo is refused at
+    ``enable()`` rather than found when the run is over (the writer makes a temporary file in
+    the same directory and renames it, so the directory must exist and be writable)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str):
+        raise ConfigError(f"{label}={value!r}: expected a file path, such as /tmp/aqua-trace.json")
+    path = os.fspath(value)
+    if not path.strip():
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{label}={value!r}: is a directory; expected a file path in it, "
+                          f"such as {os.path.join(path, 'trace.json')}")
+    if not os.path.exists(directory):
+        raise ConfigError(f"{label}={value!r}: directory {directory} does not exist; create it "
+                          "or give a file path in an existing directory")
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{label}={value!r}: {directory} is not a directory; give a file path in a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label}={value!r}: directory {directory} is not writable by this process; "
+                          "give a file path in a directory it may write to")
+    return path
+
+
 def _parse_gpus(value: Any, label: str) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -342,8 +400,8 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
         if name == "chunk" and (size < 2 * MiB or size % (2 * MiB) or (size // (2 * MiB)) & (size // (2 * MiB) - 1)):
             raise ConfigError(f"{label}={value!r}: must be 2MiB times a power of two (2MiB, 4MiB, ... 64MiB, ...)")
         if name in ("sim_device_bytes", "sim_host_bytes") and size > _MAX_SIM_BYTES:
-            raise ConfigError(f"{label}={value!r}: too large for the simulated backend "
-                              f"(at most {_MAX_SIM_BYTES} bytes, 1 PiB)")
+            raise ConfigError(f"{label}={value!r}: too large for the simulated backend: "
+                              f"at most {format_size(_MAX_SIM_BYTES)}")
         if name == "sim_device_bytes" and size % (2 * MiB):
             raise ConfigError(f"{label}={value!r}: must be a multiple of 2MiB")
         return size
@@ -358,9 +416,7 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
     if name == "coordinator_interval":
         return _parse_seconds(value, label, _MAX_COORDINATOR_INTERVAL)
     if name == "trace":
-        if value is not None and not isinstance(value, (str, os.PathLike)):
-            raise ConfigError(f"{label}={value!r}: expected a file path")
-        return None if value in (None, "") else os.fspath(value)
+        return _parse_trace_path(value, label)
     if name == "trace_snapshot":
         return parse_bool(value, label)
     if name == "trace_events":
@@ -380,6 +436,15 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
             raise ConfigError(f"{label}: expected a square matrix of booleans")
         return matrix
     raise ConfigError(f"unknown setting {label!r}")  # pragma: no cover - fields are fixed
+
+
+def trace_settings_from_env(env: Mapping[str, str] | None = None) -> tuple[str | None, bool]:
+    """(``AQUA_TRACE``, ``AQUA_TRACE_SNAPSHOT``) alone, checked as ``enable()`` checks them: for
+    layers that trace without enabling aqua_alloc (the scheduler on CPU)."""
+    env = os.environ if env is None else env
+    path = _parse_field("trace", env["AQUA_TRACE"], "AQUA_TRACE") if "AQUA_TRACE" in env else None
+    snapshot = "AQUA_TRACE_SNAPSHOT" in env and parse_bool(env["AQUA_TRACE_SNAPSHOT"], "AQUA_TRACE_SNAPSHOT")
+    return path, snapshot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,7 +471,8 @@ def _per_device(spec: dict[int, Size] | Size | None, totals: dict[int, int], def
             raise ConfigError(f"{label}: unknown GPU {device} (GPUs: {known})")
         value = size.of(totals[device]) if isinstance(size, Percent) else size
         if value > totals[device]:
-            raise ConfigError(f"{label}={value} bytes for GPU {device} is more than it has ({totals[device]} bytes)")
+            raise ConfigError(f"{label}={format_size(value)} for GPU {device} is more than the "
+                              f"{format_size(totals[device])} it has (give at most that, or a percentage such as 90%)")
         out[device] = value
     return out
 
@@ -429,7 +495,8 @@ def resolve(settings: Settings, device_total: dict[int, int], device_free: dict[
         host_budget = (settings.host_budget.of(host_total) if isinstance(settings.host_budget, Percent)
                        else settings.host_budget)
         if host_budget > host_total:
-            raise ConfigError(f"AQUA_HOST_BUDGET={host_budget} bytes is more than the host has ({host_total} bytes)")
+            raise ConfigError(f"AQUA_HOST_BUDGET={format_size(host_budget)} is more than the {format_size(host_total)} "
+                              "the host has (give at most that, or a percentage such as 80%)")
     reserve = (settings.host_reserve.of(host_budget) if isinstance(settings.host_reserve, Percent)
                else settings.host_reserve)
     return Plan(local_budget=local, lend=lend, host_budget=host_budget, host_reserve=min(reserve, host_budget),

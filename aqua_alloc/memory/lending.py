@@ -118,7 +118,8 @@ class Lending:
             time.sleep(0.002)  # running borrowers move at their next park or resume
         seconds = time.monotonic() - start
         if pending:
-            warnings.warn(f"aqua_alloc.reclaim(GPU {device}): {pending} bytes still pending after {timeout:g} s "
+            warnings.warn(f"aqua_alloc.reclaim(GPU {device}): {config.format_size(pending)} still pending "
+                          f"after {timeout:g} s "
                           "(contexts running there move at their next park or resume, or no tier has room)",
                           RuntimeWarning, stacklevel=3)
         return ReclaimResult(moved_bytes=moved_total, pending_bytes=pending, seconds=seconds)

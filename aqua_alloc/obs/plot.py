@@ -62,7 +62,8 @@ def _steps(samples: list[tuple[int, dict[str, int]]], tier: str, t0: int, end: i
 
 
 def plot_trace(trace: Trace | Iterable[Event], out: str | os.PathLike[str]) -> Path:
-    """Write a PNG of ``trace`` (a read trace, or events) to ``out``; return its path."""
+    """Write a picture of ``trace`` (a read trace, or events) to ``out`` in the format its
+    suffix names (.png, .svg, .pdf; none: PNG); return its path."""
     Figure, FigureCanvasAgg = _import_matplotlib()
     events = trace.events if isinstance(trace, Trace) else list(trace)
     rep = replay(events)
@@ -148,5 +149,5 @@ def plot_trace(trace: Trace | Iterable[Event], out: str | os.PathLike[str]) -> P
     fig.tight_layout()
 
     out = Path(out)
-    fig.savefig(out, format="png", dpi=DPI)
+    fig.savefig(out, format=out.suffix[1:].lower() or "png", dpi=DPI)
     return out

@@ -22,7 +22,7 @@ from aqua_alloc.obs import events as events_module
 from aqua_alloc.obs.events import Event, drain_python_events, num_python_events_dropped
 from aqua_alloc.obs.trace_writer import write_atomically, write_trace
 
-__all__ = ["collect", "dump", "install_exit_hook", "snapshot_path_for", "write_memory_snapshot"]
+__all__ = ["collect", "dump", "exit_hook_path", "install_exit_hook", "snapshot_path_for", "write_memory_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,11 @@ def _excepthook(exc_type: Any, exc: Any, tb: Any) -> None:
         _previous_excepthook(exc_type, exc, tb)
     finally:
         _write_exit_trace("unhandled exception")
+
+
+def exit_hook_path() -> Path | None:
+    """Where the trace is written at exit, or None when no exit hook is installed."""
+    return _exit_path
 
 
 def install_exit_hook(path: str | os.PathLike[str], snapshot: bool = False) -> None:
