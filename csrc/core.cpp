@@ -455,7 +455,8 @@ bool Core::room_on(int tier, int home, uint64_t size, bool for_move) const {
   if (tier == AQUA_TIER_HOST) {
     if (host_used_ + size > host_budget_) return false;
     if (host_pool_.can_take(size)) return true;
-    // New allocations may create host backing (a move never does: DESIGN.md).
+    // New allocations may create host backing; a move never does (creating it costs about
+    // ten times the copy it would serve: host_pool.h).
     uint64_t cls = host_pool_.class_for(size);
     return !for_move && cls && host_pool_.total_bytes() + cls <= host_budget_;
   }
