@@ -11,11 +11,7 @@
 
 #include "aqua_alloc.h"
 #include "core.h"
-
-namespace aqua {
-const std::string& last_error();
-void set_last_error(const std::string& message);
-}  // namespace aqua
+#include "errors.h"
 
 using aqua::Core;
 

@@ -9,24 +9,14 @@
 
 namespace aqua {
 
-thread_local std::string t_last_error;
+thread_local std::string t_last_error;  // aqua_last_error(): the calling thread's last message
 
 const std::string& last_error() { return t_last_error; }
 void set_last_error(const std::string& message) { t_last_error = message; }
 
 namespace {
 
-constexpr uint64_t kMiB = 1ull << 20;
-constexpr int kRestoreAttempts = 4;  // a restore step is retried before giving up
-
 uint64_t round_up(uint64_t x, uint64_t unit) { return (x + unit - 1) / unit * unit; }
-
-std::string bytes_text(uint64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / kMiB);
-  return buf;
-}
-
 }  // namespace
 
 // One piece's move from its current tier to `dst`.
@@ -50,23 +40,20 @@ struct Core::Step {
 };
 
 Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
-    : backend_(std::move(backend)), sim_(sim) {
-  num_devices_ = backend_->device_count();
-  granularity_ = backend_->granularity();
+    : backend_(std::move(backend)),
+      sim_(sim),
+      num_devices_(backend_->device_count()),
+      granularity_(backend_->granularity()),
+      ledger_(num_devices_) {
   chunk_bytes_ = round_up(64 * kMiB, granularity_);
   host_pool_.configure(granularity_, chunk_bytes_);
-  local_budget_.assign(num_devices_, 0);
-  lend_budget_.assign(num_devices_, 0);
-  own_used_.assign(num_devices_, 0);
-  lent_used_.assign(num_devices_, 0);
   peer_rank_.assign(num_devices_, std::vector<int>(num_devices_, -1));
-  counters_.assign(num_devices_ + 1, TierCounters{});
   streams_.assign(num_devices_, 0);
   in_streams_.assign(num_devices_, 0);
   idle_events_.assign(num_devices_, {});
   for (int d = 0; d < num_devices_; ++d) {
     size_t free_bytes = 0, total = 0;
-    if (backend_->mem_info(d, &free_bytes, &total) == 0) local_budget_[d] = total;
+    if (backend_->mem_info(d, &free_bytes, &total) == 0) ledger_.local_budget[d] = total;
     for (int p = 0; p < num_devices_; ++p)
       if (p != d && backend_->can_access_peer(d, p)) peer_rank_[d][p] = 0;
   }
@@ -86,46 +73,18 @@ Core::~Core() {
 
 // --- errors and events -----------------------------------------------------------------
 
-int Core::fail(int code, const std::string& message) {
-  set_last_error(message);
-  return code;
-}
-
-int Core::driver_fail(const char* what, int code) {
-  return fail(AQUA_ERR_DRIVER, std::string(what) + " failed: " + backend_->error_name(code));
-}
-
 void Core::record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
                   int status) {
-  record_at(now_ns(), kind, context, src, dst, bytes, dur_ns, addr, status);
-}
-
-void Core::record_at(uint64_t t_ns, int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns,
-                     uint64_t addr, int status) {
-  aqua_event e{};
-  e.t_ns = t_ns;
-  e.kind = kind;
-  e.context = context;
-  e.src_tier = src;
-  e.dst_tier = dst;
-  e.bytes = bytes;
-  e.dur_ns = dur_ns;
-  e.addr = addr;
-  e.status = status;
-  events_.record(e);
-}
-
-std::string Core::tier_name(int tier) const {
-  return tier == AQUA_TIER_HOST ? "host" : "gpu" + std::to_string(tier);
+  events_.add(now_ns(), kind, context, src, dst, bytes, dur_ns, addr, status);
 }
 
 std::string Core::usage_line() const {
   std::ostringstream out;
   for (int d = 0; d < num_devices_; ++d)
-    out << tier_name(d) << ": own " << bytes_text(own_used_[d]) << " of budget " << bytes_text(local_budget_[d])
-        << ", lent " << bytes_text(lent_used_[d]) << " of " << bytes_text(lend_budget_[d]) << "; ";
-  out << "host: " << bytes_text(host_used_) << " in use, pool " << bytes_text(host_pool_.idle_bytes())
-      << " idle of " << bytes_text(host_pool_.total_bytes()) << " created, budget " << bytes_text(host_budget_);
+    out << tier_name(d) << ": own " << bytes_text(ledger_.own_used[d]) << " of budget " << bytes_text(ledger_.local_budget[d])
+        << ", lent " << bytes_text(ledger_.lent_used[d]) << " of " << bytes_text(ledger_.lend_budget[d]) << "; ";
+  out << "host: " << bytes_text(ledger_.host_used) << " in use, pool " << bytes_text(host_pool_.idle_bytes())
+      << " idle of " << bytes_text(host_pool_.total_bytes()) << " created, budget " << bytes_text(ledger_.host_budget);
   return out.str();
 }
 
@@ -135,7 +94,7 @@ int Core::set_local_budget(int device, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "local budget: unknown device " + std::to_string(device));
-  local_budget_[device] = bytes;
+  ledger_.local_budget[device] = bytes;
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 0, 0);
   return AQUA_OK;
 }
@@ -144,14 +103,14 @@ int Core::set_lend_budget(int device, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "lend budget: unknown device " + std::to_string(device));
-  lend_budget_[device] = bytes;
+  ledger_.lend_budget[device] = bytes;
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 1, 0);
   return AQUA_OK;
 }
 
 int Core::set_host_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  host_budget_ = bytes;
+  ledger_.host_budget = bytes;
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, AQUA_TIER_HOST, bytes, 0, 0, 0);
   return AQUA_OK;
 }
@@ -197,11 +156,11 @@ int Core::create_host_backing(uint64_t size, Handle* handle, uintptr_t* va) {
   }
   if ((r = backend_->map(*va, size, *handle)) == 0) {
     for (int d = 0; d < num_devices_ && r == 0; ++d) r = backend_->set_access(*va, size, d);
-    if (r != 0 && !retry(&Backend::unmap, *va, size))
+    if (r != 0 && !retry(*backend_, &Backend::unmap, *va, size))
       std::fprintf(stderr, "[aqua_alloc] undoing a failed host backing: unmap failed; its address range is leaked\n");
   }
   if (r != 0) {
-    retry(&Backend::free_va, *va, size);
+    retry(*backend_, &Backend::free_va, *va, size);
     release_retried(*handle, "undoing a failed host backing");
   }
   return r;
@@ -219,10 +178,10 @@ void Core::release_retried(Handle handle, const char* what) {
 void Core::release_host_backing(Handle handle, uint64_t size) {
   auto it = host_staging_.find(handle);
   if (it != host_staging_.end()) {
-    if (!retry(&Backend::unmap, it->second, size))
+    if (!retry(*backend_, &Backend::unmap, it->second, size))
       std::fprintf(stderr, "[aqua_alloc] unmapping host backing failed (its address range is leaked)\n");
     else
-      retry(&Backend::free_va, it->second, size);
+      retry(*backend_, &Backend::free_va, it->second, size);
     host_staging_.erase(it);
   }
   release_retried(handle, "giving host backing back");
@@ -236,7 +195,7 @@ int Core::host_pool_reserve(uint64_t bytes, bool background) {
   while (grow_pool_once(lock, &r)) {
   }
   if (r != 0 && !backend_->is_out_of_memory(r))  // out of memory: the pool holds what the system gave
-    return driver_fail("creating pinned host backing", r);
+    return driver_fail(*backend_, "creating pinned host backing", r);
   if (background) start_background_thread();
   return AQUA_OK;
 }
@@ -264,7 +223,7 @@ void Core::pool_thread_main() {
 bool Core::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
   *error = 0;
   uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
-  if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > host_budget_) return false;
+  if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > ledger_.host_budget) return false;
   pool_creating_bytes_ += cls;
   lock.unlock();
   Handle h = 0;
@@ -343,7 +302,7 @@ int Core::park(int id, uint64_t stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "park: no live context with id " + std::to_string(id));
-  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
   if (int r = record_park(*ctx, stream)) return r;
   note_lender_moves(*ctx, "park");
   return AQUA_OK;
@@ -352,9 +311,9 @@ int Core::park(int id, uint64_t stream) {
 // Marks `ctx` parked and records its park event on `stream` (mutex held, device bound).
 int Core::record_park(Context& ctx, uint64_t stream) {
   if (!ctx.park_event) {
-    if (int r = take_event(ctx.device, &ctx.park_event)) return driver_fail("creating the park event", r);
+    if (int r = take_event(ctx.device, &ctx.park_event)) return driver_fail(*backend_, "creating the park event", r);
   }
-  if (int r = backend_->event_record(ctx.park_event, stream)) return driver_fail("recording the park event", r);
+  if (int r = backend_->event_record(ctx.park_event, stream)) return driver_fail(*backend_, "recording the park event", r);
   ctx.park_recorded = true;
   if (!ctx.parked) {
     ctx.parked = true;
@@ -374,7 +333,7 @@ int Core::where(int id, uint64_t* out, int len, bool wait) {
     return fail(AQUA_ERR_INVALID, "where: the output needs " + std::to_string(num_devices_ + 1) + " entries");
   std::fill(out, out + len, 0);
   for (uintptr_t va : ctx->segments)
-    for (const Piece& p : segments_.at(va)->pieces) out[tier_index(p.tier)] += p.size;
+    for (const Piece& p : segments_.at(va)->pieces) out[ledger_.index(p.tier)] += p.size;
   return AQUA_OK;
 }
 
@@ -408,7 +367,7 @@ int Core::range_where(uint64_t ptr, uint64_t len, uint64_t* out, int n) {
   const uint64_t begin = ptr - seg.va, end = begin + len;  // offsets in the segment
   for (const Piece& p : seg.pieces) {
     const uint64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.size);
-    if (lo < hi) out[tier_index(p.tier)] += hi - lo;
+    if (lo < hi) out[ledger_.index(p.tier)] += hi - lo;
   }
   return AQUA_OK;
 }
@@ -427,8 +386,8 @@ int Core::counts(int* contexts, int* segments) {
 
 int Core::tier_stats(int tier, aqua_tier_stats* out) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!valid_tier(tier)) return fail(AQUA_ERR_INVALID, "tier stats: unknown tier " + std::to_string(tier));
-  const TierCounters& c = counters_[tier_index(tier)];
+  if (!ledger_.valid(tier)) return fail(AQUA_ERR_INVALID, "tier stats: unknown tier " + std::to_string(tier));
+  const TierCounters& c = ledger_.counters[ledger_.index(tier)];
   std::memset(out, 0, sizeof *out);
   out->current = c.current;
   out->peak = c.peak;
@@ -438,13 +397,13 @@ int Core::tier_stats(int tier, aqua_tier_stats* out) {
   out->bytes_in = c.bytes_in;
   out->bytes_out = c.bytes_out;
   if (tier == AQUA_TIER_HOST) {
-    out->budget = host_budget_;
+    out->budget = ledger_.host_budget;
     out->pool_free = host_pool_.idle_bytes();
     out->pool_total = host_pool_.total_bytes();
   } else {
-    out->budget = local_budget_[tier];
-    out->lend_budget = lend_budget_[tier];
-    out->lent = lent_used_[tier];
+    out->budget = ledger_.local_budget[tier];
+    out->lend_budget = ledger_.lend_budget[tier];
+    out->lent = ledger_.lent_used[tier];
   }
   return AQUA_OK;
 }
@@ -453,15 +412,15 @@ int Core::tier_stats(int tier, aqua_tier_stats* out) {
 
 bool Core::room_on(int tier, int home, uint64_t size, bool for_move) const {
   if (tier == AQUA_TIER_HOST) {
-    if (host_used_ + size > host_budget_) return false;
+    if (ledger_.host_used + size > ledger_.host_budget) return false;
     if (host_pool_.can_take(size)) return true;
     // New allocations may create host backing; a move never does (creating it costs about
     // ten times the copy it would serve: host_pool.h).
     uint64_t cls = host_pool_.class_for(size);
-    return !for_move && cls && host_pool_.total_bytes() + cls <= host_budget_;
+    return !for_move && cls && host_pool_.total_bytes() + cls <= ledger_.host_budget;
   }
-  if (tier == home) return own_used_[tier] + size <= local_budget_[tier];
-  return peer_rank_[home][tier] >= 0 && lent_used_[tier] + size <= lend_budget_[tier];
+  if (tier == home) return ledger_.own_used[tier] + size <= ledger_.local_budget[tier];
+  return peer_rank_[home][tier] >= 0 && ledger_.lent_used[tier] + size <= ledger_.lend_budget[tier];
 }
 
 // Where a context of `home` spills, best first: peers by rank then most lendable bytes
@@ -472,8 +431,8 @@ std::vector<int> Core::spill_order(int home) const {
     if (p != home && peer_rank_[home][p] >= 0) peers.push_back(p);
   std::sort(peers.begin(), peers.end(), [&](int a, int b) {
     if (peer_rank_[home][a] != peer_rank_[home][b]) return peer_rank_[home][a] < peer_rank_[home][b];
-    uint64_t left_a = lend_budget_[a] > lent_used_[a] ? lend_budget_[a] - lent_used_[a] : 0;
-    uint64_t left_b = lend_budget_[b] > lent_used_[b] ? lend_budget_[b] - lent_used_[b] : 0;
+    uint64_t left_a = ledger_.lend_budget[a] > ledger_.lent_used[a] ? ledger_.lend_budget[a] - ledger_.lent_used[a] : 0;
+    uint64_t left_b = ledger_.lend_budget[b] > ledger_.lent_used[b] ? ledger_.lend_budget[b] - ledger_.lent_used[b] : 0;
     return left_a > left_b;
   });
   peers.push_back(AQUA_TIER_HOST);
@@ -483,49 +442,29 @@ std::vector<int> Core::spill_order(int home) const {
 int Core::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
   uint64_t t0 = now_ns();
   int r = acquire_untimed(tier, size, for_move, handle, handle_bytes);
-  profile(kPhaseAcquire, t0, now_ns());
+  profiler_.add(AQUA_PHASE_ACQUIRE, t0, now_ns());
   return r;
-}
-
-void Core::profile(int phase, uint64_t t0, uint64_t t1) {
-  profile_ns_[phase] += t1 - t0;
-  profile_calls_[phase]++;
-  if (record_spans_ && spans_.size() < kMaxSpans) spans_.push_back({static_cast<uint64_t>(phase), t0, t1});
 }
 
 void Core::profile_record_spans(bool on) {
   std::lock_guard<std::mutex> lock(mutex_);
-  record_spans_ = on;
-  spans_.clear();
-  if (on) spans_.reserve(kMaxSpans);
+  profiler_.record_spans(on);
 }
 
-// Copies up to max_spans recorded spans as (phase, t0_ns, t1_ns) triples and forgets them;
-// returns how many. Times are steady_clock ns (CLOCK_MONOTONIC, as Python's time.monotonic_ns).
 int Core::profile_spans(uint64_t* out, int max_spans) {
   std::lock_guard<std::mutex> lock(mutex_);
-  size_t n = std::min(spans_.size(), static_cast<size_t>(std::max(max_spans, 0)));
-  for (size_t i = 0; i < n; ++i) {
-    out[3 * i] = spans_[i].phase;
-    out[3 * i + 1] = spans_[i].t0_ns;
-    out[3 * i + 2] = spans_[i].t1_ns;
-  }
-  spans_.erase(spans_.begin(), spans_.begin() + n);
-  return static_cast<int>(n);
+  return profiler_.take_spans(out, max_spans);
 }
 
 int Core::profile_get(uint64_t* ns, uint64_t* calls, int n) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (int i = 0; i < n && i < kNumPhases; ++i) {
-    ns[i] = profile_ns_[i];
-    calls[i] = profile_calls_[i];
-  }
+  profiler_.totals(ns, calls, n);
   return AQUA_OK;
 }
 
 void Core::profile_reset() {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (int i = 0; i < kNumPhases; ++i) profile_ns_[i] = profile_calls_[i] = 0;
+  profiler_.reset();
 }
 
 int Core::acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
@@ -535,7 +474,7 @@ int Core::acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle
       return 0;
     }
     uint64_t cls = host_pool_.class_for(size);
-    if (for_move || !cls || host_pool_.total_bytes() + cls > host_budget_) return -1;
+    if (for_move || !cls || host_pool_.total_bytes() + cls > ledger_.host_budget) return -1;
     uintptr_t va = 0;
     if (int r = create_host_backing(cls, handle, &va)) return r;
     host_staging_[*handle] = va;
@@ -600,37 +539,6 @@ void Core::start_background_thread() {
   if (!pool_thread_.joinable() && !pool_thread_stop_) pool_thread_ = std::thread(&Core::pool_thread_main, this);
 }
 
-void Core::account_add(int tier, int home, uint64_t size, bool moved_in) {
-  reserve_on(tier, home, size);
-  charge(tier, size, moved_in);
-}
-
-// Counts bytes that arrived on `tier` (already reserved there): total, peak, bytes in.
-void Core::charge(int tier, uint64_t size, bool moved_in) {
-  TierCounters& c = counters_[tier_index(tier)];
-  c.peak = std::max(c.peak, c.current);
-  c.total += size;
-  if (moved_in) c.bytes_in += size;
-}
-
-// Holds budget room on `tier` for a planned move; its totals and peak are charged only when
-// the move commits, so a rolled-back move leaves them as they were.
-void Core::reserve_on(int tier, int home, uint64_t size) {
-  if (tier == AQUA_TIER_HOST) host_used_ += size;
-  else if (tier == home) own_used_[tier] += size;
-  else lent_used_[tier] += size;
-  counters_[tier_index(tier)].current += size;
-}
-
-void Core::account_remove(int tier, int home, uint64_t size, bool moved_out) {
-  if (tier == AQUA_TIER_HOST) host_used_ -= size;
-  else if (tier == home) own_used_[tier] -= size;
-  else lent_used_[tier] -= size;
-  TierCounters& c = counters_[tier_index(tier)];
-  c.current -= size;
-  if (moved_out) c.bytes_out += size;
-}
-
 // Frees local room for `need` bytes by evicting pieces of parked contexts of `device`,
 // least recently run first. Returns whether the budget now has the room.
 // The parked context of `device` (other than `exclude_context`) run least recently that
@@ -649,10 +557,10 @@ Context* Core::lru_parked_victim(int device, int exclude_context) {
 }
 
 bool Core::make_local_room(int device, uint64_t need, int exclude_context) {
-  while (own_used_[device] + need > local_budget_[device]) {
+  while (ledger_.own_used[device] + need > ledger_.local_budget[device]) {
     Context* victim = lru_parked_victim(device, exclude_context);
     if (!victim) return false;
-    uint64_t deficit = own_used_[device] + need - local_budget_[device];
+    uint64_t deficit = ledger_.own_used[device] + need - ledger_.local_budget[device];
     if (evict_pieces_of(*victim, deficit) == 0) return false;
   }
   return true;
@@ -676,7 +584,7 @@ uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& 
         if (!room_on(tier, victim.device, p.size, true)) continue;
         if (acquire(tier, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
         step.dst = tier;
-        reserve_on(tier, victim.device, p.size);
+        ledger_.reserve(tier, victim.device, p.size);
         placed = true;
         break;
       }
@@ -693,7 +601,7 @@ uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& 
 void Core::drop_planned(std::vector<Step>& steps, size_t from) {
   for (size_t k = from; k < steps.size(); ++k) {
     Step& s = steps[k];
-    account_remove(s.dst, s.ctx->device, s.segment->pieces[s.index].size, false);
+    ledger_.remove(s.dst, s.ctx->device, s.segment->pieces[s.index].size, false);
     give_back(s.dst, s.handle, s.handle_bytes);
   }
   steps.resize(from);
@@ -716,11 +624,6 @@ uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
 
 // --- lending and reclaim -----------------------------------------------------------------
 
-// Bytes by which lender `tier` holds more of other devices' contexts than its lend budget.
-uint64_t Core::lent_excess(int tier) const {
-  return lent_used_[tier] > lend_budget_[tier] ? lent_used_[tier] - lend_budget_[tier] : 0;
-}
-
 // Moves pieces of `ctx` off lenders that hold more than their lend budget (`only_tier`: that
 // lender only; -1: any) to other lenders with room, else host, until each is within budget
 // or this context has nothing more there. The context's park event is recorded (mutex_
@@ -731,7 +634,7 @@ int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
   bool any = false;
   for (int t = 0; t < num_devices_; ++t) {
     if (t == ctx.device || (only_tier >= 0 && t != only_tier)) continue;
-    excess[t] = lent_excess(t);
+    excess[t] = ledger_.lent_excess(t);
     any |= excess[t] > 0;
   }
   if (!any) return AQUA_OK;
@@ -750,7 +653,7 @@ int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
         if (t == p.tier || !room_on(t, ctx.device, p.size, true)) continue;
         if (acquire(t, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
         step.dst = t;
-        reserve_on(t, ctx.device, p.size);
+        ledger_.reserve(t, ctx.device, p.size);
         placed = true;
         break;
       }
@@ -768,7 +671,7 @@ int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
 uint64_t Core::reclaim_locked(int device) {
   uint64_t total = 0;
   std::set<int> tried;
-  while (lent_excess(device) > 0) {
+  while (ledger_.lent_excess(device) > 0) {
     Context* victim = nullptr;
     for (auto& [id, ctx] : contexts_) {
       if (ctx->device == device || !ctx->parked || tried.count(id)) continue;
@@ -796,7 +699,7 @@ int Core::reclaim(int device, uint64_t* moved, uint64_t* pending) {
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "reclaim: unknown device " + std::to_string(device));
   *moved = reclaim_locked(device);
-  *pending = lent_excess(device);
+  *pending = ledger_.lent_excess(device);
   return AQUA_OK;
 }
 
@@ -821,12 +724,12 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
     if (tier == home) make_local_room(home, piece->size, ctx.id);
     if (!room_on(tier, home, piece->size, false)) continue;
     int r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
-    if (r != 0 && tier == home && backend_->is_out_of_memory(r) && lent_used_[home] > 0) {
+    if (r != 0 && tier == home && backend_->is_out_of_memory(r) && ledger_.lent_used[home] > 0) {
       // The owner needs memory it lent: lower its lend budget by what it needs and move
       // parked borrowers off (an elastic lender gets its memory back first).
-      lend_budget_[home] = std::min(lend_budget_[home], lent_used_[home]);
-      lend_budget_[home] -= std::min(lend_budget_[home], piece->size);
-      record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, home, lend_budget_[home], 0, 1, 0);
+      ledger_.lend_budget[home] = std::min(ledger_.lend_budget[home], ledger_.lent_used[home]);
+      ledger_.lend_budget[home] -= std::min(ledger_.lend_budget[home], piece->size);
+      record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, home, ledger_.lend_budget[home], 0, 1, 0);
       reclaim_locked(home);
       backend_->bind(home);
       r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
@@ -848,15 +751,15 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
     if (m != 0) {
       // The backing may serve anyone else only once it is mapped nowhere; if the unmap
       // fails it is leaked (and said so), never reused while mapped.
-      if (mapped && !retry(&Backend::unmap, va + piece->offset, piece->size))
+      if (mapped && !retry(*backend_, &Backend::unmap, va + piece->offset, piece->size))
         std::fprintf(stderr, "[aqua_alloc] unmapping a failed new piece failed; its backing is leaked\n");
       else
         give_back(tier, piece->handle, piece->handle_bytes);
-      return driver_fail("mapping a new segment", m);
+      return driver_fail(*backend_, "mapping a new segment", m);
     }
     piece->tier = tier;
     piece->away_since = tier == home ? 0 : ++clock_;
-    account_add(tier, home, piece->size, false);
+    ledger_.add(tier, home, piece->size, false);
     return AQUA_OK;
   }
   std::string why = last_error_code ? "; last driver error " + backend_->error_name(last_error_code) : "";
@@ -878,7 +781,7 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     ctx->last_run = ++clock_;
   }
   if (int r = backend_->bind(device)) {
-    driver_fail("binding the device", r);
+    driver_fail(*backend_, "binding the device", r);
     return nullptr;
   }
   uint64_t bytes = round_up(size == 0 ? 1 : size, granularity_);
@@ -891,7 +794,7 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     if (r != 0) backend_->free_va(seg->va, bytes);
   }
   if (r != 0) {
-    driver_fail("reserving address space", r);
+    driver_fail(*backend_, "reserving address space", r);
     record(AQUA_EV_ALLOC_FAILED, ctx->id, AQUA_TIER_NONE, AQUA_TIER_NONE, bytes, 0, 0, r);
     return nullptr;
   }
@@ -914,8 +817,8 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     if (status != AQUA_OK) {
       std::string why = last_error();
       for (const Piece& p : seg->pieces) {
-        account_remove(p.tier, ctx->device, p.size, false);
-        if (retry(&Backend::unmap, seg->va + p.offset, p.size))
+        ledger_.remove(p.tier, ctx->device, p.size, false);
+        if (retry(*backend_, &Backend::unmap, seg->va + p.offset, p.size))
           give_back(p.tier, p.handle, p.handle_bytes);
         else
           std::fprintf(stderr, "[aqua_alloc] unmapping a failed allocation failed; its backing is leaked\n");
@@ -965,9 +868,9 @@ void Core::free(void* ptr) {
   bool all_unmapped = true, shadow_unmapped = true;
   for (Piece& p : seg->pieces) {
     record(AQUA_EV_UNMAP, seg->context, p.tier, AQUA_TIER_NONE, p.size, 0, seg->va + p.offset, 0);
-    account_remove(p.tier, home, p.size, false);
-    if (p.shadow_mapped && retry(&Backend::unmap, seg->shadow + p.offset, p.size)) p.shadow_mapped = false;
-    bool home_unmapped = retry(&Backend::unmap, seg->va + p.offset, p.size);
+    ledger_.remove(p.tier, home, p.size, false);
+    if (p.shadow_mapped && retry(*backend_, &Backend::unmap, seg->shadow + p.offset, p.size)) p.shadow_mapped = false;
+    bool home_unmapped = retry(*backend_, &Backend::unmap, seg->va + p.offset, p.size);
     shadow_unmapped = shadow_unmapped && !p.shadow_mapped;
     all_unmapped = all_unmapped && home_unmapped;
     if (home_unmapped && !p.shadow_mapped) {
@@ -999,7 +902,7 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
   *bytes_moved = 0;
   *bytes_elsewhere = 0;
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
-  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
   if (!ctx->parked) {
     // Running: its kernels may still be writing on `stream`; the move must wait for them.
     if (int r = record_park(*ctx, stream)) return r;
@@ -1017,11 +920,11 @@ int Core::resume_async(int id, uint64_t stream, uint32_t* ticket) {
     std::lock_guard<std::mutex> lock(mutex_);
     Context* ctx = find_context(id);
     if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
-    if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+    if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
     if (!flag_host_) {
       if (int r = backend_->flag_create(&flag_host_, &flag_device_)) {
         flag_host_ = nullptr;
-        return driver_fail("creating the resume flag (pinned host memory)", r);
+        return driver_fail(*backend_, "creating the resume flag (pinned host memory)", r);
       }
     }
     // Here, not on the worker: the park event of a running context must be recorded on the
@@ -1061,7 +964,7 @@ void Core::async_thread_main() {
       if (!ctx) {
         out.status = fail(AQUA_ERR_NOT_FOUND, "resume: context " + std::to_string(job.context) + " was released");
       } else if (int r = backend_->bind(ctx->device)) {
-        out.status = driver_fail("binding the device", r);
+        out.status = driver_fail(*backend_, "binding the device", r);
       } else {
         out.status = resume_locked(*ctx, &out.moved, &out.elsewhere);
       }
@@ -1091,7 +994,7 @@ int Core::resume_wait_on_stream(uint32_t ticket, uint64_t stream) {
   // Not under mutex_: the simulated backend's wait blocks until the worker, which needs
   // mutex_, has finished the move.
   if (int r = backend_->stream_wait_value(stream, flag, ticket))
-    return driver_fail("queueing the GPU-side wait for a resume", r);
+    return driver_fail(*backend_, "queueing the GPU-side wait for a resume", r);
   return AQUA_OK;
 }
 
@@ -1160,8 +1063,8 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
   // work at once. Budget room counts the bytes planned to leave.
   std::vector<Step> steps;
   uint64_t leaving = 0;
-  if (own_used_[device] + need > local_budget_[device]) {
-    uint64_t deficit = own_used_[device] + need - local_budget_[device];
+  if (ledger_.own_used[device] + need > ledger_.local_budget[device]) {
+    uint64_t deficit = ledger_.own_used[device] + need - ledger_.local_budget[device];
     std::vector<Context*> victims;
     for (auto& [id, c] : contexts_) {
       (void)id;
@@ -1178,11 +1081,11 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
   auto plan_homecoming = [&](uint64_t extra_room, std::vector<Step>& out) {
     for (auto [seg, i] : away) {
       const Piece& p = seg->pieces[i];
-      if (p.tier == device || own_used_[device] + p.size > local_budget_[device] + extra_room) continue;
+      if (p.tier == device || ledger_.own_used[device] + p.size > ledger_.local_budget[device] + extra_room) continue;
       Step step{seg, i, p.tier, device};
       step.ctx = ctx;
       if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-      reserve_on(device, device, p.size);
+      ledger_.reserve(device, device, p.size);
       out.push_back(step);
     }
   };
@@ -1230,14 +1133,14 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   *bytes_moved = 0;
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "evict: no live context with id " + std::to_string(id));
-  if (tier != AQUA_TIER_AUTO && !valid_tier(tier))
+  if (tier != AQUA_TIER_AUTO && !ledger_.valid(tier))
     return fail(AQUA_ERR_INVALID, "evict: unknown tier " + std::to_string(tier));
   if (tier == ctx->device)
     return fail(AQUA_ERR_INVALID, "evict: " + tier_name(tier) + " is the context's own device; use resume");
   if (tier >= 0 && peer_rank_[ctx->device][tier] < 0)
     return fail(AQUA_ERR_INVALID, "evict: " + tier_name(ctx->device) + " may not use " + tier_name(tier) +
                                       " (no peer access, or disabled)");
-  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
   // Valid request: the context is parked now (its moves wait for work already on `stream`);
   // a refusal below puts its state back.
   bool was_parked = ctx->parked;
@@ -1265,17 +1168,17 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
           continue;
         }
         step.dst = t;
-        reserve_on(t, ctx->device, p.size);
+        ledger_.reserve(t, ctx->device, p.size);
         placed = true;
         break;
       }
       if (!placed) {
         for (Step& s : steps) {
-          account_remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
+          ledger_.remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
           give_back(s.dst, s.handle, s.handle_bytes);
         }
         if (driver_error)
-          return refuse(driver_fail(("evict '" + ctx->tag + "': creating backing").c_str(), driver_error));
+          return refuse(driver_fail(*backend_, ("evict '" + ctx->tag + "': creating backing").c_str(), driver_error));
         std::string target = tier == AQUA_TIER_AUTO ? "any spill tier" : tier_name(tier);
         return refuse(fail(AQUA_ERR_OUT_OF_MEMORY, "evict '" + ctx->tag + "': " + target + " has no room for " +
                                                 bytes_text(p.size) + ". Tiers: " + usage_line()));
@@ -1307,12 +1210,6 @@ int Core::mover_stream(int device, bool inbound, Stream* stream) {
   }
   *stream = s;
   return 0;
-}
-
-bool Core::retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size) {
-  for (int i = 0; i < kRestoreAttempts; ++i)
-    if ((backend_.get()->*op)(va, size) == 0) return true;
-  return false;
 }
 
 // Maps `handle` at va with access for `device`, each call retried (restore paths).
@@ -1354,7 +1251,7 @@ void Core::unwind(std::vector<Step>& steps) {
     bool old_backing_pinned = false;
     bool keep_source = s.source_shadowed && s.had_kept;
     if (s.source_shadowed && !keep_source) {
-      if (retry(&Backend::unmap, s.source, p.size)) {
+      if (retry(*backend_, &Backend::unmap, s.source, p.size)) {
         s.source_shadowed = false;
       } else {
         old_backing_pinned = true;
@@ -1364,11 +1261,11 @@ void Core::unwind(std::vector<Step>& steps) {
       }
     }
     if (s.committed) {
-      bool unmapped = retry(&Backend::unmap, home, p.size);
+      bool unmapped = retry(*backend_, &Backend::unmap, home, p.size);
       bool mapped = false;
       bool access = unmapped && remap_retried(home, p.size, p.handle, ctx.device, &mapped);
       if (!access) {
-        if (mapped) retry(&Backend::unmap, home, p.size);
+        if (mapped) retry(*backend_, &Backend::unmap, home, p.size);
         bool kept = !unmapped;  // the new backing is still mapped at home
         if (unmapped) {
           bool remapped = false;
@@ -1379,9 +1276,9 @@ void Core::unwind(std::vector<Step>& steps) {
           std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' at 0x%lx could not restore the old "
                        "backing; the piece stays on %s (bytes intact)\n", ctx.tag.c_str(),
                        static_cast<unsigned long>(home), tier_name(s.dst).c_str());
-          if (keep_source) old_backing_pinned = !retry(&Backend::unmap, s.source, p.size);  // the old backing leaves
-          account_remove(p.tier, ctx.device, p.size, true);
-          charge(s.dst, p.size, true);
+          if (keep_source) old_backing_pinned = !retry(*backend_, &Backend::unmap, s.source, p.size);  // the old backing leaves
+          ledger_.remove(p.tier, ctx.device, p.size, true);
+          ledger_.charge(s.dst, p.size, true);
           if (!old_backing_pinned) give_back(p.tier, p.handle, p.handle_bytes);  // else leaked, still mapped
           p.tier = s.dst;
           p.handle = s.handle;
@@ -1391,19 +1288,19 @@ void Core::unwind(std::vector<Step>& steps) {
           // Neither backing could be mapped back: keep both (leaked, never reused).
           std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' failed at 0x%lx: the range is unmapped; "
                        "its backings are kept and never reused\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
-          account_remove(s.dst, ctx.device, p.size, false);
+          ledger_.remove(s.dst, ctx.device, p.size, false);
           p.shadow_mapped = keep_source;
         }
         if (s.copied) idle_events_[ctx.device].push_back(s.copied);
         continue;
       }
     }
-    if (s.staged && !retry(&Backend::unmap, s.target, p.size)) {
+    if (s.staged && !retry(*backend_, &Backend::unmap, s.target, p.size)) {
       // Still mapped at the shadow (staged, or a kept staging mapping of a committed piece):
       // keep the backing out of reuse (leaked, counted below).
       std::fprintf(stderr, "[aqua_alloc] unstaging a move of context '%s' failed: a backing is leaked\n",
                    ctx.tag.c_str());
-      account_remove(s.dst, ctx.device, p.size, false);
+      ledger_.remove(s.dst, ctx.device, p.size, false);
       if (s.copied) idle_events_[ctx.device].push_back(s.copied);
       continue;
     }
@@ -1414,11 +1311,11 @@ void Core::unwind(std::vector<Step>& steps) {
       uintptr_t shadow = s.segment->shadow + p.offset;
       bool mapped = false;
       p.shadow_mapped = remap_retried(shadow, p.size, p.handle, ctx.device, &mapped);
-      if (!p.shadow_mapped && mapped && !retry(&Backend::unmap, shadow, p.size))
+      if (!p.shadow_mapped && mapped && !retry(*backend_, &Backend::unmap, shadow, p.size))
         std::fprintf(stderr, "[aqua_alloc] restoring a staging mapping of context '%s' failed halfway: it stays "
                      "mapped without access (later moves of the piece fail and roll back)\n", ctx.tag.c_str());
     }
-    account_remove(s.dst, ctx.device, p.size, false);
+    ledger_.remove(s.dst, ctx.device, p.size, false);
     give_back(s.dst, s.handle, s.handle_bytes);
     if (s.copied) idle_events_[ctx.device].push_back(s.copied);
   }
@@ -1467,7 +1364,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     for (Step& s : steps)
       if (s.ctx == c) bytes += s.segment->pieces[s.index].size;
     const Step& first = *std::find_if(steps.begin(), steps.end(), [c = c](const Step& s) { return s.ctx == c; });
-    record_at(start, AQUA_EV_MOVE_START, id, first.src, first.dst, bytes, 0, first.segment->va, 0);
+    events_.add(start, AQUA_EV_MOVE_START, id, first.src, first.dst, bytes, 0, first.segment->va, 0);
   }
   // Waits for every copy issued so far (before an unwind touches backings they may use).
   auto drain_issued = [&]() {
@@ -1479,7 +1376,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     unwind(steps);
     for (auto& [id, c] : involved) {
       (void)c;
-      record_at(start, AQUA_EV_MOVE_FAILED, id, src_tier, dst_tier, total, now_ns() - start, 0, code);
+      events_.add(start, AQUA_EV_MOVE_FAILED, id, src_tier, dst_tier, total, now_ns() - start, 0, code);
     }
     std::string who = "'" + ctx.tag + "'";
     if (involved.size() > 1) who += " (with evictions of " + std::to_string(involved.size() - 1) + " parked contexts)";
@@ -1578,7 +1475,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
           return drained_and_failed("source set-access", r);
       }
     }
-    profile(kPhaseStage, t0, now_ns());
+    profiler_.add(AQUA_PHASE_STAGE, t0, now_ns());
     return AQUA_OK;
   };
   // Issues step k's copy on its direction's stream, with an event after it. AQUA_OK or failed().
@@ -1596,7 +1493,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
         std::fprintf(stderr, "[aqua_alloc] a move's copy could not be waited for after a failed event record\n");
       return drained_and_failed("copy", r);
     }
-    profile(kPhaseIssue, t0, now_ns());
+    profiler_.add(AQUA_PHASE_ISSUE, t0, now_ns());
     return AQUA_OK;
   };
   if (copies_out) {
@@ -1650,7 +1547,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
     }
     uint64_t t1 = now_ns();
-    profile(kPhaseWait, t0, t1);
+    profiler_.add(AQUA_PHASE_WAIT, t0, t1);
     if (s.staged && !keep_staging[k] && !s.early) {
       if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
       s.staged = false;
@@ -1659,7 +1556,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     int r = backend_->map(home, p.size, s.handle);
     if (r == 0) {
       r = backend_->set_access(home, p.size, s.ctx->device);
-      if (r != 0) retry(&Backend::unmap, home, p.size);
+      if (r != 0) retry(*backend_, &Backend::unmap, home, p.size);
     }
     if (r != 0) {
       // Put the old backing back at home; then unwind the committed steps.
@@ -1669,7 +1566,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       return drained_and_failed("map at home", r);
     }
     s.committed = true;
-    profile(kPhaseRemap, t1, now_ns());
+    profiler_.add(AQUA_PHASE_REMAP, t1, now_ns());
   }
   for (size_t k = 0; k < steps.size(); ++k) {
     Step& s = steps[k];
@@ -1678,7 +1575,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     uint64_t t0 = now_ns();
     if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
     uint64_t t1 = now_ns();
-    profile(kPhaseWait, t0, t1);
+    profiler_.add(AQUA_PHASE_WAIT, t0, t1);
     if (s.source_shadowed) {
       if (int r = backend_->unmap(s.source, p.size)) return drained_and_failed("source unmap", r);
       s.source_shadowed = false;
@@ -1687,7 +1584,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
       if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
       s.staged = false;
     }
-    profile(kPhaseRemap, t1, now_ns());
+    profiler_.add(AQUA_PHASE_REMAP, t1, now_ns());
   }
   // Commit: every piece now maps its new backing at home. Release the old backings and
   // settle the accounts.
@@ -1698,10 +1595,10 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   for (Step& s : steps) {
     Piece& p = s.segment->pieces[s.index];
     Context& c = *s.ctx;
-    account_remove(p.tier, c.device, p.size, true);
-    tiers_out.insert(tier_index(p.tier));
-    tiers_in.insert(tier_index(s.dst));
-    charge(s.dst, p.size, true);
+    ledger_.remove(p.tier, c.device, p.size, true);
+    tiers_out.insert(ledger_.index(p.tier));
+    tiers_in.insert(ledger_.index(s.dst));
+    ledger_.charge(s.dst, p.size, true);
     bytes_by_move[{c.id, p.tier, s.dst}] += p.size;
     if (&c == &ctx) own_bytes += p.size;
     give_back(p.tier, p.handle, p.handle_bytes);
@@ -1713,14 +1610,14 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     p.shadow_mapped = s.staged;  // a kept staging mapping (keep_staging)
     idle_events_[c.device].push_back(s.copied);
   }
-  for (int t : tiers_out) counters_[t].moves_out++;
-  for (int t : tiers_in) counters_[t].moves_in++;
-  profile(kPhaseRelease, t_release, now_ns());
+  for (int t : tiers_out) ledger_.counters[t].moves_out++;
+  for (int t : tiers_in) ledger_.counters[t].moves_in++;
+  profiler_.add(AQUA_PHASE_RELEASE, t_release, now_ns());
   *bytes_moved = own_bytes;
   uint64_t dur = now_ns() - start;
   for (auto& [key, nbytes] : bytes_by_move) {
     auto [id, src, dst] = key;
-    record_at(start, AQUA_EV_MOVE_END, id, src, dst, nbytes, dur, steps.front().segment->va, 0);
+    events_.add(start, AQUA_EV_MOVE_END, id, src, dst, nbytes, dur, steps.front().segment->va, 0);
   }
   return AQUA_OK;
 }
