@@ -44,9 +44,10 @@ Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
       sim_(sim),
       num_devices_(backend_->device_count()),
       granularity_(backend_->granularity()),
-      ledger_(num_devices_) {
+      ledger_(num_devices_),
+      backings_(*backend_, mutex_, ledger_, profiler_, num_devices_) {
   chunk_bytes_ = round_up(64 * kMiB, granularity_);
-  host_pool_.configure(granularity_, chunk_bytes_);
+  backings_.configure(granularity_, chunk_bytes_);
   peer_rank_.assign(num_devices_, std::vector<int>(num_devices_, -1));
   streams_.assign(num_devices_, 0);
   in_streams_.assign(num_devices_, 0);
@@ -61,14 +62,9 @@ Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
 
 Core::~Core() {
   stop_async_thread();
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    pool_thread_stop_ = true;
-  }
-  pool_cv_.notify_all();
-  if (pool_thread_.joinable()) pool_thread_.join();
+  backings_.stop_thread();
   std::lock_guard<std::mutex> lock(mutex_);
-  release_deferred(-1, 0);
+  backings_.release_deferred(-1, 0);
 }
 
 // --- errors and events -----------------------------------------------------------------
@@ -83,8 +79,8 @@ std::string Core::usage_line() const {
   for (int d = 0; d < num_devices_; ++d)
     out << tier_name(d) << ": own " << bytes_text(ledger_.own_used[d]) << " of budget " << bytes_text(ledger_.local_budget[d])
         << ", lent " << bytes_text(ledger_.lent_used[d]) << " of " << bytes_text(ledger_.lend_budget[d]) << "; ";
-  out << "host: " << bytes_text(ledger_.host_used) << " in use, pool " << bytes_text(host_pool_.idle_bytes())
-      << " idle of " << bytes_text(host_pool_.total_bytes()) << " created, budget " << bytes_text(ledger_.host_budget);
+  out << "host: " << bytes_text(ledger_.host_used) << " in use, pool " << bytes_text(backings_.host_pool().idle_bytes())
+      << " idle of " << bytes_text(backings_.host_pool().total_bytes()) << " created, budget " << bytes_text(ledger_.host_budget);
   return out.str();
 }
 
@@ -133,116 +129,23 @@ int Core::set_chunk_bytes(uint64_t bytes) {
   if (bytes == 0 || bytes % granularity_ || (units & (units - 1)) != 0)
     return fail(AQUA_ERR_INVALID, "chunk bytes: " + std::to_string(bytes) + " is not a power of two times " +
                                       std::to_string(granularity_) + " bytes");
-  if (host_pool_.total_bytes() > 0 || !segments_.empty())
+  if (backings_.host_pool().total_bytes() > 0 || !segments_.empty())
     return fail(AQUA_ERR_STATE, "chunk bytes can only change before the first allocation");
   chunk_bytes_ = bytes;
-  host_pool_.configure(granularity_, chunk_bytes_);
+  backings_.configure(granularity_, chunk_bytes_);
   return AQUA_OK;
 }
 
 // --- host pool ---------------------------------------------------------------------------
 
-// Creates pinned host backing and maps it once, for good, at an address of its own with
-// access for every device: a move to host copies straight into it, so staging (a map and
-// an access grant of host memory, ~0.6 ms per 64 MiB on an H200) leaves the park path.
-// Driver calls only: callable without mutex_; the caller records *va in host_staging_.
-int Core::create_host_backing(uint64_t size, Handle* handle, uintptr_t* va) {
-  int r = backend_->bind(0);
-  if (r == 0) r = backend_->create(AQUA_TIER_HOST, size, handle);
-  if (r != 0) return r;
-  if ((r = backend_->reserve(size, va)) != 0) {
-    release_retried(*handle, "undoing a failed host backing");
-    return r;
-  }
-  if ((r = backend_->map(*va, size, *handle)) == 0) {
-    for (int d = 0; d < num_devices_ && r == 0; ++d) r = backend_->set_access(*va, size, d);
-    if (r != 0 && !retry(*backend_, &Backend::unmap, *va, size))
-      std::fprintf(stderr, "[aqua_alloc] undoing a failed host backing: unmap failed; its address range is leaked\n");
-  }
-  if (r != 0) {
-    retry(*backend_, &Backend::free_va, *va, size);
-    release_retried(*handle, "undoing a failed host backing");
-  }
-  return r;
-}
-
-// Releases a physical handle, retried (undo and teardown paths, which must not leak).
-void Core::release_retried(Handle handle, const char* what) {
-  int r = 0;
-  for (int i = 0; i < kRestoreAttempts; ++i)
-    if ((r = backend_->release(handle)) == 0) return;
-  std::fprintf(stderr, "[aqua_alloc] %s: releasing the backing failed (leaked): %s\n", what,
-               backend_->error_name(r).c_str());
-}
-
-void Core::release_host_backing(Handle handle, uint64_t size) {
-  auto it = host_staging_.find(handle);
-  if (it != host_staging_.end()) {
-    if (!retry(*backend_, &Backend::unmap, it->second, size))
-      std::fprintf(stderr, "[aqua_alloc] unmapping host backing failed (its address range is leaked)\n");
-    else
-      retry(*backend_, &Backend::free_va, it->second, size);
-    host_staging_.erase(it);
-  }
-  release_retried(handle, "giving host backing back");
-}
-
 int Core::host_pool_reserve(uint64_t bytes, bool background) {
   std::unique_lock<std::mutex> lock(mutex_);
-  pool_reserve_ = bytes;
-  // Blocking fill, creating outside the lock so that allocations proceed meanwhile.
-  int r = 0;
-  while (grow_pool_once(lock, &r)) {
-  }
-  if (r != 0 && !backend_->is_out_of_memory(r))  // out of memory: the pool holds what the system gave
-    return driver_fail(*backend_, "creating pinned host backing", r);
-  if (background) start_background_thread();
-  return AQUA_OK;
-}
-
-void Core::pool_thread_main() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  while (!pool_thread_stop_) {
-    if (!to_release_.empty()) {
-      release_deferred(-1, kReleaseDelayNs);
-      if (!to_release_.empty()) {
-        pool_cv_.wait_for(lock, std::chrono::nanoseconds(kReleaseDelayNs));
-        continue;
-      }
-    }
-    int r = 0;
-    if (grow_pool_once(lock, &r)) continue;
-    // At the reserve or the budget (wait for a change), or a failure (back off and retry).
-    pool_cv_.wait_for(lock, std::chrono::milliseconds(r != 0 ? 200 : 50));
-  }
-}
-
-// Adds one host backing of the class the pool needs most, created with `lock` released
-// (bytes being created count against the budget). False when the pool is at its reserve or
-// budget, or when creation failed (*error then holds the driver's code).
-bool Core::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
-  *error = 0;
-  uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
-  if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > ledger_.host_budget) return false;
-  pool_creating_bytes_ += cls;
-  lock.unlock();
-  Handle h = 0;
-  uintptr_t va = 0;
-  int r = create_host_backing(cls, &h, &va);
-  lock.lock();
-  pool_creating_bytes_ -= cls;
-  if (r != 0) {
-    *error = r;
-    return false;
-  }
-  host_staging_[h] = va;
-  host_pool_.add_idle(h, cls);
-  return true;
+  return backings_.reserve_host(bytes, background, lock);
 }
 
 int Core::host_pool_trim(uint64_t keep_bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& [h, bytes] : host_pool_.trim(keep_bytes)) release_host_backing(h, bytes);
+  backings_.trim_host(keep_bytes);
   return AQUA_OK;
 }
 
@@ -398,8 +301,8 @@ int Core::tier_stats(int tier, aqua_tier_stats* out) {
   out->bytes_out = c.bytes_out;
   if (tier == AQUA_TIER_HOST) {
     out->budget = ledger_.host_budget;
-    out->pool_free = host_pool_.idle_bytes();
-    out->pool_total = host_pool_.total_bytes();
+    out->pool_free = backings_.host_pool().idle_bytes();
+    out->pool_total = backings_.host_pool().total_bytes();
   } else {
     out->budget = ledger_.local_budget[tier];
     out->lend_budget = ledger_.lend_budget[tier];
@@ -413,11 +316,11 @@ int Core::tier_stats(int tier, aqua_tier_stats* out) {
 bool Core::room_on(int tier, int home, uint64_t size, bool for_move) const {
   if (tier == AQUA_TIER_HOST) {
     if (ledger_.host_used + size > ledger_.host_budget) return false;
-    if (host_pool_.can_take(size)) return true;
+    if (backings_.host_pool().can_take(size)) return true;
     // New allocations may create host backing; a move never does (creating it costs about
     // ten times the copy it would serve: host_pool.h).
-    uint64_t cls = host_pool_.class_for(size);
-    return !for_move && cls && host_pool_.total_bytes() + cls <= ledger_.host_budget;
+    uint64_t cls = backings_.host_pool().class_for(size);
+    return !for_move && cls && backings_.host_pool().total_bytes() + cls <= ledger_.host_budget;
   }
   if (tier == home) return ledger_.own_used[tier] + size <= ledger_.local_budget[tier];
   return peer_rank_[home][tier] >= 0 && ledger_.lent_used[tier] + size <= ledger_.lend_budget[tier];
@@ -437,13 +340,6 @@ std::vector<int> Core::spill_order(int home) const {
   });
   peers.push_back(AQUA_TIER_HOST);
   return peers;
-}
-
-int Core::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
-  uint64_t t0 = now_ns();
-  int r = acquire_untimed(tier, size, for_move, handle, handle_bytes);
-  profiler_.add(AQUA_PHASE_ACQUIRE, t0, now_ns());
-  return r;
 }
 
 void Core::profile_record_spans(bool on) {
@@ -467,76 +363,9 @@ void Core::profile_reset() {
   profiler_.reset();
 }
 
-int Core::acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
-  if (tier == AQUA_TIER_HOST) {
-    if (host_pool_.take(size, handle, handle_bytes)) {
-      pool_cv_.notify_all();  // the background thread may top the pool up
-      return 0;
-    }
-    uint64_t cls = host_pool_.class_for(size);
-    if (for_move || !cls || host_pool_.total_bytes() + cls > ledger_.host_budget) return -1;
-    uintptr_t va = 0;
-    if (int r = create_host_backing(cls, handle, &va)) return r;
-    host_staging_[*handle] = va;
-    host_pool_.add_idle(*handle, cls);
-    host_pool_.take(size, handle, handle_bytes);
-    return 0;
-  }
-  *handle_bytes = size;
-  if (reuse_deferred(tier, size, handle)) return 0;
-  int r = backend_->create(tier, size, handle);
-  if (r != 0 && backend_->is_out_of_memory(r) && !to_release_.empty()) {
-    release_deferred(tier, 0);  // memory still held by deferred releases
-    r = backend_->create(tier, size, handle);
-  }
-  return r;
-}
-
-void Core::give_back(int tier, Handle handle, uint64_t handle_bytes) {
-  if (tier == AQUA_TIER_HOST) {
-    host_pool_.give_back(handle, handle_bytes);
-    return;
-  }
-  to_release_.push_back(DeferredRelease{tier, handle, handle_bytes, now_ns()});
-  start_background_thread();
-  pool_cv_.notify_all();
-}
-
-bool Core::reuse_deferred(int tier, uint64_t size, Handle* handle) {
-  for (auto it = to_release_.rbegin(); it != to_release_.rend(); ++it) {
-    if (it->tier == tier && it->bytes == size) {
-      *handle = it->handle;
-      to_release_.erase(std::next(it).base());
-      return true;
-    }
-  }
-  return false;
-}
-
-void Core::release_deferred(int tier, uint64_t older_than_ns) {
-  uint64_t now = now_ns();
-  auto keep = to_release_.begin();
-  for (auto it = to_release_.begin(); it != to_release_.end(); ++it) {
-    if ((tier < 0 || it->tier == tier) && now - it->since_ns >= older_than_ns) {
-      int r = backend_->release(it->handle);
-      for (int i = 1; r != 0 && i < kRestoreAttempts; ++i) r = backend_->release(it->handle);
-      if (r != 0)
-        std::fprintf(stderr, "[aqua_alloc] releasing %s backing failed (leaked): %s\n", tier_name(it->tier).c_str(),
-                     backend_->error_name(r).c_str());
-    } else {
-      *keep++ = *it;
-    }
-  }
-  to_release_.erase(keep, to_release_.end());
-}
-
 void Core::flush_releases() {
   std::lock_guard<std::mutex> lock(mutex_);
-  release_deferred(-1, 0);
-}
-
-void Core::start_background_thread() {
-  if (!pool_thread_.joinable() && !pool_thread_stop_) pool_thread_ = std::thread(&Core::pool_thread_main, this);
+  backings_.release_deferred(-1, 0);
 }
 
 // Frees local room for `need` bytes by evicting pieces of parked contexts of `device`,
@@ -582,7 +411,7 @@ uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& 
       bool placed = false;
       for (int tier : order) {
         if (!room_on(tier, victim.device, p.size, true)) continue;
-        if (acquire(tier, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+        if (backings_.acquire(tier, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
         step.dst = tier;
         ledger_.reserve(tier, victim.device, p.size);
         placed = true;
@@ -602,7 +431,7 @@ void Core::drop_planned(std::vector<Step>& steps, size_t from) {
   for (size_t k = from; k < steps.size(); ++k) {
     Step& s = steps[k];
     ledger_.remove(s.dst, s.ctx->device, s.segment->pieces[s.index].size, false);
-    give_back(s.dst, s.handle, s.handle_bytes);
+    backings_.give_back(s.dst, s.handle, s.handle_bytes);
   }
   steps.resize(from);
 }
@@ -651,7 +480,7 @@ int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
       bool placed = false;
       for (int t : order) {
         if (t == p.tier || !room_on(t, ctx.device, p.size, true)) continue;
-        if (acquire(t, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+        if (backings_.acquire(t, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
         step.dst = t;
         ledger_.reserve(t, ctx.device, p.size);
         placed = true;
@@ -723,7 +552,7 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
   for (int tier : order) {
     if (tier == home) make_local_room(home, piece->size, ctx.id);
     if (!room_on(tier, home, piece->size, false)) continue;
-    int r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
+    int r = backings_.acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     if (r != 0 && tier == home && backend_->is_out_of_memory(r) && ledger_.lent_used[home] > 0) {
       // The owner needs memory it lent: lower its lend budget by what it needs and move
       // parked borrowers off (an elastic lender gets its memory back first).
@@ -732,14 +561,14 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
       record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, home, ledger_.lend_budget[home], 0, 1, 0);
       reclaim_locked(home);
       backend_->bind(home);
-      r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
+      r = backings_.acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     }
     if (r != 0 && tier == home && backend_->is_out_of_memory(r)) {
       // The budget had room but the device did not (other users of the GPU): evict the
       // least recently run parked context's local pieces, then try once more.
       if (Context* victim = lru_parked_victim(home, ctx.id)) evict_pieces_of(*victim, piece->size);
       backend_->bind(home);
-      r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
+      r = backings_.acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     }
     if (r != 0) {
       if (r > 0) last_error_code = r;
@@ -754,7 +583,7 @@ int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
       if (mapped && !retry(*backend_, &Backend::unmap, va + piece->offset, piece->size))
         std::fprintf(stderr, "[aqua_alloc] unmapping a failed new piece failed; its backing is leaked\n");
       else
-        give_back(tier, piece->handle, piece->handle_bytes);
+        backings_.give_back(tier, piece->handle, piece->handle_bytes);
       return driver_fail(*backend_, "mapping a new segment", m);
     }
     piece->tier = tier;
@@ -819,7 +648,7 @@ void* Core::malloc(size_t size, int device, int thread_context) {
       for (const Piece& p : seg->pieces) {
         ledger_.remove(p.tier, ctx->device, p.size, false);
         if (retry(*backend_, &Backend::unmap, seg->va + p.offset, p.size))
-          give_back(p.tier, p.handle, p.handle_bytes);
+          backings_.give_back(p.tier, p.handle, p.handle_bytes);
         else
           std::fprintf(stderr, "[aqua_alloc] unmapping a failed allocation failed; its backing is leaked\n");
       }
@@ -874,7 +703,7 @@ void Core::free(void* ptr) {
     shadow_unmapped = shadow_unmapped && !p.shadow_mapped;
     all_unmapped = all_unmapped && home_unmapped;
     if (home_unmapped && !p.shadow_mapped) {
-      give_back(p.tier, p.handle, p.handle_bytes);
+      backings_.give_back(p.tier, p.handle, p.handle_bytes);
     } else {
       // Still mapped: never hand this backing to anyone else (leaked, and said so).
       std::fprintf(stderr, "[aqua_alloc] unmapping a freed segment at 0x%lx%s failed; its %s backing is leaked\n",
@@ -1084,7 +913,7 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
       if (p.tier == device || ledger_.own_used[device] + p.size > ledger_.local_budget[device] + extra_room) continue;
       Step step{seg, i, p.tier, device};
       step.ctx = ctx;
-      if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+      if (backings_.acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
       ledger_.reserve(device, device, p.size);
       out.push_back(step);
     }
@@ -1163,7 +992,7 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
       bool placed = false;
       for (int t : order) {
         if (!room_on(t, ctx->device, p.size, true)) continue;
-        if (int r = acquire(t, p.size, true, &step.handle, &step.handle_bytes)) {
+        if (int r = backings_.acquire(t, p.size, true, &step.handle, &step.handle_bytes)) {
           if (r > 0 && !backend_->is_out_of_memory(r)) driver_error = r;
           continue;
         }
@@ -1175,7 +1004,7 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
       if (!placed) {
         for (Step& s : steps) {
           ledger_.remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
-          give_back(s.dst, s.handle, s.handle_bytes);
+          backings_.give_back(s.dst, s.handle, s.handle_bytes);
         }
         if (driver_error)
           return refuse(driver_fail(*backend_, ("evict '" + ctx->tag + "': creating backing").c_str(), driver_error));
@@ -1279,7 +1108,7 @@ void Core::unwind(std::vector<Step>& steps) {
           if (keep_source) old_backing_pinned = !retry(*backend_, &Backend::unmap, s.source, p.size);  // the old backing leaves
           ledger_.remove(p.tier, ctx.device, p.size, true);
           ledger_.charge(s.dst, p.size, true);
-          if (!old_backing_pinned) give_back(p.tier, p.handle, p.handle_bytes);  // else leaked, still mapped
+          if (!old_backing_pinned) backings_.give_back(p.tier, p.handle, p.handle_bytes);  // else leaked, still mapped
           p.tier = s.dst;
           p.handle = s.handle;
           p.handle_bytes = s.handle_bytes;
@@ -1316,7 +1145,7 @@ void Core::unwind(std::vector<Step>& steps) {
                      "mapped without access (later moves of the piece fail and roll back)\n", ctx.tag.c_str());
     }
     ledger_.remove(s.dst, ctx.device, p.size, false);
-    give_back(s.dst, s.handle, s.handle_bytes);
+    backings_.give_back(s.dst, s.handle, s.handle_bytes);
     if (s.copied) idle_events_[ctx.device].push_back(s.copied);
   }
 }
@@ -1411,7 +1240,8 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
   std::vector<bool> read_through_shadow(steps.size(), false);
   auto piece_of = [](const Step& s) -> Piece& { return s.segment->pieces[s.index]; };
   auto may_read_through = [&](const Step& s) {
-    return s.dst == AQUA_TIER_HOST && piece_of(s).tier == s.ctx->device && host_staging_.count(s.handle) > 0;
+    uintptr_t va = 0;
+    return s.dst == AQUA_TIER_HOST && piece_of(s).tier == s.ctx->device && backings_.host_mapping(s.handle, &va);
   };
   size_t chosen = 0;
   for (bool kept_only : {true, false})
@@ -1435,9 +1265,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     Step& s = steps[k];
     Piece& p = s.segment->pieces[s.index];
     uint64_t t0 = now_ns();
-    auto prestaged = s.dst == AQUA_TIER_HOST ? host_staging_.find(s.handle) : host_staging_.end();
-    if (prestaged != host_staging_.end()) {
-      s.target = prestaged->second;
+    if (s.dst == AQUA_TIER_HOST && backings_.host_mapping(s.handle, &s.target)) {
       s.prestaged = true;
     } else {
       s.target = s.segment->shadow + p.offset;
@@ -1450,11 +1278,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     if (!copies_out && into_device(s) && p.tier == AQUA_TIER_HOST && s.ctx->park_recorded) {
       // A resume from a pre-mapped host backing reads it at its own mapping, so that home
       // can be remapped while the copy is in flight (see above).
-      auto own = host_staging_.find(p.handle);
-      if (own != host_staging_.end()) {
-        s.source = own->second;
-        s.early = true;
-      }
+      if (backings_.host_mapping(p.handle, &s.source)) s.early = true;
     }
     if (read_through_shadow[k]) {
       s.early = true;
@@ -1601,7 +1425,7 @@ int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_m
     ledger_.charge(s.dst, p.size, true);
     bytes_by_move[{c.id, p.tier, s.dst}] += p.size;
     if (&c == &ctx) own_bytes += p.size;
-    give_back(p.tier, p.handle, p.handle_bytes);
+    backings_.give_back(p.tier, p.handle, p.handle_bytes);
     if (s.dst == c.device) p.away_since = 0;
     else if (p.tier == c.device) p.away_since = ++clock_;
     p.tier = s.dst;
@@ -1632,12 +1456,7 @@ int Core::shutdown(bool force) {
                                       " segments are still live (tensors allocated in contexts); free them first");
   }
   stop_async_thread();  // queued resumes finish first
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    pool_thread_stop_ = true;
-  }
-  pool_cv_.notify_all();
-  if (pool_thread_.joinable()) pool_thread_.join();
+  backings_.stop_thread();
   std::vector<void*> live;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -1648,8 +1467,8 @@ int Core::shutdown(bool force) {
   }
   for (void* ptr : live) free(ptr);
   std::lock_guard<std::mutex> lock(mutex_);
-  release_deferred(-1, 0);
-  for (auto& [h, bytes] : host_pool_.trim(0)) release_host_backing(h, bytes);
+  backings_.release_deferred(-1, 0);
+  backings_.trim_host(0);
   for (std::vector<Event>& idle : idle_events_) {
     for (Event e : idle) backend_->event_destroy(e);
     idle.clear();

@@ -29,9 +29,9 @@
 #include <vector>
 
 #include "backend.h"
+#include "backings.h"
 #include "errors.h"
 #include "event_log.h"
-#include "host_pool.h"
 #include "ledger.h"
 #include "profiler.h"
 #include "segments.h"
@@ -112,9 +112,6 @@ class Core {
   // Placement and budgets (mutex_ held).
   bool room_on(int tier, int home, uint64_t size, bool for_move) const;
   std::vector<int> spill_order(int home) const;
-  int acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
-  int acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
-  void give_back(int tier, Handle handle, uint64_t handle_bytes);
   int record_park(Context& ctx, uint64_t stream);
   int place_new_piece(Context& ctx, uintptr_t va, Piece* piece);
   bool make_local_room(int device, uint64_t need, int exclude_context);
@@ -140,12 +137,6 @@ class Core {
   void wait_async_resume_of(int id);
   void stop_async_thread();
 
-  void pool_thread_main();
-  bool grow_pool_once(std::unique_lock<std::mutex>& lock, int* error);
-  int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
-  void release_host_backing(Handle handle, uint64_t size);  // mutex_ held
-  void release_retried(Handle handle, const char* what);
-
   std::unique_ptr<Backend> backend_;
   SimControl* sim_;
   int num_devices_ = 0;
@@ -160,33 +151,12 @@ class Core {
   std::map<uintptr_t, std::unique_ptr<Segment>> segments_;  // home va -> segment
 
   Ledger ledger_;                            // bytes per tier against the budgets
+  Profiler profiler_;
+  Backings backings_;                        // physical memory, and the thread that readies it
   std::vector<std::vector<int>> peer_rank_;  // [home][peer], < 0: never
-  HostPool host_pool_;
-  std::map<Handle, uintptr_t> host_staging_;  // host backing -> its own mapping (see create_host_backing)
   std::vector<Stream> streams_;              // per device: mover stream out of it, 0 until made
   std::vector<Stream> in_streams_;           // per device: mover stream into it, 0 until made
   std::vector<std::vector<Event>> idle_events_;  // per device: events belong to a device's context
-
-  // Device backings given back by moves and frees, released by the background thread
-  // after kReleaseDelayNs unless a move to the same device and size reuses them first
-  // (a context switch: park one context, resume another).
-  struct DeferredRelease {
-    int tier;
-    Handle handle;
-    uint64_t bytes;
-    uint64_t since_ns;
-  };
-  static constexpr uint64_t kReleaseDelayNs = 5'000'000;
-  std::vector<DeferredRelease> to_release_;
-  bool reuse_deferred(int tier, uint64_t size, Handle* handle);
-  void release_deferred(int tier, uint64_t older_than_ns);  // mutex_ held; tier -1: all tiers
-  void start_background_thread();
-
-  uint64_t pool_reserve_ = 0;
-  uint64_t pool_creating_bytes_ = 0;  // host backing being created outside the lock
-  bool pool_thread_stop_ = false;
-  std::condition_variable pool_cv_;
-  std::thread pool_thread_;
 
   // Asynchronous resumes: one worker runs them in ticket order, so the flag word (the last
   // ticket done) only grows and a GPU-side wait for ticket t is "flag >= t".
@@ -209,8 +179,6 @@ class Core {
   std::thread async_thread_;
   uint32_t* flag_host_ = nullptr;  // made on the first asynchronous resume (mutex_ held)
   uintptr_t flag_device_ = 0;
-
-  Profiler profiler_;
 
   EventLog events_;
 };

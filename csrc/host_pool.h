@@ -11,8 +11,8 @@
 // CUDA_ERROR_NOT_SUPPORTED for pinned host handles on an H200, driver 580.) A background
 // thread keeps the idle bytes at the reserve level set by aqua_host_pool_reserve.
 //
-// Not thread-safe by itself: the core calls it under its own mutex, except create_ahead(),
-// which runs unlocked and hands finished handles over through add_idle().
+// Not thread-safe by itself: Backings calls it under the core's mutex, and hands it host
+// backing made with that mutex released through add_idle().
 #pragma once
 
 #include <algorithm>
