@@ -19,39 +19,17 @@ namespace {
 uint64_t round_up(uint64_t x, uint64_t unit) { return (x + unit - 1) / unit * unit; }
 }  // namespace
 
-// One piece's move from its current tier to `dst`.
-struct Core::Step {
-  Segment* segment;
-  size_t index;          // into segment->pieces
-  int src = 0;
-  int dst = 0;
-  Context* ctx = nullptr;  // the piece's context (execute_move fills in its own when null)
-  Handle handle = 0;     // the new backing
-  uint64_t handle_bytes = 0;
-  bool staged = false;   // new backing mapped at the shadow
-  uintptr_t target = 0;  // where the copy writes: the shadow, or the host backing's own mapping
-  bool prestaged = false;  // host backing mapped once when created: no staging map
-  uintptr_t source = 0;  // where the copy reads: home, or a second mapping of the old backing
-  bool source_shadowed = false;  // old backing also mapped at the shadow (copy reads there)
-  bool had_kept = false;  // the old backing was mapped at the shadow when the move began (Piece::shadow_mapped)
-  bool early = false;      // committed before its copy completes (the copy does not read home)
-  bool committed = false;  // new backing mapped at home (an unwind maps the old one back)
-  Event copied = 0;      // recorded after the copy
-};
-
 Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
     : backend_(std::move(backend)),
       sim_(sim),
       num_devices_(backend_->device_count()),
       granularity_(backend_->granularity()),
       ledger_(num_devices_),
-      backings_(*backend_, mutex_, ledger_, profiler_, num_devices_) {
+      backings_(*backend_, mutex_, ledger_, profiler_, num_devices_),
+      mover_(*backend_, ledger_, backings_, profiler_, events_, segments_, clock_, num_devices_) {
   chunk_bytes_ = round_up(64 * kMiB, granularity_);
   backings_.configure(granularity_, chunk_bytes_);
   peer_rank_.assign(num_devices_, std::vector<int>(num_devices_, -1));
-  streams_.assign(num_devices_, 0);
-  in_streams_.assign(num_devices_, 0);
-  idle_events_.assign(num_devices_, {});
   for (int d = 0; d < num_devices_; ++d) {
     size_t free_bytes = 0, total = 0;
     if (backend_->mem_info(d, &free_bytes, &total) == 0) ledger_.local_budget[d] = total;
@@ -194,7 +172,7 @@ int Core::context_release(int id) {
   ctx->released = true;
   record(AQUA_EV_CONTEXT_RELEASE, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
   if (ctx->segments.empty()) {
-    if (ctx->park_event) idle_events_[ctx->device].push_back(ctx->park_event);
+    if (ctx->park_event) mover_.recycle_event(ctx->device, ctx->park_event);
     contexts_.erase(id);
   }
   return AQUA_OK;
@@ -214,7 +192,7 @@ int Core::park(int id, uint64_t stream) {
 // Marks `ctx` parked and records its park event on `stream` (mutex held, device bound).
 int Core::record_park(Context& ctx, uint64_t stream) {
   if (!ctx.park_event) {
-    if (int r = take_event(ctx.device, &ctx.park_event)) return driver_fail(*backend_, "creating the park event", r);
+    if (int r = mover_.take_event(ctx.device, &ctx.park_event)) return driver_fail(*backend_, "creating the park event", r);
   }
   if (int r = backend_->event_record(ctx.park_event, stream)) return driver_fail(*backend_, "recording the park event", r);
   ctx.park_recorded = true;
@@ -398,7 +376,7 @@ bool Core::make_local_room(int device, uint64_t need, int exclude_context) {
 // Plans moving local pieces of `victim` to the best spill tiers until `need` bytes leave
 // its device: the steps' backings are acquired and reserved, nothing moves yet. Appends to
 // `steps`; returns the bytes planned.
-uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& steps) {
+uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps) {
   uint64_t planned = 0;
   std::vector<int> order = spill_order(victim.device);
   for (uintptr_t va : victim.segments) {
@@ -406,7 +384,7 @@ uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& 
     for (size_t i = 0; i < seg->pieces.size() && planned < need; ++i) {
       const Piece& p = seg->pieces[i];
       if (p.tier != victim.device) continue;
-      Step step{seg, i, p.tier};
+      MoveStep step{seg, i, p.tier};
       step.ctx = &victim;
       bool placed = false;
       for (int tier : order) {
@@ -427,9 +405,9 @@ uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& 
 }
 
 // Gives back what plan_eviction acquired for steps [from, end) and drops them.
-void Core::drop_planned(std::vector<Step>& steps, size_t from) {
+void Core::drop_planned(std::vector<MoveStep>& steps, size_t from) {
   for (size_t k = from; k < steps.size(); ++k) {
-    Step& s = steps[k];
+    MoveStep& s = steps[k];
     ledger_.remove(s.dst, s.ctx->device, s.segment->pieces[s.index].size, false);
     backings_.give_back(s.dst, s.handle, s.handle_bytes);
   }
@@ -439,11 +417,11 @@ void Core::drop_planned(std::vector<Step>& steps, size_t from) {
 // Moves local pieces of `victim` to the best spill tiers until `need` bytes left its
 // device. Returns the bytes moved (0 when nothing could move).
 uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
-  std::vector<Step> steps;
+  std::vector<MoveStep> steps;
   plan_eviction(victim, need, steps);
   if (steps.empty()) return 0;
   uint64_t moved = 0;
-  if (execute_move(victim, steps, &moved) != AQUA_OK) {
+  if (mover_.execute(victim, steps, &moved) != AQUA_OK) {
     std::fprintf(stderr, "[aqua_alloc] evicting context '%s' failed: %s\n", victim.tag.c_str(),
                  last_error().c_str());
     return 0;
@@ -470,13 +448,13 @@ int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
   std::vector<int> order;
   for (int t : spill_order(ctx.device))
     if (t == AQUA_TIER_HOST || excess[t] == 0) order.push_back(t);
-  std::vector<Step> steps;
+  std::vector<MoveStep> steps;
   for (uintptr_t va : ctx.segments) {
     Segment* seg = segments_.at(va).get();
     for (size_t i = 0; i < seg->pieces.size(); ++i) {
       const Piece& p = seg->pieces[i];
       if (p.tier < 0 || p.tier == ctx.device || excess[p.tier] == 0) continue;
-      Step step{seg, i, p.tier};
+      MoveStep step{seg, i, p.tier};
       bool placed = false;
       for (int t : order) {
         if (t == p.tier || !room_on(t, ctx.device, p.size, true)) continue;
@@ -492,7 +470,7 @@ int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
     }
   }
   if (steps.empty()) return AQUA_OK;
-  return execute_move(ctx, steps, moved);
+  return mover_.execute(ctx, steps, moved);
 }
 
 // Moves pieces of parked contexts off lender `device`, least recently run first, until it
@@ -718,7 +696,7 @@ void Core::free(void* ptr) {
   ctx->segments.erase(seg->va);
   segments_.erase(it);
   if (ctx->released && ctx->segments.empty()) {
-    if (ctx->park_event) idle_events_[ctx->device].push_back(ctx->park_event);
+    if (ctx->park_event) mover_.recycle_event(ctx->device, ctx->park_event);
     contexts_.erase(ctx_it);
   }
 }
@@ -890,7 +868,7 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
   // A context switch under a full budget: parked contexts, least recently run first, are
   // evicted in the same move as this one comes home, so that both directions of the link
   // work at once. Budget room counts the bytes planned to leave.
-  std::vector<Step> steps;
+  std::vector<MoveStep> steps;
   uint64_t leaving = 0;
   if (ledger_.own_used[device] + need > ledger_.local_budget[device]) {
     uint64_t deficit = ledger_.own_used[device] + need - ledger_.local_budget[device];
@@ -907,11 +885,11 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
   }
   // Plans bringing the pieces of `away` home, in order, while the budget plus `extra_room`
   // (bytes planned to leave) has room; a piece whose backing cannot be made stays away.
-  auto plan_homecoming = [&](uint64_t extra_room, std::vector<Step>& out) {
+  auto plan_homecoming = [&](uint64_t extra_room, std::vector<MoveStep>& out) {
     for (auto [seg, i] : away) {
       const Piece& p = seg->pieces[i];
       if (p.tier == device || ledger_.own_used[device] + p.size > ledger_.local_budget[device] + extra_room) continue;
-      Step step{seg, i, p.tier, device};
+      MoveStep step{seg, i, p.tier, device};
       step.ctx = ctx;
       if (backings_.acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
       ledger_.reserve(device, device, p.size);
@@ -919,29 +897,29 @@ int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes
     }
   };
   size_t num_evictions = steps.size();
-  std::vector<Step> incoming;
+  std::vector<MoveStep> incoming;
   plan_homecoming(leaving, incoming);
   if (incoming.empty()) {
     drop_planned(steps, 0);  // nothing can come home: evict nobody
   } else {
     // Interleave: one piece out, one piece in, so that commits follow both streams.
-    std::vector<Step> merged;
+    std::vector<MoveStep> merged;
     for (size_t k = 0; k < std::max(num_evictions, incoming.size()); ++k) {
       if (k < num_evictions) merged.push_back(steps[k]);
       if (k < incoming.size()) merged.push_back(incoming[k]);
     }
     steps.swap(merged);
   }
-  int status = steps.empty() ? AQUA_OK : execute_move(*ctx, steps, bytes_moved);
+  int status = steps.empty() ? AQUA_OK : mover_.execute(*ctx, steps, bytes_moved);
   if (status == AQUA_OK && num_evictions > 0 && *bytes_moved < need) {
     // What did not fit in the exchange (no physical room for both at once, or the budget):
     // evict first, then bring home (the old backings of the first move are reused).
     uint64_t left = need - *bytes_moved;
     make_local_room(device, left, ctx->id);
-    std::vector<Step> rest;
+    std::vector<MoveStep> rest;
     plan_homecoming(0, rest);
     uint64_t more = 0;
-    if (!rest.empty() && execute_move(*ctx, rest, &more) != AQUA_OK) {
+    if (!rest.empty() && mover_.execute(*ctx, rest, &more) != AQUA_OK) {
       // The exchange stands (its pieces are home); this second move rolled back, so the
       // rest stays where it was, usable in place: a partial resume, not a failed one.
       std::fprintf(stderr, "[aqua_alloc] resume of '%s': bringing the rest home failed (%s); it stays in place\n",
@@ -982,13 +960,13 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   };
   std::vector<int> order = tier == AQUA_TIER_AUTO ? spill_order(ctx->device) : std::vector<int>{tier};
   int driver_error = 0;
-  std::vector<Step> steps;
+  std::vector<MoveStep> steps;
   for (uintptr_t va : ctx->segments) {
     Segment* seg = segments_.at(va).get();
     for (size_t i = 0; i < seg->pieces.size(); ++i) {
       const Piece& p = seg->pieces[i];
       if (tier == AQUA_TIER_AUTO ? p.tier != ctx->device : p.tier == tier) continue;
-      Step step{seg, i, p.tier};
+      MoveStep step{seg, i, p.tier};
       bool placed = false;
       for (int t : order) {
         if (!room_on(t, ctx->device, p.size, true)) continue;
@@ -1002,7 +980,7 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
         break;
       }
       if (!placed) {
-        for (Step& s : steps) {
+        for (MoveStep& s : steps) {
           ledger_.remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
           backings_.give_back(s.dst, s.handle, s.handle_bytes);
         }
@@ -1016,434 +994,7 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
     }
   }
   if (steps.empty()) return AQUA_OK;
-  return execute_move(*ctx, steps, bytes_moved);
-}
-
-// An event of `device` (events belong to the context current when made; the caller has
-// bound `device`).
-int Core::take_event(int device, Event* event) {
-  std::vector<Event>& idle = idle_events_[device];
-  if (!idle.empty()) {
-    *event = idle.back();
-    idle.pop_back();
-    return 0;
-  }
-  return backend_->event_create(event);
-}
-
-// The stream that copies out of `device` (inbound false) or into it (inbound true).
-int Core::mover_stream(int device, bool inbound, Stream* stream) {
-  Stream& s = inbound ? in_streams_[device] : streams_[device];
-  if (!s) {
-    if (int r = backend_->stream_create(device, &s)) return r;
-  }
-  *stream = s;
-  return 0;
-}
-
-// Maps `handle` at va with access for `device`, each call retried (restore paths).
-// *mapped says whether the map itself took (then the caller owns an unmap on failure).
-bool Core::remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped) {
-  *mapped = false;
-  for (int i = 0; i < kRestoreAttempts && !*mapped; ++i) *mapped = backend_->map(va, size, handle) == 0;
-  bool access = false;
-  for (int i = 0; *mapped && i < kRestoreAttempts && !access; ++i)
-    access = backend_->set_access(va, size, device) == 0;
-  return access;
-}
-
-bool Core::in_shadowed_tail(const Context& ctx, const Segment* seg, size_t index) const {
-  size_t seen = 0;
-  for (auto va = ctx.segments.rbegin(); va != ctx.segments.rend() && seen < kShadowedTail; ++va) {
-    const Segment* s = segments_.at(*va).get();
-    for (size_t i = s->pieces.size(); i-- > 0 && seen < kShadowedTail; ++seen)
-      if (s == seg && i == index) return true;
-  }
-  return false;
-}
-
-// Undo a failed move: committed steps are mapped at home with their new backing and get
-// their old backing back; every staging mapping (a kept one too) is dropped. Every new
-// backing is returned.
-// Old backings were never modified, so the bytes are as before the move. A committed piece
-// whose new backing cannot be unmapped (after retries) keeps it instead: its bytes are the
-// same, and memory that may still be mapped is never given back for reuse.
-void Core::unwind(std::vector<Step>& steps) {
-  for (Step& s : steps) {
-    Context& ctx = *s.ctx;
-    Piece& p = s.segment->pieces[s.index];
-    uintptr_t home = s.segment->va + p.offset;
-    // The copies are drained: drop the old backing's second mapping (it stays the backing).
-    // If it cannot be dropped, the old backing must never be given back while mapped there.
-    // A mapping kept since the piece's resume stays, as before the move, while the old
-    // backing stays the piece's backing.
-    bool old_backing_pinned = false;
-    bool keep_source = s.source_shadowed && s.had_kept;
-    if (s.source_shadowed && !keep_source) {
-      if (retry(*backend_, &Backend::unmap, s.source, p.size)) {
-        s.source_shadowed = false;
-      } else {
-        old_backing_pinned = true;
-        std::fprintf(stderr, "[aqua_alloc] unmapping a move's source mapping of context '%s' failed: "
-                     "its staging range stays mapped (later moves of the piece fail and roll back)\n",
-                     ctx.tag.c_str());
-      }
-    }
-    if (s.committed) {
-      bool unmapped = retry(*backend_, &Backend::unmap, home, p.size);
-      bool mapped = false;
-      bool access = unmapped && remap_retried(home, p.size, p.handle, ctx.device, &mapped);
-      if (!access) {
-        if (mapped) retry(*backend_, &Backend::unmap, home, p.size);
-        bool kept = !unmapped;  // the new backing is still mapped at home
-        if (unmapped) {
-          bool remapped = false;
-          kept = remap_retried(home, p.size, s.handle, ctx.device, &remapped);
-        }
-        if (kept) {
-          // Keep the piece on its new backing: the move of this piece stands.
-          std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' at 0x%lx could not restore the old "
-                       "backing; the piece stays on %s (bytes intact)\n", ctx.tag.c_str(),
-                       static_cast<unsigned long>(home), tier_name(s.dst).c_str());
-          if (keep_source) old_backing_pinned = !retry(*backend_, &Backend::unmap, s.source, p.size);  // the old backing leaves
-          ledger_.remove(p.tier, ctx.device, p.size, true);
-          ledger_.charge(s.dst, p.size, true);
-          if (!old_backing_pinned) backings_.give_back(p.tier, p.handle, p.handle_bytes);  // else leaked, still mapped
-          p.tier = s.dst;
-          p.handle = s.handle;
-          p.handle_bytes = s.handle_bytes;
-          p.shadow_mapped = s.staged;  // a kept staging mapping stays with its backing
-        } else {
-          // Neither backing could be mapped back: keep both (leaked, never reused).
-          std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' failed at 0x%lx: the range is unmapped; "
-                       "its backings are kept and never reused\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
-          ledger_.remove(s.dst, ctx.device, p.size, false);
-          p.shadow_mapped = keep_source;
-        }
-        if (s.copied) idle_events_[ctx.device].push_back(s.copied);
-        continue;
-      }
-    }
-    if (s.staged && !retry(*backend_, &Backend::unmap, s.target, p.size)) {
-      // Still mapped at the shadow (staged, or a kept staging mapping of a committed piece):
-      // keep the backing out of reuse (leaked, counted below).
-      std::fprintf(stderr, "[aqua_alloc] unstaging a move of context '%s' failed: a backing is leaked\n",
-                   ctx.tag.c_str());
-      ledger_.remove(s.dst, ctx.device, p.size, false);
-      if (s.copied) idle_events_[ctx.device].push_back(s.copied);
-      continue;
-    }
-    if (keep_source) {  // the old backing is the piece's backing again, and so is its kept mapping
-      p.shadow_mapped = true;
-      s.source_shadowed = false;
-    } else if (s.had_kept) {  // ... which the move had dropped: map it again
-      uintptr_t shadow = s.segment->shadow + p.offset;
-      bool mapped = false;
-      p.shadow_mapped = remap_retried(shadow, p.size, p.handle, ctx.device, &mapped);
-      if (!p.shadow_mapped && mapped && !retry(*backend_, &Backend::unmap, shadow, p.size))
-        std::fprintf(stderr, "[aqua_alloc] restoring a staging mapping of context '%s' failed halfway: it stays "
-                     "mapped without access (later moves of the piece fail and roll back)\n", ctx.tag.c_str());
-    }
-    ledger_.remove(s.dst, ctx.device, p.size, false);
-    backings_.give_back(s.dst, s.handle, s.handle_bytes);
-    if (s.copied) idle_events_[ctx.device].push_back(s.copied);
-  }
-}
-
-// Moves every step's piece to its new backing (already acquired and accounted on the
-// destination). The steps may belong to several contexts of one device (a resume that
-// evicts parked contexts to make room): `ctx` is the context the move is for, and the
-// default owner of steps that name none. Each piece is staged (new backing mapped at the
-// shadow) and its copy issued, after the park events of every context involved: copies into
-// the device on one mover stream, copies out of it on another, so that an eviction and a
-// resume use both directions of the link at once. Then pieces are committed (unmap old at
-// home, map new) as their copies complete, so remaps overlap copies in flight.
-//
-// Three orderings come from measured driver costs (benchmarks/probe_park_copy.py, H200):
-// - While a copy out of the device runs, a set-access of device memory waits about 1 ms
-//   (0.03 ms otherwise; copies into the device do not slow it). So a move with copies out
-//   makes every staging and second mapping first, then issues the copies.
-// - A park into pre-mapped host backings reads its last pieces through a second mapping of
-//   the old backings (at the shadow): their home remaps (the host set-access, about 0.6 ms
-//   per 64 MiB, is the costly call) need not wait for their copies, so they are committed
-//   first, once the context's kernels are done, while the copies are in flight. A resume
-//   keeps its staging mappings of the context's last pieces (Piece::shadow_mapped), so the
-//   park after it maps nothing before its copies (two mappings cost about 0.06 ms there).
-// - A resume (no copies out) reads each piece that comes home from pre-mapped host backing
-//   at the backing's own mapping, so its home remap (the host unmap, about 0.17 ms per
-//   64 MiB, is the costly call) need not wait for the copy either: the last piece's remap
-//   no longer follows the last copy.
-// - Then pieces leaving the device commit in order, and pieces coming home last: by then
-//   the copies out are done and their set-access calls are cheap.
-// Old backings are released only when every piece has committed (and every copy is done):
-// until then an unwind can map them back, and their bytes were never touched. *bytes_moved:
-// bytes of `ctx`'s own pieces moved.
-int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved) {
-  uint64_t start = now_ns();
-  uint64_t total = 0;
-  std::map<int, Context*> involved;  // context id -> context
-  for (Step& s : steps) {
-    if (!s.ctx) s.ctx = &ctx;
-    involved[s.ctx->id] = s.ctx;
-    total += s.segment->pieces[s.index].size;
-  }
-  int src_tier = steps.front().src, dst_tier = steps.front().dst;
-  for (auto& [id, c] : involved) {
-    uint64_t bytes = 0;
-    for (Step& s : steps)
-      if (s.ctx == c) bytes += s.segment->pieces[s.index].size;
-    const Step& first = *std::find_if(steps.begin(), steps.end(), [c = c](const Step& s) { return s.ctx == c; });
-    events_.add(start, AQUA_EV_MOVE_START, id, first.src, first.dst, bytes, 0, first.segment->va, 0);
-  }
-  // Waits for every copy issued so far (before an unwind touches backings they may use).
-  auto drain_issued = [&]() {
-    for (const Step& s : steps)
-      if (s.copied) backend_->event_sync(s.copied);
-  };
-  // Unwinds the move after a failure; every copy issued must be drained first.
-  auto failed = [&](const char* what, int code) {
-    unwind(steps);
-    for (auto& [id, c] : involved) {
-      (void)c;
-      events_.add(start, AQUA_EV_MOVE_FAILED, id, src_tier, dst_tier, total, now_ns() - start, 0, code);
-    }
-    std::string who = "'" + ctx.tag + "'";
-    if (involved.size() > 1) who += " (with evictions of " + std::to_string(involved.size() - 1) + " parked contexts)";
-    return fail(AQUA_ERR_DRIVER, "moving context " + who + " (" + bytes_text(total) + ", " + tier_name(src_tier) +
-                                     " -> " + tier_name(dst_tier) + "): " + what + " failed: " +
-                                     backend_->error_name(code) + "; rolled back, bytes intact");
-  };
-  auto drained_and_failed = [&](const char* what, int code) {
-    drain_issued();
-    return failed(what, code);
-  };
-  auto into_device = [](const Step& s) { return s.dst == s.ctx->device; };
-
-  // One stream per direction; each waits for the last kernels of every context involved
-  // (recorded at park), so no copy reads a range a kernel may still write.
-  Stream streams[2] = {0, 0};  // [0]: out of the device (and between other tiers), [1]: into it
-  for (const Step& s : steps) {
-    int dir = into_device(s) ? 1 : 0;
-    if (streams[dir]) continue;
-    if (int r = mover_stream(ctx.device, dir == 1, &streams[dir])) return failed("creating a mover stream", r);
-    for (auto& [id, c] : involved) {
-      (void)id;
-      if (!c->park_recorded) continue;
-      if (int r = backend_->stream_wait_event(streams[dir], c->park_event))
-        return failed("waiting for the park event", r);
-    }
-  }
-  bool copies_out = std::any_of(steps.begin(), steps.end(), [&](const Step& s) { return !into_device(s); });
-  // Pieces of a park to host read through a second mapping (see above): up to kShadowedTail
-  // of the pieces that leave their home device for pre-mapped host backings, first those
-  // still mapped at the shadow since their resume (nothing to map), then the last ones.
-  std::vector<bool> read_through_shadow(steps.size(), false);
-  auto piece_of = [](const Step& s) -> Piece& { return s.segment->pieces[s.index]; };
-  auto may_read_through = [&](const Step& s) {
-    uintptr_t va = 0;
-    return s.dst == AQUA_TIER_HOST && piece_of(s).tier == s.ctx->device && backings_.host_mapping(s.handle, &va);
-  };
-  size_t chosen = 0;
-  for (bool kept_only : {true, false})
-    for (size_t k = steps.size(); k-- > 0 && chosen < kShadowedTail;)
-      if (!read_through_shadow[k] && may_read_through(steps[k]) && (piece_of(steps[k]).shadow_mapped || !kept_only)) {
-        read_through_shadow[k] = true;
-        ++chosen;
-      }
-  // A kept shadow mapping that this move does not read through is dropped before anything
-  // else: the shadow may be needed for staging, and the backing may leave.
-  for (size_t k = 0; k < steps.size(); ++k) {
-    Piece& p = piece_of(steps[k]);
-    if (!p.shadow_mapped || read_through_shadow[k]) continue;
-    if (int r = backend_->unmap(steps[k].segment->shadow + p.offset, p.size))
-      return failed("dropping a kept staging mapping", r);
-    p.shadow_mapped = false;
-    steps[k].had_kept = true;  // an unwind maps it again
-  }
-  // Maps where step k's copy writes (and reads, for a second mapping). AQUA_OK or failed().
-  auto prepare = [&](size_t k) -> int {
-    Step& s = steps[k];
-    Piece& p = s.segment->pieces[s.index];
-    uint64_t t0 = now_ns();
-    if (s.dst == AQUA_TIER_HOST && backings_.host_mapping(s.handle, &s.target)) {
-      s.prestaged = true;
-    } else {
-      s.target = s.segment->shadow + p.offset;
-      if (int r = backend_->map(s.target, p.size, s.handle)) return drained_and_failed("staging map", r);
-      s.staged = true;
-      if (int r = backend_->set_access(s.target, p.size, s.ctx->device))
-        return drained_and_failed("staging set-access", r);
-    }
-    s.source = s.segment->va + p.offset;
-    if (!copies_out && into_device(s) && p.tier == AQUA_TIER_HOST && s.ctx->park_recorded) {
-      // A resume from a pre-mapped host backing reads it at its own mapping, so that home
-      // can be remapped while the copy is in flight (see above).
-      if (backings_.host_mapping(p.handle, &s.source)) s.early = true;
-    }
-    if (read_through_shadow[k]) {
-      s.early = true;
-      // A park into a host backing mapped at its own address: the shadow is free, so the copy
-      // reads a second mapping of the old backing there, and the home range can be remapped
-      // to the host backing while the copy is in flight. Not for every piece: each second
-      // mapping costs host time, and the host set-access calls slow the copies they overlap
-      // (to 0.93 of the link), so only the remaps that would follow the last copy are moved.
-      s.source = s.segment->shadow + p.offset;
-      if (p.shadow_mapped) {  // kept since its resume: the step owns (and later drops) it
-        p.shadow_mapped = false;
-        s.source_shadowed = true;
-        s.had_kept = true;
-      } else {
-        if (int r = backend_->map(s.source, p.size, p.handle)) return drained_and_failed("source map", r);
-        s.source_shadowed = true;
-        if (int r = backend_->set_access(s.source, p.size, s.ctx->device))
-          return drained_and_failed("source set-access", r);
-      }
-    }
-    profiler_.add(AQUA_PHASE_STAGE, t0, now_ns());
-    return AQUA_OK;
-  };
-  // Issues step k's copy on its direction's stream, with an event after it. AQUA_OK or failed().
-  auto issue = [&](size_t k) -> int {
-    Step& s = steps[k];
-    Stream stream = streams[into_device(s) ? 1 : 0];
-    uint64_t t0 = now_ns();
-    // The event first: a copy is issued only with an event that the drains can wait on.
-    if (int r = take_event(s.ctx->device, &s.copied)) return drained_and_failed("copy", r);
-    if (int r = backend_->copy_async(s.target, s.source, s.segment->pieces[s.index].size, stream))
-      return drained_and_failed("copy", r);
-    if (int r = backend_->event_record(s.copied, stream)) {
-      // Issued but not waitable: wait for the whole device before anything is unwound.
-      if (backend_->device_sync(s.ctx->device) != 0)
-        std::fprintf(stderr, "[aqua_alloc] a move's copy could not be waited for after a failed event record\n");
-      return drained_and_failed("copy", r);
-    }
-    profiler_.add(AQUA_PHASE_ISSUE, t0, now_ns());
-    return AQUA_OK;
-  };
-  if (copies_out) {
-    for (size_t k = 0; k < steps.size(); ++k)
-      if (int st = prepare(k)) return st;
-    for (bool through_shadow : {false, true})  // the copies read through the shadow go last
-      for (size_t k = 0; k < steps.size(); ++k)
-        if (read_through_shadow[k] == through_shadow)
-          if (int st = issue(k)) return st;
-  } else {
-    for (size_t k = 0; k < steps.size(); ++k) {  // the first copy starts after one staging
-      if (int st = prepare(k)) return st;
-      if (int st = issue(k)) return st;
-    }
-  }
-  // Commit order (see above): pieces whose copies do not read home, then pieces leaving,
-  // then pieces coming home.
-  std::vector<size_t> order;
-  order.reserve(steps.size());
-  for (size_t k = 0; k < steps.size(); ++k)
-    if (steps[k].early) order.push_back(k);
-  for (bool home : {false, true})
-    for (size_t k = 0; k < steps.size(); ++k)
-      if (!steps[k].early && into_device(steps[k]) == home) order.push_back(k);
-  // A piece whose copy does not read home is remapped at home without waiting for its copy,
-  // but only once the kernels that may still use the context are done (its park event):
-  // a remap must not pull the range from under them. Their copies are waited for, and the
-  // second and staging mappings dropped, after the loop. A failure drains every copy before
-  // unwinding (a committed piece's new backing may still be written; waiting again for a
-  // copy that is done costs nothing).
-  // A piece coming home that is one of its context's last ones keeps its staging mapping:
-  // its next park reads through it without mapping anything first.
-  std::vector<bool> keep_staging(steps.size(), false);
-  for (size_t k = 0; k < steps.size(); ++k)
-    keep_staging[k] = steps[k].staged && into_device(steps[k]) &&
-                      in_shadowed_tail(*steps[k].ctx, steps[k].segment, steps[k].index);
-  bool kernels_done = false;
-  for (size_t k : order) {
-    Step& s = steps[k];
-    Piece& p = s.segment->pieces[s.index];
-    uintptr_t home = s.segment->va + p.offset;
-    uint64_t t0 = now_ns();
-    if (s.early && !kernels_done) {
-      for (auto& [id, c] : involved) {
-        (void)id;
-        if (!c->park_recorded) continue;
-        if (int r = backend_->event_sync(c->park_event)) return drained_and_failed("waiting for the park event", r);
-      }
-      kernels_done = true;
-    } else if (!s.early) {
-      if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
-    }
-    uint64_t t1 = now_ns();
-    profiler_.add(AQUA_PHASE_WAIT, t0, t1);
-    if (s.staged && !keep_staging[k] && !s.early) {
-      if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
-      s.staged = false;
-    }
-    if (int r = backend_->unmap(home, p.size)) return drained_and_failed("unmap", r);
-    int r = backend_->map(home, p.size, s.handle);
-    if (r == 0) {
-      r = backend_->set_access(home, p.size, s.ctx->device);
-      if (r != 0) retry(*backend_, &Backend::unmap, home, p.size);
-    }
-    if (r != 0) {
-      // Put the old backing back at home; then unwind the committed steps.
-      bool mapped = false;
-      if (!remap_retried(home, p.size, p.handle, s.ctx->device, &mapped))
-        std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
-      return drained_and_failed("map at home", r);
-    }
-    s.committed = true;
-    profiler_.add(AQUA_PHASE_REMAP, t1, now_ns());
-  }
-  for (size_t k = 0; k < steps.size(); ++k) {
-    Step& s = steps[k];
-    if (!s.early) continue;
-    const Piece& p = s.segment->pieces[s.index];
-    uint64_t t0 = now_ns();
-    if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
-    uint64_t t1 = now_ns();
-    profiler_.add(AQUA_PHASE_WAIT, t0, t1);
-    if (s.source_shadowed) {
-      if (int r = backend_->unmap(s.source, p.size)) return drained_and_failed("source unmap", r);
-      s.source_shadowed = false;
-    }
-    if (s.staged && !keep_staging[k]) {
-      if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
-      s.staged = false;
-    }
-    profiler_.add(AQUA_PHASE_REMAP, t1, now_ns());
-  }
-  // Commit: every piece now maps its new backing at home. Release the old backings and
-  // settle the accounts.
-  uint64_t t_release = now_ns();
-  std::set<int> tiers_out, tiers_in;  // a move counts once per tier it touches
-  std::map<std::tuple<int, int, int>, uint64_t> bytes_by_move;  // (context, src, dst) -> bytes
-  uint64_t own_bytes = 0;
-  for (Step& s : steps) {
-    Piece& p = s.segment->pieces[s.index];
-    Context& c = *s.ctx;
-    ledger_.remove(p.tier, c.device, p.size, true);
-    tiers_out.insert(ledger_.index(p.tier));
-    tiers_in.insert(ledger_.index(s.dst));
-    ledger_.charge(s.dst, p.size, true);
-    bytes_by_move[{c.id, p.tier, s.dst}] += p.size;
-    if (&c == &ctx) own_bytes += p.size;
-    backings_.give_back(p.tier, p.handle, p.handle_bytes);
-    if (s.dst == c.device) p.away_since = 0;
-    else if (p.tier == c.device) p.away_since = ++clock_;
-    p.tier = s.dst;
-    p.handle = s.handle;
-    p.handle_bytes = s.handle_bytes;
-    p.shadow_mapped = s.staged;  // a kept staging mapping (keep_staging)
-    idle_events_[c.device].push_back(s.copied);
-  }
-  for (int t : tiers_out) ledger_.counters[t].moves_out++;
-  for (int t : tiers_in) ledger_.counters[t].moves_in++;
-  profiler_.add(AQUA_PHASE_RELEASE, t_release, now_ns());
-  *bytes_moved = own_bytes;
-  uint64_t dur = now_ns() - start;
-  for (auto& [key, nbytes] : bytes_by_move) {
-    auto [id, src, dst] = key;
-    events_.add(start, AQUA_EV_MOVE_END, id, src, dst, nbytes, dur, steps.front().segment->va, 0);
-  }
-  return AQUA_OK;
+  return mover_.execute(*ctx, steps, bytes_moved);
 }
 
 // --- teardown ----------------------------------------------------------------------------
@@ -1469,10 +1020,7 @@ int Core::shutdown(bool force) {
   std::lock_guard<std::mutex> lock(mutex_);
   backings_.release_deferred(-1, 0);
   backings_.trim_host(0);
-  for (std::vector<Event>& idle : idle_events_) {
-    for (Event e : idle) backend_->event_destroy(e);
-    idle.clear();
-  }
+  mover_.destroy_idle_events();
   return AQUA_OK;
 }
 

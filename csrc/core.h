@@ -33,6 +33,7 @@
 #include "errors.h"
 #include "event_log.h"
 #include "ledger.h"
+#include "mover.h"
 #include "profiler.h"
 #include "segments.h"
 
@@ -96,14 +97,6 @@ class Core {
   int profile_spans(uint64_t* out, int max_spans);
 
  private:
-  struct Step;  // one piece's move, see core.cpp
-  // Pieces at the end of a park to host whose copy reads a second mapping of the old
-  // backing, so that their home remaps overlap the copies still in flight (execute_move).
-  static constexpr size_t kShadowedTail = 2;
-  // Whether (segment, piece) is one of the last kShadowedTail pieces of `ctx` (the ones
-  // its next park reads through the shadow): their resume keeps its staging mapping.
-  bool in_shadowed_tail(const Context& ctx, const Segment* seg, size_t index) const;
-
   Context* find_context(int id);
   const Segment* segment_holding(uint64_t ptr) const;  // the segment whose range holds ptr, or null
   Context* default_context(int device);
@@ -117,18 +110,12 @@ class Core {
   bool make_local_room(int device, uint64_t need, int exclude_context);
   Context* lru_parked_victim(int device, int exclude_context);
   uint64_t evict_pieces_of(Context& victim, uint64_t need);
-  uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<Step>& steps);
-  void drop_planned(std::vector<Step>& steps, size_t from);
+  uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps);
+  void drop_planned(std::vector<MoveStep>& steps, size_t from);
   int move_off_lenders(Context& ctx, int only_tier, uint64_t* moved);
   uint64_t reclaim_locked(int device);
   void note_lender_moves(Context& ctx, const char* when);
 
-  // The mover (mutex_ held): all or nothing over `steps`.
-  int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);
-  void unwind(std::vector<Step>& steps);
-  bool remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped);
-  int take_event(int device, Event* event);
-  int mover_stream(int device, bool inbound, Stream* stream);
   void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
               int status);
 
@@ -150,13 +137,12 @@ class Core {
   uint64_t clock_ = 0;
   std::map<uintptr_t, std::unique_ptr<Segment>> segments_;  // home va -> segment
 
+  EventLog events_;
   Ledger ledger_;                            // bytes per tier against the budgets
   Profiler profiler_;
   Backings backings_;                        // physical memory, and the thread that readies it
+  Mover mover_;                              // moves pieces between tiers, all or nothing
   std::vector<std::vector<int>> peer_rank_;  // [home][peer], < 0: never
-  std::vector<Stream> streams_;              // per device: mover stream out of it, 0 until made
-  std::vector<Stream> in_streams_;           // per device: mover stream into it, 0 until made
-  std::vector<std::vector<Event>> idle_events_;  // per device: events belong to a device's context
 
   // Asynchronous resumes: one worker runs them in ticket order, so the flag word (the last
   // ticket done) only grows and a GPU-side wait for ticket t is "flag >= t".
@@ -179,8 +165,6 @@ class Core {
   std::thread async_thread_;
   uint32_t* flag_host_ = nullptr;  // made on the first asynchronous resume (mutex_ held)
   uintptr_t flag_device_ = 0;
-
-  EventLog events_;
 };
 
 }  // namespace aqua
