@@ -13,7 +13,7 @@ namespace aqua {
 Backings::Backings(Backend& backend, std::mutex& mutex, const Ledger& ledger, Profiler& profiler, int num_devices)
     : backend_(backend), mutex_(mutex), ledger_(ledger), profiler_(profiler), num_devices_(num_devices) {}
 
-// --- taking and giving back --------------------------------------------------------------
+// --- taking and giving back -------------------------------------------------------------
 
 int Backings::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
   uint64_t t0 = now_ns();
@@ -64,7 +64,7 @@ bool Backings::host_mapping(Handle handle, uintptr_t* va) const {
   return true;
 }
 
-// --- deferred device releases ------------------------------------------------------------
+// --- deferred device releases -----------------------------------------------------------
 
 // The latest deferred backing of exactly `size` bytes on `tier`, taken off the list.
 bool Backings::reuse_deferred(int tier, uint64_t size, Handle* handle) {
@@ -95,7 +95,7 @@ void Backings::release_deferred(int tier, uint64_t older_than_ns) {
   deferred_.erase(keep, deferred_.end());
 }
 
-// --- host backing ------------------------------------------------------------------------
+// --- host backing -----------------------------------------------------------------------
 
 // Creates pinned host backing and maps it once, for good, at an address of its own with
 // access for every device: a move to host copies straight into it, so staging (a map and
@@ -181,7 +181,7 @@ bool Backings::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
   return true;
 }
 
-// --- the background thread ---------------------------------------------------------------
+// --- the background thread --------------------------------------------------------------
 
 void Backings::start_thread() {
   if (!thread_.joinable() && !thread_stop_) thread_ = std::thread(&Backings::thread_main, this);

@@ -45,7 +45,7 @@ Core::~Core() {
   backings_.release_deferred(-1, 0);
 }
 
-// --- errors and events -----------------------------------------------------------------
+// --- errors and events ------------------------------------------------------------------
 
 void Core::record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
                   int status) {
@@ -62,7 +62,7 @@ std::string Core::usage_line() const {
   return out.str();
 }
 
-// --- settings ----------------------------------------------------------------------------
+// --- settings ---------------------------------------------------------------------------
 
 int Core::set_local_budget(int device, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -114,7 +114,7 @@ int Core::set_chunk_bytes(uint64_t bytes) {
   return AQUA_OK;
 }
 
-// --- host pool ---------------------------------------------------------------------------
+// --- host pool --------------------------------------------------------------------------
 
 int Core::host_pool_reserve(uint64_t bytes, bool background) {
   std::unique_lock<std::mutex> lock(mutex_);
@@ -127,7 +127,7 @@ int Core::host_pool_trim(uint64_t keep_bytes) {
   return AQUA_OK;
 }
 
-// --- contexts ----------------------------------------------------------------------------
+// --- contexts ---------------------------------------------------------------------------
 
 Context* Core::find_context(int id) {
   auto it = contexts_.find(id);
@@ -429,7 +429,7 @@ uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
   return moved;
 }
 
-// --- lending and reclaim -----------------------------------------------------------------
+// --- lending and reclaim ----------------------------------------------------------------
 
 // Moves pieces of `ctx` off lenders that hold more than their lend budget (`only_tier`: that
 // lender only; -1: any) to other lenders with room, else host, until each is within budget
@@ -701,7 +701,7 @@ void Core::free(void* ptr) {
   }
 }
 
-// --- moves -------------------------------------------------------------------------------
+// --- moves ------------------------------------------------------------------------------
 
 int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -720,7 +720,7 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
   return resume_locked(*ctx, bytes_moved, bytes_elsewhere);
 }
 
-// --- asynchronous resume ---------------------------------------------------------------
+// --- asynchronous resume ----------------------------------------------------------------
 
 int Core::resume_async(int id, uint64_t stream, uint32_t* ticket) {
   {
@@ -997,7 +997,7 @@ int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
   return mover_.execute(*ctx, steps, bytes_moved);
 }
 
-// --- teardown ----------------------------------------------------------------------------
+// --- teardown ---------------------------------------------------------------------------
 
 int Core::shutdown(bool force) {
   {

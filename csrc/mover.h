@@ -52,9 +52,11 @@ class Mover {
   Mover(Backend& backend, Ledger& ledger, Backings& backings, Profiler& profiler, EventLog& events,
         const SegmentMap& segments, uint64_t& clock, int num_devices);
 
-  // Moves every step's piece (see mover.cpp). The steps may belong to several contexts of
-  // one device; `ctx` is the one the move is for. AQUA_OK, or an error with every piece as
-  // it was. *bytes_moved: bytes of `ctx`'s own pieces moved.
+  // Moves every step's piece: begin, open_streams, choose_read_through, drop_kept_mappings,
+  // issue_copies (stage, issue_copy), remap_homes, finish_early, settle (mover.cpp). The
+  // steps may belong to several contexts of one device; `ctx` is the one the move is for.
+  // AQUA_OK, or an error with every piece as it was. *bytes_moved: bytes of `ctx`'s own
+  // pieces moved.
   int execute(Context& ctx, std::vector<MoveStep>& steps, uint64_t* bytes_moved);
 
   // Events of `device` (events belong to the context current when made; the caller has
@@ -71,7 +73,32 @@ class Mover {
   // its next park reads through the shadow): their resume keeps its staging mapping.
   bool in_shadowed_tail(const Context& ctx, const Segment* seg, size_t index) const;
 
+  // The steps of execute(), in order (mover.cpp says what each does and leaves on
+  // failure). Those that return int give AQUA_OK or abort_move's status: the move is
+  // then unwound.
+  struct Move;
+  void begin(Move& move);
+  int open_streams(Move& move);
+  void choose_read_through(Move& move);
+  int drop_kept_mappings(Move& move);
+  int issue_copies(Move& move);
+  int stage(Move& move, size_t k);
+  int issue_copy(Move& move, size_t k);
+  int remap_homes(Move& move);
+  int remap_home(Move& move, size_t k, bool* kernels_done);
+  int finish_early(Move& move);
+  uint64_t settle(Move& move);
+
+  // Failure: drain, unwind by the steps' flags, report.
+  int abort_move(Move& move, const char* what, int code);
   void unwind(std::vector<MoveStep>& steps);
+  void unwind_step(MoveStep& s);
+  bool drop_source_mapping(MoveStep& s, bool keep_source);
+  bool restore_home(MoveStep& s, bool* new_at_home);
+  void keep_moved_piece(MoveStep& s, bool keep_source, bool old_backing_pinned);
+  void abandon_piece(MoveStep& s, bool keep_source);
+  void restore_kept_mapping(MoveStep& s, bool keep_source);
+
   bool remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped);
   int mover_stream(int device, bool inbound, Stream* stream);
 
