@@ -15,6 +15,13 @@
 // - own_used[d] <= local_budget[d] and lent_used[d] <= lend_budget[d] after any move or
 //   allocation made by the core (budgets lowered later are enforced on the next placement);
 // - a move is all or nothing: when it fails, every piece is mapped as before with its bytes.
+//
+// Core owns that state (contexts, segments, the logical clock) and the parts that work on
+// it, each in its own file: Placement decides which piece goes where (placement.h), Mover
+// carries the moves out (mover.h), Backings supplies physical memory and runs the thread
+// that readies it (backings.h), Ledger counts bytes against the budgets (ledger.h), and
+// Profiler times the moves (profiler.h). Core checks each request, takes the mutex, and
+// composes the parts; it runs asynchronous resumes on a worker thread of its own.
 // Thread-safe: one mutex; moves run under it (allocator callbacks wait for a move).
 #pragma once
 
@@ -34,6 +41,7 @@
 #include "event_log.h"
 #include "ledger.h"
 #include "mover.h"
+#include "placement.h"
 #include "profiler.h"
 #include "segments.h"
 
@@ -100,49 +108,34 @@ class Core {
   Context* find_context(int id);
   const Segment* segment_holding(uint64_t ptr) const;  // the segment whose range holds ptr, or null
   Context* default_context(int device);
-  std::string usage_line() const;
-
-  // Placement and budgets (mutex_ held).
-  bool room_on(int tier, int home, uint64_t size, bool for_move) const;
-  std::vector<int> spill_order(int home) const;
   int record_park(Context& ctx, uint64_t stream);
-  int place_new_piece(Context& ctx, uintptr_t va, Piece* piece);
-  bool make_local_room(int device, uint64_t need, int exclude_context);
-  Context* lru_parked_victim(int device, int exclude_context);
-  uint64_t evict_pieces_of(Context& victim, uint64_t need);
-  uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps);
-  void drop_planned(std::vector<MoveStep>& steps, size_t from);
-  int move_off_lenders(Context& ctx, int only_tier, uint64_t* moved);
-  uint64_t reclaim_locked(int device);
-  void note_lender_moves(Context& ctx, const char* when);
-
   void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
               int status);
 
-  int resume_locked(Context& ctx, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
   void async_thread_main();
   void wait_async_resume_of(int id);
   void stop_async_thread();
 
+  // Members are built in this order: each part is given references to those above it.
   std::unique_ptr<Backend> backend_;
   SimControl* sim_;
   int num_devices_ = 0;
   uint64_t granularity_ = 0;  // bytes: sizes and addresses are multiples
   uint64_t chunk_bytes_ = 0;  // bytes: the largest piece a segment is cut into
 
-  std::mutex mutex_;
-  std::map<int, std::unique_ptr<Context>> contexts_;
+  std::mutex mutex_;  // guards the state below (the asynchronous resumes' queue has its own)
+  ContextMap contexts_;
   std::map<int, int> default_contexts_;  // device -> context id
   int next_context_id_ = 1;
-  uint64_t clock_ = 0;
-  std::map<uintptr_t, std::unique_ptr<Segment>> segments_;  // home va -> segment
+  uint64_t clock_ = 0;  // logical clock: Context::last_run, Piece::away_since
+  SegmentMap segments_;
 
-  EventLog events_;
-  Ledger ledger_;                            // bytes per tier against the budgets
-  Profiler profiler_;
-  Backings backings_;                        // physical memory, and the thread that readies it
-  Mover mover_;                              // moves pieces between tiers, all or nothing
-  std::vector<std::vector<int>> peer_rank_;  // [home][peer], < 0: never
+  EventLog events_;        // thread-safe by itself
+  Ledger ledger_;          // bytes per tier against the budgets
+  Profiler profiler_;      // where moves spend their time
+  Backings backings_;      // physical memory, and the thread that readies it
+  Mover mover_;            // moves pieces between tiers, all or nothing
+  Placement placement_;    // which piece goes where
 
   // Asynchronous resumes: one worker runs them in ticket order, so the flag word (the last
   // ticket done) only grows and a GPU-side wait for ticket t is "flag >= t".
