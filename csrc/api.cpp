@@ -11,11 +11,7 @@
 
 #include "aqua_alloc.h"
 #include "core.h"
-
-namespace aqua {
-const std::string& last_error();
-void set_last_error(const std::string& message);
-}  // namespace aqua
+#include "errors.h"
 
 using aqua::Core;
 
@@ -24,7 +20,6 @@ namespace {
 std::mutex g_lifecycle;               // init and shutdown
 std::atomic<Core*> g_core{nullptr};
 thread_local int t_context = -1;      // the calling thread's context (aqua_set_thread_context)
-std::string g_cuda_probe;             // why the driver could not be loaded
 
 int no_core() {
   aqua::set_last_error("aqua_alloc is not initialized (call aqua_alloc.enable())");
@@ -86,7 +81,6 @@ int aqua_init_cuda(void) {
     std::string why;
     aqua::Backend* backend = aqua::make_cuda_backend(&why);
     if (!backend) {
-      g_cuda_probe = why;
       aqua::set_last_error(why);
       return static_cast<int>(AQUA_ERR_NO_DEVICE);
     }
@@ -152,11 +146,6 @@ int aqua_backend(void) {
 
 const char* aqua_last_error(void) { return aqua::last_error().c_str(); }
 
-const char* aqua_cuda_probe(void) {
-  std::lock_guard<std::mutex> lock(g_lifecycle);
-  return g_cuda_probe.c_str();
-}
-
 int aqua_device_count(int* out) {
   WITH_CORE(core);
   *out = core->num_devices();
@@ -179,11 +168,6 @@ int aqua_mem_info(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
   *free_bytes = f;
   *total_bytes = t;
   return AQUA_OK;
-}
-
-uint64_t aqua_granularity(void) {
-  Core* core = g_core.load();
-  return core ? core->backend().granularity() : 0;
 }
 
 int aqua_set_local_budget(int device, uint64_t bytes) {

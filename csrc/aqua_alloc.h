@@ -113,13 +113,10 @@ AQUA_EXPORT int aqua_init_sim(int num_devices, const uint64_t* capacities, uint6
 AQUA_EXPORT int aqua_shutdown(int force);
 AQUA_EXPORT int aqua_backend(void); /* enum aqua_backend_kind */
 AQUA_EXPORT const char* aqua_last_error(void);
-/* Why the CUDA driver could not be loaded, or "" (no init needed). */
-AQUA_EXPORT const char* aqua_cuda_probe(void);
 
 AQUA_EXPORT int aqua_device_count(int* out);
 AQUA_EXPORT int aqua_can_access_peer(int device, int peer, int* out);
 AQUA_EXPORT int aqua_mem_info(int device, uint64_t* free_bytes, uint64_t* total_bytes);
-AQUA_EXPORT uint64_t aqua_granularity(void);
 
 /* --- settings ------------------------------------------------------------------------ */
 

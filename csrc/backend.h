@@ -72,6 +72,17 @@ class Backend {
   virtual int stream_wait_value(Stream stream, uintptr_t device_addr, uint32_t value) = 0;
 };
 
+// Undo and teardown paths call each driver operation up to this many times before giving
+// up: they must not leak, and a leak is all that is left when they fail.
+constexpr int kRestoreAttempts = 4;
+
+// Calls (backend.*op)(va, size) up to kRestoreAttempts times; true once it succeeds.
+inline bool retry(Backend& backend, int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size) {
+  for (int i = 0; i < kRestoreAttempts; ++i)
+    if ((backend.*op)(va, size) == 0) return true;
+  return false;
+}
+
 // The real driver. Returns nullptr and sets *why when libcuda or a device is missing.
 Backend* make_cuda_backend(std::string* why);
 

@@ -4,138 +4,60 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <sstream>
-#include <tuple>
 
 namespace aqua {
 
-thread_local std::string t_last_error;
+thread_local std::string t_last_error;  // aqua_last_error(): the calling thread's last message
 
 const std::string& last_error() { return t_last_error; }
 void set_last_error(const std::string& message) { t_last_error = message; }
 
 namespace {
 
-constexpr uint64_t kMiB = 1ull << 20;
-constexpr int kRestoreAttempts = 4;  // a restore step is retried before giving up
-
 uint64_t round_up(uint64_t x, uint64_t unit) { return (x + unit - 1) / unit * unit; }
-
-std::string bytes_text(uint64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / kMiB);
-  return buf;
-}
 
 }  // namespace
 
-// One piece's move from its current tier to `dst`.
-struct Core::Step {
-  Segment* segment;
-  size_t index;          // into segment->pieces
-  int src = 0;
-  int dst = 0;
-  Context* ctx = nullptr;  // the piece's context (execute_move fills in its own when null)
-  Handle handle = 0;     // the new backing
-  uint64_t handle_bytes = 0;
-  bool staged = false;   // new backing mapped at the shadow
-  uintptr_t target = 0;  // where the copy writes: the shadow, or the host backing's own mapping
-  bool prestaged = false;  // host backing mapped once when created: no staging map
-  uintptr_t source = 0;  // where the copy reads: home, or a second mapping of the old backing
-  bool source_shadowed = false;  // old backing also mapped at the shadow (copy reads there)
-  bool had_kept = false;  // the old backing was mapped at the shadow when the move began (Piece::shadow_mapped)
-  bool early = false;      // committed before its copy completes (the copy does not read home)
-  bool committed = false;  // new backing mapped at home (an unwind maps the old one back)
-  Event copied = 0;      // recorded after the copy
-};
-
 Core::Core(std::unique_ptr<Backend> backend, SimControl* sim)
-    : backend_(std::move(backend)), sim_(sim) {
-  num_devices_ = backend_->device_count();
-  granularity_ = backend_->granularity();
+    : backend_(std::move(backend)),
+      sim_(sim),
+      num_devices_(backend_->device_count()),
+      granularity_(backend_->granularity()),
+      ledger_(num_devices_),
+      backings_(*backend_, mutex_, ledger_, profiler_, num_devices_),
+      mover_(*backend_, ledger_, backings_, profiler_, events_, segments_, clock_, num_devices_),
+      placement_(*backend_, ledger_, backings_, mover_, events_, contexts_, segments_, clock_, num_devices_) {
   chunk_bytes_ = round_up(64 * kMiB, granularity_);
-  host_pool_.configure(granularity_, chunk_bytes_);
-  local_budget_.assign(num_devices_, 0);
-  lend_budget_.assign(num_devices_, 0);
-  own_used_.assign(num_devices_, 0);
-  lent_used_.assign(num_devices_, 0);
-  peer_rank_.assign(num_devices_, std::vector<int>(num_devices_, -1));
-  counters_.assign(num_devices_ + 1, TierCounters{});
-  streams_.assign(num_devices_, 0);
-  in_streams_.assign(num_devices_, 0);
-  idle_events_.assign(num_devices_, {});
+  backings_.configure(granularity_, chunk_bytes_);
   for (int d = 0; d < num_devices_; ++d) {
     size_t free_bytes = 0, total = 0;
-    if (backend_->mem_info(d, &free_bytes, &total) == 0) local_budget_[d] = total;
+    if (backend_->mem_info(d, &free_bytes, &total) == 0) ledger_.local_budget[d] = total;
     for (int p = 0; p < num_devices_; ++p)
-      if (p != d && backend_->can_access_peer(d, p)) peer_rank_[d][p] = 0;
+      if (p != d && backend_->can_access_peer(d, p)) placement_.set_peer_rank(d, p, 0);
   }
 }
 
 Core::~Core() {
   stop_async_thread();
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    pool_thread_stop_ = true;
-  }
-  pool_cv_.notify_all();
-  if (pool_thread_.joinable()) pool_thread_.join();
+  backings_.stop_thread();
   std::lock_guard<std::mutex> lock(mutex_);
-  release_deferred(-1, 0);
+  backings_.release_deferred(-1, 0);
 }
 
-// --- errors and events -----------------------------------------------------------------
-
-int Core::fail(int code, const std::string& message) {
-  set_last_error(message);
-  return code;
-}
-
-int Core::driver_fail(const char* what, int code) {
-  return fail(AQUA_ERR_DRIVER, std::string(what) + " failed: " + backend_->error_name(code));
-}
+// --- errors and events ------------------------------------------------------------------
 
 void Core::record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
                   int status) {
-  record_at(now_ns(), kind, context, src, dst, bytes, dur_ns, addr, status);
+  events_.add(now_ns(), kind, context, src, dst, bytes, dur_ns, addr, status);
 }
 
-void Core::record_at(uint64_t t_ns, int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns,
-                     uint64_t addr, int status) {
-  aqua_event e{};
-  e.t_ns = t_ns;
-  e.kind = kind;
-  e.context = context;
-  e.src_tier = src;
-  e.dst_tier = dst;
-  e.bytes = bytes;
-  e.dur_ns = dur_ns;
-  e.addr = addr;
-  e.status = status;
-  events_.record(e);
-}
-
-std::string Core::tier_name(int tier) const {
-  return tier == AQUA_TIER_HOST ? "host" : "gpu" + std::to_string(tier);
-}
-
-std::string Core::usage_line() const {
-  std::ostringstream out;
-  for (int d = 0; d < num_devices_; ++d)
-    out << tier_name(d) << ": own " << bytes_text(own_used_[d]) << " of budget " << bytes_text(local_budget_[d])
-        << ", lent " << bytes_text(lent_used_[d]) << " of " << bytes_text(lend_budget_[d]) << "; ";
-  out << "host: " << bytes_text(host_used_) << " in use, pool " << bytes_text(host_pool_.idle_bytes())
-      << " idle of " << bytes_text(host_pool_.total_bytes()) << " created, budget " << bytes_text(host_budget_);
-  return out.str();
-}
-
-// --- settings ----------------------------------------------------------------------------
+// --- settings ---------------------------------------------------------------------------
 
 int Core::set_local_budget(int device, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "local budget: unknown device " + std::to_string(device));
-  local_budget_[device] = bytes;
+  ledger_.local_budget[device] = bytes;
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 0, 0);
   return AQUA_OK;
 }
@@ -144,14 +66,14 @@ int Core::set_lend_budget(int device, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "lend budget: unknown device " + std::to_string(device));
-  lend_budget_[device] = bytes;
+  ledger_.lend_budget[device] = bytes;
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 1, 0);
   return AQUA_OK;
 }
 
 int Core::set_host_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  host_budget_ = bytes;
+  ledger_.host_budget = bytes;
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, AQUA_TIER_HOST, bytes, 0, 0, 0);
   return AQUA_OK;
 }
@@ -164,7 +86,7 @@ int Core::set_peer_rank(int device, int peer, int rank) {
   if (rank >= 0 && !backend_->can_access_peer(device, peer))
     return fail(AQUA_ERR_INVALID, "peer rank: " + tier_name(device) + " cannot access " + tier_name(peer) +
                                       " (no peer access)");
-  peer_rank_[device][peer] = rank;
+  placement_.set_peer_rank(device, peer, rank);
   return AQUA_OK;
 }
 
@@ -174,120 +96,27 @@ int Core::set_chunk_bytes(uint64_t bytes) {
   if (bytes == 0 || bytes % granularity_ || (units & (units - 1)) != 0)
     return fail(AQUA_ERR_INVALID, "chunk bytes: " + std::to_string(bytes) + " is not a power of two times " +
                                       std::to_string(granularity_) + " bytes");
-  if (host_pool_.total_bytes() > 0 || !segments_.empty())
+  if (backings_.host_pool().total_bytes() > 0 || !segments_.empty())
     return fail(AQUA_ERR_STATE, "chunk bytes can only change before the first allocation");
   chunk_bytes_ = bytes;
-  host_pool_.configure(granularity_, chunk_bytes_);
+  backings_.configure(granularity_, chunk_bytes_);
   return AQUA_OK;
 }
 
-// --- host pool ---------------------------------------------------------------------------
-
-// Creates pinned host backing and maps it once, for good, at an address of its own with
-// access for every device: a move to host copies straight into it, so staging (a map and
-// an access grant of host memory, ~0.6 ms per 64 MiB on an H200) leaves the park path.
-// Driver calls only: callable without mutex_; the caller records *va in host_staging_.
-int Core::create_host_backing(uint64_t size, Handle* handle, uintptr_t* va) {
-  int r = backend_->bind(0);
-  if (r == 0) r = backend_->create(AQUA_TIER_HOST, size, handle);
-  if (r != 0) return r;
-  if ((r = backend_->reserve(size, va)) != 0) {
-    release_retried(*handle, "undoing a failed host backing");
-    return r;
-  }
-  if ((r = backend_->map(*va, size, *handle)) == 0) {
-    for (int d = 0; d < num_devices_ && r == 0; ++d) r = backend_->set_access(*va, size, d);
-    if (r != 0 && !retry(&Backend::unmap, *va, size))
-      std::fprintf(stderr, "[aqua_alloc] undoing a failed host backing: unmap failed; its address range is leaked\n");
-  }
-  if (r != 0) {
-    retry(&Backend::free_va, *va, size);
-    release_retried(*handle, "undoing a failed host backing");
-  }
-  return r;
-}
-
-// Releases a physical handle, retried (undo and teardown paths, which must not leak).
-void Core::release_retried(Handle handle, const char* what) {
-  int r = 0;
-  for (int i = 0; i < kRestoreAttempts; ++i)
-    if ((r = backend_->release(handle)) == 0) return;
-  std::fprintf(stderr, "[aqua_alloc] %s: releasing the backing failed (leaked): %s\n", what,
-               backend_->error_name(r).c_str());
-}
-
-void Core::release_host_backing(Handle handle, uint64_t size) {
-  auto it = host_staging_.find(handle);
-  if (it != host_staging_.end()) {
-    if (!retry(&Backend::unmap, it->second, size))
-      std::fprintf(stderr, "[aqua_alloc] unmapping host backing failed (its address range is leaked)\n");
-    else
-      retry(&Backend::free_va, it->second, size);
-    host_staging_.erase(it);
-  }
-  release_retried(handle, "giving host backing back");
-}
+// --- host pool --------------------------------------------------------------------------
 
 int Core::host_pool_reserve(uint64_t bytes, bool background) {
   std::unique_lock<std::mutex> lock(mutex_);
-  pool_reserve_ = bytes;
-  // Blocking fill, creating outside the lock so that allocations proceed meanwhile.
-  int r = 0;
-  while (grow_pool_once(lock, &r)) {
-  }
-  if (r != 0 && !backend_->is_out_of_memory(r))  // out of memory: the pool holds what the system gave
-    return driver_fail("creating pinned host backing", r);
-  if (background) start_background_thread();
-  return AQUA_OK;
-}
-
-void Core::pool_thread_main() {
-  std::unique_lock<std::mutex> lock(mutex_);
-  while (!pool_thread_stop_) {
-    if (!to_release_.empty()) {
-      release_deferred(-1, kReleaseDelayNs);
-      if (!to_release_.empty()) {
-        pool_cv_.wait_for(lock, std::chrono::nanoseconds(kReleaseDelayNs));
-        continue;
-      }
-    }
-    int r = 0;
-    if (grow_pool_once(lock, &r)) continue;
-    // At the reserve or the budget (wait for a change), or a failure (back off and retry).
-    pool_cv_.wait_for(lock, std::chrono::milliseconds(r != 0 ? 200 : 50));
-  }
-}
-
-// Adds one host backing of the class the pool needs most, created with `lock` released
-// (bytes being created count against the budget). False when the pool is at its reserve or
-// budget, or when creation failed (*error then holds the driver's code).
-bool Core::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
-  *error = 0;
-  uint64_t cls = host_pool_.next_class_to_create(pool_reserve_);
-  if (cls == 0 || host_pool_.total_bytes() + pool_creating_bytes_ + cls > host_budget_) return false;
-  pool_creating_bytes_ += cls;
-  lock.unlock();
-  Handle h = 0;
-  uintptr_t va = 0;
-  int r = create_host_backing(cls, &h, &va);
-  lock.lock();
-  pool_creating_bytes_ -= cls;
-  if (r != 0) {
-    *error = r;
-    return false;
-  }
-  host_staging_[h] = va;
-  host_pool_.add_idle(h, cls);
-  return true;
+  return backings_.reserve_host(bytes, background, lock);
 }
 
 int Core::host_pool_trim(uint64_t keep_bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto& [h, bytes] : host_pool_.trim(keep_bytes)) release_host_backing(h, bytes);
+  backings_.trim_host(keep_bytes);
   return AQUA_OK;
 }
 
-// --- contexts ----------------------------------------------------------------------------
+// --- contexts ---------------------------------------------------------------------------
 
 Context* Core::find_context(int id) {
   auto it = contexts_.find(id);
@@ -332,7 +161,7 @@ int Core::context_release(int id) {
   ctx->released = true;
   record(AQUA_EV_CONTEXT_RELEASE, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
   if (ctx->segments.empty()) {
-    if (ctx->park_event) idle_events_[ctx->device].push_back(ctx->park_event);
+    if (ctx->park_event) mover_.recycle_event(ctx->device, ctx->park_event);
     contexts_.erase(id);
   }
   return AQUA_OK;
@@ -343,18 +172,18 @@ int Core::park(int id, uint64_t stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   Context* ctx = find_context(id);
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "park: no live context with id " + std::to_string(id));
-  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
   if (int r = record_park(*ctx, stream)) return r;
-  note_lender_moves(*ctx, "park");
+  placement_.note_lender_moves(*ctx, "park");
   return AQUA_OK;
 }
 
 // Marks `ctx` parked and records its park event on `stream` (mutex held, device bound).
 int Core::record_park(Context& ctx, uint64_t stream) {
   if (!ctx.park_event) {
-    if (int r = take_event(ctx.device, &ctx.park_event)) return driver_fail("creating the park event", r);
+    if (int r = mover_.take_event(ctx.device, &ctx.park_event)) return driver_fail(*backend_, "creating the park event", r);
   }
-  if (int r = backend_->event_record(ctx.park_event, stream)) return driver_fail("recording the park event", r);
+  if (int r = backend_->event_record(ctx.park_event, stream)) return driver_fail(*backend_, "recording the park event", r);
   ctx.park_recorded = true;
   if (!ctx.parked) {
     ctx.parked = true;
@@ -374,7 +203,7 @@ int Core::where(int id, uint64_t* out, int len, bool wait) {
     return fail(AQUA_ERR_INVALID, "where: the output needs " + std::to_string(num_devices_ + 1) + " entries");
   std::fill(out, out + len, 0);
   for (uintptr_t va : ctx->segments)
-    for (const Piece& p : segments_.at(va)->pieces) out[tier_index(p.tier)] += p.size;
+    for (const Piece& p : segments_.at(va)->pieces) out[ledger_.index(p.tier)] += p.size;
   return AQUA_OK;
 }
 
@@ -408,7 +237,7 @@ int Core::range_where(uint64_t ptr, uint64_t len, uint64_t* out, int n) {
   const uint64_t begin = ptr - seg.va, end = begin + len;  // offsets in the segment
   for (const Piece& p : seg.pieces) {
     const uint64_t lo = std::max(begin, p.offset), hi = std::min(end, p.offset + p.size);
-    if (lo < hi) out[tier_index(p.tier)] += hi - lo;
+    if (lo < hi) out[ledger_.index(p.tier)] += hi - lo;
   }
   return AQUA_OK;
 }
@@ -427,8 +256,8 @@ int Core::counts(int* contexts, int* segments) {
 
 int Core::tier_stats(int tier, aqua_tier_stats* out) {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!valid_tier(tier)) return fail(AQUA_ERR_INVALID, "tier stats: unknown tier " + std::to_string(tier));
-  const TierCounters& c = counters_[tier_index(tier)];
+  if (!ledger_.valid(tier)) return fail(AQUA_ERR_INVALID, "tier stats: unknown tier " + std::to_string(tier));
+  const TierCounters& c = ledger_.counters[ledger_.index(tier)];
   std::memset(out, 0, sizeof *out);
   out->current = c.current;
   out->peak = c.peak;
@@ -438,355 +267,46 @@ int Core::tier_stats(int tier, aqua_tier_stats* out) {
   out->bytes_in = c.bytes_in;
   out->bytes_out = c.bytes_out;
   if (tier == AQUA_TIER_HOST) {
-    out->budget = host_budget_;
-    out->pool_free = host_pool_.idle_bytes();
-    out->pool_total = host_pool_.total_bytes();
+    out->budget = ledger_.host_budget;
+    out->pool_free = backings_.host_pool().idle_bytes();
+    out->pool_total = backings_.host_pool().total_bytes();
   } else {
-    out->budget = local_budget_[tier];
-    out->lend_budget = lend_budget_[tier];
-    out->lent = lent_used_[tier];
+    out->budget = ledger_.local_budget[tier];
+    out->lend_budget = ledger_.lend_budget[tier];
+    out->lent = ledger_.lent_used[tier];
   }
   return AQUA_OK;
 }
 
-// --- placement and budgets --------------------------------------------------------------
-
-bool Core::room_on(int tier, int home, uint64_t size, bool for_move) const {
-  if (tier == AQUA_TIER_HOST) {
-    if (host_used_ + size > host_budget_) return false;
-    if (host_pool_.can_take(size)) return true;
-    // New allocations may create host backing (a move never does: DESIGN.md).
-    uint64_t cls = host_pool_.class_for(size);
-    return !for_move && cls && host_pool_.total_bytes() + cls <= host_budget_;
-  }
-  if (tier == home) return own_used_[tier] + size <= local_budget_[tier];
-  return peer_rank_[home][tier] >= 0 && lent_used_[tier] + size <= lend_budget_[tier];
-}
-
-// Where a context of `home` spills, best first: peers by rank then most lendable bytes
-// left, then host.
-std::vector<int> Core::spill_order(int home) const {
-  std::vector<int> peers;
-  for (int p = 0; p < num_devices_; ++p)
-    if (p != home && peer_rank_[home][p] >= 0) peers.push_back(p);
-  std::sort(peers.begin(), peers.end(), [&](int a, int b) {
-    if (peer_rank_[home][a] != peer_rank_[home][b]) return peer_rank_[home][a] < peer_rank_[home][b];
-    uint64_t left_a = lend_budget_[a] > lent_used_[a] ? lend_budget_[a] - lent_used_[a] : 0;
-    uint64_t left_b = lend_budget_[b] > lent_used_[b] ? lend_budget_[b] - lent_used_[b] : 0;
-    return left_a > left_b;
-  });
-  peers.push_back(AQUA_TIER_HOST);
-  return peers;
-}
-
-int Core::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
-  uint64_t t0 = now_ns();
-  int r = acquire_untimed(tier, size, for_move, handle, handle_bytes);
-  profile(kPhaseAcquire, t0, now_ns());
-  return r;
-}
-
-void Core::profile(int phase, uint64_t t0, uint64_t t1) {
-  profile_ns_[phase] += t1 - t0;
-  profile_calls_[phase]++;
-  if (record_spans_ && spans_.size() < kMaxSpans) spans_.push_back({static_cast<uint64_t>(phase), t0, t1});
-}
+// --- profiling and releases --------------------------------------------------------------
 
 void Core::profile_record_spans(bool on) {
   std::lock_guard<std::mutex> lock(mutex_);
-  record_spans_ = on;
-  spans_.clear();
-  if (on) spans_.reserve(kMaxSpans);
+  profiler_.record_spans(on);
 }
 
-// Copies up to max_spans recorded spans as (phase, t0_ns, t1_ns) triples and forgets them;
-// returns how many. Times are steady_clock ns (CLOCK_MONOTONIC, as Python's time.monotonic_ns).
 int Core::profile_spans(uint64_t* out, int max_spans) {
   std::lock_guard<std::mutex> lock(mutex_);
-  size_t n = std::min(spans_.size(), static_cast<size_t>(std::max(max_spans, 0)));
-  for (size_t i = 0; i < n; ++i) {
-    out[3 * i] = spans_[i].phase;
-    out[3 * i + 1] = spans_[i].t0_ns;
-    out[3 * i + 2] = spans_[i].t1_ns;
-  }
-  spans_.erase(spans_.begin(), spans_.begin() + n);
-  return static_cast<int>(n);
+  return profiler_.take_spans(out, max_spans);
 }
 
 int Core::profile_get(uint64_t* ns, uint64_t* calls, int n) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (int i = 0; i < n && i < kNumPhases; ++i) {
-    ns[i] = profile_ns_[i];
-    calls[i] = profile_calls_[i];
-  }
+  profiler_.totals(ns, calls, n);
   return AQUA_OK;
 }
 
 void Core::profile_reset() {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (int i = 0; i < kNumPhases; ++i) profile_ns_[i] = profile_calls_[i] = 0;
-}
-
-int Core::acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
-  if (tier == AQUA_TIER_HOST) {
-    if (host_pool_.take(size, handle, handle_bytes)) {
-      pool_cv_.notify_all();  // the background thread may top the pool up
-      return 0;
-    }
-    uint64_t cls = host_pool_.class_for(size);
-    if (for_move || !cls || host_pool_.total_bytes() + cls > host_budget_) return -1;
-    uintptr_t va = 0;
-    if (int r = create_host_backing(cls, handle, &va)) return r;
-    host_staging_[*handle] = va;
-    host_pool_.add_idle(*handle, cls);
-    host_pool_.take(size, handle, handle_bytes);
-    return 0;
-  }
-  *handle_bytes = size;
-  if (reuse_deferred(tier, size, handle)) return 0;
-  int r = backend_->create(tier, size, handle);
-  if (r != 0 && backend_->is_out_of_memory(r) && !to_release_.empty()) {
-    release_deferred(tier, 0);  // memory still held by deferred releases
-    r = backend_->create(tier, size, handle);
-  }
-  return r;
-}
-
-void Core::give_back(int tier, Handle handle, uint64_t handle_bytes) {
-  if (tier == AQUA_TIER_HOST) {
-    host_pool_.give_back(handle, handle_bytes);
-    return;
-  }
-  to_release_.push_back(DeferredRelease{tier, handle, handle_bytes, now_ns()});
-  start_background_thread();
-  pool_cv_.notify_all();
-}
-
-bool Core::reuse_deferred(int tier, uint64_t size, Handle* handle) {
-  for (auto it = to_release_.rbegin(); it != to_release_.rend(); ++it) {
-    if (it->tier == tier && it->bytes == size) {
-      *handle = it->handle;
-      to_release_.erase(std::next(it).base());
-      return true;
-    }
-  }
-  return false;
-}
-
-void Core::release_deferred(int tier, uint64_t older_than_ns) {
-  uint64_t now = now_ns();
-  auto keep = to_release_.begin();
-  for (auto it = to_release_.begin(); it != to_release_.end(); ++it) {
-    if ((tier < 0 || it->tier == tier) && now - it->since_ns >= older_than_ns) {
-      int r = backend_->release(it->handle);
-      for (int i = 1; r != 0 && i < kRestoreAttempts; ++i) r = backend_->release(it->handle);
-      if (r != 0)
-        std::fprintf(stderr, "[aqua_alloc] releasing %s backing failed (leaked): %s\n", tier_name(it->tier).c_str(),
-                     backend_->error_name(r).c_str());
-    } else {
-      *keep++ = *it;
-    }
-  }
-  to_release_.erase(keep, to_release_.end());
+  profiler_.reset();
 }
 
 void Core::flush_releases() {
   std::lock_guard<std::mutex> lock(mutex_);
-  release_deferred(-1, 0);
+  backings_.release_deferred(-1, 0);
 }
 
-void Core::start_background_thread() {
-  if (!pool_thread_.joinable() && !pool_thread_stop_) pool_thread_ = std::thread(&Core::pool_thread_main, this);
-}
-
-void Core::account_add(int tier, int home, uint64_t size, bool moved_in) {
-  reserve_on(tier, home, size);
-  charge(tier, size, moved_in);
-}
-
-// Counts bytes that arrived on `tier` (already reserved there): total, peak, bytes in.
-void Core::charge(int tier, uint64_t size, bool moved_in) {
-  TierCounters& c = counters_[tier_index(tier)];
-  c.peak = std::max(c.peak, c.current);
-  c.total += size;
-  if (moved_in) c.bytes_in += size;
-}
-
-// Holds budget room on `tier` for a planned move; its totals and peak are charged only when
-// the move commits, so a rolled-back move leaves them as they were.
-void Core::reserve_on(int tier, int home, uint64_t size) {
-  if (tier == AQUA_TIER_HOST) host_used_ += size;
-  else if (tier == home) own_used_[tier] += size;
-  else lent_used_[tier] += size;
-  counters_[tier_index(tier)].current += size;
-}
-
-void Core::account_remove(int tier, int home, uint64_t size, bool moved_out) {
-  if (tier == AQUA_TIER_HOST) host_used_ -= size;
-  else if (tier == home) own_used_[tier] -= size;
-  else lent_used_[tier] -= size;
-  TierCounters& c = counters_[tier_index(tier)];
-  c.current -= size;
-  if (moved_out) c.bytes_out += size;
-}
-
-// Frees local room for `need` bytes by evicting pieces of parked contexts of `device`,
-// least recently run first. Returns whether the budget now has the room.
-// The parked context of `device` (other than `exclude_context`) run least recently that
-// still has pieces on the device, or nullptr.
-Context* Core::lru_parked_victim(int device, int exclude_context) {
-  Context* victim = nullptr;
-  for (auto& [id, ctx] : contexts_) {
-    (void)id;
-    if (ctx->id == exclude_context || ctx->device != device || !ctx->parked) continue;
-    bool has_local = false;
-    for (uintptr_t va : ctx->segments)
-      for (const Piece& p : segments_.at(va)->pieces) has_local |= p.tier == device;
-    if (has_local && (!victim || ctx->last_run < victim->last_run)) victim = ctx.get();
-  }
-  return victim;
-}
-
-bool Core::make_local_room(int device, uint64_t need, int exclude_context) {
-  while (own_used_[device] + need > local_budget_[device]) {
-    Context* victim = lru_parked_victim(device, exclude_context);
-    if (!victim) return false;
-    uint64_t deficit = own_used_[device] + need - local_budget_[device];
-    if (evict_pieces_of(*victim, deficit) == 0) return false;
-  }
-  return true;
-}
-
-// Plans moving local pieces of `victim` to the best spill tiers until `need` bytes leave
-// its device: the steps' backings are acquired and reserved, nothing moves yet. Appends to
-// `steps`; returns the bytes planned.
-uint64_t Core::plan_eviction(Context& victim, uint64_t need, std::vector<Step>& steps) {
-  uint64_t planned = 0;
-  std::vector<int> order = spill_order(victim.device);
-  for (uintptr_t va : victim.segments) {
-    Segment* seg = segments_.at(va).get();
-    for (size_t i = 0; i < seg->pieces.size() && planned < need; ++i) {
-      const Piece& p = seg->pieces[i];
-      if (p.tier != victim.device) continue;
-      Step step{seg, i, p.tier};
-      step.ctx = &victim;
-      bool placed = false;
-      for (int tier : order) {
-        if (!room_on(tier, victim.device, p.size, true)) continue;
-        if (acquire(tier, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-        step.dst = tier;
-        reserve_on(tier, victim.device, p.size);
-        placed = true;
-        break;
-      }
-      if (!placed) return planned;
-      steps.push_back(step);
-      planned += p.size;
-    }
-    if (planned >= need) break;
-  }
-  return planned;
-}
-
-// Gives back what plan_eviction acquired for steps [from, end) and drops them.
-void Core::drop_planned(std::vector<Step>& steps, size_t from) {
-  for (size_t k = from; k < steps.size(); ++k) {
-    Step& s = steps[k];
-    account_remove(s.dst, s.ctx->device, s.segment->pieces[s.index].size, false);
-    give_back(s.dst, s.handle, s.handle_bytes);
-  }
-  steps.resize(from);
-}
-
-// Moves local pieces of `victim` to the best spill tiers until `need` bytes left its
-// device. Returns the bytes moved (0 when nothing could move).
-uint64_t Core::evict_pieces_of(Context& victim, uint64_t need) {
-  std::vector<Step> steps;
-  plan_eviction(victim, need, steps);
-  if (steps.empty()) return 0;
-  uint64_t moved = 0;
-  if (execute_move(victim, steps, &moved) != AQUA_OK) {
-    std::fprintf(stderr, "[aqua_alloc] evicting context '%s' failed: %s\n", victim.tag.c_str(),
-                 last_error().c_str());
-    return 0;
-  }
-  return moved;
-}
-
-// --- lending and reclaim -----------------------------------------------------------------
-
-// Bytes by which lender `tier` holds more of other devices' contexts than its lend budget.
-uint64_t Core::lent_excess(int tier) const {
-  return lent_used_[tier] > lend_budget_[tier] ? lent_used_[tier] - lend_budget_[tier] : 0;
-}
-
-// Moves pieces of `ctx` off lenders that hold more than their lend budget (`only_tier`: that
-// lender only; -1: any) to other lenders with room, else host, until each is within budget
-// or this context has nothing more there. The context's park event is recorded (mutex_
-// held, its device bound): the copies wait for its last kernels. All or nothing.
-int Core::move_off_lenders(Context& ctx, int only_tier, uint64_t* moved) {
-  *moved = 0;
-  std::vector<uint64_t> excess(num_devices_, 0);
-  bool any = false;
-  for (int t = 0; t < num_devices_; ++t) {
-    if (t == ctx.device || (only_tier >= 0 && t != only_tier)) continue;
-    excess[t] = lent_excess(t);
-    any |= excess[t] > 0;
-  }
-  if (!any) return AQUA_OK;
-  std::vector<int> order;
-  for (int t : spill_order(ctx.device))
-    if (t == AQUA_TIER_HOST || excess[t] == 0) order.push_back(t);
-  std::vector<Step> steps;
-  for (uintptr_t va : ctx.segments) {
-    Segment* seg = segments_.at(va).get();
-    for (size_t i = 0; i < seg->pieces.size(); ++i) {
-      const Piece& p = seg->pieces[i];
-      if (p.tier < 0 || p.tier == ctx.device || excess[p.tier] == 0) continue;
-      Step step{seg, i, p.tier};
-      bool placed = false;
-      for (int t : order) {
-        if (t == p.tier || !room_on(t, ctx.device, p.size, true)) continue;
-        if (acquire(t, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-        step.dst = t;
-        reserve_on(t, ctx.device, p.size);
-        placed = true;
-        break;
-      }
-      if (!placed) continue;  // no room anywhere: this piece stays, the reclaim stays pending
-      excess[p.tier] -= std::min(excess[p.tier], p.size);
-      steps.push_back(step);
-    }
-  }
-  if (steps.empty()) return AQUA_OK;
-  return execute_move(ctx, steps, moved);
-}
-
-// Moves pieces of parked contexts off lender `device`, least recently run first, until it
-// is within its lend budget. Returns the bytes moved. mutex_ held.
-uint64_t Core::reclaim_locked(int device) {
-  uint64_t total = 0;
-  std::set<int> tried;
-  while (lent_excess(device) > 0) {
-    Context* victim = nullptr;
-    for (auto& [id, ctx] : contexts_) {
-      if (ctx->device == device || !ctx->parked || tried.count(id)) continue;
-      bool holds = false;
-      for (uintptr_t va : ctx->segments)
-        for (const Piece& p : segments_.at(va)->pieces) holds |= p.tier == device;
-      if (holds && (!victim || ctx->last_run < victim->last_run)) victim = ctx.get();
-    }
-    if (!victim) break;
-    tried.insert(victim->id);
-    if (backend_->bind(victim->device) != 0) continue;
-    uint64_t moved = 0;
-    if (move_off_lenders(*victim, device, &moved) != AQUA_OK)
-      std::fprintf(stderr, "[aqua_alloc] reclaim of %s: moving context '%s' failed: %s\n", tier_name(device).c_str(),
-                   victim->tag.c_str(), last_error().c_str());
-    total += moved;
-  }
-  return total;
-}
+// --- reclaim ----------------------------------------------------------------
 
 int Core::reclaim(int device, uint64_t* moved, uint64_t* pending) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -794,72 +314,9 @@ int Core::reclaim(int device, uint64_t* moved, uint64_t* pending) {
   *pending = 0;
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "reclaim: unknown device " + std::to_string(device));
-  *moved = reclaim_locked(device);
-  *pending = lent_excess(device);
+  *moved = placement_.reclaim(device);
+  *pending = ledger_.lent_excess(device);
   return AQUA_OK;
-}
-
-// At a park or a resume: the context's pieces on lenders over budget move on now (a
-// reclaim waits for running contexts to reach one of these points). mutex_ held, device
-// bound, park event recorded. A failure is logged, not returned: the reclaim stays pending.
-void Core::note_lender_moves(Context& ctx, const char* when) {
-  uint64_t moved = 0;
-  if (move_off_lenders(ctx, -1, &moved) != AQUA_OK)
-    std::fprintf(stderr, "[aqua_alloc] %s of '%s': moving it off a reclaiming lender failed: %s\n", when,
-                 ctx.tag.c_str(), last_error().c_str());
-}
-
-// Backs one new piece at va: the local device if its budget has room (after evicting
-// parked contexts), else the spill tiers in order. Maps it with access for the device.
-int Core::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
-  int home = ctx.device;
-  std::vector<int> order{home};
-  for (int t : spill_order(home)) order.push_back(t);
-  int last_error_code = 0;
-  for (int tier : order) {
-    if (tier == home) make_local_room(home, piece->size, ctx.id);
-    if (!room_on(tier, home, piece->size, false)) continue;
-    int r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
-    if (r != 0 && tier == home && backend_->is_out_of_memory(r) && lent_used_[home] > 0) {
-      // The owner needs memory it lent: lower its lend budget by what it needs and move
-      // parked borrowers off (an elastic lender gets its memory back first).
-      lend_budget_[home] = std::min(lend_budget_[home], lent_used_[home]);
-      lend_budget_[home] -= std::min(lend_budget_[home], piece->size);
-      record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, home, lend_budget_[home], 0, 1, 0);
-      reclaim_locked(home);
-      backend_->bind(home);
-      r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
-    }
-    if (r != 0 && tier == home && backend_->is_out_of_memory(r)) {
-      // The budget had room but the device did not (other users of the GPU): evict the
-      // least recently run parked context's local pieces, then try once more.
-      if (Context* victim = lru_parked_victim(home, ctx.id)) evict_pieces_of(*victim, piece->size);
-      backend_->bind(home);
-      r = acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
-    }
-    if (r != 0) {
-      if (r > 0) last_error_code = r;
-      continue;
-    }
-    int m = backend_->map(va + piece->offset, piece->size, piece->handle);
-    bool mapped = m == 0;
-    if (mapped) m = backend_->set_access(va + piece->offset, piece->size, home);
-    if (m != 0) {
-      // The backing may serve anyone else only once it is mapped nowhere; if the unmap
-      // fails it is leaked (and said so), never reused while mapped.
-      if (mapped && !retry(&Backend::unmap, va + piece->offset, piece->size))
-        std::fprintf(stderr, "[aqua_alloc] unmapping a failed new piece failed; its backing is leaked\n");
-      else
-        give_back(tier, piece->handle, piece->handle_bytes);
-      return driver_fail("mapping a new segment", m);
-    }
-    piece->tier = tier;
-    piece->away_since = tier == home ? 0 : ++clock_;
-    account_add(tier, home, piece->size, false);
-    return AQUA_OK;
-  }
-  std::string why = last_error_code ? "; last driver error " + backend_->error_name(last_error_code) : "";
-  return fail(AQUA_ERR_OUT_OF_MEMORY, "no tier has room for " + bytes_text(piece->size) + why);
 }
 
 // --- allocator callbacks ----------------------------------------------------------------
@@ -877,7 +334,7 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     ctx->last_run = ++clock_;
   }
   if (int r = backend_->bind(device)) {
-    driver_fail("binding the device", r);
+    driver_fail(*backend_, "binding the device", r);
     return nullptr;
   }
   uint64_t bytes = round_up(size == 0 ? 1 : size, granularity_);
@@ -890,7 +347,7 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     if (r != 0) backend_->free_va(seg->va, bytes);
   }
   if (r != 0) {
-    driver_fail("reserving address space", r);
+    driver_fail(*backend_, "reserving address space", r);
     record(AQUA_EV_ALLOC_FAILED, ctx->id, AQUA_TIER_NONE, AQUA_TIER_NONE, bytes, 0, 0, r);
     return nullptr;
   }
@@ -909,13 +366,13 @@ void* Core::malloc(size_t size, int device, int thread_context) {
     piece.offset = off;
     piece.size = piece_size;
     off += piece_size;
-    int status = place_new_piece(*ctx, seg->va, &piece);
+    int status = placement_.place_new_piece(*ctx, seg->va, &piece);
     if (status != AQUA_OK) {
       std::string why = last_error();
       for (const Piece& p : seg->pieces) {
-        account_remove(p.tier, ctx->device, p.size, false);
-        if (retry(&Backend::unmap, seg->va + p.offset, p.size))
-          give_back(p.tier, p.handle, p.handle_bytes);
+        ledger_.remove(p.tier, ctx->device, p.size, false);
+        if (retry(*backend_, &Backend::unmap, seg->va + p.offset, p.size))
+          backings_.give_back(p.tier, p.handle, p.handle_bytes);
         else
           std::fprintf(stderr, "[aqua_alloc] unmapping a failed allocation failed; its backing is leaked\n");
       }
@@ -923,7 +380,7 @@ void* Core::malloc(size_t size, int device, int thread_context) {
       backend_->free_va(seg->shadow, bytes);
       record(AQUA_EV_ALLOC_FAILED, ctx->id, AQUA_TIER_NONE, AQUA_TIER_NONE, bytes, 0, 0, status);
       std::string message = "out of memory: context '" + ctx->tag + "' asked for " + bytes_text(bytes) + ": " +
-                            why + ". Tiers: " + usage_line();
+                            why + ". Tiers: " + placement_.usage_line();
       std::fprintf(stderr, "[aqua_alloc] %s\n", message.c_str());
       set_last_error(message);
       return nullptr;
@@ -964,13 +421,13 @@ void Core::free(void* ptr) {
   bool all_unmapped = true, shadow_unmapped = true;
   for (Piece& p : seg->pieces) {
     record(AQUA_EV_UNMAP, seg->context, p.tier, AQUA_TIER_NONE, p.size, 0, seg->va + p.offset, 0);
-    account_remove(p.tier, home, p.size, false);
-    if (p.shadow_mapped && retry(&Backend::unmap, seg->shadow + p.offset, p.size)) p.shadow_mapped = false;
-    bool home_unmapped = retry(&Backend::unmap, seg->va + p.offset, p.size);
+    ledger_.remove(p.tier, home, p.size, false);
+    if (p.shadow_mapped && retry(*backend_, &Backend::unmap, seg->shadow + p.offset, p.size)) p.shadow_mapped = false;
+    bool home_unmapped = retry(*backend_, &Backend::unmap, seg->va + p.offset, p.size);
     shadow_unmapped = shadow_unmapped && !p.shadow_mapped;
     all_unmapped = all_unmapped && home_unmapped;
     if (home_unmapped && !p.shadow_mapped) {
-      give_back(p.tier, p.handle, p.handle_bytes);
+      backings_.give_back(p.tier, p.handle, p.handle_bytes);
     } else {
       // Still mapped: never hand this backing to anyone else (leaked, and said so).
       std::fprintf(stderr, "[aqua_alloc] unmapping a freed segment at 0x%lx%s failed; its %s backing is leaked\n",
@@ -985,12 +442,12 @@ void Core::free(void* ptr) {
   ctx->segments.erase(seg->va);
   segments_.erase(it);
   if (ctx->released && ctx->segments.empty()) {
-    if (ctx->park_event) idle_events_[ctx->device].push_back(ctx->park_event);
+    if (ctx->park_event) mover_.recycle_event(ctx->device, ctx->park_event);
     contexts_.erase(ctx_it);
   }
 }
 
-// --- moves -------------------------------------------------------------------------------
+// --- moves ------------------------------------------------------------------------------
 
 int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -998,7 +455,7 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
   *bytes_moved = 0;
   *bytes_elsewhere = 0;
   if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
-  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+  if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
   if (!ctx->parked) {
     // Running: its kernels may still be writing on `stream`; the move must wait for them.
     if (int r = record_park(*ctx, stream)) return r;
@@ -1006,21 +463,51 @@ int Core::resume(int id, uint64_t stream, uint64_t* bytes_moved, uint64_t* bytes
   ctx->parked = false;
   ctx->last_run = ++clock_;
   record(AQUA_EV_CONTEXT_RESUME, id, AQUA_TIER_NONE, AQUA_TIER_NONE, 0, 0, 0, 0);
-  return resume_locked(*ctx, bytes_moved, bytes_elsewhere);
+  return placement_.bring_home(*ctx, bytes_moved, bytes_elsewhere);
 }
 
-// --- asynchronous resume ---------------------------------------------------------------
+int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
+  wait_async_resume_of(id);
+  std::lock_guard<std::mutex> lock(mutex_);
+  *bytes_moved = 0;
+  Context* ctx = find_context(id);
+  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "evict: no live context with id " + std::to_string(id));
+  if (tier != AQUA_TIER_AUTO && !ledger_.valid(tier))
+    return fail(AQUA_ERR_INVALID, "evict: unknown tier " + std::to_string(tier));
+  if (tier == ctx->device)
+    return fail(AQUA_ERR_INVALID, "evict: " + tier_name(tier) + " is the context's own device; use resume");
+  if (tier >= 0 && placement_.peer_rank(ctx->device, tier) < 0)
+    return fail(AQUA_ERR_INVALID, "evict: " + tier_name(ctx->device) + " may not use " + tier_name(tier) +
+                                      " (no peer access, or disabled)");
+  if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
+  // Valid request: the context is parked now (its moves wait for work already on `stream`);
+  // a refusal below puts its state back.
+  bool was_parked = ctx->parked;
+  uint64_t was_run = ctx->last_run;
+  if (int r = record_park(*ctx, stream)) return r;
+  auto refuse = [&](int code) {
+    ctx->parked = was_parked;
+    ctx->last_run = was_run;
+    return code;
+  };
+  std::vector<MoveStep> steps;
+  if (int r = placement_.plan_evict(*ctx, tier, &steps)) return refuse(r);
+  if (steps.empty()) return AQUA_OK;
+  return mover_.execute(*ctx, steps, bytes_moved);
+}
+
+// --- asynchronous resume ----------------------------------------------------------------
 
 int Core::resume_async(int id, uint64_t stream, uint32_t* ticket) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     Context* ctx = find_context(id);
     if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "resume: no live context with id " + std::to_string(id));
-    if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
+    if (int r = backend_->bind(ctx->device)) return driver_fail(*backend_, "binding the device", r);
     if (!flag_host_) {
       if (int r = backend_->flag_create(&flag_host_, &flag_device_)) {
         flag_host_ = nullptr;
-        return driver_fail("creating the resume flag (pinned host memory)", r);
+        return driver_fail(*backend_, "creating the resume flag (pinned host memory)", r);
       }
     }
     // Here, not on the worker: the park event of a running context must be recorded on the
@@ -1060,9 +547,9 @@ void Core::async_thread_main() {
       if (!ctx) {
         out.status = fail(AQUA_ERR_NOT_FOUND, "resume: context " + std::to_string(job.context) + " was released");
       } else if (int r = backend_->bind(ctx->device)) {
-        out.status = driver_fail("binding the device", r);
+        out.status = driver_fail(*backend_, "binding the device", r);
       } else {
-        out.status = resume_locked(*ctx, &out.moved, &out.elsewhere);
+        out.status = placement_.bring_home(*ctx, &out.moved, &out.elsewhere);
       }
       if (out.status != AQUA_OK) out.error = last_error();
       // Done (moved, or rolled back with the bytes where they were: either way the context
@@ -1090,7 +577,7 @@ int Core::resume_wait_on_stream(uint32_t ticket, uint64_t stream) {
   // Not under mutex_: the simulated backend's wait blocks until the worker, which needs
   // mutex_, has finished the move.
   if (int r = backend_->stream_wait_value(stream, flag, ticket))
-    return driver_fail("queueing the GPU-side wait for a resume", r);
+    return driver_fail(*backend_, "queueing the GPU-side wait for a resume", r);
   return AQUA_OK;
 }
 
@@ -1132,599 +619,7 @@ void Core::stop_async_thread() {
   if (async_thread_.joinable()) async_thread_.join();
 }
 
-// Brings the pieces of running `ctx` home as far as room allows (mutex_ held, its device
-// bound, its park event recorded if it was running).
-int Core::resume_locked(Context& context, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
-  Context* ctx = &context;
-  *bytes_moved = 0;
-  *bytes_elsewhere = 0;
-  uint64_t need = 0;
-  for (uintptr_t va : ctx->segments)
-    for (const Piece& p : segments_.at(va)->pieces)
-      if (p.tier != ctx->device) need += p.size;
-  if (need == 0) return AQUA_OK;
-  // Pieces come home least recently spilled first, as far as the budget has room.
-  std::vector<std::pair<Segment*, size_t>> away;
-  for (uintptr_t va : ctx->segments) {
-    Segment* seg = segments_.at(va).get();
-    for (size_t i = 0; i < seg->pieces.size(); ++i)
-      if (seg->pieces[i].tier != ctx->device) away.emplace_back(seg, i);
-  }
-  std::stable_sort(away.begin(), away.end(), [](const auto& a, const auto& b) {
-    return a.first->pieces[a.second].away_since < b.first->pieces[b.second].away_since;
-  });
-  int device = ctx->device;
-  // A context switch under a full budget: parked contexts, least recently run first, are
-  // evicted in the same move as this one comes home, so that both directions of the link
-  // work at once. Budget room counts the bytes planned to leave.
-  std::vector<Step> steps;
-  uint64_t leaving = 0;
-  if (own_used_[device] + need > local_budget_[device]) {
-    uint64_t deficit = own_used_[device] + need - local_budget_[device];
-    std::vector<Context*> victims;
-    for (auto& [id, c] : contexts_) {
-      (void)id;
-      if (c->id != ctx->id && c->device == device && c->parked) victims.push_back(c.get());
-    }
-    std::sort(victims.begin(), victims.end(), [](Context* a, Context* b) { return a->last_run < b->last_run; });
-    for (Context* v : victims) {
-      if (leaving >= deficit) break;
-      leaving += plan_eviction(*v, deficit - leaving, steps);
-    }
-  }
-  // Plans bringing the pieces of `away` home, in order, while the budget plus `extra_room`
-  // (bytes planned to leave) has room; a piece whose backing cannot be made stays away.
-  auto plan_homecoming = [&](uint64_t extra_room, std::vector<Step>& out) {
-    for (auto [seg, i] : away) {
-      const Piece& p = seg->pieces[i];
-      if (p.tier == device || own_used_[device] + p.size > local_budget_[device] + extra_room) continue;
-      Step step{seg, i, p.tier, device};
-      step.ctx = ctx;
-      if (acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
-      reserve_on(device, device, p.size);
-      out.push_back(step);
-    }
-  };
-  size_t num_evictions = steps.size();
-  std::vector<Step> incoming;
-  plan_homecoming(leaving, incoming);
-  if (incoming.empty()) {
-    drop_planned(steps, 0);  // nothing can come home: evict nobody
-  } else {
-    // Interleave: one piece out, one piece in, so that commits follow both streams.
-    std::vector<Step> merged;
-    for (size_t k = 0; k < std::max(num_evictions, incoming.size()); ++k) {
-      if (k < num_evictions) merged.push_back(steps[k]);
-      if (k < incoming.size()) merged.push_back(incoming[k]);
-    }
-    steps.swap(merged);
-  }
-  int status = steps.empty() ? AQUA_OK : execute_move(*ctx, steps, bytes_moved);
-  if (status == AQUA_OK && num_evictions > 0 && *bytes_moved < need) {
-    // What did not fit in the exchange (no physical room for both at once, or the budget):
-    // evict first, then bring home (the old backings of the first move are reused).
-    uint64_t left = need - *bytes_moved;
-    make_local_room(device, left, ctx->id);
-    std::vector<Step> rest;
-    plan_homecoming(0, rest);
-    uint64_t more = 0;
-    if (!rest.empty() && execute_move(*ctx, rest, &more) != AQUA_OK) {
-      // The exchange stands (its pieces are home); this second move rolled back, so the
-      // rest stays where it was, usable in place: a partial resume, not a failed one.
-      std::fprintf(stderr, "[aqua_alloc] resume of '%s': bringing the rest home failed (%s); it stays in place\n",
-                   ctx->tag.c_str(), last_error().c_str());
-    }
-    *bytes_moved += more;
-  }
-  if (status == AQUA_OK) note_lender_moves(*ctx, "resume");
-  for (uintptr_t va : ctx->segments)
-    for (const Piece& p : segments_.at(va)->pieces)
-      if (p.tier != ctx->device) *bytes_elsewhere += p.size;
-  return status;
-}
-
-int Core::evict(int id, int tier, uint64_t stream, uint64_t* bytes_moved) {
-  wait_async_resume_of(id);
-  std::lock_guard<std::mutex> lock(mutex_);
-  *bytes_moved = 0;
-  Context* ctx = find_context(id);
-  if (!ctx) return fail(AQUA_ERR_NOT_FOUND, "evict: no live context with id " + std::to_string(id));
-  if (tier != AQUA_TIER_AUTO && !valid_tier(tier))
-    return fail(AQUA_ERR_INVALID, "evict: unknown tier " + std::to_string(tier));
-  if (tier == ctx->device)
-    return fail(AQUA_ERR_INVALID, "evict: " + tier_name(tier) + " is the context's own device; use resume");
-  if (tier >= 0 && peer_rank_[ctx->device][tier] < 0)
-    return fail(AQUA_ERR_INVALID, "evict: " + tier_name(ctx->device) + " may not use " + tier_name(tier) +
-                                      " (no peer access, or disabled)");
-  if (int r = backend_->bind(ctx->device)) return driver_fail("binding the device", r);
-  // Valid request: the context is parked now (its moves wait for work already on `stream`);
-  // a refusal below puts its state back.
-  bool was_parked = ctx->parked;
-  uint64_t was_run = ctx->last_run;
-  if (int r = record_park(*ctx, stream)) return r;
-  auto refuse = [&](int code) {
-    ctx->parked = was_parked;
-    ctx->last_run = was_run;
-    return code;
-  };
-  std::vector<int> order = tier == AQUA_TIER_AUTO ? spill_order(ctx->device) : std::vector<int>{tier};
-  int driver_error = 0;
-  std::vector<Step> steps;
-  for (uintptr_t va : ctx->segments) {
-    Segment* seg = segments_.at(va).get();
-    for (size_t i = 0; i < seg->pieces.size(); ++i) {
-      const Piece& p = seg->pieces[i];
-      if (tier == AQUA_TIER_AUTO ? p.tier != ctx->device : p.tier == tier) continue;
-      Step step{seg, i, p.tier};
-      bool placed = false;
-      for (int t : order) {
-        if (!room_on(t, ctx->device, p.size, true)) continue;
-        if (int r = acquire(t, p.size, true, &step.handle, &step.handle_bytes)) {
-          if (r > 0 && !backend_->is_out_of_memory(r)) driver_error = r;
-          continue;
-        }
-        step.dst = t;
-        reserve_on(t, ctx->device, p.size);
-        placed = true;
-        break;
-      }
-      if (!placed) {
-        for (Step& s : steps) {
-          account_remove(s.dst, ctx->device, s.segment->pieces[s.index].size, false);
-          give_back(s.dst, s.handle, s.handle_bytes);
-        }
-        if (driver_error)
-          return refuse(driver_fail(("evict '" + ctx->tag + "': creating backing").c_str(), driver_error));
-        std::string target = tier == AQUA_TIER_AUTO ? "any spill tier" : tier_name(tier);
-        return refuse(fail(AQUA_ERR_OUT_OF_MEMORY, "evict '" + ctx->tag + "': " + target + " has no room for " +
-                                                bytes_text(p.size) + ". Tiers: " + usage_line()));
-      }
-      steps.push_back(step);
-    }
-  }
-  if (steps.empty()) return AQUA_OK;
-  return execute_move(*ctx, steps, bytes_moved);
-}
-
-// An event of `device` (events belong to the context current when made; the caller has
-// bound `device`).
-int Core::take_event(int device, Event* event) {
-  std::vector<Event>& idle = idle_events_[device];
-  if (!idle.empty()) {
-    *event = idle.back();
-    idle.pop_back();
-    return 0;
-  }
-  return backend_->event_create(event);
-}
-
-// The stream that copies out of `device` (inbound false) or into it (inbound true).
-int Core::mover_stream(int device, bool inbound, Stream* stream) {
-  Stream& s = inbound ? in_streams_[device] : streams_[device];
-  if (!s) {
-    if (int r = backend_->stream_create(device, &s)) return r;
-  }
-  *stream = s;
-  return 0;
-}
-
-bool Core::retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size) {
-  for (int i = 0; i < kRestoreAttempts; ++i)
-    if ((backend_.get()->*op)(va, size) == 0) return true;
-  return false;
-}
-
-// Maps `handle` at va with access for `device`, each call retried (restore paths).
-// *mapped says whether the map itself took (then the caller owns an unmap on failure).
-bool Core::remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped) {
-  *mapped = false;
-  for (int i = 0; i < kRestoreAttempts && !*mapped; ++i) *mapped = backend_->map(va, size, handle) == 0;
-  bool access = false;
-  for (int i = 0; *mapped && i < kRestoreAttempts && !access; ++i)
-    access = backend_->set_access(va, size, device) == 0;
-  return access;
-}
-
-bool Core::in_shadowed_tail(const Context& ctx, const Segment* seg, size_t index) const {
-  size_t seen = 0;
-  for (auto va = ctx.segments.rbegin(); va != ctx.segments.rend() && seen < kShadowedTail; ++va) {
-    const Segment* s = segments_.at(*va).get();
-    for (size_t i = s->pieces.size(); i-- > 0 && seen < kShadowedTail; ++seen)
-      if (s == seg && i == index) return true;
-  }
-  return false;
-}
-
-// Undo a failed move: committed steps are mapped at home with their new backing and get
-// their old backing back; every staging mapping (a kept one too) is dropped. Every new
-// backing is returned.
-// Old backings were never modified, so the bytes are as before the move. A committed piece
-// whose new backing cannot be unmapped (after retries) keeps it instead: its bytes are the
-// same, and memory that may still be mapped is never given back for reuse.
-void Core::unwind(std::vector<Step>& steps) {
-  for (Step& s : steps) {
-    Context& ctx = *s.ctx;
-    Piece& p = s.segment->pieces[s.index];
-    uintptr_t home = s.segment->va + p.offset;
-    // The copies are drained: drop the old backing's second mapping (it stays the backing).
-    // If it cannot be dropped, the old backing must never be given back while mapped there.
-    // A mapping kept since the piece's resume stays, as before the move, while the old
-    // backing stays the piece's backing.
-    bool old_backing_pinned = false;
-    bool keep_source = s.source_shadowed && s.had_kept;
-    if (s.source_shadowed && !keep_source) {
-      if (retry(&Backend::unmap, s.source, p.size)) {
-        s.source_shadowed = false;
-      } else {
-        old_backing_pinned = true;
-        std::fprintf(stderr, "[aqua_alloc] unmapping a move's source mapping of context '%s' failed: "
-                     "its staging range stays mapped (later moves of the piece fail and roll back)\n",
-                     ctx.tag.c_str());
-      }
-    }
-    if (s.committed) {
-      bool unmapped = retry(&Backend::unmap, home, p.size);
-      bool mapped = false;
-      bool access = unmapped && remap_retried(home, p.size, p.handle, ctx.device, &mapped);
-      if (!access) {
-        if (mapped) retry(&Backend::unmap, home, p.size);
-        bool kept = !unmapped;  // the new backing is still mapped at home
-        if (unmapped) {
-          bool remapped = false;
-          kept = remap_retried(home, p.size, s.handle, ctx.device, &remapped);
-        }
-        if (kept) {
-          // Keep the piece on its new backing: the move of this piece stands.
-          std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' at 0x%lx could not restore the old "
-                       "backing; the piece stays on %s (bytes intact)\n", ctx.tag.c_str(),
-                       static_cast<unsigned long>(home), tier_name(s.dst).c_str());
-          if (keep_source) old_backing_pinned = !retry(&Backend::unmap, s.source, p.size);  // the old backing leaves
-          account_remove(p.tier, ctx.device, p.size, true);
-          charge(s.dst, p.size, true);
-          if (!old_backing_pinned) give_back(p.tier, p.handle, p.handle_bytes);  // else leaked, still mapped
-          p.tier = s.dst;
-          p.handle = s.handle;
-          p.handle_bytes = s.handle_bytes;
-          p.shadow_mapped = s.staged;  // a kept staging mapping stays with its backing
-        } else {
-          // Neither backing could be mapped back: keep both (leaked, never reused).
-          std::fprintf(stderr, "[aqua_alloc] rollback of context '%s' failed at 0x%lx: the range is unmapped; "
-                       "its backings are kept and never reused\n", ctx.tag.c_str(), static_cast<unsigned long>(home));
-          account_remove(s.dst, ctx.device, p.size, false);
-          p.shadow_mapped = keep_source;
-        }
-        if (s.copied) idle_events_[ctx.device].push_back(s.copied);
-        continue;
-      }
-    }
-    if (s.staged && !retry(&Backend::unmap, s.target, p.size)) {
-      // Still mapped at the shadow (staged, or a kept staging mapping of a committed piece):
-      // keep the backing out of reuse (leaked, counted below).
-      std::fprintf(stderr, "[aqua_alloc] unstaging a move of context '%s' failed: a backing is leaked\n",
-                   ctx.tag.c_str());
-      account_remove(s.dst, ctx.device, p.size, false);
-      if (s.copied) idle_events_[ctx.device].push_back(s.copied);
-      continue;
-    }
-    if (keep_source) {  // the old backing is the piece's backing again, and so is its kept mapping
-      p.shadow_mapped = true;
-      s.source_shadowed = false;
-    } else if (s.had_kept) {  // ... which the move had dropped: map it again
-      uintptr_t shadow = s.segment->shadow + p.offset;
-      bool mapped = false;
-      p.shadow_mapped = remap_retried(shadow, p.size, p.handle, ctx.device, &mapped);
-      if (!p.shadow_mapped && mapped && !retry(&Backend::unmap, shadow, p.size))
-        std::fprintf(stderr, "[aqua_alloc] restoring a staging mapping of context '%s' failed halfway: it stays "
-                     "mapped without access (later moves of the piece fail and roll back)\n", ctx.tag.c_str());
-    }
-    account_remove(s.dst, ctx.device, p.size, false);
-    give_back(s.dst, s.handle, s.handle_bytes);
-    if (s.copied) idle_events_[ctx.device].push_back(s.copied);
-  }
-}
-
-// Moves every step's piece to its new backing (already acquired and accounted on the
-// destination). The steps may belong to several contexts of one device (a resume that
-// evicts parked contexts to make room): `ctx` is the context the move is for, and the
-// default owner of steps that name none. Each piece is staged (new backing mapped at the
-// shadow) and its copy issued, after the park events of every context involved: copies into
-// the device on one mover stream, copies out of it on another, so that an eviction and a
-// resume use both directions of the link at once. Then pieces are committed (unmap old at
-// home, map new) as their copies complete, so remaps overlap copies in flight.
-//
-// Three orderings come from measured driver costs (benchmarks/probe_park_copy.py, H200):
-// - While a copy out of the device runs, a set-access of device memory waits about 1 ms
-//   (0.03 ms otherwise; copies into the device do not slow it). So a move with copies out
-//   makes every staging and second mapping first, then issues the copies.
-// - A park into pre-mapped host backings reads its last pieces through a second mapping of
-//   the old backings (at the shadow): their home remaps (the host set-access, about 0.6 ms
-//   per 64 MiB, is the costly call) need not wait for their copies, so they are committed
-//   first, once the context's kernels are done, while the copies are in flight. A resume
-//   keeps its staging mappings of the context's last pieces (Piece::shadow_mapped), so the
-//   park after it maps nothing before its copies (two mappings cost about 0.06 ms there).
-// - A resume (no copies out) reads each piece that comes home from pre-mapped host backing
-//   at the backing's own mapping, so its home remap (the host unmap, about 0.17 ms per
-//   64 MiB, is the costly call) need not wait for the copy either: the last piece's remap
-//   no longer follows the last copy.
-// - Then pieces leaving the device commit in order, and pieces coming home last: by then
-//   the copies out are done and their set-access calls are cheap.
-// Old backings are released only when every piece has committed (and every copy is done):
-// until then an unwind can map them back, and their bytes were never touched. *bytes_moved:
-// bytes of `ctx`'s own pieces moved.
-int Core::execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved) {
-  uint64_t start = now_ns();
-  uint64_t total = 0;
-  std::map<int, Context*> involved;  // context id -> context
-  for (Step& s : steps) {
-    if (!s.ctx) s.ctx = &ctx;
-    involved[s.ctx->id] = s.ctx;
-    total += s.segment->pieces[s.index].size;
-  }
-  int src_tier = steps.front().src, dst_tier = steps.front().dst;
-  for (auto& [id, c] : involved) {
-    uint64_t bytes = 0;
-    for (Step& s : steps)
-      if (s.ctx == c) bytes += s.segment->pieces[s.index].size;
-    const Step& first = *std::find_if(steps.begin(), steps.end(), [c = c](const Step& s) { return s.ctx == c; });
-    record_at(start, AQUA_EV_MOVE_START, id, first.src, first.dst, bytes, 0, first.segment->va, 0);
-  }
-  // Waits for every copy issued so far (before an unwind touches backings they may use).
-  auto drain_issued = [&]() {
-    for (const Step& s : steps)
-      if (s.copied) backend_->event_sync(s.copied);
-  };
-  // Unwinds the move after a failure; every copy issued must be drained first.
-  auto failed = [&](const char* what, int code) {
-    unwind(steps);
-    for (auto& [id, c] : involved) {
-      (void)c;
-      record_at(start, AQUA_EV_MOVE_FAILED, id, src_tier, dst_tier, total, now_ns() - start, 0, code);
-    }
-    std::string who = "'" + ctx.tag + "'";
-    if (involved.size() > 1) who += " (with evictions of " + std::to_string(involved.size() - 1) + " parked contexts)";
-    return fail(AQUA_ERR_DRIVER, "moving context " + who + " (" + bytes_text(total) + ", " + tier_name(src_tier) +
-                                     " -> " + tier_name(dst_tier) + "): " + what + " failed: " +
-                                     backend_->error_name(code) + "; rolled back, bytes intact");
-  };
-  auto drained_and_failed = [&](const char* what, int code) {
-    drain_issued();
-    return failed(what, code);
-  };
-  auto into_device = [](const Step& s) { return s.dst == s.ctx->device; };
-
-  // One stream per direction; each waits for the last kernels of every context involved
-  // (recorded at park), so no copy reads a range a kernel may still write.
-  Stream streams[2] = {0, 0};  // [0]: out of the device (and between other tiers), [1]: into it
-  for (const Step& s : steps) {
-    int dir = into_device(s) ? 1 : 0;
-    if (streams[dir]) continue;
-    if (int r = mover_stream(ctx.device, dir == 1, &streams[dir])) return failed("creating a mover stream", r);
-    for (auto& [id, c] : involved) {
-      (void)id;
-      if (!c->park_recorded) continue;
-      if (int r = backend_->stream_wait_event(streams[dir], c->park_event))
-        return failed("waiting for the park event", r);
-    }
-  }
-  bool copies_out = std::any_of(steps.begin(), steps.end(), [&](const Step& s) { return !into_device(s); });
-  // Pieces of a park to host read through a second mapping (see above): up to kShadowedTail
-  // of the pieces that leave their home device for pre-mapped host backings, first those
-  // still mapped at the shadow since their resume (nothing to map), then the last ones.
-  std::vector<bool> read_through_shadow(steps.size(), false);
-  auto piece_of = [](const Step& s) -> Piece& { return s.segment->pieces[s.index]; };
-  auto may_read_through = [&](const Step& s) {
-    return s.dst == AQUA_TIER_HOST && piece_of(s).tier == s.ctx->device && host_staging_.count(s.handle) > 0;
-  };
-  size_t chosen = 0;
-  for (bool kept_only : {true, false})
-    for (size_t k = steps.size(); k-- > 0 && chosen < kShadowedTail;)
-      if (!read_through_shadow[k] && may_read_through(steps[k]) && (piece_of(steps[k]).shadow_mapped || !kept_only)) {
-        read_through_shadow[k] = true;
-        ++chosen;
-      }
-  // A kept shadow mapping that this move does not read through is dropped before anything
-  // else: the shadow may be needed for staging, and the backing may leave.
-  for (size_t k = 0; k < steps.size(); ++k) {
-    Piece& p = piece_of(steps[k]);
-    if (!p.shadow_mapped || read_through_shadow[k]) continue;
-    if (int r = backend_->unmap(steps[k].segment->shadow + p.offset, p.size))
-      return failed("dropping a kept staging mapping", r);
-    p.shadow_mapped = false;
-    steps[k].had_kept = true;  // an unwind maps it again
-  }
-  // Maps where step k's copy writes (and reads, for a second mapping). AQUA_OK or failed().
-  auto prepare = [&](size_t k) -> int {
-    Step& s = steps[k];
-    Piece& p = s.segment->pieces[s.index];
-    uint64_t t0 = now_ns();
-    auto prestaged = s.dst == AQUA_TIER_HOST ? host_staging_.find(s.handle) : host_staging_.end();
-    if (prestaged != host_staging_.end()) {
-      s.target = prestaged->second;
-      s.prestaged = true;
-    } else {
-      s.target = s.segment->shadow + p.offset;
-      if (int r = backend_->map(s.target, p.size, s.handle)) return drained_and_failed("staging map", r);
-      s.staged = true;
-      if (int r = backend_->set_access(s.target, p.size, s.ctx->device))
-        return drained_and_failed("staging set-access", r);
-    }
-    s.source = s.segment->va + p.offset;
-    if (!copies_out && into_device(s) && p.tier == AQUA_TIER_HOST && s.ctx->park_recorded) {
-      // A resume from a pre-mapped host backing reads it at its own mapping, so that home
-      // can be remapped while the copy is in flight (see above).
-      auto own = host_staging_.find(p.handle);
-      if (own != host_staging_.end()) {
-        s.source = own->second;
-        s.early = true;
-      }
-    }
-    if (read_through_shadow[k]) {
-      s.early = true;
-      // A park into a host backing mapped at its own address: the shadow is free, so the copy
-      // reads a second mapping of the old backing there, and the home range can be remapped
-      // to the host backing while the copy is in flight. Not for every piece: each second
-      // mapping costs host time, and the host set-access calls slow the copies they overlap
-      // (to 0.93 of the link), so only the remaps that would follow the last copy are moved.
-      s.source = s.segment->shadow + p.offset;
-      if (p.shadow_mapped) {  // kept since its resume: the step owns (and later drops) it
-        p.shadow_mapped = false;
-        s.source_shadowed = true;
-        s.had_kept = true;
-      } else {
-        if (int r = backend_->map(s.source, p.size, p.handle)) return drained_and_failed("source map", r);
-        s.source_shadowed = true;
-        if (int r = backend_->set_access(s.source, p.size, s.ctx->device))
-          return drained_and_failed("source set-access", r);
-      }
-    }
-    profile(kPhaseStage, t0, now_ns());
-    return AQUA_OK;
-  };
-  // Issues step k's copy on its direction's stream, with an event after it. AQUA_OK or failed().
-  auto issue = [&](size_t k) -> int {
-    Step& s = steps[k];
-    Stream stream = streams[into_device(s) ? 1 : 0];
-    uint64_t t0 = now_ns();
-    // The event first: a copy is issued only with an event that the drains can wait on.
-    if (int r = take_event(s.ctx->device, &s.copied)) return drained_and_failed("copy", r);
-    if (int r = backend_->copy_async(s.target, s.source, s.segment->pieces[s.index].size, stream))
-      return drained_and_failed("copy", r);
-    if (int r = backend_->event_record(s.copied, stream)) {
-      // Issued but not waitable: wait for the whole device before anything is unwound.
-      if (backend_->device_sync(s.ctx->device) != 0)
-        std::fprintf(stderr, "[aqua_alloc] a move's copy could not be waited for after a failed event record\n");
-      return drained_and_failed("copy", r);
-    }
-    profile(kPhaseIssue, t0, now_ns());
-    return AQUA_OK;
-  };
-  if (copies_out) {
-    for (size_t k = 0; k < steps.size(); ++k)
-      if (int st = prepare(k)) return st;
-    for (bool through_shadow : {false, true})  // the copies read through the shadow go last
-      for (size_t k = 0; k < steps.size(); ++k)
-        if (read_through_shadow[k] == through_shadow)
-          if (int st = issue(k)) return st;
-  } else {
-    for (size_t k = 0; k < steps.size(); ++k) {  // the first copy starts after one staging
-      if (int st = prepare(k)) return st;
-      if (int st = issue(k)) return st;
-    }
-  }
-  // Commit order (see above): pieces whose copies do not read home, then pieces leaving,
-  // then pieces coming home.
-  std::vector<size_t> order;
-  order.reserve(steps.size());
-  for (size_t k = 0; k < steps.size(); ++k)
-    if (steps[k].early) order.push_back(k);
-  for (bool home : {false, true})
-    for (size_t k = 0; k < steps.size(); ++k)
-      if (!steps[k].early && into_device(steps[k]) == home) order.push_back(k);
-  // A piece whose copy does not read home is remapped at home without waiting for its copy,
-  // but only once the kernels that may still use the context are done (its park event):
-  // a remap must not pull the range from under them. Their copies are waited for, and the
-  // second and staging mappings dropped, after the loop. A failure drains every copy before
-  // unwinding (a committed piece's new backing may still be written; waiting again for a
-  // copy that is done costs nothing).
-  // A piece coming home that is one of its context's last ones keeps its staging mapping:
-  // its next park reads through it without mapping anything first.
-  std::vector<bool> keep_staging(steps.size(), false);
-  for (size_t k = 0; k < steps.size(); ++k)
-    keep_staging[k] = steps[k].staged && into_device(steps[k]) &&
-                      in_shadowed_tail(*steps[k].ctx, steps[k].segment, steps[k].index);
-  bool kernels_done = false;
-  for (size_t k : order) {
-    Step& s = steps[k];
-    Piece& p = s.segment->pieces[s.index];
-    uintptr_t home = s.segment->va + p.offset;
-    uint64_t t0 = now_ns();
-    if (s.early && !kernels_done) {
-      for (auto& [id, c] : involved) {
-        (void)id;
-        if (!c->park_recorded) continue;
-        if (int r = backend_->event_sync(c->park_event)) return drained_and_failed("waiting for the park event", r);
-      }
-      kernels_done = true;
-    } else if (!s.early) {
-      if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
-    }
-    uint64_t t1 = now_ns();
-    profile(kPhaseWait, t0, t1);
-    if (s.staged && !keep_staging[k] && !s.early) {
-      if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
-      s.staged = false;
-    }
-    if (int r = backend_->unmap(home, p.size)) return drained_and_failed("unmap", r);
-    int r = backend_->map(home, p.size, s.handle);
-    if (r == 0) {
-      r = backend_->set_access(home, p.size, s.ctx->device);
-      if (r != 0) retry(&Backend::unmap, home, p.size);
-    }
-    if (r != 0) {
-      // Put the old backing back at home; then unwind the committed steps.
-      bool mapped = false;
-      if (!remap_retried(home, p.size, p.handle, s.ctx->device, &mapped))
-        std::fprintf(stderr, "[aqua_alloc] restoring 0x%lx after a failed map failed\n", static_cast<unsigned long>(home));
-      return drained_and_failed("map at home", r);
-    }
-    s.committed = true;
-    profile(kPhaseRemap, t1, now_ns());
-  }
-  for (size_t k = 0; k < steps.size(); ++k) {
-    Step& s = steps[k];
-    if (!s.early) continue;
-    const Piece& p = s.segment->pieces[s.index];
-    uint64_t t0 = now_ns();
-    if (int r = backend_->event_sync(s.copied)) return drained_and_failed("waiting for the copy", r);
-    uint64_t t1 = now_ns();
-    profile(kPhaseWait, t0, t1);
-    if (s.source_shadowed) {
-      if (int r = backend_->unmap(s.source, p.size)) return drained_and_failed("source unmap", r);
-      s.source_shadowed = false;
-    }
-    if (s.staged && !keep_staging[k]) {
-      if (int r = backend_->unmap(s.target, p.size)) return drained_and_failed("unstaging unmap", r);
-      s.staged = false;
-    }
-    profile(kPhaseRemap, t1, now_ns());
-  }
-  // Commit: every piece now maps its new backing at home. Release the old backings and
-  // settle the accounts.
-  uint64_t t_release = now_ns();
-  std::set<int> tiers_out, tiers_in;  // a move counts once per tier it touches
-  std::map<std::tuple<int, int, int>, uint64_t> bytes_by_move;  // (context, src, dst) -> bytes
-  uint64_t own_bytes = 0;
-  for (Step& s : steps) {
-    Piece& p = s.segment->pieces[s.index];
-    Context& c = *s.ctx;
-    account_remove(p.tier, c.device, p.size, true);
-    tiers_out.insert(tier_index(p.tier));
-    tiers_in.insert(tier_index(s.dst));
-    charge(s.dst, p.size, true);
-    bytes_by_move[{c.id, p.tier, s.dst}] += p.size;
-    if (&c == &ctx) own_bytes += p.size;
-    give_back(p.tier, p.handle, p.handle_bytes);
-    if (s.dst == c.device) p.away_since = 0;
-    else if (p.tier == c.device) p.away_since = ++clock_;
-    p.tier = s.dst;
-    p.handle = s.handle;
-    p.handle_bytes = s.handle_bytes;
-    p.shadow_mapped = s.staged;  // a kept staging mapping (keep_staging)
-    idle_events_[c.device].push_back(s.copied);
-  }
-  for (int t : tiers_out) counters_[t].moves_out++;
-  for (int t : tiers_in) counters_[t].moves_in++;
-  profile(kPhaseRelease, t_release, now_ns());
-  *bytes_moved = own_bytes;
-  uint64_t dur = now_ns() - start;
-  for (auto& [key, nbytes] : bytes_by_move) {
-    auto [id, src, dst] = key;
-    record_at(start, AQUA_EV_MOVE_END, id, src, dst, nbytes, dur, steps.front().segment->va, 0);
-  }
-  return AQUA_OK;
-}
-
-// --- teardown ----------------------------------------------------------------------------
+// --- teardown ---------------------------------------------------------------------------
 
 int Core::shutdown(bool force) {
   {
@@ -1734,12 +629,7 @@ int Core::shutdown(bool force) {
                                       " segments are still live (tensors allocated in contexts); free them first");
   }
   stop_async_thread();  // queued resumes finish first
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    pool_thread_stop_ = true;
-  }
-  pool_cv_.notify_all();
-  if (pool_thread_.joinable()) pool_thread_.join();
+  backings_.stop_thread();
   std::vector<void*> live;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -1750,12 +640,9 @@ int Core::shutdown(bool force) {
   }
   for (void* ptr : live) free(ptr);
   std::lock_guard<std::mutex> lock(mutex_);
-  release_deferred(-1, 0);
-  for (auto& [h, bytes] : host_pool_.trim(0)) release_host_backing(h, bytes);
-  for (std::vector<Event>& idle : idle_events_) {
-    for (Event e : idle) backend_->event_destroy(e);
-    idle.clear();
-  }
+  backings_.release_deferred(-1, 0);
+  backings_.trim_host(0);
+  mover_.destroy_idle_events();
   return AQUA_OK;
 }
 

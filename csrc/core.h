@@ -10,10 +10,18 @@
 //
 // Invariants kept under mutex_:
 // - every piece of a live segment is mapped at home with access for the context's device;
-// - own_used_[d] + lent_used_[d] == bytes of pieces on device d; host_used_ == bytes on host;
-// - own_used_[d] <= local_budget_[d] and lent_used_[d] <= lend_budget_[d] after any move or
+// - in the ledger, own_used[d] + lent_used[d] == bytes of pieces on device d, host_used ==
+//   bytes on host;
+// - own_used[d] <= local_budget[d] and lent_used[d] <= lend_budget[d] after any move or
 //   allocation made by the core (budgets lowered later are enforced on the next placement);
 // - a move is all or nothing: when it fails, every piece is mapped as before with its bytes.
+//
+// Core owns that state (contexts, segments, the logical clock) and the parts that work on
+// it, each in its own file: Placement decides which piece goes where (placement.h), Mover
+// carries the moves out (mover.h), Backings supplies physical memory and runs the thread
+// that readies it (backings.h), Ledger counts bytes against the budgets (ledger.h), and
+// Profiler times the moves (profiler.h). Core checks each request, takes the mutex, and
+// composes the parts; it runs asynchronous resumes on a worker thread of its own.
 // Thread-safe: one mutex; moves run under it (allocator callbacks wait for a move).
 #pragma once
 
@@ -28,49 +36,16 @@
 #include <vector>
 
 #include "backend.h"
+#include "backings.h"
+#include "errors.h"
 #include "event_log.h"
-#include "host_pool.h"
+#include "ledger.h"
+#include "mover.h"
+#include "placement.h"
+#include "profiler.h"
+#include "segments.h"
 
 namespace aqua {
-
-struct Piece {
-  uint64_t offset = 0;        // bytes from the segment's base
-  uint64_t size = 0;          // bytes mapped
-  int tier = 0;               // device ordinal or AQUA_TIER_HOST
-  Handle handle = 0;
-  uint64_t handle_bytes = 0;  // physical bytes of the handle (>= size for host pool classes)
-  uint64_t away_since = 0;    // logical clock when it left (or was placed off) its home device
-  // The backing is also mapped (with access) at the segment's shadow: a resume's staging
-  // mapping kept for one of the context's last pieces, so that the next park reads through
-  // it without mapping anything before its copies (execute_move).
-  bool shadow_mapped = false;
-};
-
-struct Segment {
-  uintptr_t va = 0;      // home address: what torch holds
-  uintptr_t shadow = 0;  // staging address range, same size
-  uint64_t size = 0;
-  int context = -1;
-  std::vector<Piece> pieces;
-};
-
-struct Context {
-  int id = -1;
-  int device = 0;
-  std::string tag;
-  bool parked = false;
-  bool released = false;
-  uint64_t last_run = 0;      // logical clock of the last park or resume (LRU order)
-  Event park_event = 0;       // recorded at park; every move of the context waits for it
-  uint32_t async_ticket = 0;  // its last asynchronous resume (0: none)
-  bool park_recorded = false;
-  std::set<uintptr_t> segments;
-};
-
-struct TierCounters {
-  uint64_t current = 0, peak = 0, total = 0;
-  uint64_t moves_in = 0, moves_out = 0, bytes_in = 0, bytes_out = 0;
-};
 
 class Core {
  public:
@@ -122,124 +97,45 @@ class Core {
   void flush_releases();
 
   // Where moves spend their time: ns and calls per phase (aqua_alloc.h, AQUA_PHASE_*).
-  static constexpr int kNumPhases = 6;
   int profile_get(uint64_t* ns, uint64_t* calls, int n);
   void profile_reset();
   // The spans behind the totals, one per timed phase call, when recording (off by default;
-  // at most kMaxSpans kept, later ones dropped): a move's timeline, for benchmarks.
-  static constexpr size_t kMaxSpans = 1 << 14;
+  // at most Profiler::kMaxSpans kept, later ones dropped): a move's timeline, for benchmarks.
   void profile_record_spans(bool on);
   int profile_spans(uint64_t* out, int max_spans);
 
  private:
-  struct Step;  // one piece's move, see core.cpp
-  // Pieces at the end of a park to host whose copy reads a second mapping of the old
-  // backing, so that their home remaps overlap the copies still in flight (execute_move).
-  static constexpr size_t kShadowedTail = 2;
-  // Whether (segment, piece) is one of the last kShadowedTail pieces of `ctx` (the ones
-  // its next park reads through the shadow): their resume keeps its staging mapping.
-  bool in_shadowed_tail(const Context& ctx, const Segment* seg, size_t index) const;
-
-  int tier_index(int tier) const { return tier == AQUA_TIER_HOST ? num_devices_ : tier; }
-  bool valid_tier(int tier) const { return tier == AQUA_TIER_HOST || (tier >= 0 && tier < num_devices_); }
   Context* find_context(int id);
   const Segment* segment_holding(uint64_t ptr) const;  // the segment whose range holds ptr, or null
   Context* default_context(int device);
-  std::string tier_name(int tier) const;
-  std::string usage_line() const;
-
-  // Placement and budgets (mutex_ held).
-  bool room_on(int tier, int home, uint64_t size, bool for_move) const;
-  std::vector<int> spill_order(int home) const;
-  int acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
-  int acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
-  enum { kPhaseAcquire = 0, kPhaseStage = 1, kPhaseIssue = 2, kPhaseWait = 3, kPhaseRemap = 4, kPhaseRelease = 5 };
-  void profile(int phase, uint64_t t0, uint64_t t1);
-  void give_back(int tier, Handle handle, uint64_t handle_bytes);
-  void account_add(int tier, int home, uint64_t size, bool moved_in);
-  void reserve_on(int tier, int home, uint64_t size);
-  void charge(int tier, uint64_t size, bool moved_in);
   int record_park(Context& ctx, uint64_t stream);
-  void account_remove(int tier, int home, uint64_t size, bool moved_out);
-  int place_new_piece(Context& ctx, uintptr_t va, Piece* piece);
-  bool make_local_room(int device, uint64_t need, int exclude_context);
-  Context* lru_parked_victim(int device, int exclude_context);
-  uint64_t evict_pieces_of(Context& victim, uint64_t need);
-  uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<Step>& steps);
-  void drop_planned(std::vector<Step>& steps, size_t from);
-  uint64_t lent_excess(int tier) const;
-  int move_off_lenders(Context& ctx, int only_tier, uint64_t* moved);
-  uint64_t reclaim_locked(int device);
-  void note_lender_moves(Context& ctx, const char* when);
-
-  // The mover (mutex_ held): all or nothing over `steps`.
-  int execute_move(Context& ctx, std::vector<Step>& steps, uint64_t* bytes_moved);
-  void unwind(std::vector<Step>& steps);
-  bool retry(int (Backend::*op)(uintptr_t, size_t), uintptr_t va, size_t size);
-  bool remap_retried(uintptr_t va, size_t size, Handle handle, int device, bool* mapped);
-  int take_event(int device, Event* event);
-  int mover_stream(int device, bool inbound, Stream* stream);
   void record(int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns, uint64_t addr,
               int status);
-  void record_at(uint64_t t_ns, int kind, int context, int src, int dst, uint64_t bytes, uint64_t dur_ns,
-                 uint64_t addr, int status);
-  int fail(int code, const std::string& message);
-  int driver_fail(const char* what, int code);
 
-  int resume_locked(Context& ctx, uint64_t* bytes_moved, uint64_t* bytes_elsewhere);
   void async_thread_main();
   void wait_async_resume_of(int id);
   void stop_async_thread();
 
-  void pool_thread_main();
-  bool grow_pool_once(std::unique_lock<std::mutex>& lock, int* error);
-  int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
-  void release_host_backing(Handle handle, uint64_t size);  // mutex_ held
-  void release_retried(Handle handle, const char* what);
-
+  // Members are built in this order: each part is given references to those above it.
   std::unique_ptr<Backend> backend_;
   SimControl* sim_;
   int num_devices_ = 0;
-  uint64_t granularity_ = 0;
-  uint64_t chunk_bytes_ = 0;
+  uint64_t granularity_ = 0;  // bytes: sizes and addresses are multiples
+  uint64_t chunk_bytes_ = 0;  // bytes: the largest piece a segment is cut into
 
-  std::mutex mutex_;
-  std::map<int, std::unique_ptr<Context>> contexts_;
+  std::mutex mutex_;  // guards the state below (the asynchronous resumes' queue has its own)
+  ContextMap contexts_;
   std::map<int, int> default_contexts_;  // device -> context id
   int next_context_id_ = 1;
-  uint64_t clock_ = 0;
-  std::map<uintptr_t, std::unique_ptr<Segment>> segments_;  // home va -> segment
+  uint64_t clock_ = 0;  // logical clock: Context::last_run, Piece::away_since
+  SegmentMap segments_;
 
-  std::vector<uint64_t> local_budget_, lend_budget_, own_used_, lent_used_;
-  uint64_t host_budget_ = 0, host_used_ = 0;
-  std::vector<std::vector<int>> peer_rank_;  // [home][peer], < 0: never
-  std::vector<TierCounters> counters_;       // per tier index
-  HostPool host_pool_;
-  std::map<Handle, uintptr_t> host_staging_;  // host backing -> its own mapping (see create_host_backing)
-  std::vector<Stream> streams_;              // per device: mover stream out of it, 0 until made
-  std::vector<Stream> in_streams_;           // per device: mover stream into it, 0 until made
-  std::vector<std::vector<Event>> idle_events_;  // per device: events belong to a device's context
-
-  // Device backings given back by moves and frees, released by the background thread
-  // after kReleaseDelayNs unless a move to the same device and size reuses them first
-  // (a context switch: park one context, resume another).
-  struct DeferredRelease {
-    int tier;
-    Handle handle;
-    uint64_t bytes;
-    uint64_t since_ns;
-  };
-  static constexpr uint64_t kReleaseDelayNs = 5'000'000;
-  std::vector<DeferredRelease> to_release_;
-  bool reuse_deferred(int tier, uint64_t size, Handle* handle);
-  void release_deferred(int tier, uint64_t older_than_ns);  // mutex_ held; tier -1: all tiers
-  void start_background_thread();
-
-  uint64_t pool_reserve_ = 0;
-  uint64_t pool_creating_bytes_ = 0;  // host backing being created outside the lock
-  bool pool_thread_stop_ = false;
-  std::condition_variable pool_cv_;
-  std::thread pool_thread_;
+  EventLog events_;        // thread-safe by itself
+  Ledger ledger_;          // bytes per tier against the budgets
+  Profiler profiler_;      // where moves spend their time
+  Backings backings_;      // physical memory, and the thread that readies it
+  Mover mover_;            // moves pieces between tiers, all or nothing
+  Placement placement_;    // which piece goes where
 
   // Asynchronous resumes: one worker runs them in ticket order, so the flag word (the last
   // ticket done) only grows and a GPU-side wait for ticket t is "flag >= t".
@@ -262,16 +158,6 @@ class Core {
   std::thread async_thread_;
   uint32_t* flag_host_ = nullptr;  // made on the first asynchronous resume (mutex_ held)
   uintptr_t flag_device_ = 0;
-
-  uint64_t profile_ns_[kNumPhases] = {};
-  uint64_t profile_calls_[kNumPhases] = {};
-  struct Span {
-    uint64_t phase, t0_ns, t1_ns;
-  };
-  bool record_spans_ = false;
-  std::vector<Span> spans_;
-
-  EventLog events_;
 };
 
 }  // namespace aqua

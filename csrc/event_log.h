@@ -40,6 +40,22 @@ class EventLog {
     size_++;
   }
 
+  // One event, its fields as aqua_event's (aqua_alloc.h).
+  void add(uint64_t t_ns, int kind, int context, int src_tier, int dst_tier, uint64_t bytes, uint64_t dur_ns,
+           uint64_t addr, int status) {
+    aqua_event e{};
+    e.t_ns = t_ns;
+    e.kind = kind;
+    e.context = context;
+    e.src_tier = src_tier;
+    e.dst_tier = dst_tier;
+    e.bytes = bytes;
+    e.dur_ns = dur_ns;
+    e.addr = addr;
+    e.status = status;
+    record(e);
+  }
+
   // Frees the ring (a retired core's log is never read again): later records are dropped
   // and counted, drains return nothing.
   void release() {

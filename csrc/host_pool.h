@@ -1,15 +1,18 @@
 // HostPool: pinned host backing created ahead of need and recycled.
 //
-// Creating pinned host memory costs about 200 ms per GiB (DESIGN.md), so it never happens
-// on a move's path: moves take idle handles from the pool and give them back. Handles come
+// Creating pinned host memory costs about 250 ms per GiB, over ten times the 20 ms a move
+// takes to copy that GiB at 51 GiB/s (cuMemCreate of HOST_NUMA handles on an H200, driver
+// 580.159.04: 230-275 ms per GiB in 64 MiB handles, 258-264 ms in 2 MiB handles, timed with
+// the Driver and Vmm helpers of benchmarks/probe_park_copy.py), so it never happens on a
+// move's path: moves take idle handles from the pool and give them back. Handles come
 // in power-of-two size classes from the granularity up to the chunk size, and the core cuts
 // segments into pieces of exactly those sizes: a piece takes a handle of its own size.
 // (Mapping the first S bytes of a larger handle is allowed by cuda.h's text but returned
 // CUDA_ERROR_NOT_SUPPORTED for pinned host handles on an H200, driver 580.) A background
 // thread keeps the idle bytes at the reserve level set by aqua_host_pool_reserve.
 //
-// Not thread-safe by itself: the core calls it under its own mutex, except create_ahead(),
-// which runs unlocked and hands finished handles over through add_idle().
+// Not thread-safe by itself: Backings calls it under the core's mutex, and hands it host
+// backing made with that mutex released through add_idle().
 #pragma once
 
 #include <algorithm>

@@ -1,0 +1,96 @@
+// Backings: the physical memory behind pieces, and the background thread that readies it.
+//
+// Host backing comes from the host pool (host_pool.h): each handle is mapped once, for good,
+// at an address of its own with access for every device (host_mapping), so that a move to
+// host copies straight into it and maps nothing first. Device backing is created on demand;
+// one given back is released kReleaseDelayNs later unless a move of the same size to the
+// same device takes it first (a context switch: park one context, resume another).
+//
+// The background thread releases those deferred backings and keeps the host pool topped up
+// to its reserve, creating host backing with the owner's mutex released. Not thread-safe by
+// itself: every method runs under the owner's mutex (the `mutex` given at construction),
+// which the thread takes too; stop_thread() is called without it.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "backend.h"
+#include "host_pool.h"
+#include "ledger.h"
+#include "profiler.h"
+
+namespace aqua {
+
+class Backings {
+ public:
+  // Device backings given back wait this long (ns) before they are released.
+  static constexpr uint64_t kReleaseDelayNs = 5'000'000;
+
+  Backings(Backend& backend, std::mutex& mutex, const Ledger& ledger, Profiler& profiler, int num_devices);
+
+  // Host pool size classes (host_pool.h): granularity * 2^k up to chunk_bytes.
+  void configure(uint64_t granularity, uint64_t chunk_bytes) { host_pool_.configure(granularity, chunk_bytes); }
+  const HostPool& host_pool() const { return host_pool_; }
+
+  // A backing of `size` bytes on `tier` (*handle_bytes: its physical size): host from the
+  // pool, created within the host budget only when !for_move (a move never waits for
+  // pinned memory to be made); a device backing given back is reused before one is
+  // created. 0, -1 (no host backing to be had) or the driver's code. Timed as
+  // AQUA_PHASE_ACQUIRE.
+  int acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
+  // Takes back a backing mapped nowhere: host into the pool, device for a deferred release.
+  void give_back(int tier, Handle handle, uint64_t handle_bytes);
+  // The address where host backing `handle` is mapped for good; false for any other handle.
+  bool host_mapping(Handle handle, uintptr_t* va) const;
+
+  // Fills the host pool to `bytes` now (creating with `lock`, on the owner's mutex, released)
+  // and, if `background`, keeps it there from the thread. Running out of memory is not an
+  // error: the pool holds what the system gave.
+  int reserve_host(uint64_t bytes, bool background, std::unique_lock<std::mutex>& lock);
+  // Releases idle host backing beyond keep_bytes.
+  void trim_host(uint64_t keep_bytes);
+  // Releases deferred device backings given back at least older_than_ns ago; tier -1: all tiers.
+  void release_deferred(int tier, uint64_t older_than_ns);
+  // Stops and joins the background thread (the owner's mutex not held); it never restarts.
+  void stop_thread();
+
+ private:
+  int acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
+  bool reuse_deferred(int tier, uint64_t size, Handle* handle);
+  int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
+  void release_host_backing(Handle handle, uint64_t size);
+  void release_retried(Handle handle, const char* what);
+  bool grow_pool_once(std::unique_lock<std::mutex>& lock, int* error);
+  void start_thread();
+  void thread_main();
+
+  Backend& backend_;
+  std::mutex& mutex_;  // the owner's: guards everything here
+  const Ledger& ledger_;
+  Profiler& profiler_;
+  int num_devices_;
+
+  HostPool host_pool_;
+  std::map<Handle, uintptr_t> host_mappings_;  // host backing -> its own mapping (create_host_backing)
+
+  struct DeferredRelease {
+    int tier;
+    Handle handle;
+    uint64_t bytes;
+    uint64_t since_ns;  // when it was given back (now_ns())
+  };
+  std::vector<DeferredRelease> deferred_;
+
+  uint64_t host_reserve_ = 0;         // bytes of idle host backing to keep ready
+  uint64_t host_creating_bytes_ = 0;  // host backing being created outside the lock
+  bool thread_stop_ = false;
+  std::condition_variable cv_;        // wakes the thread: a backing given back or taken
+  std::thread thread_;
+};
+
+}  // namespace aqua
