@@ -1,7 +1,7 @@
 /*
  * aqua_alloc C ABI: every symbol the shared library exports.
  *
- * Loaded twice in one process: by ctypes (aqua_alloc/_native.py declares every signature
+ * Loaded twice in one process: by ctypes (aqua_alloc/memory/native.py declares every signature
  * below) and by torch.cuda.memory.CUDAPluggableAllocator (aqua_malloc / aqua_free).
  * All functions are thread-safe. Functions that return int return an aqua_status code;
  * on failure aqua_last_error() gives the calling thread's message. aqua_malloc and
