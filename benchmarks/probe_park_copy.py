@@ -4,7 +4,7 @@ resume (host -> device) reaches 0.92 to 1.03? (GPU probe, one GPU, about 20 to 3
 bench_move on the H200: park 40.6 / 44.7 / 46.3 GiB/s at 256 MiB / 1 GiB / 4 GiB against a
 raw pinned device-to-host copy of about 51 GiB/s; resume at 0.92 / 0.97 / 1.03 of raw. At
 4 GiB the park loses about 10% in steady state, more than its one exposed last remap. A
-park (Core::execute_move) issues one cuMemcpyAsync per 64 MiB piece up front on one
+park (Mover::execute, csrc/mover.cpp) issues one cuMemcpyAsync per 64 MiB piece up front on one
 stream, from the context's home range (64 MiB device handles, cuMemCreate, one reserved
 VA) into pinned host backing (cuMemCreate with a HOST_NUMA location, mapped once at a VA
 of its own with access for the GPU), an event after each; then per piece in order: wait
@@ -242,7 +242,7 @@ class Vmm:
         self.drv("cuMemSetAccess", va, size, byref(desc), 1)
 
     def host_backing(self, size: int, numa_node: int = 0) -> tuple[int, int]:
-        """Core::create_host_backing: create, map once at a VA of its own, access for every
+        """Backings::create_host_backing (csrc/backings.cpp): create, map once at a VA of its own, access for every
         device. Returns (handle, va)."""
         h = self.create_host(size, numa_node)
         va = self.reserve(size)
@@ -607,7 +607,7 @@ def run_probe(torch, drv: Driver, vmm: Vmm, ctx, sizes, piece, a, gpu_host_numa,
         vmm.set_access(home_at[k], piece)
 
     # ---- the emulated park: copies home -> host pieces, then per piece in order: wait,
-    # unmap home, map the host handle at home, set access (Core::execute_move, prestaged host)
+    # unmap home, map the host handle at home, set access (Mover::execute, prestaged host)
     def park_body(n: int) -> dict:
         m = n // piece
         issue(pieces(n, hostp_at, home_at))

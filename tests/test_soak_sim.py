@@ -640,7 +640,7 @@ def _soak(capfd) -> None:
 
 
 # ==========================================================================================
-# A bug the soak found, now fixed (csrc/core.cpp: create_host_backing, release_host_backing):
+# A bug the soak found, now fixed (now csrc/backings.cpp: create_host_backing, release_host_backing):
 # host backing is created by create -> reserve -> map -> set-access for every GPU, and a
 # failed step was undone with one unchecked call each, so a failed release or unmap leaked
 # the backing. Undo and give-back now retry each call, and say so if a backing is leaked.
