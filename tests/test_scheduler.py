@@ -15,7 +15,7 @@ import threading
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from aqua_alloc.hf import kv_cache, scheduler as scheduler_module
@@ -27,6 +27,7 @@ from aqua_alloc.hf.scheduler import (
     Scheduler,
     SchedulerShutdown,
 )
+from aqua_alloc.hf.generate_hook import cache_keyword, returned_cache
 from tiny_models import CONFIGS, GREEDY, AtStep, Caller, Gate, build, prompt_ids, wait_until
 
 POLICIES = ["fair", "rr", "fcfs"]
@@ -401,8 +402,24 @@ def test_beam_search_and_kwargs_forms(llama):
     assert torch.equal(beams.join().result, solo(llama, ids, max_new_tokens=8, num_beams=3))
     out = named.join().result
     assert torch.equal(out.sequences, solo(llama, ids, max_new_tokens=8))
-    assert isinstance(out.past_key_values, kv_cache.ContextKVCache)  # the caller holds it now
-    assert out.past_key_values.get_seq_length() == 6 + 8 - 1
+    assert isinstance(returned_cache(out), kv_cache.ContextKVCache)  # the caller holds it now
+    assert returned_cache(out).get_seq_length() == 6 + 8 - 1
+
+
+@pytest.mark.skipif(cache_keyword() != "cache", reason="this transformers takes past_key_values")
+def test_deprecated_cache_name_warns_at_the_callers_line(llama):
+    """A cache passed as ``past_key_values`` to the scheduler, directly or through wrap: the
+    warning names the caller's line, not the aqua_alloc line that passes the cache on."""
+    ids = prompt_ids(6, seed=5)
+    sched = Scheduler(slice_steps=2)
+    model = sched.wrap(build(CONFIGS["llama"]()))
+    for call in (lambda c: sched.generate(llama, ids, max_new_tokens=4, past_key_values=c, **GREEDY),
+                 lambda c: model.generate(ids, max_new_tokens=4, past_key_values=c, **GREEDY)):
+        cache = DynamicCache(config=llama.config)
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated .* Use `cache`") as record:
+            out = call(cache)
+        assert [w.filename for w in record] == [__file__]
+        assert torch.equal(out, solo(llama, ids, max_new_tokens=4)) and cache.get_seq_length() == 6 + 4 - 1
 
 
 def test_async_form(llama):

@@ -59,9 +59,12 @@ from transformers import StoppingCriteria
 from aqua_alloc.hf.attention import warn_if_cudnn_attention
 from aqua_alloc.obs.events import EventKind, emit
 from aqua_alloc.hf.generate_hook import (
+    cache_keyword,
     describe_call,
     make_context_cache,
     model_device,
+    renamed_cache_argument,
+    returned_cache,
     unscheduled_generate,
     with_stopping_criterion,
 )
@@ -300,6 +303,7 @@ class Scheduler:
         prompts). ``tag`` names the prompt (and its context); default ``"prompt-<n>"``.
         Raises what ``generate`` raises, or :class:`PromptCancelled` / :class:`SchedulerShutdown`.
         """
+        kwargs = renamed_cache_argument(kwargs, model)
         prompt = self._admit(model, args, kwargs, tag)
         return self._run(prompt, model, args, kwargs)
 
@@ -309,6 +313,7 @@ class Scheduler:
         Cancelling the awaiting task cancels the prompt; the task's ``CancelledError`` is raised
         once the prompt has left the scheduler and its context is freed.
         """
+        kwargs = renamed_cache_argument(kwargs, model)
         prompt = self._admit(model, args, kwargs, tag)
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -475,7 +480,7 @@ class Scheduler:
         cache = make_context_cache(model, args, kwargs, prompt.tag, device, self.chunk_tokens) if use_cache else None
         call_args, call_kwargs = with_stopping_criterion(model, args, kwargs, _StepHook(self, prompt))
         if cache is not None:
-            call_kwargs["past_key_values"] = cache
+            call_kwargs[cache_keyword()] = cache
         return call_args, call_kwargs, cache
 
     def _leave(self, prompt: _Prompt, exc: BaseException | None, output: Any) -> None:
@@ -489,7 +494,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - the context is released anyway
                 log.exception("aqua_alloc: prefetch of context %r failed", prompt.tag)
         if cache is not None:
-            if exc is None and getattr(output, "past_key_values", None) is cache:
+            if exc is None and returned_cache(output) is cache:
                 cache.release_when_collected()  # the caller holds the cache now
             else:
                 cache.release()
