@@ -52,6 +52,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, Stoppi
 import aqua_alloc as aq
 from aqua_alloc.hf.attention import use_decode_friendly_attention
 from aqua_alloc.memory.config import parse_size
+from aqua_alloc.hf.generate_hook import cache_argument
 from aqua_alloc.hf.kv_cache import ContextKVCache
 from aqua_alloc.hf.read_ahead import DEFAULT_READ_AHEAD_BYTES
 
@@ -101,7 +102,7 @@ def run_once(model: Any, prompt: torch.Tensor, new_tokens: int, cache: Any, tag:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         past_key_values=cache, stopping_criteria=StoppingCriteriaList([clock]),
+                         **cache_argument(cache), stopping_criteria=StoppingCriteriaList([clock]),
                          pad_token_id=0, **generate_kwargs)
     torch.cuda.synchronize()
     steps = clock.times

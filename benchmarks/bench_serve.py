@@ -21,7 +21,9 @@ system, load and round), .meta.json (settings, calibration, per-request records,
 .log, -ttft.png, and an aqua_alloc trace per aqua run (with a PNG of bytes per tier for the
 highest load).
 Exit status: 0; 1 if an output differs from its solo run (fcfs, threads, aqua-*); 2 for bad
-arguments (checked before torch is imported, so refused at once; serve_options.py).
+arguments (checked before torch is imported, so refused at once; serve_options.py); 130 on Ctrl-C
+(every thread of the run in progress stopped and joined first; the results file keeps the runs
+that finished; a second Ctrl-C ends the process at once).
 
 Data: Azure LLM inference traces (CC-BY-4.0), Patel et al., "Splitwise", ISCA 2024.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -89,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; the exit status (see the module docstring)."""
+    try:
+        return _bench(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every worker stopped", file=sys.stderr, flush=True)
+        return 130
+
+
+def _bench(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -127,4 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Nothing left to stop: a Ctrl-C during the interpreter's exit ends the process at once
+    # (status 130 in a shell) instead of a KeyboardInterrupt in an exit handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(status)

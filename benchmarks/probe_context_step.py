@@ -15,6 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 import aqua_alloc  # noqa: E402
 from aqua_alloc.hf.attention import use_decode_friendly_attention  # noqa: E402
+from aqua_alloc.hf.generate_hook import cache_argument  # noqa: E402
 from aqua_alloc.hf.kv_cache import ContextKVCache  # noqa: E402
 from aqua_alloc.hf.scheduler import Scheduler  # noqa: E402
 from serve_harness import build_model  # noqa: E402
@@ -51,7 +52,7 @@ for _ in range(2):
     model.generate(**kw(c))
     print(f"plain generate: {c.ms():.2f} ms/step", flush=True)
     c = Clock()
-    model.generate(**kw(c), past_key_values=ContextKVCache(model.config))
+    model.generate(**kw(c), **cache_argument(ContextKVCache(model.config)))
     print(f"ContextKVCache, no context: {c.ms():.2f} ms/step", flush=True)
 for budget in (128 << 20, 1 << 30, 128 << 20):
     aqua_alloc.enable(local_budget=budget, lend=0)

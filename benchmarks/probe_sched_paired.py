@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import probe_step_time as pst  # noqa: E402  (StepClock, kwargs, the scheduler's timing wrappers)
 
 import aqua_alloc  # noqa: E402
+from aqua_alloc.hf.generate_hook import cache_argument  # noqa: E402
 from aqua_alloc.hf.kv_cache import ContextKVCache  # noqa: E402
 from aqua_alloc.hf.scheduler import Scheduler  # noqa: E402
 from serve_harness import build_model  # noqa: E402
@@ -66,7 +67,7 @@ def run_lock_ctx(model, prompts, new, device):
         with lock:
             cache = ContextKVCache(model.config, tag=f"l{i}", device=device, chunk_tokens=256)
             try:
-                model.generate(past_key_values=cache, **pst.kwargs(prompts[i], new, pst.StepClock()))
+                model.generate(**cache_argument(cache), **pst.kwargs(prompts[i], new, pst.StepClock()))
             finally:
                 cache.release()
     if device.type == "cuda":

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from transformers import StoppingCriteria, StoppingCriteriaList  # noqa: E402
 
 import aqua_alloc  # noqa: E402
+from aqua_alloc.hf.generate_hook import cache_argument  # noqa: E402
 from aqua_alloc.hf.kv_cache import ContextKVCache  # noqa: E402
 from aqua_alloc.hf.scheduler import Scheduler  # noqa: E402
 from serve_harness import build_model  # noqa: E402
@@ -136,7 +137,7 @@ def main() -> None:
     with torch.inference_mode():
         run("plain generate (DynamicCache)", lambda c: model.generate(**kwargs(prompts[0], a.new, c)))
         run("generate + ContextKVCache, no context",
-            lambda c: model.generate(**kwargs(prompts[0], a.new, c), past_key_values=ContextKVCache(model.config)))
+            lambda c: model.generate(**kwargs(prompts[0], a.new, c), **cache_argument(ContextKVCache(model.config))))
         lock = threading.Lock()
         clocks = [StepClock() for _ in range(a.concurrent)]
 

@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from tiny_models import llama_config, build, prompt_ids, GREEDY
 from transformers import LlamaConfig, AutoModelForCausalLM
+from aqua_alloc.hf.generate_hook import cache_argument
 from aqua_alloc.hf.kv_cache import ContextKVCache
 from aqua_alloc.hf.scheduler import Scheduler
 cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
@@ -23,7 +24,7 @@ N = 64
 kw = dict(max_new_tokens=N, min_new_tokens=N, **GREEDY)
 with torch.inference_mode():
     a = t(lambda: m.generate(p, **kw))
-    b = t(lambda: m.generate(p, past_key_values=ContextKVCache(m.config), **kw))
+    b = t(lambda: m.generate(p, **cache_argument(ContextKVCache(m.config)), **kw))
     s = Scheduler(policy="fair", slice_steps=5, use_context_cache=True)
     c = t(lambda: s.generate(m, p, **kw))
 print(f"ms/token: dynamic {a/N*1e3:.2f}  context cache {b/N*1e3:.2f}  scheduler {c/N*1e3:.2f}")

@@ -50,6 +50,15 @@ Every row has its ``round`` (1-based; 1 when N is 1); ratios to ``fcfs`` pair ro
 same load and round, and the per-round ratios and their median over rounds are printed after
 the table and kept in the metadata (``paired_ratios``). The time budget counts N rounds.
 
+Ctrl-C: outside the runs (model, calibration) the main thread is alone and a KeyboardInterrupt
+is raised where it lands. While a run's threads work, Ctrl-C only sets a flag (a
+KeyboardInterrupt raised inside ``Thread.join`` marks the still-running thread as stopped in
+CPython 3.11, so it is never joined and the interpreter exits under it: "terminate called
+without an active exception"). The main thread sees the flag within ``POLL_S``, stops the run
+(running calls end at their next decode step, nothing more is submitted, waiting prompts fail),
+joins every thread of it, tears it down, then raises KeyboardInterrupt from
+:func:`run_benchmark`. A second Ctrl-C in that time ends the process at once.
+
 Thread-safety: one benchmark at a time per process (it enables and disables aqua_alloc and
 sets the process's CUDA memory fraction).
 """
@@ -63,13 +72,15 @@ import json
 import math
 import queue
 import random
+import signal
 import statistics
 import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
@@ -114,6 +125,7 @@ RUN_SETUP_S = 3.0          # per run: enabling aqua_alloc (pinned host reserve),
 TAIL_REQUESTS = 3          # requests still queued at the last arrival, in the run-time estimate
 OVERRUN = 1.5              # the replays stop (later runs skipped, deadlines cut) at this many times --budget-s
 CB_PAGE_TOKENS = 256       # transformers' ContinuousBatchingConfig.page_size default (tokens)
+POLL_S = 0.05              # s: how soon the main thread sees a Ctrl-C while a run's threads work
 
 
 # --------------------------------------------------------------------------------------
@@ -229,10 +241,11 @@ class BenchResult:
 
 class _TokenClock(StoppingCriteria):
     """Per decode step (never stops generation, except on abort): notes when the first token is
-    on the host (waits for it, once) and stops the call at the next step once ``abort`` is set."""
+    on the host (waits for it, once) and stops the call at the next step once one of ``stops``
+    (``threading.Event``, :class:`_Flag`) is set."""
 
-    def __init__(self, abort: threading.Event) -> None:
-        self.abort = abort
+    def __init__(self, *stops: Any) -> None:
+        self.stops = stops
         self.first_token_t: float | None = None  # time.perf_counter()
         self._flags: dict[tuple[int, bool], torch.Tensor] = {}
 
@@ -240,7 +253,7 @@ class _TokenClock(StoppingCriteria):
         if self.first_token_t is None:
             input_ids[:, -1:].cpu()  # wait for the first token itself, not only its launch
             self.first_token_t = time.perf_counter()
-        stop = self.abort.is_set()
+        stop = any(flag.is_set() for flag in self.stops)
         key = (input_ids.shape[0], stop)
         if key not in self._flags:
             self._flags[key] = torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
@@ -261,6 +274,41 @@ def _is_oom(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".splitlines()[0]
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+class _Flag:
+    """Set once, read from any thread. No lock, unlike ``threading.Event``, so that a signal
+    handler may set it: the handler runs in the main thread between two bytecodes, maybe while
+    that thread holds an Event's lock."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+@contextmanager
+def _ctrl_c_sets(flag: _Flag) -> Iterator[None]:
+    """In the main thread: while inside, SIGINT sets ``flag`` instead of raising
+    KeyboardInterrupt; a second SIGINT ends the process at once (the default action). Elsewhere:
+    nothing (signals reach only the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        flag.set()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 # --------------------------------------------------------------------------------------
@@ -285,6 +333,7 @@ class _Bench:
         self.memory_fraction: float | None = None  # fcfs/threads cap (CUDA), see module docstring
         self.cap_bytes = 0                    # the cap in bytes (memory_fraction x device memory)
         self.base_reserved = 0                # bytes PyTorch held when the cap was measured
+        self.interrupt = _Flag()              # Ctrl-C while a run's threads work (module docstring)
         self.warmup_prompt = torch.randint(1, model.config.vocab_size, (1, WARMUP_PROMPT_TOKENS),
                                            generator=torch.Generator().manual_seed(options.seed + 1)).to(device)
 
@@ -321,6 +370,25 @@ class _Run:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    @property
+    def interrupted(self) -> bool:
+        return self.bench.interrupt.is_set()
+
+    def sleep_until(self, t: float) -> bool:
+        """Sleep until ``t`` s on the run's clock; False if interrupted first."""
+        while not self.interrupted and (delay := t - self.now()) > 0:
+            time.sleep(min(delay, POLL_S))
+        return not self.interrupted
+
+    def _join(self, threads: Sequence[threading.Thread], deadline_s: float) -> bool:
+        """Wait for ``threads`` until the deadline (run's clock) or an interrupt; True if all ended."""
+        for thread in threads:
+            while thread.is_alive():
+                if self.interrupted or self.now() >= deadline_s:
+                    return False
+                thread.join(timeout=min(POLL_S, max(deadline_s - self.now(), 0)))
+        return True
+
     def setup(self) -> None:
         pass
 
@@ -339,6 +407,8 @@ class _Run:
         raise NotImplementedError
 
     def wait(self, deadline_s: float) -> None:
+        """Until every request has left, the deadline or an interrupt; then stop what is left and
+        join every thread of the run."""
         raise NotImplementedError
 
     def teardown(self) -> dict[str, Any]:
@@ -363,7 +433,7 @@ class _GenerateRun(_Run):
         if self.abort.is_set():
             record.error = "not started before the run's deadline"
             return
-        clock = _TokenClock(self.abort)
+        clock = _TokenClock(self.abort, bench.interrupt)
         prompt = bench.prompts[i]
         try:
             out = self._generate(**_generate_kwargs(prompt, record.expected_tokens, clock), **self._extra(i))
@@ -448,10 +518,9 @@ class _FcfsRun(_GenerateRun):
 
     def wait(self, deadline_s: float) -> None:
         self._queue.put(None)
-        self._worker.join(timeout=max(deadline_s - self.now(), 0))
-        if self._worker.is_alive():
+        if not self._join([self._worker], deadline_s):
             self.abort.set()  # the running call stops at its next step; the queued ones are not started
-            self._worker.join(timeout=60)
+            self._worker.join()
 
 
 class _ThreadsRun(_GenerateRun):
@@ -469,12 +538,10 @@ class _ThreadsRun(_GenerateRun):
         thread.start()
 
     def wait(self, deadline_s: float) -> None:
-        for thread in self._threads:
-            thread.join(timeout=max(deadline_s - self.now(), 0))
-        if any(t.is_alive() for t in self._threads):
+        if not self._join(self._threads, deadline_s):
             self._stop_late()
             for thread in self._threads:
-                thread.join(timeout=60)
+                thread.join()
 
     def _stop_late(self) -> None:
         self.abort.set()
@@ -502,7 +569,8 @@ class _AquaRun(_ThreadsRun):
                                    chunk_tokens=bench.options.chunk_tokens)
         # Warm-up through the scheduler (first context, pool creation), outside the measurement.
         self.scheduler.generate(bench.model, tag=f"{self.label}-warmup",
-                                **_generate_kwargs(bench.warmup_prompt, WARMUP_NEW_TOKENS, _TokenClock(self.abort)))
+                                **_generate_kwargs(bench.warmup_prompt, WARMUP_NEW_TOKENS,
+                                                   _TokenClock(self.abort, bench.interrupt)))
         self._threads = []
         self._events_from_ns = time.monotonic_ns()
 
@@ -598,7 +666,9 @@ class _ContinuousBatchingRun(_Run):
                                  max_new_tokens=WARMUP_NEW_TOKENS, eos_token_id=-1)
         deadline = time.perf_counter() + 120
         while time.perf_counter() < deadline:
-            result = self.manager.get_result(request_id="warmup", timeout=0.5)
+            if self.interrupted:
+                return  # the replay submits nothing; wait() stops the manager's work
+            result = self.manager.get_result(request_id="warmup", timeout=POLL_S)
             if result is not None and result.is_finished():
                 if result.error is not None:
                     raise RuntimeError(f"continuous batching warm-up failed: {result.error}")
@@ -647,18 +717,18 @@ class _ContinuousBatchingRun(_Run):
             self._finish(result.request_id)
 
     def wait(self, deadline_s: float) -> None:
-        while self.manager.is_running() and not self._done.wait(timeout=min(max(deadline_s - self.now(), 0), 0.5)):
-            if self.now() >= deadline_s:
+        while self.manager.is_running() and not self._done.wait(timeout=min(max(deadline_s - self.now(), 0), POLL_S)):
+            if self.now() >= deadline_s or self.interrupted:
                 break
         if not self._done.is_set():
-            why = ("not finished by the run's deadline" if self.manager.is_running()
+            why = ("interrupted" if self.interrupted else "not finished by the run's deadline" if self.manager.is_running()
                    else "the continuous batching manager stopped before finishing it")
             self.abort.set()
             for request_id in list(self._pending):
                 self.manager.cancel_request(request_id)
                 self.records[self._ids[request_id]].error = why
             self._done.set()
-        self._collector.join(timeout=60)
+        self._collector.join()  # it ends within a get_result timeout once _done is set
 
     def teardown(self) -> dict[str, Any]:
         fields = self._torch_peak()
@@ -690,14 +760,18 @@ def cb_num_blocks(model: torch.nn.Module, kv_budget: int) -> int:
 
 
 def _replay(run: _Run, arrivals: list[float], deadline_s: float) -> None:
-    """Drive ``run``: submit each request at its arrival (seconds after start), then wait."""
+    """Drive ``run``: submit each request at its arrival (seconds after start), then wait. On an
+    interrupt nothing more is submitted; if a submit raises, what runs is stopped and joined."""
     run.start()
-    for i, arrival in enumerate(arrivals):
-        delay = arrival - run.now()
-        if delay > 0:
-            time.sleep(delay)
-        run.records[i].submitted_s = run.now()
-        run.submit(i)
+    try:
+        for i, arrival in enumerate(arrivals):
+            if not run.sleep_until(arrival):
+                break
+            run.records[i].submitted_s = run.now()
+            run.submit(i)
+    except BaseException:
+        run.wait(0.0)
+        raise
     run.wait(deadline_s)
 
 
@@ -1104,24 +1178,33 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
     run = RUNS[system](bench, load, arrivals, round_no)
     t_start = time.perf_counter()
     extra: dict[str, Any] = {}
-    try:
-        run.setup()
+    failed_row = None
+    with _ctrl_c_sets(bench.interrupt):  # until every thread of the run is joined (module docstring)
         try:
-            _replay(run, arrivals, deadline)
-        finally:
-            extra = run.teardown()
-    except Exception as exc:  # noqa: BLE001 - a system that breaks is reported; the others still run
-        log(f"{run.label}: FAILED: {_describe(exc)}")
-        log(traceback.format_exc().rstrip())
-        if bench.cuda:
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            if aqua_alloc.is_enabled():
-                try:
-                    aqua_alloc.disable()
-                except Exception as e:  # noqa: BLE001 - report and go on
-                    log(f"{run.label}: aqua_alloc.disable() failed too: {_describe(e)}")
-        return _make_row(system.value, load, round_no, skipped=f"run failed: {_describe(exc)}",
-                         requests=len(arrivals), time_scale=scale), None
+            run.setup()
+            if bench.options.verbose:
+                log(f"{run.label}: set up; replaying {len(arrivals)} requests")
+            try:
+                _replay(run, arrivals, deadline)
+            finally:
+                extra = run.teardown()
+        except Exception as exc:  # noqa: BLE001 - a system that breaks is reported; the others still run
+            log(f"{run.label}: FAILED: {_describe(exc)}")
+            log(traceback.format_exc().rstrip())
+            if bench.cuda:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                if aqua_alloc.is_enabled():
+                    try:
+                        aqua_alloc.disable()
+                    except Exception as e:  # noqa: BLE001 - report and go on
+                        log(f"{run.label}: aqua_alloc.disable() failed too: {_describe(e)}")
+            failed_row = _make_row(system.value, load, round_no, skipped=f"run failed: {_describe(exc)}",
+                                   requests=len(arrivals), time_scale=scale)
+    if bench.interrupt.is_set():
+        log(f"{run.label}: interrupted; its threads stopped and joined")
+        raise KeyboardInterrupt
+    if failed_row is not None:
+        return failed_row, None
     summary = summarize_run(run.records)
     checked, identical = 0, True
     for i, want in references.items():

@@ -202,6 +202,7 @@ def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu, read_ahead_
     from transformers import StoppingCriteria
 
     from aqua_alloc.memory import native as _native
+    from aqua_alloc.hf.generate_hook import cache_argument
     from aqua_alloc.hf.kv_cache import ContextKVCache
 
     class AtStep(StoppingCriteria):  # calls `action` at the given steps; never stops
@@ -229,7 +230,7 @@ def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu, read_ahead_
         cache = ContextKVCache(model.config, tag="spill", device=prompt.device, read_ahead_bytes=read_ahead_bytes)
         seen: list[dict[str, int]] = []
         probe = AtStep({2, 20}, lambda: seen.append(aq.where("spill")))
-        out = model.generate(prompt, past_key_values=cache, stopping_criteria=StoppingCriteriaList([probe]), **greedy)
+        out = model.generate(prompt, **cache_argument(cache), stopping_criteria=StoppingCriteriaList([probe]), **greedy)
     assert torch.equal(out, reference), "generate with spilled KV differs from the plain run"
     assert seen and all(w["gpu0"] <= 12 * MiB and w["host"] > 0 for w in seen), seen
     spilled_layers = [i for i, layer in enumerate(cache.layers) if aq.placement(layer._key_store.chunks[0])["host"]]

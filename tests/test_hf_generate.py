@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from transformers.generation.utils import GenerationMixin
 
 from aqua_alloc.hf import generate_hook as hf_generate, kv_cache
 from aqua_alloc.hf.kv_cache import ContextKVCache
+from aqua_alloc.hf.generate_hook import cache_argument, returned_cache
 from tiny_models import GREEDY, AtStep, build, llama_config, prompt_ids
 
 
@@ -81,12 +83,12 @@ def test_cpu_calls_pass_through(model, hook):
     hf_generate.install_generate_hook()
     out = model.generate(ids, max_new_tokens=10, return_dict_in_generate=True, **GREEDY)
     assert torch.equal(out.sequences, expected)
-    assert type(out.past_key_values) is DynamicCache  # untouched: aqua_alloc does not apply on CPU
+    assert type(returned_cache(out)) is DynamicCache  # untouched: aqua_alloc does not apply on CPU
 
 
 def test_each_call_gets_its_own_context_released_at_return(model, fake):
     ids = prompt_ids(8, seed=1)
-    expected = model.generate(ids, max_new_tokens=10, use_cache=True, past_key_values=DynamicCache(config=model.config),
+    expected = model.generate(ids, max_new_tokens=10, use_cache=True, **cache_argument(DynamicCache(config=model.config)),
                               **GREEDY)
     first = model.generate(ids, max_new_tokens=10, **GREEDY)
     second = model.generate(input_ids=ids, max_new_tokens=10, **GREEDY)
@@ -99,7 +101,7 @@ def test_each_call_gets_its_own_context_released_at_return(model, fake):
 
 def test_calls_that_choose_their_cache_are_untouched(model, fake):
     ids = prompt_ids(8, seed=1)
-    model.generate(ids, max_new_tokens=4, past_key_values=DynamicCache(config=model.config), **GREEDY)
+    model.generate(ids, max_new_tokens=4, **cache_argument(DynamicCache(config=model.config)), **GREEDY)
     model.generate(ids, max_new_tokens=4, cache_implementation="static", **GREEDY)
     model.generate(ids, max_new_tokens=4, use_cache=False, **GREEDY)
     assert fake.calls == []
@@ -118,9 +120,32 @@ def test_context_released_when_generate_raises(model, fake):
 
 def test_returned_cache_is_released_when_collected(model, fake):
     out = model.generate(prompt_ids(8, seed=1), max_new_tokens=5, return_dict_in_generate=True, **GREEDY)
-    assert isinstance(out.past_key_values, ContextKVCache)
+    assert isinstance(returned_cache(out), ContextKVCache)
     assert tags(fake.calls, "release") == []  # the caller still holds the cache
     [made] = tags(fake.calls, "context")
     del out
     gc.collect()
     assert tags(fake.calls, "release") == [made]
+
+
+# ---------------------------------------------------------------------- the cache keyword
+
+
+def test_cache_passed_under_cache_keyword_is_used_without_warning(model, hook):
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model.generate(prompt_ids(8, seed=1), max_new_tokens=3, return_dict_in_generate=True,
+                             **cache_argument(cache), **GREEDY)
+    assert returned_cache(out) is cache
+    assert cache.get_seq_length() == 8 + 3 - 1
+
+
+@pytest.mark.skipif(hf_generate.cache_keyword() != "cache", reason="this transformers takes past_key_values")
+def test_deprecated_cache_name_warns_at_the_callers_line(model, fake):
+    cache = DynamicCache(config=model.config)
+    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated .* Use `cache`") as record:
+        out = model.generate(prompt_ids(8, seed=1), max_new_tokens=3, return_dict_in_generate=True,
+                             past_key_values=cache, **GREEDY)
+    assert [w.filename for w in record] == [__file__]  # not the aqua_alloc line that passes it on
+    assert returned_cache(out) is cache and fake.calls == []  # the caller's cache, so no context

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from aqua_alloc.hf import kv_cache
 from aqua_alloc.hf.kv_cache import ChunkedLayer, ContextKVCache, _ChunkedSequence, chunk_sizes
+from aqua_alloc.hf.generate_hook import cache_argument
 from tiny_models import GREEDY, build, gpt2_config, llama_config, mistral_config, prompt_ids
 
 MODELS = {
@@ -52,10 +53,10 @@ CALLS = {
 def test_same_tokens_as_dynamic_cache(models, name, call, chunk_tokens):
     model = models[name]
     kwargs = dict(CALLS[call](), max_new_tokens=20, **GREEDY)
-    expected = model.generate(**kwargs, past_key_values=DynamicCache(config=model.config))
+    expected = model.generate(**kwargs, **cache_argument(DynamicCache(config=model.config)))
     default = model.generate(**kwargs)
     cache = ContextKVCache(model.config, chunk_tokens=chunk_tokens)
-    out = model.generate(**kwargs, past_key_values=cache)
+    out = model.generate(**kwargs, **cache_argument(cache))
     assert torch.equal(out, expected) and torch.equal(out, default)
     chunked = [layer for layer in cache.layers if isinstance(layer, ChunkedLayer)]
     if name == "mistral-sliding":
@@ -70,7 +71,7 @@ def test_layers_made_lazily_without_config(models):
     model = models["llama"]
     ids = prompt_ids(9, seed=3)
     cache = ContextKVCache(chunk_tokens=4)
-    out = model.generate(ids, max_new_tokens=10, past_key_values=cache, **GREEDY)
+    out = model.generate(ids, max_new_tokens=10, **cache_argument(cache), **GREEDY)
     assert torch.equal(out, model.generate(ids, max_new_tokens=10, **GREEDY))
     assert [type(layer) for layer in cache.layers] == [ChunkedLayer, ChunkedLayer]
 
@@ -78,7 +79,7 @@ def test_layers_made_lazily_without_config(models):
 def test_chunks_grow_in_place_and_bytes_are_exact(models):
     model = models["llama"]  # 2 layers, 2 KV heads, head dim 16, fp32: 128 bytes per token per K (or V)
     cache = ContextKVCache(model.config, chunk_tokens=8)
-    model.generate(prompt_ids(10, seed=1), max_new_tokens=12, past_key_values=cache, **GREEDY)
+    model.generate(prompt_ids(10, seed=1), max_new_tokens=12, **cache_argument(cache), **GREEDY)
     layer = cache.layers[0]
     # Prefill of 10 tokens: one chunk of 16 (10 rounded up to 8s); 11 decode tokens: 6 free + one chunk of 8.
     assert [c.shape[-2] for c in layer._key_store.chunks] == [16, 8]
@@ -208,7 +209,7 @@ def test_only_chunks_are_allocated_in_the_context(models, monkeypatch):
 
     monkeypatch.setattr(torch, "empty", counting_empty)
     cache = ContextKVCache(model.config, tag="ctx", chunk_tokens=8)
-    model.generate(prompt_ids(6, seed=1), max_new_tokens=9, past_key_values=cache, **GREEDY)
+    model.generate(prompt_ids(6, seed=1), max_new_tokens=9, **cache_argument(cache), **GREEDY)
     assert cache.context_created
     assert fake.inside == {"ctx": cache.nbytes}  # exactly the chunks, nothing else
     cache.release()
@@ -221,7 +222,7 @@ def test_release_when_collected(models, monkeypatch):
     fake = FakeAllocator()
     monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
     cache = ContextKVCache(model.config, tag="kept", chunk_tokens=8)
-    model.generate(prompt_ids(6, seed=1), max_new_tokens=3, past_key_values=cache, **GREEDY)
+    model.generate(prompt_ids(6, seed=1), max_new_tokens=3, **cache_argument(cache), **GREEDY)
     cache.release_when_collected()
     cache.release()  # the caller holds it: no early release
     assert fake.released == []

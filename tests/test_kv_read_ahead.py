@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from aqua_alloc.hf import kv_cache
 from aqua_alloc.hf.kv_cache import ChunkedLayer, ContextKVCache
 from aqua_alloc.hf.read_ahead import ReadAhead
+from aqua_alloc.hf.generate_hook import cache_argument
 from tiny_models import GREEDY, build, llama_config, prompt_ids
 
 
@@ -86,7 +87,7 @@ def spilling_cache(model, monkeypatch, fake, **kwargs) -> ContextKVCache:
 
 
 def run(model, cache, new_tokens=12, prompt_len=21):
-    return model.generate(prompt_ids(prompt_len, seed=3), max_new_tokens=new_tokens, past_key_values=cache, **GREEDY)
+    return model.generate(prompt_ids(prompt_len, seed=3), max_new_tokens=new_tokens, **cache_argument(cache), **GREEDY)
 
 
 def layer_bytes(cache, index) -> int:
@@ -151,7 +152,7 @@ def test_placement_is_asked_once_per_chunk_until_the_context_moves(model, monkey
     # Layer 1's key and value chunks, once (layer 0 is never ahead of another layer).
     assert fake.placements == 2
     fake.moves += 1  # the context's bytes per tier change: every chunk is asked again
-    model.generate(out, max_new_tokens=3, past_key_values=cache, **GREEDY)
+    model.generate(out, max_new_tokens=3, **cache_argument(cache), **GREEDY)
     assert fake.placements == 4
 
 
@@ -165,13 +166,13 @@ def test_while_aqua_alloc_is_busy_the_last_forwards_answer_stands(model, monkeyp
     staged, placements = cache.read_ahead.layers_staged, fake.placements
     fake.busy = True
     fake.moves += 1  # would make every chunk be asked again, if where() were asked
-    out = model.generate(out, max_new_tokens=3, past_key_values=cache, **GREEDY)
+    out = model.generate(out, max_new_tokens=3, **cache_argument(cache), **GREEDY)
     assert torch.equal(out, expected)
     assert fake.placements == placements
     # Spilled: layer 1 still staged at each of the 3 steps; on its GPU: still nothing staged.
     assert cache.read_ahead.layers_staged == staged + (3 if spilled else 0)
     fake.busy = False
-    model.generate(out, max_new_tokens=2, past_key_values=cache, **GREEDY)
+    model.generate(out, max_new_tokens=2, **cache_argument(cache), **GREEDY)
     assert fake.placements == placements + (2 if spilled else 0)  # asked again once it can tell
 
 

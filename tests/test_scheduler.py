@@ -12,14 +12,16 @@ import contextlib
 import concurrent.futures
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from aqua_alloc.hf import kv_cache, scheduler as scheduler_module
@@ -32,6 +34,7 @@ from aqua_alloc.hf.scheduler import (
     Scheduler,
     SchedulerShutdown,
 )
+from aqua_alloc.hf.generate_hook import cache_keyword, returned_cache
 from tiny_models import CONFIGS, GREEDY, AtStep, Caller, Gate, build, prompt_ids, wait_until
 
 POLICIES = ["fair", "rr", "fcfs"]
@@ -488,8 +491,24 @@ def test_beam_search_and_kwargs_forms(llama):
     assert torch.equal(beams.join().result, solo(llama, ids, max_new_tokens=8, num_beams=3))
     out = named.join().result
     assert torch.equal(out.sequences, solo(llama, ids, max_new_tokens=8))
-    assert isinstance(out.past_key_values, kv_cache.ContextKVCache)  # the caller holds it now
-    assert out.past_key_values.get_seq_length() == 6 + 8 - 1
+    assert isinstance(returned_cache(out), kv_cache.ContextKVCache)  # the caller holds it now
+    assert returned_cache(out).get_seq_length() == 6 + 8 - 1
+
+
+@pytest.mark.skipif(cache_keyword() != "cache", reason="this transformers takes past_key_values")
+def test_deprecated_cache_name_warns_at_the_callers_line(llama):
+    """A cache passed as ``past_key_values`` to the scheduler, directly or through wrap: the
+    warning names the caller's line, not the aqua_alloc line that passes the cache on."""
+    ids = prompt_ids(6, seed=5)
+    sched = Scheduler(slice_steps=2)
+    model = sched.wrap(build(CONFIGS["llama"]()))
+    for call in (lambda c: sched.generate(llama, ids, max_new_tokens=4, past_key_values=c, **GREEDY),
+                 lambda c: model.generate(ids, max_new_tokens=4, past_key_values=c, **GREEDY)):
+        cache = DynamicCache(config=llama.config)
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated .* Use `cache`") as record:
+            out = call(cache)
+        assert [w.filename for w in record] == [__file__]
+        assert torch.equal(out, solo(llama, ids, max_new_tokens=4)) and cache.get_seq_length() == 6 + 4 - 1
 
 
 def test_async_form(llama):
@@ -742,3 +761,96 @@ def test_a_pending_reclaim_resumes_the_running_prompt_between_steps(llama, monke
     assert torch.equal(out, solo(llama, prompt_ids(5, 1), max_new_tokens=6))
     assert len(fake.resumed_while_running) == 1 and not fake.pending
     assert fake.errors == []
+
+
+# --------------------------------------------------------------------------- Ctrl-C in the main thread
+
+
+def interrupt_main_thread() -> None:
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+class _SignallingList(list):
+    """The scheduler's waiting list, sending SIGINT to the main thread when it takes ``tag``
+    off the list (once): halfway through handing the device on."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def remove(self, prompt) -> None:
+        super().remove(prompt)
+        if prompt.tag == self.tag and threading.current_thread() is threading.main_thread():
+            self.tag = None
+            interrupt_main_thread()
+
+
+@pytest.mark.parametrize("where", ["waiting", "forward", "step", "parked", "handing over"])
+def test_ctrl_c_in_the_main_threads_prompt_leaves_the_scheduler_consistent(llama, fake_allocator, where):
+    """SIGINT while the main thread's scheduled generate waits for its first turn, runs the
+    model, runs the caller's stopping criterion, waits parked between two slices, or hands the
+    device to another prompt: the caller gets KeyboardInterrupt, its prompt leaves (cancelled)
+    with its context released, the others finish with their solo outputs, the SIGINT handler is
+    the one it was, and the scheduler goes on serving, the tag free again."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach only the main thread, and this test does not run there")
+    fake = fake_allocator
+    sched = Scheduler(slice_steps=2, use_context_cache=True, chunk_tokens=4)
+    handler = signal.getsignal(signal.SIGINT)
+    # Waiting or parked: the first other prompt holds the device at its first step until the end.
+    gate = Gate(1) if where in ("waiting", "parked") else None
+    others: dict[str, Caller] = {}
+
+    def start_others() -> None:
+        for tag, ids, extra in (("w0", prompt_ids(5, 0), [gate.criterion] if gate else []), ("w1", prompt_ids(6, 1), [])):
+            others[tag] = Caller(lambda ids=ids, tag=tag, extra=extra: sched.generate(
+                llama, ids, tag=tag, max_new_tokens=8, stopping_criteria=StoppingCriteriaList(extra), **GREEDY), name=tag)
+            wait_until(lambda: tag in {p.tag for p in sched.stats().prompts}, f"{tag} arrived")
+
+    def interrupt_when(condition: Callable[[], bool], what: str) -> None:
+        def wait_then_interrupt() -> None:
+            wait_until(condition, what)
+            interrupt_main_thread()
+
+        threading.Thread(target=wait_then_interrupt, daemon=True).start()
+
+    criteria, hook = [], None
+    if where == "waiting":  # w0 holds the device; main waits for its first turn
+        start_others()
+        gate.reached.wait(timeout=120)
+        interrupt_when(lambda: "main" in sched.stats().waiting, "main waits")
+    else:  # main runs first, the others queue behind it at its first step
+        criteria.append(AtStep(1, start_others))
+        if where == "forward":
+            calls = iter(range(1, 1000))
+
+            def in_forward(*_: object) -> None:  # the first layer, main's 5th step
+                if threading.current_thread() is threading.main_thread() and next(calls) == 5:
+                    interrupt_main_thread()
+
+            hook = llama.model.layers[0].register_forward_pre_hook(in_forward)
+        elif where == "step":
+            criteria.append(AtStep(4, interrupt_main_thread))
+        elif where == "handing over":  # main yields to w0 at its 2nd step (w0 waits for its first token)
+            sched._waiting = _SignallingList("w0")
+        else:  # parked: main yielded to w0, which the gate holds
+            interrupt_when(lambda: gate.reached.is_set() and "main" in sched.stats().waiting, "main parked")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sched.generate(llama, prompt_ids(7, 9), tag="main", max_new_tokens=20,
+                           stopping_criteria=StoppingCriteriaList(criteria), **GREEDY)
+    finally:
+        if hook is not None:
+            hook.remove()
+        if gate is not None:
+            gate.open()
+    assert torch.equal(others["w0"].join().result, solo(llama, prompt_ids(5, 0), max_new_tokens=8))
+    assert torch.equal(others["w1"].join().result, solo(llama, prompt_ids(6, 1), max_new_tokens=8))
+    assert signal.getsignal(signal.SIGINT) is handler
+    stats = {p.tag: p for p in sched.stats().prompts}
+    assert stats["main"].state == PromptState.CANCELLED and "KeyboardInterrupt" in stats["main"].error
+    assert sched.stats().running is None and sched.stats().waiting == []
+    assert fake.live == set() and fake.errors == []  # every context released, main's too
+    assert ("release", "main") in fake.calls or where == "waiting"  # a waiting prompt made none
+    assert torch.equal(sched.generate(llama, prompt_ids(7, 9), tag="main", max_new_tokens=4, **GREEDY),
+                       solo(llama, prompt_ids(7, 9), max_new_tokens=4))

@@ -6,8 +6,13 @@ each call that would have made transformers' default ``DynamicCache`` gets a
 :class:`~aqua_alloc.hf.kv_cache.ContextKVCache` instead, tagged ``"generate-<n>"``: the context is
 made by the cache's first chunk and released when the call returns (or raises). If the caller
 asked for the cache back (``return_dict_in_generate=True``), it is released when that cache is
-garbage collected. Calls that pass their own ``past_key_values`` (the scheduler does), ask for
-another cache implementation, or run on CPU go through untouched.
+garbage collected. Calls that pass their own cache (the scheduler does), ask for another cache
+implementation, or run on CPU go through untouched.
+
+The cache keyword: transformers 5.25 renamed generate's ``past_key_values`` to ``cache`` (the old
+name still works there, with a FutureWarning per call, until 6.0; its outputs' field is renamed
+too). :func:`cache_keyword` tells which name the installed transformers takes; aqua_alloc passes
+and reads caches under that name only, so that none of its own calls warns.
 
 Thread-safety: install/uninstall take a lock and are idempotent; the wrapper itself keeps no
 shared state beyond a process-wide counter, so calls may run in many threads at once.
@@ -18,12 +23,14 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import sys
 import threading
+import warnings
 from typing import Any, Callable
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.utils import GenerationMixin
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from aqua_alloc.hf.context_memory import memory_for
 from aqua_alloc.hf.kv_cache import DEFAULT_CHUNK_TOKENS, ContextKVCache
@@ -31,6 +38,56 @@ from aqua_alloc.hf.kv_cache import DEFAULT_CHUNK_TOKENS, ContextKVCache
 _lock = threading.Lock()
 _original_generate: Callable[..., Any] | None = None
 _call_numbers = itertools.count()
+
+# Names under which a generate call may carry a cache, this transformers' or not (5.25 deprecates
+# the last two; ``cache_params`` was the state-space models' name).
+_CACHE_NAMES = ("cache", "past_key_values", "cache_params")
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword under which the installed transformers' ``generate`` takes a KV cache, which
+    is also the field of its output that returns it: ``"cache"`` from transformers 5.25,
+    ``"past_key_values"`` before. Neither is a named parameter of generate's signature (both go
+    through ``**kwargs``), so the output's fields tell (they were renamed in the same release)."""
+    if "cache" in inspect.signature(GenerationMixin.generate).parameters:
+        return "cache"
+    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def cache_argument(cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for a generate call: ``model.generate(ids, **cache_argument(cache))``."""
+    return {cache_keyword(): cache}
+
+
+def returned_cache(output: Any) -> Any:
+    """The cache a generate call returned (``return_dict_in_generate=True``), or None."""
+    return getattr(output, cache_keyword(), None) if not isinstance(output, torch.Tensor) else None
+
+
+def renamed_cache_argument(kwargs: dict, model: Any = None) -> dict:
+    """``kwargs`` of a caller's generate call, its cache passed under the keyword that the
+    installed transformers takes. A cache passed under a name it deprecates is renamed here,
+    with transformers' FutureWarning pointed at the caller's line: passed on as it is, the
+    warning would name the aqua_alloc line that passed it on."""
+    keyword = cache_keyword()
+    old = [name for name in _CACHE_NAMES if name != keyword and name in kwargs]
+    if not old or keyword in kwargs or keyword != "cache":
+        return kwargs  # nothing to rename, or a mix transformers itself refuses
+    renamed = dict(kwargs)
+    renamed[keyword] = renamed.pop(old[0])
+    where = f"{type(model).__name__}.generate" if model is not None else "generate"
+    warnings.warn(f"`{old[0]}` is deprecated and will be removed in version 6.0.0 for `{where}`. Use `{keyword}` "
+                  "instead.", FutureWarning, stacklevel=_caller_stacklevel())
+    return renamed
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from its caller, of the nearest frame outside aqua_alloc."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("aqua_alloc."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def install_generate_hook() -> None:
@@ -65,6 +122,7 @@ def is_generate_hook_installed() -> bool:
 
 
 def _generate_in_context(original: Callable[..., Any], model: Any, args: tuple, kwargs: dict) -> Any:
+    kwargs = renamed_cache_argument(kwargs, model)
     device = model_device(model)
     if memory_for(device) is None:
         return original(model, *args, **kwargs)
@@ -72,11 +130,11 @@ def _generate_in_context(original: Callable[..., Any], model: Any, args: tuple, 
     if cache is None:
         return original(model, *args, **kwargs)
     try:
-        output = original(model, *args, past_key_values=cache, **kwargs)
+        output = original(model, *args, **cache_argument(cache), **kwargs)
     except BaseException:
         cache.release()
         raise
-    if getattr(output, "past_key_values", None) is cache:
+    if returned_cache(output) is cache:
         cache.release_when_collected()
     else:
         cache.release()
@@ -147,7 +205,7 @@ def make_context_cache(
     made a ``DynamicCache`` itself (the caller passed a cache, asked for another cache
     implementation or none, or the model is encoder-decoder or brings its own cache)."""
     named = bind_arguments(model, args, kwargs)
-    if named.get("past_key_values") is not None or named.get("use_cache") is False:
+    if any(named.get(name) is not None for name in _CACHE_NAMES) or named.get("use_cache") is False:
         return None
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):

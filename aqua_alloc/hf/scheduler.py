@@ -38,6 +38,15 @@ task) makes the prompt raise :class:`PromptCancelled` at its next step boundary 
 waits) and frees its context. :meth:`Scheduler.shutdown` fails every prompt in flight with
 :class:`SchedulerShutdown`.
 
+Ctrl-C (a KeyboardInterrupt in the caller's thread): the prompt leaves like a cancelled one
+(state ``cancelled``, context released, the others go on) and the caller gets the
+KeyboardInterrupt. In the main thread :meth:`Scheduler.generate` holds SIGINT for the call and
+raises it, by calling the handler it found, at the prompt's next step boundary (at once while
+the prompt waits, or when the call ends): never in the middle of the scheduler's bookkeeping,
+where it could leave a prompt neither waiting nor running and the device never handed on.
+Other threads are not interrupted by Python: stop them with :meth:`Scheduler.shutdown` or
+:meth:`Scheduler.cancel`.
+
 Thread-safety: every public method may be called from any thread at any time.
 """
 
@@ -50,6 +59,7 @@ import enum
 import functools
 import itertools
 import logging
+import signal
 import threading
 import time
 from typing import Any, Callable
@@ -62,9 +72,12 @@ from aqua_alloc.memory.config import expect_bool, trace_settings_from_env
 from aqua_alloc.obs import trace
 from aqua_alloc.obs.events import EventKind, emit
 from aqua_alloc.hf.generate_hook import (
+    cache_keyword,
     describe_call,
     make_context_cache,
     model_device,
+    renamed_cache_argument,
+    returned_cache,
     unscheduled_generate,
     with_stopping_criterion,
 )
@@ -75,6 +88,7 @@ from aqua_alloc.hf.kv_cache import ContextKVCache
 log = logging.getLogger(__name__)
 
 _HISTORY = 10_000  # finished prompts and slices kept for stats()
+_POLL_S = 0.05     # s: how soon a prompt waiting in the main thread sees a held Ctrl-C
 _prompt_numbers = itertools.count()  # process-wide, so tags stay unique across schedulers
 
 
@@ -109,6 +123,48 @@ class SchedulerShutdown(RuntimeError):
 
 class PromptCancelled(RuntimeError):
     """The prompt was cancelled (``Scheduler.cancel`` or its asyncio task was cancelled)."""
+
+
+class _HeldInterrupt:
+    """The SIGINT handler while the main thread runs a scheduled generate: keeps the signal
+    until :meth:`deliver` calls the handler it replaced (see the module docstring)."""
+
+    def __init__(self, previous: Callable[[int, Any], Any]) -> None:
+        self.previous = previous
+        self.pending: tuple[int, Any] | None = None   # (signum, frame) of a held SIGINT
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.pending = (signum, frame)
+
+    def deliver(self) -> None:
+        """Call the replaced handler for a held SIGINT (the default one raises KeyboardInterrupt)."""
+        if self.pending is not None:
+            signum, frame = self.pending
+            self.pending = None
+            self.previous(signum, frame)
+
+
+def _hold_interrupts() -> _HeldInterrupt | None:
+    """In the main thread, with a Python SIGINT handler set: install a :class:`_HeldInterrupt`."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):  # ignored or the default action: nothing is raised in Python
+        return None
+    held = _HeldInterrupt(previous)
+    signal.signal(signal.SIGINT, held)
+    return held
+
+
+def _release_interrupts(held: _HeldInterrupt | None, interrupted: bool) -> None:
+    """Put the replaced handler back (unless it was replaced since), then deliver a SIGINT still
+    held, unless the call already ends in a KeyboardInterrupt."""
+    if held is None:
+        return
+    if signal.getsignal(signal.SIGINT) is held:
+        signal.signal(signal.SIGINT, held.previous)
+    if not interrupted:
+        held.deliver()
 
 
 class Policy(str, enum.Enum):
@@ -234,6 +290,7 @@ class _Prompt:
         self.prefetch: Any = None           # handle of a resume(wait=False) in flight
         self.prefetch_away = 0              # bytes off the GPU when that prefetch began
         self.resume_needed = False          # a prefetch left bytes elsewhere: resume at the next step
+        self.held_interrupt: _HeldInterrupt | None = None  # main thread: Ctrl-C held until a safe point
 
     @property
     def has_context(self) -> bool:
@@ -334,8 +391,18 @@ class Scheduler:
         Raises what ``generate`` raises, or :class:`PromptCancelled` / :class:`SchedulerShutdown`.
         """
         _expect_model(model, "Scheduler.generate()")
-        prompt = self._admit(model, args, kwargs, tag)
-        return self._run(prompt, model, args, kwargs)
+        kwargs = renamed_cache_argument(kwargs, model)
+        held = _hold_interrupts()
+        interrupted = False
+        try:
+            prompt = self._admit(model, args, kwargs, tag)
+            prompt.held_interrupt = held
+            return self._run(prompt, model, args, kwargs)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
+        finally:
+            _release_interrupts(held, interrupted)
 
     async def agenerate(self, model: Any, *args: Any, tag: str | None = None, **kwargs: Any) -> Any:
         """Async form of :meth:`generate`: runs the call in a thread of its own.
@@ -344,6 +411,7 @@ class Scheduler:
         once the prompt has left the scheduler and its context is freed.
         """
         _expect_model(model, "Scheduler.agenerate()")
+        kwargs = renamed_cache_argument(kwargs, model)
         prompt = self._admit(model, args, kwargs, tag)
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
@@ -480,11 +548,9 @@ class Scheduler:
 
     def _run(self, prompt: _Prompt, model: Any, args: tuple, kwargs: dict) -> Any:
         """Queue ``prompt``, wait for its turn, run generate, leave. In the caller's thread."""
-        cache = None
         try:
-            call_args, call_kwargs, cache = self._prepare_call(prompt, model, args, kwargs)
+            call_args, call_kwargs = self._prepare_call(prompt, model, args, kwargs)
             with self._cond:
-                prompt.cache = cache
                 self._queue_locked(prompt)
                 self._dispatch_locked()
                 self._wait_turn_locked(prompt)
@@ -502,8 +568,9 @@ class Scheduler:
         self._leave(prompt, None, output)
         return output
 
-    def _prepare_call(self, prompt: _Prompt, model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict, ContextKVCache | None]:
-        """The arguments of the real generate call: our step hook added, maybe our KV cache."""
+    def _prepare_call(self, prompt: _Prompt, model: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments of the real generate call: our step hook added, maybe our KV cache
+        (``prompt.cache``)."""
         device = self.device if self.device is not None else model_device(model)
         warn_if_cudnn_attention(device)
         prompt.memory = memory_for(device)
@@ -511,10 +578,11 @@ class Scheduler:
             prompt.local_tier = f"gpu{device.index if device.index is not None else torch.cuda.current_device()}"
         use_cache = self.use_context_cache if self.use_context_cache is not None else prompt.memory is not None
         cache = make_context_cache(model, args, kwargs, prompt.tag, device, self.chunk_tokens) if use_cache else None
+        prompt.cache = cache  # from here on, released by _leave whatever happens
         call_args, call_kwargs = with_stopping_criterion(model, args, kwargs, _StepHook(self, prompt))
         if cache is not None:
-            call_kwargs["past_key_values"] = cache
-        return call_args, call_kwargs, cache
+            call_kwargs[cache_keyword()] = cache
+        return call_args, call_kwargs
 
     def _leave(self, prompt: _Prompt, exc: BaseException | None, output: Any) -> None:
         """The prompt's generate returned or raised: free its context, hand the device on."""
@@ -527,7 +595,7 @@ class Scheduler:
             except Exception:  # noqa: BLE001 - the context is released anyway
                 log.exception("aqua_alloc: prefetch of context %r failed", prompt.tag)
         if cache is not None:
-            if exc is None and getattr(output, "past_key_values", None) is cache:
+            if exc is None and returned_cache(output) is cache:
                 cache.release_when_collected()  # the caller holds the cache now
             else:
                 cache.release()
@@ -542,7 +610,7 @@ class Scheduler:
                 self._prefetched = None
             if exc is None:
                 prompt.state = PromptState.FINISHED
-            elif isinstance(exc, (PromptCancelled, asyncio.CancelledError)):
+            elif isinstance(exc, (PromptCancelled, asyncio.CancelledError, KeyboardInterrupt)):
                 prompt.state = PromptState.CANCELLED
             else:
                 prompt.state = PromptState.FAILED
@@ -561,6 +629,8 @@ class Scheduler:
 
     def _on_step(self, prompt: _Prompt, input_ids: torch.Tensor) -> None:
         """One decode step of ``prompt`` finished (its thread holds the device). May yield."""
+        if prompt.held_interrupt is not None:
+            prompt.held_interrupt.deliver()  # a step boundary: a held Ctrl-C is raised here
         now = time.monotonic_ns()
         first_token = False
         with self._cond:
@@ -664,8 +734,13 @@ class Scheduler:
 
     def _wait_turn_locked(self, prompt: _Prompt) -> None:
         """Block until ``prompt`` holds the device; raise its error if it is failed meanwhile."""
+        held = prompt.held_interrupt
         while self._running is not prompt and prompt.error is None:
-            self._cond.wait()
+            if held is None:
+                self._cond.wait()
+            else:  # the main thread: a Ctrl-C is held (it cannot wake us); look for it
+                held.deliver()
+                self._cond.wait(_POLL_S)
         if prompt.error is not None:
             raise prompt.error
 
