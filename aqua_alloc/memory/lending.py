@@ -16,6 +16,10 @@ running prompt between decode steps while a reclaim waits, see scheduler.py). No
 assumed done: :func:`reclaim` reports the bytes still pending when its timeout ends.
 
 The core does the moves (``aqua_reclaim``); this module is the policy around them.
+
+Words: a *reclaim* is always a lender taking lent memory back (its lend budget lowered, the
+pieces beyond it moved on); :meth:`Lending.move_excess` is one pass of it, and the
+coordinator's ``reclaim`` messages are the same act between processes.
 """
 
 from __future__ import annotations
