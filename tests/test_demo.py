@@ -13,10 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from sigint import ABORTS, run_and_interrupt
 
 from aqua_alloc import cli
 from aqua_alloc.obs.events import EventKind
@@ -24,7 +24,6 @@ from aqua_alloc.obs.trace_reader import read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_REQUESTS = 12   # the CPU demo's cap: rows 1..12 of the excerpt, all in its first minute
-ABORTS = ("terminate called", "Aborted", "Fatal Python error", "Traceback")
 
 
 def demo_command(*args: str) -> list[str]:
@@ -84,33 +83,14 @@ def test_ctrl_c_while_serving_exits_130_without_an_abort(tmp_path, phase):
     thread; aqua runs it in a worker thread per request (an earlier demo aborted there)."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    with open(tmp_path / "stderr.txt", "w+") as stderr:
-        proc = subprocess.Popen(demo_command(), env=demo_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=stderr,
-                                text=True)
-        watchdog = threading.Timer(300, proc.kill)   # a demo that never exits fails, it does not hang
-        watchdog.start()
-        try:
-            out = ""
-            for line in proc.stdout:
-                out += line
-                if line.startswith(f"serving: {phase}"):
-                    proc.send_signal(signal.SIGINT)
-                    break
-            out += proc.stdout.read()
-            proc.wait()
-        finally:
-            watchdog.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        stderr.seek(0)
-        err = stderr.read()
+    returncode, out, err = run_and_interrupt(demo_command(), demo_env(), cwd, tmp_path / "stderr.txt",
+                                             lambda line: line.startswith(f"serving: {phase}"))
     assert f"serving: {phase}" in out, out + err
     assert not [text for text in ABORTS if text in err], err
-    assert proc.returncode != -signal.SIGABRT and proc.returncode != -signal.SIGKILL, (proc.returncode, err)
+    assert returncode != -signal.SIGABRT and returncode != -signal.SIGKILL, (returncode, err)
     if "outputs identical" in out:   # the whole run ended before the signal came
         pytest.skip("the demo finished before SIGINT arrived; nothing was left to interrupt")
-    assert proc.returncode == 130, err
+    assert returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted: every worker stopped", err
     assert list(cwd.iterdir()) == []   # no --out: nothing written
 

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from sigint import ABORTS, run_and_interrupt
 
 REPO = Path(__file__).resolve().parents[1]
-ABORTS = ("terminate called", "Aborted", "Fatal Python error", "Traceback")
 INTERRUPTED = "interrupted: every worker stopped"
 
 
@@ -35,29 +32,11 @@ def env() -> dict[str, str]:
 def interrupt_at(command: list[str], marker: str, cwd: Path) -> tuple[int, str, str]:
     """Run ``command``; send SIGINT once a line of its stdout starts with ``marker`` (after
     the time stamp of a benchmark's log line, '[   1.2s] '). Returns (status, stdout, stderr)."""
-    with open(cwd / "stderr.txt", "w+") as stderr:
-        proc = subprocess.Popen(command, env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=stderr, text=True)
-        watchdog = threading.Timer(300, proc.kill)   # a run that never exits fails, it does not hang
-        watchdog.start()
-        try:
-            out = ""
-            for line in proc.stdout:
-                out += line
-                if line.split("] ", 1)[-1].startswith(marker):
-                    proc.send_signal(signal.SIGINT)
-                    break
-            out += proc.stdout.read()
-            proc.wait()
-        finally:
-            watchdog.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        stderr.seek(0)
-        err = stderr.read()
+    status, out, err = run_and_interrupt(command, env(), cwd, cwd / "stderr.txt",
+                                         lambda line: line.split("] ", 1)[-1].startswith(marker))
     assert marker in out, out + err
     assert not [text for text in ABORTS if text in err], err
-    return proc.returncode, out, err
+    return status, out, err
 
 
 @pytest.mark.parametrize("marker", ["main step 1", "main step 30", "main done"])
