@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import signal
 import threading
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import aqua_alloc
-from aqua_alloc.hf.scheduler import Scheduler
+from aqua_alloc.hf.scheduler import Scheduler, SchedulerShutdown
 
 
 def build_model(device: torch.device, layers: int, hidden: int, heads: int, kv_heads: int) -> torch.nn.Module:
@@ -73,13 +74,33 @@ def main(argv: list[str] | None = None) -> int:
     outputs: list[torch.Tensor | None] = [None] * len(inputs)
 
     def serve(i: int) -> None:
-        outputs[i] = scheduler.generate(model, inputs[i], tag=f"user-{i}", **kwargs)
+        try:
+            outputs[i] = scheduler.generate(model, inputs[i], tag=f"user-{i}", **kwargs)
+        except SchedulerShutdown:
+            pass   # Ctrl-C: the scheduler was shut down under this prompt
 
-    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(inputs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    # Ctrl-C only sets a flag while the threads run: a KeyboardInterrupt inside Thread.join
+    # would leave a thread running torch while the interpreter exits (an abort). The main
+    # thread then shuts the scheduler down (every prompt ends at its next step) and joins all.
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+    print(f"serving {len(inputs)} prompts from {len(inputs)} threads", flush=True)
+    try:
+        threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(inputs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive() and not interrupted:
+                thread.join(timeout=0.05)   # s: how soon a Ctrl-C is seen
+        if interrupted:
+            scheduler.shutdown(wait=False)
+        for thread in threads:
+            thread.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        print("interrupted: every thread stopped", file=sys.stderr)
+        return 130
 
     stats = scheduler.stats()
     scheduler.shutdown()
