@@ -48,6 +48,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
 
 import aqua_alloc
+from aqua_alloc.hf.scheduler import run_threads
 from aqua_alloc.obs import trace
 from aqua_alloc.obs.summary import percentile
 
@@ -199,29 +200,12 @@ def run_aqua(model: Any, requests: list[Request], prompts: list[torch.Tensor], s
         _serve(lambda **kw: scheduler.generate(model, **kw), prompts[i], requests[i], records[i], stop, t0,
                tag=f"demo-r{requests[i].id}")
 
-    # While workers run, SIGINT only sets a flag: a KeyboardInterrupt raised inside Thread.join
-    # marks the running thread stopped (CPython 3.11, threading._wait_for_tstate_lock), so it is
-    # never joined and the interpreter exits under it while it runs torch ("terminate called
-    # without an active exception", seen in a core dump of an earlier version of this demo).
-    interrupted: list[int] = []
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
-    try:
-        workers = [threading.Thread(target=work, args=(i,), name=f"demo-aqua-r{r.id}") for i, r in enumerate(requests)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            while w.is_alive() and not interrupted:
-                w.join(timeout=0.05)   # s: how soon a Ctrl-C is seen
-        if interrupted:
-            stop.set()                       # running prompts end at their next step
-            scheduler.shutdown(wait=False)   # waiting prompts fail at once
-        for w in workers:
-            w.join()
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if interrupted:
+    def stop_serving() -> None:
+        stop.set()                       # running prompts end at their next step
+        scheduler.shutdown(wait=False)   # waiting prompts fail at once
+
+    workers = [threading.Thread(target=work, args=(i,), name=f"demo-aqua-r{r.id}") for i, r in enumerate(requests)]
+    if run_threads(workers, stop_serving):   # Ctrl-C: every worker stopped and joined
         raise KeyboardInterrupt
     return records
 

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import signal
 import threading
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import aqua_alloc
-from aqua_alloc.hf.scheduler import Scheduler, SchedulerShutdown
+from aqua_alloc.hf.scheduler import Scheduler, SchedulerShutdown, run_threads
 
 
 def build_model(device: torch.device, layers: int, hidden: int, heads: int, kv_heads: int) -> torch.nn.Module:
@@ -79,25 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         except SchedulerShutdown:
             pass   # Ctrl-C: the scheduler was shut down under this prompt
 
-    # Ctrl-C only sets a flag while the threads run: a KeyboardInterrupt inside Thread.join
-    # would leave a thread running torch while the interpreter exits (an abort). The main
-    # thread then shuts the scheduler down (every prompt ends at its next step) and joins all.
-    interrupted: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+    # Ctrl-C while the threads serve: the scheduler is shut down and every thread joined
+    # (run_threads says why a plain join could abort the process).
     print(f"serving {len(inputs)} prompts from {len(inputs)} threads", flush=True)
-    try:
-        threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(inputs))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            while thread.is_alive() and not interrupted:
-                thread.join(timeout=0.05)   # s: how soon a Ctrl-C is seen
-        if interrupted:
-            scheduler.shutdown(wait=False)
-        for thread in threads:
-            thread.join()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(inputs))]
+    interrupted = run_threads(threads, lambda: scheduler.shutdown(wait=False))
     if interrupted:
         print("interrupted: every thread stopped", file=sys.stderr)
         return 130

@@ -62,7 +62,7 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import StoppingCriteria
@@ -165,6 +165,33 @@ def _release_interrupts(held: _HeldInterrupt | None, interrupted: bool) -> None:
         signal.signal(signal.SIGINT, held.previous)
     if not interrupted:
         held.deliver()
+
+
+def run_threads(threads: Sequence[threading.Thread], on_interrupt: Callable[[], None]) -> bool:
+    """Start ``threads`` (callers of a scheduler) and wait for every one. In the main thread,
+    Ctrl-C meanwhile raises nothing: a KeyboardInterrupt inside ``Thread.join`` marks the
+    running thread stopped (CPython 3.11, ``threading._wait_for_tstate_lock``), so it is never
+    joined and the interpreter exits under it while it runs torch ("terminate called without
+    an active exception"). Instead ``on_interrupt`` is called (stop the work, e.g.
+    ``Scheduler.shutdown(wait=False)``) and every thread is still joined. Returns whether
+    Ctrl-C came: the caller then raises KeyboardInterrupt or exits 130."""
+    interrupted: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive() and not interrupted:
+                thread.join(timeout=0.05)   # s: how soon a Ctrl-C is seen
+        if interrupted:
+            on_interrupt()
+        for thread in threads:
+            thread.join()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    return bool(interrupted)
 
 
 class Policy(str, enum.Enum):
