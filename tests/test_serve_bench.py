@@ -455,14 +455,18 @@ def load_bench_cli():
     return module
 
 
-@pytest.mark.parametrize("args, text", [
+# Bad arguments of bench_serve.py and the start of the message that refuses each.
+BAD_ARGUMENTS = [
     (["--trace", "nope"], "--trace='nope': not a known trace"),
     (["--loads", "0.5,fast"], "--loads='0.5,fast': 'fast' is not a number"),
     (["--systems", "fcfs,tgi"], "--systems='fcfs,tgi': unknown 'tgi'"),
     (["--trace", "conv-excerpt", "--window-start", "5000"], "--window-start=5000 --window-s=60: no request"),
     (["--kv-budget", "lots"], "--kv-budget='lots': not a size"),
     (["--rounds", "0"], "--rounds=0: must be a whole number, at least 1"),
-])
+]
+
+
+@pytest.mark.parametrize("args, text", BAD_ARGUMENTS)
 def test_bench_cli_bad_inputs_exit_2_naming_the_argument(args, text, capsys, tmp_path):
     cli = load_bench_cli()
     with pytest.raises(SystemExit) as info:
@@ -483,13 +487,7 @@ except SystemExit as e:
 """
 
 
-@pytest.mark.parametrize("args, text", [
-    (["--trace", "nope"], "--trace='nope': not a known trace"),
-    (["--loads", "0.5,fast"], "--loads='0.5,fast': 'fast' is not a number"),
-    (["--systems", "fcfs,tgi"], "--systems='fcfs,tgi': unknown 'tgi'"),
-    (["--trace", "conv-excerpt", "--window-start", "5000"], "--window-start=5000 --window-s=60: no request"),
-    (["--kv-budget", "lots"], "--kv-budget='lots': not a size"),
-    (["--rounds", "0"], "--rounds=0: must be a whole number, at least 1"),
+@pytest.mark.parametrize("args, text", BAD_ARGUMENTS + [
     (["--check", "0"], "--check=0: at least one request must run alone"),
     (["--model", "gpt5"], "argument --model: invalid choice: 'gpt5'"),
 ])
