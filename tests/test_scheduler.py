@@ -84,13 +84,17 @@ def slice_order(sched):
 
 def assert_no_starvation(stats):
     """Between a prompt's arrival and its first slice, and between two of its slices, every
-    other prompt runs at most once: with N backlogged, each runs in every N slices."""
+    other prompt runs at most once: with N backlogged, each runs in every N slices. A slice cut
+    short (by a newcomer's first token) is not counted: its prompt got less service than a
+    slice's, and the fair policy lets it make that up before the others run again."""
     slices = stats.slices
+    last = {s.tag: s.index for s in slices}
+    cut = {s.index for s in slices if s.num_steps < stats.slice_steps and s.index != last[s.tag]}
     for prompt in stats.prompts:
         mine = [s.index for s in slices if s.tag == prompt.tag]
         gaps = [(prompt.arrival_slice, mine[0])] + list(zip(mine, mine[1:]))
         for start, end in gaps:
-            others = [s.tag for s in slices if start <= s.index < end and s.tag != prompt.tag]
+            others = [s.tag for s in slices if start <= s.index < end and s.tag != prompt.tag and s.index not in cut]
             assert len(others) == len(set(others)), (prompt.tag, start, end, others)
 
 
@@ -137,9 +141,9 @@ def test_same_prompt_many_times_interleaved(llama):
 @pytest.mark.parametrize("first_token_priority", [True, False])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_late_short_prompt_first_token(llama, policy, first_token_priority):
-    """A short prompt arriving while a long one runs gets its first token after one more step
-    of the long one (fair, rr with first-token priority), after at most one slice of it (without);
-    fcfs makes it wait for the whole long prompt."""
+    """A short prompt arriving while a long one runs gets its first token right after the long
+    one's current step (fair, rr with first-token priority), after at most one slice of it
+    (without); fcfs makes it wait for the whole long prompt."""
     sched = Scheduler(policy=policy, slice_steps=5, first_token_priority=first_token_priority)
     late: dict[str, Caller] = {}
 
@@ -160,8 +164,10 @@ def test_late_short_prompt_first_token(llama, policy, first_token_priority):
         assert short.first_token_step == 31
         assert slice_order(sched) == [("long", 30), ("short", 4)]
     elif first_token_priority:
-        assert short.first_token_step == 5  # long's step 4 (it arrived during step 3), then short's prefill
-        assert slice_order(sched) == [("long", 4), ("short", 4)] + [("long", 5)] * 5 + [("long", 1)]
+        # It arrived in a caller's criterion of long's step 3, before that step's boundary:
+        # long yields there, and short's prefill is the next step.
+        assert short.first_token_step == 4
+        assert slice_order(sched) == [("long", 3), ("short", 4)] + [("long", 5)] * 5 + [("long", 2)]
     else:
         assert short.first_token_step == 6  # long's first slice (steps 1-5), then short's prefill
         assert short.first_token_step - short.arrival_step <= sched.slice_steps + 1
@@ -192,9 +198,10 @@ def test_first_token_priority_in_a_backlog(llama):
             assert torch.equal(results[tag].result, solo(llama, ids, max_new_tokens=n))
         orders[priority] = slice_order(sched)
         first_tokens[priority] = {p.tag: p.first_token_step for p in sched.stats().prompts}
-    # b and c arrive in a's first step; services: a 2, b 1+1, c 1+3 after the newcomers' first slices.
-    assert orders[True] == [("a", 2), ("b", 1), ("c", 3), ("a", 3), ("b", 1), ("c", 1), ("a", 1)]
-    assert first_tokens[True] == {"a": 1, "b": 3, "c": 4}
+    # b and c arrive while a's caller holds it in its first step, so a yields at that step's
+    # boundary; services: a 1, b 1, c 3 after the newcomers' first slices.
+    assert orders[True] == [("a", 1), ("b", 1), ("c", 3), ("a", 3), ("b", 1), ("c", 1), ("a", 2)]
+    assert first_tokens[True] == {"a": 1, "b": 2, "c": 3}
     assert orders[False] == [("a", 3), ("b", 2), ("c", 3), ("a", 3), ("c", 1)]
     assert first_tokens[False] == {"a": 1, "b": 4, "c": 6}
 
@@ -388,8 +395,8 @@ def test_cancel_waiting_and_running_prompts(llama):
     assert isinstance(run.error, PromptCancelled)
     assert torch.equal(ok.result, solo(llama, specs[2][1], max_new_tokens=8))
     stats = {p.tag: p for p in sched.stats().prompts}
-    # Cancelled in its 5th step (after the scheduler's hook saw it): it stops at the next one.
-    assert stats["run"].state == PromptState.CANCELLED and stats["run"].num_steps == 6
+    # Cancelled by its caller's criterion in its 5th step: it stops at that step's boundary.
+    assert stats["run"].state == PromptState.CANCELLED and stats["run"].num_steps == 5
     assert stats["wait"].state == PromptState.CANCELLED and stats["wait"].num_steps == 0
     assert not sched.cancel("run")  # gone
 
@@ -449,6 +456,72 @@ def test_streaming(llama):
         assert streams[i].ended
         assert streams[i].tokens() == caller.result[0].tolist()
         assert torch.equal(caller.result, solo(llama, prompt_ids(5 + i, i), max_new_tokens=7))
+
+
+class FirstPutLog(BaseStreamer):
+    """Logs ("token", name) when the first generated token is put (the first put is the prompt)."""
+
+    def __init__(self, log: list, name: str) -> None:
+        self.log, self.name, self.puts = log, name, 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.log.append(("token", self.name))
+
+    def end(self) -> None:
+        pass
+
+
+def test_a_newcomers_first_token_reaches_its_caller_before_the_next_newcomers_prefill(llama):
+    """Three newcomers arrive together while a long prompt runs. Each one's first token is put
+    to its streamer, and seen by its own stopping criterion, before the next one's prefill
+    starts: the prompt yields after its caller's hooks, not before them."""
+    log: list[tuple[str, str]] = []
+    sched = Scheduler(policy="fair", slice_steps=4)
+    prompts = {"a": prompt_ids(9, 11), "b": prompt_ids(7, 12), "c": prompt_ids(8, 13)}
+    callers: dict[str, Caller] = {}
+
+    def note_prefill(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[-1] > 1:
+            log.append(("prefill", threading.current_thread().name))
+
+    def hooks(name):
+        return dict(streamer=FirstPutLog(log, name),
+                    stopping_criteria=StoppingCriteriaList([AtStep(1, lambda: log.append(("criterion", name)))]))
+
+    def arrive():  # in the long prompt's 2nd step: the three newcomers queue together
+        for name, ids in prompts.items():
+            callers[name] = queue(sched, name, lambda name=name, ids=ids: sched.generate(
+                llama, ids, tag=name, max_new_tokens=5, **hooks(name), **GREEDY))
+
+    handle = llama.register_forward_pre_hook(note_prefill, with_kwargs=True)
+    try:
+        long_ = Caller(lambda: sched.generate(
+            llama, prompt_ids(10, 14), tag="x", max_new_tokens=12,
+            stopping_criteria=StoppingCriteriaList([AtStep(2, arrive)]), **GREEDY), name="x")
+        long_.join()
+        for caller in callers.values():
+            caller.join()
+    finally:
+        handle.remove()
+    assert long_.error is None and all(c.error is None for c in callers.values())
+    for name, ids in prompts.items():
+        assert torch.equal(callers[name].result, solo(llama, ids, max_new_tokens=5))
+    newcomers = [("prefill", "a"), ("token", "a"), ("criterion", "a"),
+                 ("prefill", "b"), ("token", "b"), ("criterion", "b"),
+                 ("prefill", "c"), ("token", "c"), ("criterion", "c")]
+    seen = [entry for entry in log if entry[1] != "x"]
+    first_seen = [entry for i, entry in enumerate(seen) if entry not in seen[:i]]
+    # token and criterion come in the order the installed transformers calls them; both before the next prefill
+    assert [entry for entry in first_seen if entry[0] == "prefill"] == [("prefill", n) for n in "abc"]
+    for n, following in (("a", "b"), ("b", "c")):
+        assert first_seen.index(("token", n)) < first_seen.index(("prefill", following))
+        assert first_seen.index(("criterion", n)) < first_seen.index(("prefill", following))
+    assert sorted(first_seen) == sorted(newcomers)
+    stats = {p.tag: p for p in sched.stats().prompts}
+    assert stats["a"].first_token_step + 1 == stats["b"].first_token_step == stats["c"].first_token_step - 1
 
 
 def test_streamer_is_ended_when_the_prompt_fails(llama):
@@ -575,9 +648,11 @@ def test_trace_events(llama):
     events = [e for e in drain_python_events() if e.context in ("ev-a", "ev-b")]
     kinds = {tag: [e.kind for e in events if e.context == tag] for tag in ("ev-a", "ev-b")}
     S, E = EventKind.SLICE_START, EventKind.SLICE_END
-    assert kinds["ev-a"] == [EventKind.PROMPT_ARRIVED, S, EventKind.FIRST_TOKEN, E, S, E, EventKind.FINISHED]
+    # ev-b queues while ev-a is held in its first step: ev-a yields at that step's boundary (1
+    # step), ev-b runs 2, ev-a 2, ev-b its last, ev-a its last.
+    assert kinds["ev-a"] == [EventKind.PROMPT_ARRIVED, S, EventKind.FIRST_TOKEN, E, S, E, S, E, EventKind.FINISHED]
     assert kinds["ev-b"] == [EventKind.PROMPT_ARRIVED, S, EventKind.FIRST_TOKEN, E, S, E, EventKind.FINISHED]
-    assert [e.context for e in events if e.kind == S] == ["ev-a", "ev-b", "ev-a", "ev-b"]
+    assert [e.context for e in events if e.kind == S] == ["ev-a", "ev-b", "ev-a", "ev-b", "ev-a"]
 
 
 # --------------------------------------------------------------------------- memory side (fake allocator)

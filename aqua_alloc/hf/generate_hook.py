@@ -170,20 +170,26 @@ def bind_arguments(model: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
     return named
 
 
-def with_stopping_criterion(model: Any, args: tuple, kwargs: dict, hook: StoppingCriteria) -> tuple[tuple, dict]:
-    """The call's arguments with ``hook`` first among its stopping criteria (so a step is counted
-    even when a caller's criterion raises in it)."""
+def with_step_hooks(model: Any, args: tuple, kwargs: dict, first: StoppingCriteria, last: StoppingCriteria,
+                    wrap_streamer: Callable[[Any], Any]) -> tuple[tuple, dict]:
+    """The call's arguments with ``first`` before and ``last`` after the caller's stopping
+    criteria, and the caller's streamer (if any) replaced by ``wrap_streamer(streamer)``.
+
+    transformers calls the criteria in list order once per decode step, so ``first`` counts a
+    step even when a caller's criterion raises in it, and ``last`` runs after every criterion
+    of the caller has seen the step's token. A streamer gets each token once per step too,
+    before the criteria up to transformers 5.2x and after them from the release that moved
+    it into its stop check; the wrapper lets the scheduler act after both, whatever the order."""
     try:
         bound = inspect.signature(unscheduled_generate(model)).bind_partial(*args, **kwargs)
     except (TypeError, ValueError):
         bound = None
-    if bound is not None and "stopping_criteria" in bound.signature.parameters:
-        existing = bound.arguments.get("stopping_criteria")
-        bound.arguments["stopping_criteria"] = StoppingCriteriaList([hook, *(existing or [])])
-        return bound.args, bound.kwargs
-    call_kwargs = dict(kwargs)  # a signature we cannot read: pass the criterion by keyword
-    call_kwargs["stopping_criteria"] = StoppingCriteriaList([hook, *(call_kwargs.get("stopping_criteria") or [])])
-    return args, call_kwargs
+    readable = bound is not None and "stopping_criteria" in bound.signature.parameters
+    arguments = bound.arguments if readable else dict(kwargs)  # unreadable: pass both by keyword
+    arguments["stopping_criteria"] = StoppingCriteriaList([first, *(arguments.get("stopping_criteria") or []), last])
+    if arguments.get("streamer") is not None:
+        arguments["streamer"] = wrap_streamer(arguments["streamer"])
+    return (bound.args, bound.kwargs) if readable else (args, arguments)
 
 
 def describe_call(model: Any, args: tuple, kwargs: dict) -> tuple[int, int | None]:

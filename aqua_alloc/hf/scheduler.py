@@ -2,9 +2,11 @@
 
 Each ``generate`` call is one scheduled *prompt* (a batched call is one prompt). It runs in its
 caller's thread; only one prompt runs at a time on the scheduler's device. A prompt yields at
-step boundaries: transformers calls a stopping criterion once per decode step (public API), and
-ours blocks the prompt's thread there when its slice (``slice_steps`` decode steps) is over and
-the policy picks another prompt. Because every decode step of every prompt runs whole and alone,
+step boundaries: transformers calls the stopping criteria and the streamer once per decode step
+(public API). Ours come last: once the caller's criteria and streamer have seen the step's token,
+the prompt's thread blocks there when its slice (``slice_steps`` decode steps) is over and the
+policy picks another prompt. So a caller sees each token in the step that produced it, never
+after a wait for other prompts. Because every decode step of every prompt runs whole and alone,
 greedy output is bit-identical to the same call run alone, whatever the interleaving.
 
 Policies (vLLM v1 style: an enum and a lookup table; the smallest key runs next):
@@ -66,6 +68,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 from aqua_alloc.hf.attention import warn_if_cudnn_attention
 from aqua_alloc.memory.config import expect_bool, trace_settings_from_env
@@ -79,7 +82,7 @@ from aqua_alloc.hf.generate_hook import (
     renamed_cache_argument,
     returned_cache,
     unscheduled_generate,
-    with_stopping_criterion,
+    with_step_hooks,
 )
 from aqua_alloc.hf import context_memory
 from aqua_alloc.hf.context_memory import ContextMemory, memory_for
@@ -336,7 +339,8 @@ class _Prompt:
 
 
 class _StepHook(StoppingCriteria):
-    """Called by transformers once per decode step; never stops generation, may block to yield."""
+    """First of a call's stopping criteria, once per decode step: counts the step. Never stops
+    generation and never yields (the caller's hooks have not seen the step's token yet)."""
 
     def __init__(self, scheduler: "Scheduler", prompt: _Prompt) -> None:
         self._scheduler = scheduler
@@ -345,9 +349,74 @@ class _StepHook(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         self._scheduler._on_step(self._prompt, input_ids)
-        if self._not_done is None or self._not_done.shape[0] != input_ids.shape[0]:
-            self._not_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return self._not_done
+        return _never_done(self, input_ids)
+
+
+def _never_done(owner: Any, input_ids: torch.Tensor) -> torch.BoolTensor:
+    """A stopping criterion's "not done" answer for every sequence, kept on ``owner`` (one per batch size)."""
+    not_done = getattr(owner, "_not_done", None)
+    if not_done is None or not_done.shape[0] != input_ids.shape[0]:
+        not_done = owner._not_done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    return not_done
+
+
+class _StepBoundary(StoppingCriteria):
+    """Last of a call's stopping criteria, and the wrapper of its streamer: the point of each
+    decode step where the prompt may yield, reached once the caller's criteria *and* its
+    streamer have seen the step's token. So a token the GPU produced reaches its caller
+    before its prompt gives up the device, and the time to first token a caller's streamer
+    sees is the scheduler's own (transformers calls a streamer's ``put`` before the criteria
+    in some 5.x releases and after them in others; counting both finds the later one)."""
+
+    def __init__(self, scheduler: "Scheduler", prompt: _Prompt) -> None:
+        self._scheduler = scheduler
+        self._prompt = prompt
+        self._not_done: torch.Tensor | None = None
+        self._streams = False       # the call has a streamer (wrapped by wrap_streamer)
+        self._criteria_steps = 0    # steps whose stopping criteria have all run
+        self._token_puts = 0        # steps whose token the streamer has been given
+        self._boundaries = 0        # steps whose boundary has been handled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self._criteria_steps += 1
+        self._reached()
+        return _never_done(self, input_ids)
+
+    def wrap_streamer(self, streamer: Any) -> "_StreamerThenBoundary":
+        self._streams = True
+        return _StreamerThenBoundary(streamer, self)
+
+    def token_put(self) -> None:
+        self._token_puts += 1
+        self._reached()
+
+    def _reached(self) -> None:
+        done = min(self._criteria_steps, self._token_puts) if self._streams else self._criteria_steps
+        if done > self._boundaries:
+            self._boundaries = done
+            self._scheduler._at_step_boundary(self._prompt)
+
+
+class _StreamerThenBoundary(BaseStreamer):
+    """The caller's streamer, and after each token it is given, :meth:`_StepBoundary.token_put`.
+    The first ``put`` of a generate call is the prompt itself, not a step's token."""
+
+    def __init__(self, streamer: Any, boundary: _StepBoundary) -> None:
+        self._streamer = streamer
+        self._boundary = boundary
+        self._prompt_put = False
+
+    def put(self, value: Any) -> None:
+        self._streamer.put(value)
+        if self._prompt_put:
+            self._boundary.token_put()
+        self._prompt_put = True
+
+    def end(self) -> None:
+        self._streamer.end()
+
+    def __getattr__(self, name: str) -> Any:  # anything else the caller's streamer offers
+        return getattr(self._streamer, name)
 
 
 class Scheduler:
@@ -606,7 +675,9 @@ class Scheduler:
         use_cache = self.use_context_cache if self.use_context_cache is not None else prompt.memory is not None
         cache = make_context_cache(model, args, kwargs, prompt.tag, device, self.chunk_tokens) if use_cache else None
         prompt.cache = cache  # from here on, released by _leave whatever happens
-        call_args, call_kwargs = with_stopping_criterion(model, args, kwargs, _StepHook(self, prompt))
+        boundary = _StepBoundary(self, prompt)
+        call_args, call_kwargs = with_step_hooks(model, args, kwargs, _StepHook(self, prompt), boundary,
+                                                 boundary.wrap_streamer)
         if cache is not None:
             call_kwargs[cache_keyword()] = cache
         return call_args, call_kwargs
@@ -655,7 +726,8 @@ class Scheduler:
     # ------------------------------------------------------------------ steps and slices
 
     def _on_step(self, prompt: _Prompt, input_ids: torch.Tensor) -> None:
-        """One decode step of ``prompt`` finished (its thread holds the device). May yield."""
+        """One decode step of ``prompt`` finished (its thread holds the device): count it. The
+        prompt yields later in the step, at :meth:`_at_step_boundary`."""
         if prompt.held_interrupt is not None:
             prompt.held_interrupt.deliver()  # a step boundary: a held Ctrl-C is raised here
         now = time.monotonic_ns()
@@ -683,6 +755,13 @@ class Scheduler:
             # back, or because a lender wants memory that holds part of it.
             prompt.resume_needed = False
             prompt.memory.resume(prompt.tag, wait=True)
+
+    def _at_step_boundary(self, prompt: _Prompt) -> None:
+        """Every hook of the caller has seen this step's token: the prompt may yield here."""
+        if prompt.held_interrupt is not None:
+            prompt.held_interrupt.deliver()
+        if prompt.error is not None:
+            raise prompt.error
         if not self._slice_over(prompt):
             return
         with self._cond:
