@@ -84,6 +84,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
@@ -239,20 +240,41 @@ class BenchResult:
 # Measuring one generate call
 
 
+class _FirstTokenStreamer(BaseStreamer):
+    """The caller's clock: a streamer, as a user's, that notes when its first token is put (the
+    token is on the host then; transformers copies it there for the put). The first ``put`` of
+    a generate call is the prompt."""
+
+    def __init__(self) -> None:
+        self.first_token_t: float | None = None    # time.perf_counter()
+        self.first_token_ns: int | None = None     # time.monotonic_ns(), the clock of aqua_alloc's events
+        self._puts = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self._puts += 1
+        if self._puts == 2:
+            self.first_token_t, self.first_token_ns = time.perf_counter(), time.monotonic_ns()
+
+    def end(self) -> None:
+        pass
+
+
 class _TokenClock(StoppingCriteria):
-    """Per decode step (never stops generation, except on abort): notes when the first token is
-    on the host (waits for it, once) and stops the call at the next step once one of ``stops``
+    """What a generate call is measured with: ``streamer`` (a :class:`_FirstTokenStreamer`)
+    times its first token as a caller sees it, and the clock as a stopping criterion (never
+    stops generation, except on abort) stops the call at the next step once one of ``stops``
     (``threading.Event``, :class:`_Flag`) is set."""
 
     def __init__(self, *stops: Any) -> None:
         self.stops = stops
-        self.first_token_t: float | None = None  # time.perf_counter()
+        self.streamer = _FirstTokenStreamer()
         self._flags: dict[tuple[int, bool], torch.Tensor] = {}
 
+    @property
+    def first_token_t(self) -> float | None:
+        return self.streamer.first_token_t
+
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        if self.first_token_t is None:
-            input_ids[:, -1:].cpu()  # wait for the first token itself, not only its launch
-            self.first_token_t = time.perf_counter()
         stop = any(flag.is_set() for flag in self.stops)
         key = (input_ids.shape[0], stop)
         if key not in self._flags:
@@ -261,10 +283,11 @@ class _TokenClock(StoppingCriteria):
 
 
 def _generate_kwargs(prompt: torch.Tensor, new_tokens: int, clock: _TokenClock) -> dict[str, Any]:
-    """Greedy, exactly ``new_tokens`` tokens (min = max), our clock as a stopping criterion."""
+    """Greedy, exactly ``new_tokens`` tokens (min = max), our clock as a stopping criterion and
+    its streamer."""
     return dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
-                stopping_criteria=StoppingCriteriaList([clock]))
+                stopping_criteria=StoppingCriteriaList([clock]), streamer=clock.streamer)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -330,6 +353,7 @@ class _Bench:
         self.out_dir = out_dir
         self.stem = stem
         self.check_ids: set[int] = set()      # indices into requests whose output ids are kept
+        self.service: ServiceModel | None = None  # fitted on the solo runs (calibration)
         self.memory_fraction: float | None = None  # fcfs/threads cap (CUDA), see module docstring
         self.cap_bytes = 0                    # the cap in bytes (memory_fraction x device memory)
         self.base_reserved = 0                # bytes PyTorch held when the cap was measured
@@ -361,6 +385,7 @@ class _Run:
                         for r, a in zip(bench.requests, arrivals)]
         self.abort = threading.Event()
         self.t0 = 0.0
+        self.first_token_ns: dict[int, int] = {}  # request index -> its caller's first token, time.monotonic_ns()
         self.notes: list[str] = []
 
     @property
@@ -450,6 +475,7 @@ class _GenerateRun(_Run):
             record.finish_s = self.now()
         if clock.first_token_t is not None:
             record.first_token_s = clock.first_token_t - self.t0
+            self.first_token_ns[i] = clock.streamer.first_token_ns
         if bench.options.verbose:
             self._log_request(i)
 
@@ -584,6 +610,16 @@ class _AquaRun(_ThreadsRun):
         self.abort.set()                      # the running prompt stops at its next step
         self.scheduler.shutdown(wait=False)   # the waiting ones fail with SchedulerShutdown
 
+    def _note_system_first_tokens(self, stats: Any) -> None:
+        """Each request's first token as the scheduler logged it, on the run's clock (the
+        scheduler's and the streamer's stamps share time.monotonic_ns)."""
+        made_ns = {p.tag: p.first_token_ns for p in stats.prompts}
+        for i, seen_ns in self.first_token_ns.items():
+            ns = made_ns.get(self._extra(i)["tag"])
+            record = self.records[i]
+            if ns is not None and record.first_token_s is not None:
+                record.system_first_token_s = record.first_token_s - (seen_ns - ns) / 1e9
+
     def teardown(self) -> dict[str, Any]:
         from aqua_alloc.obs import trace, trace_writer  # noqa: PLC0415
 
@@ -591,6 +627,7 @@ class _AquaRun(_ThreadsRun):
         fields: dict[str, Any] = self._torch_peak()
         stats = self.scheduler.stats()
         self.scheduler.shutdown()
+        self._note_system_first_tokens(stats)
         fields["num_slices"] = len(stats.slices)
         fields["parked_s"] = round(sum(p.parked_ns for p in stats.prompts) / 1e9, 6)
         if self._enabled:
@@ -653,6 +690,11 @@ class _ContinuousBatchingRun(_Run):
         self._prompts = [p[0].tolist() for p in bench.prompts]
         self._pending = set(self._ids)
         self._done = threading.Event()
+        # Streaming: each token is handed to the caller as it comes, so the caller's clock sees
+        # the first one (as a streamer's put does for the other systems).
+        self._streaming = "streaming" in inspect.signature(self.manager.add_request).parameters
+        if not self._streaming:
+            self.notes.append("this transformers' add_request cannot stream: TTFT is its own first-token timestamp")
         try:
             self._warm_up()
         except BaseException:
@@ -683,9 +725,10 @@ class _ContinuousBatchingRun(_Run):
 
     def submit(self, i: int) -> None:
         record = self.records[i]
+        stream = {"streaming": True} if self._streaming else {}
         request_id = self.manager.add_request(self._prompts[i], request_id=f"r{i}",
                                               max_new_tokens=record.expected_tokens, record_timestamps=True,
-                                              eos_token_id=-1)
+                                              eos_token_id=-1, **stream)
         if request_id is None:
             record.error = "refused by the continuous batching manager"
             self._finish(f"r{i}")
@@ -698,16 +741,22 @@ class _ContinuousBatchingRun(_Run):
     def _collect(self) -> None:
         while not self._done.is_set():
             result = self.manager.get_result(timeout=0.1)
-            if result is None or not result.is_finished() or result.request_id not in self._ids:
+            if result is None or result.request_id not in self._ids:
                 if result is None and not self.manager.is_running():
                     return
                 continue
             i = self._ids[result.request_id]
             record = self.records[i]
             stamps = result.timestamps or []
+            if record.first_token_s is None and result.generated_tokens and self._streaming:
+                record.first_token_s = self.now()  # the caller has its first token
+            if not result.is_finished():
+                continue
             record.num_tokens = len(result.generated_tokens)
             if stamps:
-                record.first_token_s = stamps[0] - self.t0
+                record.system_first_token_s = stamps[0] - self.t0
+                if record.first_token_s is None:
+                    record.first_token_s = record.system_first_token_s
             record.finish_s = (stamps[-1] if stamps else time.perf_counter()) - self.t0
             if result.error is not None:
                 record.error = str(result.error).splitlines()[0][:200]
@@ -1077,6 +1126,7 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
     bench.check_ids = set(check)
     mismatches: list[str] = []
     service, references, solo_runs = _calibrate(bench, check, mismatches)
+    bench.service = service
     log(f"calibration took {time.perf_counter() - t_cal:.1f} s")
     skipped = {s: _unavailable(s, device, model, requests, plan.kv_budget) for s in plan.systems}
     for s, reason in skipped.items():
@@ -1205,7 +1255,8 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
         raise KeyboardInterrupt
     if failed_row is not None:
         return failed_row, None
-    summary = summarize_run(run.records)
+    step_s = bench.service.decode_s_per_token if bench.service is not None else None
+    summary = summarize_run(run.records, step_s=step_s)
     checked, identical = 0, True
     for i, want in references.items():
         got = run.records[i].output_ids
@@ -1233,6 +1284,10 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
     log(f"{run.label}: {row['completed']}/{row['requests']} done, {row['failed']} failed ({row['oom']} OOM); "
         f"ttft mean/p99 {ttft}; {tok_s} tok/s; peak {peaks}; "
         f"outputs {'identical' if identical else 'DIFFER'} on {checked} checked; {row['duration_s']:.1f} s")
+    if row["first_token_gap_max_s"] is not None:
+        over = row["first_token_gaps_over_step"]
+        log(f"  first tokens: the caller's at most {row['first_token_gap_max_s'] * 1e3:.1f} ms after the system's own log"
+            + (f"; {over} more than one step ({step_s * 1e3:.1f} ms) after it" if over is not None else ""))
     if "num_moves" in row:
         log(f"  aqua_alloc: {row['num_moves']} moves, {_fmt_bytes(row['bytes_moved'])} moved; "
             f"{row['num_slices']} slices, {row['parked_s']:.2f} s parked in all")

@@ -368,7 +368,9 @@ class RequestRecord:
     arrival_s: float                   # when it was due (its replayed arrival time)
     expected_tokens: int
     submitted_s: float | None = None   # when the driver actually handed it over
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # when the caller had the first token (a streamer's first put)
+    system_first_token_s: float | None = None  # when the system itself logged it (aqua: the
+                                       # scheduler's first_token; hf-cb: transformers' timestamp)
     finish_s: float | None = None
     num_tokens: int = 0
     error: str | None = None           # None: no error
@@ -388,10 +390,15 @@ def _pct(values: Sequence[float], p: float) -> float | None:
     return percentile(sorted(values), p) if values else None
 
 
-def summarize_run(records: Sequence[RequestRecord]) -> dict[str, float | int | None]:
+def summarize_run(records: Sequence[RequestRecord], step_s: float | None = None) -> dict[str, float | int | None]:
     """Row fields of one run. Latencies cover completed requests only; ``output_tok_s`` is the
-    tokens of completed requests over the time from the first arrival to the last finish."""
+    tokens of completed requests over the time from the first arrival to the last finish.
+    Where the system logs first tokens itself, ``first_token_gap_max_s`` is the most the
+    caller's first token came after it, and ``first_token_gaps_over_step`` how many came more
+    than ``step_s`` (one decode step) after it."""
     done = [r for r in records if r.completed]
+    gaps = [r.first_token_s - r.system_first_token_s for r in done
+            if r.first_token_s is not None and r.system_first_token_s is not None]
     ttft = [r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]
     tpot = [(r.finish_s - r.first_token_s) / (r.num_tokens - 1)
             for r in done if r.first_token_s is not None and r.num_tokens > 1]
@@ -411,4 +418,6 @@ def summarize_run(records: Sequence[RequestRecord]) -> dict[str, float | int | N
         "output_tok_s": sum(r.num_tokens for r in done) / span if span > 0 else None,
         "max_submit_lag_s": max((r.submitted_s - r.arrival_s for r in records if r.submitted_s is not None),
                                 default=None),
+        "first_token_gap_max_s": max(gaps, default=None),
+        "first_token_gaps_over_step": (sum(g > step_s for g in gaps) if gaps and step_s is not None else None),
     }

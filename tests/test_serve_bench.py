@@ -254,6 +254,18 @@ def test_summarize_run_on_known_records():
     assert s["max_submit_lag_s"] == 0
 
 
+def test_first_token_gaps_between_the_callers_clock_and_the_systems_log():
+    records = [record(0, 0.0, 0.10, 1.0, 4), record(1, 0.0, 0.30, 1.0, 4), record(2, 0.0, 0.50, 1.0, 4),
+               record(3, 0.0, None, 1.0, 0, expected=4, error="boom")]
+    for r, system_first in zip(records, (0.10, 0.28, 0.20, 0.05)):
+        r.system_first_token_s = system_first   # gaps 0, 0.02, 0.3 (the failed one is not counted)
+    s = summarize_run(records, step_s=0.025)
+    assert s["first_token_gap_max_s"] == pytest.approx(0.3)
+    assert s["first_token_gaps_over_step"] == 1
+    plain = summarize_run([record(0, 0.0, 0.1, 1.0, 4)], step_s=0.025)  # a system that logs nothing itself
+    assert plain["first_token_gap_max_s"] is None and plain["first_token_gaps_over_step"] is None
+
+
 def test_summarize_run_with_nothing_completed():
     s = summarize_run([record(0, 0.0, None, 1.0, 0, expected=5, error="boom")])
     assert (s["completed"], s["failed"], s["ttft_mean_s"], s["ttft_p99_s"]) == (0, 1, None, None)
@@ -354,6 +366,12 @@ def test_every_system_serves_every_request_exactly(tmp_path):
                       "output_tok_s_ratio_to_fcfs"):
             assert row[field] is not None and row[field] > 0, (name, field)
     assert rows["aqua-host"]["num_slices"] >= 10  # every request ran at least one slice
+    for name in ("aqua-host", "hf-cb"):  # they log first tokens themselves: compared with the caller's clock
+        assert rows[name]["first_token_gap_max_s"] is not None  # below 0 where the put comes before the log
+    for name in ("fcfs", "threads"):
+        assert rows[name]["first_token_gap_max_s"] is None
+    first_tokens = {run["system"]: [r["first_token_s"] - r["arrival_s"] for r in run["records"]] for run in result.runs}
+    assert all(t is not None and t > 0 for times in first_tokens.values() for t in times)
     written = json.loads(Path(result.files["results"]).read_text())
     assert [r["system"] for r in written] == list(rows)
     assert all(r["round"] == 1 for r in written) and "paired_ratios" not in result.meta
