@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     add = p.add_argument
-    add("--trace", default=d.trace, help="conv, code, conv-excerpt (packaged) or a CSV path (default %(default)s)")
-    add("--traces-dir", default=None, help="directory of the Azure CSVs (default: shared/traces near the repo)")
+    add("--trace", default=d.trace, help="conv, code (Azure CSVs), mooncake (JSON lines), conv-excerpt (packaged) or a .csv / .jsonl "
+        "path (default %(default)s)")
+    add("--traces-dir", default=None, help="directory of the named traces (default: shared/traces near the repo)")
     add("--window-start", type=float, default=d.window_start_s, help="window start, trace s (default %(default)s)")
     add("--window-s", type=float, default=d.window_s, help="window duration, trace s (default %(default)s)")
     add("--max-requests", type=_optional_int, default=d.max_requests,

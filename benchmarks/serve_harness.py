@@ -90,6 +90,7 @@ import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
 from serve_options import EXACT_SYSTEMS, MODEL_DEFAULTS, BenchOptions, System, check_options
 from serve_trace import (
+    ATTRIBUTION,
     BenchInputError,
     LoadedTrace,
     Request,
@@ -1182,8 +1183,7 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
     meta = {
         "benchmark": "bench_serve",
         "trace": {"name": trace.name, "path": str(trace.path), "note": trace.note,
-                  "attribution": "Azure LLM inference trace 2023 (Azure/AzurePublicDataset, CC-BY-4.0); "
-                                 "Patel et al., Splitwise, ISCA 2024"},
+                  "attribution": ATTRIBUTION.get(trace.path.suffix.lower())},
         "window": window | {"trace_rows": [requests[0].id, requests[-1].id], "num_requests": len(requests)},
         "seed": options.seed,
         "model": {"name": plan.model, "dtype": str(model.dtype), "weights_bytes": weights_bytes(model),

@@ -56,7 +56,7 @@ DEFAULT_MODEL = {"cuda": "llama-1b", "cpu": "tiny"}
 class BenchOptions:
     """What to replay and how. Sizes in bytes unless a string like '256MiB'."""
 
-    trace: str = "conv"                      # conv, code, conv-excerpt or a CSV path
+    trace: str = "conv"                      # conv, code, mooncake, conv-excerpt or a .csv / .jsonl path
     traces_dir: str | None = None            # where conv/code are (default: shared/traces near the repo)
     window_start_s: float = 0.0              # window start, seconds of trace time
     window_s: float = 60.0                   # window duration, seconds of trace time

@@ -2,9 +2,13 @@
 
 Pure Python (no torch): what ``benchmarks/bench_serve.py`` replays, and the numbers it reports, so that all of it is testable without a model.
 
-- A trace is the Azure LLM inference trace format (Patel et al., "Splitwise", ISCA 2024;
-  CC-BY-4.0): CSV rows ``TIMESTAMP,ContextTokens,GeneratedTokens``, one per request, with
-  absolute timestamps. :func:`load_trace` rebases them to the first row (seconds).
+- A trace is one of two formats, read as they are published, one row per request, rebased by
+  :func:`load_trace` to the first row (seconds):
+  - Azure LLM inference trace (Patel et al., "Splitwise", ISCA 2024; CC-BY-4.0): CSV rows
+    ``TIMESTAMP,ContextTokens,GeneratedTokens`` with absolute timestamps (``conv``, ``code``);
+  - Mooncake (Qin et al., "Mooncake", FAST 2025; Apache-2.0): JSON lines with ``timestamp``
+    (ms from the start), ``input_length``, ``output_length`` and ``hash_ids`` (shared-prefix
+    block ids, not used here) (``mooncake``: long prompts, arrivals in 3-second buckets).
 - A *window* is the requests arriving in ``[start, start + duration)`` seconds of the trace,
   at most ``max_requests`` of them, arrival times rebased to the window's first request.
 - The *time scale* stretches (or squeezes) the window's inter-arrival times so that the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import json
 import math
 import os
 from pathlib import Path
@@ -39,6 +44,7 @@ __all__ = [
     "LoadedTrace",
     "Request",
     "read_azure_csv",
+    "read_mooncake_jsonl",
     "trace_search_dirs",
     "load_trace",
     "select_window",
@@ -58,6 +64,12 @@ __all__ = [
 TRACE_FILES = {
     "conv": "AzureLLMInferenceTrace_conv.csv",
     "code": "AzureLLMInferenceTrace_code.csv",
+    "mooncake": "conversation_trace.jsonl",
+}
+# Whom each format comes from: kept in the results' metadata wherever the data is reported.
+ATTRIBUTION = {
+    ".csv": "Azure LLM inference trace 2023 (Azure/AzurePublicDataset, CC-BY-4.0); Patel et al., Splitwise, ISCA 2024",
+    ".jsonl": "Mooncake conversation trace (kvcache-ai/Mooncake, Apache-2.0); Qin et al., Mooncake, FAST 2025",
 }
 # The first rows of the conv trace, shipped in the package (aqua_alloc/data/README.md).
 EXCERPT_NAME = "conv-excerpt"
@@ -147,6 +159,51 @@ def read_azure_csv(path: str | os.PathLike[str]) -> list[TraceRow]:
     return rows
 
 
+def read_mooncake_jsonl(path: str | os.PathLike[str]) -> list[TraceRow]:
+    """Rows of a Mooncake trace (JSON lines: ``timestamp`` in ms from the start,
+    ``input_length``, ``output_length``; other keys ignored), rebased to its first row.
+
+    Raises BenchInputError naming the file and line for a line that is not a JSON object, a
+    missing or bad field, or timestamps out of order.
+    """
+    path = Path(path)
+    rows: list[TraceRow] = []
+    t0: float | None = None
+    previous = -math.inf
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                entry = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise BenchInputError(f"{path}:{line}: not a JSON line: {e}") from None
+            if not isinstance(entry, dict):
+                raise BenchInputError(f"{path}:{line}: expected a JSON object, got {type(entry).__name__}")
+            timestamp_ms = entry.get("timestamp")
+            if (isinstance(timestamp_ms, bool) or not isinstance(timestamp_ms, (int, float))
+                    or not math.isfinite(timestamp_ms) or timestamp_ms < 0):
+                raise BenchInputError(f"{path}:{line}: timestamp must be a number of ms >= 0, got {timestamp_ms!r}")
+            lengths = [entry.get(key) for key in ("input_length", "output_length")]
+            for key, value in zip(("input_length", "output_length"), lengths):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise BenchInputError(f"{path}:{line}: {key} must be a whole number of tokens >= 1, got {value!r}")
+            t = timestamp_ms / 1000.0
+            if t < previous:
+                raise BenchInputError(f"{path}:{line}: timestamp {timestamp_ms} is earlier than the line before")
+            previous = t
+            t0 = t if t0 is None else t0
+            rows.append(TraceRow(arrival_s=t - t0, prompt_tokens=lengths[0], output_tokens=lengths[1]))
+    if not rows:
+        raise BenchInputError(f"{path}: the trace has no requests")
+    return rows
+
+
+def read_trace_file(path: Path) -> list[TraceRow]:
+    """Rows of a trace file, by its suffix: ``.csv`` (Azure) or ``.jsonl`` (Mooncake)."""
+    return read_mooncake_jsonl(path) if path.suffix.lower() == ".jsonl" else read_azure_csv(path)
+
+
 def trace_search_dirs(traces_dir: str | os.PathLike[str] | None = None) -> list[Path]:
     """Where named traces are looked for: ``traces_dir`` if given; else ``$AQUA_TRACES_DIR``,
     then ``shared/traces`` inside and next to the repository."""
@@ -161,7 +218,8 @@ def trace_search_dirs(traces_dir: str | os.PathLike[str] | None = None) -> list[
 
 
 def load_trace(spec: str, traces_dir: str | os.PathLike[str] | None = None) -> LoadedTrace:
-    """Load ``spec``: ``conv``, ``code``, ``conv-excerpt`` (packaged) or a CSV path.
+    """Load ``spec``: ``conv``, ``code``, ``mooncake``, ``conv-excerpt`` (packaged), or the path
+    of a ``.csv`` (Azure format) or ``.jsonl`` (Mooncake format) file.
 
     When the full conv trace is not found, the packaged excerpt (its first rows) stands in
     and ``note`` says so; :func:`select_window` then refuses windows the excerpt does not
@@ -174,7 +232,7 @@ def load_trace(spec: str, traces_dir: str | os.PathLike[str] | None = None) -> L
         for d in dirs:
             path = d / TRACE_FILES[spec]
             if path.is_file():
-                return LoadedTrace(spec, path, read_azure_csv(path), False, None)
+                return LoadedTrace(spec, path, read_trace_file(path), False, None)
         looked = ", ".join(str(d) for d in dirs)
         if spec == "conv" and EXCERPT_PATH.is_file():
             rows = read_azure_csv(EXCERPT_PATH)
@@ -182,12 +240,13 @@ def load_trace(spec: str, traces_dir: str | os.PathLike[str] | None = None) -> L
                     f"(its first {len(rows)} rows, {rows[-1].arrival_s:.0f} s)")
             return LoadedTrace(EXCERPT_NAME, EXCERPT_PATH, rows, True, note)
         raise BenchInputError(f"--trace={spec!r}: {TRACE_FILES[spec]} not found (looked in {looked}); "
-                              "pass --traces-dir DIR or a CSV path")
+                              "pass --traces-dir DIR or the file's path")
     path = Path(spec)
-    if path.suffix.lower() == ".csv" and path.is_file():
-        return LoadedTrace(path.stem, path, read_azure_csv(path), False, None)
+    if path.suffix.lower() in ATTRIBUTION and path.is_file():
+        return LoadedTrace(path.stem, path, read_trace_file(path), False, None)
     known = ", ".join([*TRACE_FILES, EXCERPT_NAME])
-    raise BenchInputError(f"--trace={spec!r}: not a known trace ({known}) nor an existing .csv file")
+    raise BenchInputError(f"--trace={spec!r}: not a known trace ({known}) nor an existing .csv (Azure) or "
+                          ".jsonl (Mooncake) file")
 
 
 @dataclasses.dataclass(frozen=True)

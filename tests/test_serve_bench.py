@@ -120,8 +120,48 @@ def test_named_trace_found_or_excerpt_stands_in(tmp_path):
         select_window(conv, 0, 200, None)
 
 
+MOONCAKE_LINES = [  # the first lines of kvcache-ai/Mooncake's conversation_trace.jsonl (Apache-2.0)
+    '{"timestamp": 0, "input_length": 6758, "output_length": 500, "hash_ids": [0, 1, 2, 3]}',
+    '{"timestamp": 0, "input_length": 7322, "output_length": 490, "hash_ids": [0, 14, 15]}',
+    '{"timestamp": 3000, "input_length": 13544, "output_length": 71, "hash_ids": [0, 111]}',
+    '{"timestamp": 5999, "input_length": 1053, "output_length": 26, "hash_ids": [0, 300]}',
+]
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_mooncake_trace_is_read_as_published(tmp_path):
+    write_jsonl(tmp_path / "conversation_trace.jsonl", MOONCAKE_LINES)
+    trace = load_trace("mooncake", traces_dir=tmp_path)
+    assert trace.name == "mooncake" and not trace.is_excerpt
+    assert [(r.arrival_s, r.prompt_tokens, r.output_tokens) for r in trace.rows] == [
+        (0.0, 6758, 500), (0.0, 7322, 490), (3.0, 13544, 71), (5.999, 1053, 26)]  # ms -> s, bursts kept
+    assert [r.arrival_s for r in load_trace(str(tmp_path / "conversation_trace.jsonl")).rows] == [0, 0, 3.0, 5.999]
+    window = select_window(trace, 1.0, 10.0, None)
+    assert [(r.id, r.arrival_s) for r in window] == [(2, 0.0), (3, pytest.approx(2.999))]
+
+
+@pytest.mark.parametrize("lines, text", [
+    (["{not json"], "t.jsonl:1: not a JSON line"),
+    (["[1, 2]"], "t.jsonl:1: expected a JSON object, got list"),
+    (['{"input_length": 5, "output_length": 2}'], "t.jsonl:1: timestamp must be a number of ms >= 0, got None"),
+    (['{"timestamp": -1, "input_length": 5, "output_length": 2}'], "t.jsonl:1: timestamp must be a number"),
+    (['{"timestamp": 0, "input_length": 5.5, "output_length": 2}'], "t.jsonl:1: input_length must be a whole number"),
+    (['{"timestamp": 0, "input_length": 5, "output_length": 0}'], "t.jsonl:1: output_length must be a whole number"),
+    (['{"timestamp": 9, "input_length": 5, "output_length": 1}', "",
+      '{"timestamp": 3, "input_length": 5, "output_length": 1}'], "t.jsonl:3: timestamp 3 is earlier"),
+    ([], "the trace has no requests"),
+])
+def test_bad_mooncake_lines_name_file_and_line(tmp_path, lines, text):
+    with pytest.raises(BenchInputError, match=text):
+        load_trace(str(write_jsonl(tmp_path / "t.jsonl", lines)))
+
+
 def test_unknown_and_missing_traces_name_the_argument(tmp_path):
-    with pytest.raises(BenchInputError, match=r"--trace='chat': not a known trace \(conv, code, conv-excerpt\)"):
+    with pytest.raises(BenchInputError, match=r"--trace='chat': not a known trace \(conv, code, mooncake, conv-excerpt\)"):
         load_trace("chat")
     with pytest.raises(BenchInputError, match="--trace='code': AzureLLMInferenceTrace_code.csv not found"):
         load_trace("code", traces_dir=tmp_path)
