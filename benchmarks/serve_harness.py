@@ -986,7 +986,7 @@ def _load_requests(options: BenchOptions, plan: _Plan, log: Log) -> tuple[Loaded
     requests, num_prompts_clipped, num_outputs_clipped = clip_requests(requests, plan.max_prompt, plan.max_output)
     window_rate(requests)  # at least two requests, not all at one instant: else an arrival rate is meaningless
     log(f"trace {trace.name}: {trace.path} ({len(trace.rows)} requests over {trace.span_s:.1f} s); "
-        "Azure LLM inference trace (CC-BY-4.0), Patel et al., Splitwise, ISCA 2024")
+        f"{ATTRIBUTION.get(trace.path.suffix.lower())}")
     log(f"window: start {options.window_start_s:g} s, duration {options.window_s:g} s of trace time; "
         f"{len(requests)} requests (--max-requests {options.max_requests}), trace rows "
         f"{requests[0].id}..{requests[-1].id}, arriving over {requests[-1].arrival_s:.2f} s")
