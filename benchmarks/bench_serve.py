@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--check", type=int, default=d.check,
         help="requests run alone (twice each) first: calibration and output references (default %(default)s)")
     add("--slice-steps", type=int, default=d.slice_steps, help="aqua scheduler slice, steps (default %(default)s)")
+    add("--switch-overhead", type=float, default=d.switch_overhead,
+        help="aqua scheduler: lengthen the slices of prompts whose switch in costs more than this share of a "
+             "slice, e.g. 0.1 (default: fixed slices)")
     add("--chunk-tokens", type=int, default=d.chunk_tokens, help="aqua KV chunk, tokens (default %(default)s)")
     add("--budget-s", type=float, default=d.budget_s,
         help="target seconds for all replays: fewer requests when the estimate is over, and runs that would end "
@@ -111,7 +114,7 @@ def _bench(argv: list[str] | None) -> int:
             model=args.model, device=args.device, kv_budget=args.kv_budget,
             systems=parse_names(args.systems, [s.value for s in System], "--systems"),
             loads=parse_loads(args.loads), seed=args.seed, check=args.check, slice_steps=args.slice_steps,
-            chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
+            switch_overhead=args.switch_overhead, chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
             rounds=args.rounds,
             out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
         check_arguments(options)  # before torch is imported (seconds): a bad argument is refused at once

@@ -593,6 +593,7 @@ class _AquaRun(_ThreadsRun):
         else:
             self.notes.append("CPU: the fair scheduler only; no context is parked or moved (moves need a CUDA GPU)")
         self.scheduler = Scheduler(device=bench.device, policy="fair", slice_steps=bench.options.slice_steps,
+                                   switch_overhead=bench.options.switch_overhead,
                                    chunk_tokens=bench.options.chunk_tokens)
         # Warm-up through the scheduler (first context, pool creation), outside the measurement.
         self.scheduler.generate(bench.model, tag=f"{self.label}-warmup",
@@ -1195,7 +1196,8 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
         "kv_budget_bytes": plan.kv_budget,
         "cudnn_attention": cudnn_attention_enabled(),
         "fcfs_threads_memory_cap": cap,
-        "scheduler": {"policy": "fair", "slice_steps": options.slice_steps, "chunk_tokens": options.chunk_tokens},
+        "scheduler": {"policy": "fair", "slice_steps": options.slice_steps, "switch_overhead": options.switch_overhead,
+                      "chunk_tokens": options.chunk_tokens},
         "calibration": {"solo_runs": solo_runs, "service_model": dataclasses.asdict(service),
                         "mean_service_s": mean_service},
         "time_scales": {f"{load:g}": round(s, 6) for load, s in scales.items()},

@@ -71,6 +71,7 @@ class BenchOptions:
     seed: int = 0                            # prompt token ids, weights, correctness sample
     check: int = 3                           # requests run alone first: calibration and references
     slice_steps: int = 5                     # aqua scheduler: decode steps per slice
+    switch_overhead: float | None = None     # aqua scheduler: longer slices where a switch costs more than this share
     chunk_tokens: int = 256                  # aqua scheduler: tokens per KV chunk of a context
     budget_s: float | None = 300.0           # replay phase target (s): fewer requests if the estimate is over
     min_requests: int = 8                    # the budget never trims below this
@@ -122,6 +123,9 @@ def check_options(options: BenchOptions, device_type: str) -> CheckedOptions:
         raise BenchInputError(f"--check={options.check}: at least one request must run alone (calibration)")
     if options.slice_steps < 1:
         raise BenchInputError(f"--slice-steps={options.slice_steps}: must be at least 1")
+    if options.switch_overhead is not None and not 0 < options.switch_overhead < 1:
+        raise BenchInputError(f"--switch-overhead={options.switch_overhead}: a share of a slice between 0 and 1, "
+                              "such as 0.1 (leave it out for fixed slices)")
     if options.budget_s is not None and options.budget_s <= 0:
         raise BenchInputError(f"--budget-s={options.budget_s}: must be positive")
     if isinstance(options.rounds, bool) or not isinstance(options.rounds, int) or options.rounds < 1:

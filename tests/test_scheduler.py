@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -929,3 +930,40 @@ def test_ctrl_c_in_the_main_threads_prompt_leaves_the_scheduler_consistent(llama
     assert ("release", "main") in fake.calls or where == "waiting"  # a waiting prompt made none
     assert torch.equal(sched.generate(llama, prompt_ids(7, 9), tag="main", max_new_tokens=4, **GREEDY),
                        solo(llama, prompt_ids(7, 9), max_new_tokens=4))
+
+
+def test_switch_overhead_lengthens_the_slices_of_prompts_whose_switch_costs_more(llama, monkeypatch):
+    """A resume that takes long (a context coming back from host) makes the prompt's slices
+    longer with switch_overhead, so the move is paid once per longer slice; without it, or when
+    switches cost nothing, slices stay slice_steps long."""
+    class SlowResume(FakeAllocator):
+        def resume(self, tag, wait=True):
+            time.sleep(0.05)  # s: far more than a tiny model's step on CPU
+            return super().resume(tag, wait)
+
+    orders = {}
+    for overhead in (None, 0.1):
+        slow = SlowResume()
+        monkeypatch.setattr(kv_cache, "memory_for", lambda device, slow=slow: slow)
+        monkeypatch.setattr(scheduler_module, "memory_for", lambda device, slow=slow: slow)
+        sched = Scheduler(policy="rr", slice_steps=2, use_context_cache=True, prefetch=False,
+                          first_token_priority=False, switch_overhead=overhead)
+        specs = [("a", prompt_ids(5, 1), 24, {}), ("b", prompt_ids(6, 2), 24, {})]
+        results = held_backlog(sched, llama, specs)
+        assert all(r.error is None for r in results.values())
+        for tag, ids, n, _ in specs:
+            assert torch.equal(results[tag].result, solo(llama, ids, max_new_tokens=n))
+        orders[overhead] = slice_order(sched)
+        stats = {p.tag: p for p in sched.stats().prompts}
+        assert all(p.last_switch_s >= 0.04 for p in stats.values())  # measured: the sleep, less a step
+        assert not slow.errors
+    assert all(steps == 2 for _, steps in orders[None][:-2])
+    # 0.05 s / (0.1 x a step of a few ms) is more than 8 x 2 steps: slices of 16 once a step is timed
+    assert max(steps for _, steps in orders[0.1]) == scheduler_module.MAX_SLICE_FACTOR * 2
+    assert len(orders[0.1]) < len(orders[None])
+
+
+@pytest.mark.parametrize("value", [0, 1, 1.5, -0.1, True, "0.1"])
+def test_switch_overhead_takes_a_share_between_0_and_1(value):
+    with pytest.raises(ValueError, match=r"switch_overhead=.*: expected None \(fixed slices\) or a share"):
+        Scheduler(switch_overhead=value)

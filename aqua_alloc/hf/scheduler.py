@@ -61,6 +61,7 @@ import enum
 import functools
 import itertools
 import logging
+import math
 import signal
 import threading
 import time
@@ -92,6 +93,7 @@ log = logging.getLogger(__name__)
 
 _HISTORY = 10_000  # finished prompts and slices kept for stats()
 _POLL_S = 0.05     # s: how soon a prompt waiting in the main thread sees a held Ctrl-C
+MAX_SLICE_FACTOR = 8  # switch_overhead lengthens a slice to at most this many times slice_steps
 _prompt_numbers = itertools.count()  # process-wide, so tags stay unique across schedulers
 
 
@@ -257,6 +259,8 @@ class PromptStats:
     bytes_moved: int                # bytes of its context moved: found off the GPU at resumes + brought back
     parked_context_bytes: int       # at its last park: bytes its context held (all tiers; 0 if no context)
     parked_kv_bytes: int            # at its last park: bytes of valid KV tokens in it
+    step_s: float | None            # its usual decode step (s; moving average), None before its second step
+    last_switch_s: float            # its last switch in (s): first step of a slice less its usual step
     error: str | None
 
 
@@ -309,6 +313,11 @@ class _Prompt:
         self.slice_index = 0
         self.slice_start_step = 0
         self.slice_num_steps = 0
+        self.slice_target = 0               # steps this slice may run (slice_steps, or more: switch_overhead)
+        self.slice_began_ns = 0             # when it got the device for this slice (before its resume)
+        self.last_step_ns = 0               # when its last step ended
+        self.step_s: float | None = None    # its usual decode step (s): moving average of in-slice steps
+        self.switch_s = 0.0                 # its last measured switch in (s)
         self.parked_ns = 0
         self.parked_since: int | None = None
         self.bytes_moved = 0
@@ -334,7 +343,8 @@ class _Prompt:
             finish_step=self.finish_step, num_tokens=self.num_tokens, num_steps=self.num_steps,
             num_slices=self.num_slices, service=self.service, parked_ns=self.parked_ns,
             bytes_moved=self.bytes_moved, parked_context_bytes=self.parked_context_bytes,
-            parked_kv_bytes=self.parked_kv_bytes, error=None if self.error is None else repr(self.error),
+            parked_kv_bytes=self.parked_kv_bytes, step_s=self.step_s, last_switch_s=self.switch_s,
+            error=None if self.error is None else repr(self.error),
         )
 
 
@@ -433,6 +443,13 @@ class Scheduler:
         prefetch: resume the context of the prompt predicted to run next while one runs.
         first_token_priority: prompts waiting for their first token run next, and the running
             prompt yields to them at its next step (fair and rr; see the module docstring).
+        switch_overhead: None (default): every slice is ``slice_steps`` steps. A share such as
+            0.1: a prompt whose switch in costs more than that share of its slice gets longer
+            slices, up to ``MAX_SLICE_FACTOR`` times ``slice_steps``. The switch's cost is
+            measured, not guessed: the first step of a slice, from the moment the prompt got
+            the device (its context's resume included), less the prompt's usual step time. Long
+            contexts parked to host then pay their move once per longer slice; newcomers still
+            get the device at the next step (first-token priority).
     """
 
     def __init__(
@@ -445,6 +462,7 @@ class Scheduler:
         chunk_tokens: int = 256,
         prefetch: bool = True,
         first_token_priority: bool = True,
+        switch_overhead: float | None = None,
     ) -> None:
         if isinstance(slice_steps, bool) or not isinstance(slice_steps, int) or slice_steps < 1:
             raise ValueError(f"slice_steps={slice_steps!r}: expected a whole number of decode steps, at least 1")
@@ -453,6 +471,10 @@ class Scheduler:
         expect_bool(use_context_cache, "Scheduler(): use_context_cache", allow_none=True)
         expect_bool(prefetch, "Scheduler(): prefetch")
         expect_bool(first_token_priority, "Scheduler(): first_token_priority")
+        if switch_overhead is not None and (isinstance(switch_overhead, bool) or not isinstance(switch_overhead, (int, float))
+                                            or not 0 < switch_overhead < 1):
+            raise ValueError(f"switch_overhead={switch_overhead!r}: expected None (fixed slices) or a share of a slice "
+                             "between 0 and 1, such as 0.1")
         try:
             self.policy = Policy(policy)
         except ValueError:
@@ -463,6 +485,7 @@ class Scheduler:
         self.chunk_tokens = chunk_tokens
         self.prefetch = prefetch
         self.first_token_priority = first_token_priority
+        self.switch_overhead = switch_overhead
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._live: dict[str, _Prompt] = {}
@@ -741,6 +764,7 @@ class Scheduler:
             prompt.num_tokens = num_tokens
             prompt.num_steps += 1
             prompt.slice_num_steps += 1
+            self._time_step_locked(prompt, now)
             if prompt.first_token_ns is None:
                 prompt.first_token_ns, prompt.first_token_step = now, self._num_steps
                 first_token = True
@@ -778,13 +802,26 @@ class Scheduler:
             self._wait_turn_locked(prompt)
         self._begin_slice(prompt)
 
+    def _time_step_locked(self, prompt: _Prompt, now: int) -> None:
+        """Time the step that just ended: the first of a slice measures the switch in, the
+        others the prompt's usual step; with ``switch_overhead``, the first sets the slice's length."""
+        if prompt.slice_num_steps > 1:
+            step_s = (now - prompt.last_step_ns) / 1e9
+            prompt.step_s = step_s if prompt.step_s is None else 0.8 * prompt.step_s + 0.2 * step_s
+        elif prompt.first_token_ns is not None and prompt.step_s is not None:  # not the prefill
+            prompt.switch_s = max((now - prompt.slice_began_ns) / 1e9 - prompt.step_s, 0.0)
+            if self.switch_overhead is not None:
+                needed = math.ceil(prompt.switch_s / (self.switch_overhead * prompt.step_s))
+                prompt.slice_target = min(max(self.slice_steps, needed), MAX_SLICE_FACTOR * self.slice_steps)
+        prompt.last_step_ns = now
+
     def _slice_over(self, prompt: _Prompt) -> bool:
         if not _RULES[self.policy].preemptive:
             return False
         # No point yielding after the last token: generate is about to return.
         if prompt.max_new_tokens is not None and prompt.num_tokens >= prompt.max_new_tokens:
             return False
-        if prompt.slice_num_steps >= self.slice_steps:
+        if prompt.slice_num_steps >= prompt.slice_target:
             return True
         with self._lock:  # a newcomer waits for its first token: yield now (first-token priority)
             return self.first_token_priority and any(p.first_token_ns is None for p in self._waiting)
@@ -794,6 +831,7 @@ class Scheduler:
 
     def _begin_slice(self, prompt: _Prompt) -> None:
         """``prompt`` got the device: bring its context back, then prefetch the next one's."""
+        prompt.slice_began_ns = time.monotonic_ns()
         if prompt.parked_since is not None:
             self._resume(prompt)
         with self._lock:
@@ -803,6 +841,7 @@ class Scheduler:
             prompt.num_slices += 1
             prompt.slice_start_step = self._num_steps
             prompt.slice_num_steps = 0
+            prompt.slice_target = self.slice_steps
             step = self._num_steps
         emit(EventKind.SLICE_START, context=prompt.tag, step=step)
         if self.prefetch:
