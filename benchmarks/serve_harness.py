@@ -631,6 +631,9 @@ class _AquaRun(_ThreadsRun):
         self.scheduler.shutdown()
         self._note_system_first_tokens(stats)
         fields["num_slices"] = len(stats.slices)
+        fields["mean_slice_steps"] = round(statistics.fmean(s.num_steps for s in stats.slices), 2) if stats.slices else None
+        switches = [p.last_switch_s for p in stats.prompts if p.num_slices > 1]
+        fields["mean_last_switch_s"] = round(statistics.fmean(switches), 6) if switches else None
         fields["parked_s"] = round(sum(p.parked_ns for p in stats.prompts) / 1e9, 6)
         if self._enabled:
             aq = aqua_alloc.stats()
@@ -1292,7 +1295,8 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
             + (f"; {over} more than one step ({step_s * 1e3:.1f} ms) after it" if over is not None else ""))
     if "num_moves" in row:
         log(f"  aqua_alloc: {row['num_moves']} moves, {_fmt_bytes(row['bytes_moved'])} moved; "
-            f"{row['num_slices']} slices, {row['parked_s']:.2f} s parked in all")
+            f"{row['num_slices']} slices of {row['mean_slice_steps']} steps on average, {row['parked_s']:.2f} s parked "
+            f"in all; last switch in of each prompt {1e3 * (row['mean_last_switch_s'] or 0):.1f} ms on average")
     errors = [r for r in run.records if r.error]
     for record in errors[:3]:
         log(f"  r{record.request_id}: {record.error}")
