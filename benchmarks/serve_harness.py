@@ -1063,11 +1063,14 @@ def _estimate_replays_s(service: ServiceModel, requests: Sequence[Request], num_
 def _fit_budget(bench: _Bench, service: ServiceModel, num_systems: int, loads: list[float], keep: int,
                 rounds: int = 1) -> None:
     """Keep the first requests whose replays (every system, every load, ``rounds`` times) fit
-    ``budget_s`` by the service model's estimate; never fewer than ``keep``."""
+    ``budget_s`` by the service model's estimate; never fewer than ``keep``, nor fewer than
+    reach a second arrival time (a burst alone has no arrival rate: Mooncake's come in 3-second
+    buckets)."""
     options, requests = bench.options, bench.requests
     if options.budget_s is None:
         return
     n = len(requests)
+    keep = max(keep, next((i + 1 for i, r in enumerate(requests) if r.arrival_s > requests[0].arrival_s), n))
     def estimate(n: int) -> float:
         return _estimate_replays_s(service, requests[:n], num_systems, loads, rounds)
 

@@ -380,6 +380,18 @@ def test_budget_fits_every_round():
     assert kept(1, budget) > 6 and kept(1, budget / 3) == 6
 
 
+def test_budget_keeps_a_second_arrival_time_after_a_burst():
+    """Mooncake's first bucket holds 10 requests at one instant: a budget that would keep fewer
+    keeps the first request of the next bucket too (one instant has no arrival rate)."""
+    service = ServiceModel(first_token_s=0.1, prefill_s_per_token=0.0, decode_s_per_token=0.01)
+    requests = requests_at([0.0] * 10 + [3.0] * 6)
+    bench = SimpleNamespace(options=SimpleNamespace(budget_s=1e-3), requests=list(requests),
+                            prompts=list(range(16)), log=lambda message: None)
+    sb._fit_budget(bench, service, 2, [0.8], keep=3)
+    assert [r.arrival_s for r in bench.requests] == [0.0] * 10 + [3.0]
+    window_rate(bench.requests)  # replayable
+
+
 # --------------------------------------------------------------------------------------
 # The systems on a tiny model (CPU)
 
