@@ -61,11 +61,13 @@ std::vector<int> Placement::spill_order(int home) const {
 // backing): acquires the backing, reserves the room, sets step.dst. False when no tier
 // had both; *driver_error, if given, then keeps the last driver failure other than out of
 // memory.
-bool Placement::take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error) {
+bool Placement::take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error,
+                             HostBacking host) {
   const Piece& p = step.segment->pieces[step.index];
+  const bool pool_only = host == HostBacking::kPoolOnly;
   for (int t : order) {
-    if (t == p.tier || !room_on(t, home, p.size, true)) continue;
-    if (int r = backings_.acquire(t, p.size, true, &step.handle, &step.handle_bytes)) {
+    if (t == p.tier || !room_on(t, home, p.size, pool_only)) continue;
+    if (int r = backings_.acquire(t, p.size, pool_only, &step.handle, &step.handle_bytes)) {
       if (driver_error && r > 0 && !backend_.is_out_of_memory(r)) *driver_error = r;
       continue;
     }
@@ -175,7 +177,7 @@ bool Placement::make_local_room(int device, uint64_t need, int exclude_context) 
     Context* victim = lru_parked_victim(device, exclude_context);
     if (!victim) return false;
     uint64_t deficit = ledger_.own_used[device] + need - ledger_.local_budget[device];
-    if (evict_pieces_of(*victim, deficit) == 0) return false;
+    if (evict_pieces_of(*victim, std::max(deficit, kEvictBatchBytes)) == 0) return false;
   }
   return true;
 }
@@ -193,7 +195,7 @@ uint64_t Placement::plan_eviction(Context& victim, uint64_t need, std::vector<Mo
       if (p.tier != victim.device) continue;
       MoveStep step{seg, i, p.tier};
       step.ctx = &victim;
-      if (!take_backing(order, victim.device, step, nullptr)) return planned;
+      if (!take_backing(order, victim.device, step, nullptr, HostBacking::kMayCreate)) return planned;
       steps.push_back(step);
       planned += p.size;
     }

@@ -63,10 +63,28 @@ class Placement {
  private:
   using PieceRef = std::pair<Segment*, size_t>;  // a segment and the index of one of its pieces
 
+  // Whether a move's host backing may be created when the pinned pool has none idle.
+  // Evictions that make room for a running context may (kMayCreate): the running context
+  // reads its bytes at every step and the parked victim none until its resume, so the
+  // backing is better spent on the victim, whatever creating it costs (about ten copies of
+  // it: host_pool.h). Without it, a burst of prefills that outruns the pool's top-up spilled
+  // each newcomer's KV to host for its whole life (bench_serve mooncake, 8B, H200: steps
+  // 20% slower). Explicit evictions and lender reclaims use the pool only (kPoolOnly).
+  enum class HostBacking { kPoolOnly, kMayCreate };
+
   bool room_on(int tier, int home, uint64_t size, bool for_move) const;
   std::vector<int> spill_order(int home) const;
-  bool take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error);
+  bool take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error,
+                    HostBacking host = HostBacking::kPoolOnly);
   void drop_planned(std::vector<MoveStep>& steps, size_t from);
+
+  // make_local_room evicts at least this much of a victim at once (bytes): each move has a
+  // fixed cost of about a millisecond (the victim's last kernels, remaps, access grants), so
+  // room made one 16 MiB segment at a time during a long prefill moved at a few GB/s (H200
+  // trace of bench_serve mooncake); moves of 256 MiB and more reach 0.9 of the copy rate
+  // (bench_move). The victim is the least recently run parked context: what leaves early is
+  // what its resume brings back anyway.
+  static constexpr uint64_t kEvictBatchBytes = 256ull << 20;
 
   Context* lru_parked_victim(int device, int exclude_context);
   bool make_local_room(int device, uint64_t need, int exclude_context);

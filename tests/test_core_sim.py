@@ -653,6 +653,30 @@ def test_parked_contexts_are_evicted_least_recently_run_first():
     assert_bytes(ptrs["b"], data["b"], "b")
 
 
+def test_room_for_a_running_context_is_made_even_when_the_host_pool_is_empty():
+    """A new piece of a running context goes home by evicting a parked one, whose host backing
+    is created when the pinned pool has none idle (a burst of prefills outruns its top-up);
+    the running context is never the one spilled. The victim leaves whole (up to the eviction
+    batch), not one piece per allocation."""
+    enable_sim(lend=0, host_reserve=0)  # no peer tier; no pinned host backing made ahead
+    freeze_host_pool()
+    assert aq.stats()["tiers"]["host"]["pool_total"] == 0
+    a = alloc("a", 0, 12 * MiB)
+    data_a = write_pattern(a, 12 * MiB, 1)
+    aq.park("a")
+    b = alloc("b", 0, 8 * MiB)  # 4 MiB over gpu0's 16 MiB budget: a must make the room
+    data_b = write_pattern(b, 8 * MiB, 2)
+    assert where_mib("b") == {"gpu0": 8}, "the running context's new bytes stay home"
+    assert where_mib("a") == {"host": 12}, "the parked victim left whole, to host backing made for it"
+    assert_bytes(a, data_a, "a")
+    assert_bytes(b, data_b, "b")
+    aq.release("b")
+    sim.free(b)
+    aq.resume("a")
+    assert where_mib("a") == {"gpu0": 12}
+    assert_bytes(a, data_a, "a")
+
+
 def test_running_contexts_are_never_evicted_and_allocations_spill_peer_then_host():
     enable_sim()  # 4 GPUs: local budget 16 MiB, lend 8 MiB each (24 MiB lendable), host 64 MiB
     a = alloc("a", 0, 16 * MiB)
