@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
-# Steps: build gpu_tests demo long_prompt long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve coordinator
+# Steps: build gpu_tests demo long_prompt long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
+#        serve_long coordinator
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -36,6 +37,12 @@ for step in "$@"; do
     coordinator) run coordinator_gpu 120 python3 benchmarks/coordinator_gpu_check.py --out "$OUT/coordinator_gpu-$tag.json" ;;
     demo) run demo 240 python3 -m aqua_alloc demo --out "$OUT/demo-$tag" ;;
     serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
+    serve_long)  # long contexts in bursts: Mooncake's first 16 requests (10 at one instant), 8B, prompts up to 8192
+      # tokens, a KV budget of about three contexts; traces from $TRACES_DIR (default shared/traces near the repo)
+      run bench_serve-mooncake-8b 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
+        --trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB --max-requests 16 \
+        --loads 0.8 --systems "${SERVE_SYSTEMS:-fcfs,aqua-host,hf-cb}" --switch-overhead 0.1 --budget-s 300 \
+        --name "bench_serve-mooncake-8b-$tag" --out "$OUT" --verbose ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
