@@ -449,15 +449,19 @@ def _pct(values: Sequence[float], p: float) -> float | None:
     return percentile(sorted(values), p) if values else None
 
 
-def summarize_run(records: Sequence[RequestRecord], step_s: float | None = None) -> dict[str, float | int | None]:
+def summarize_run(records: Sequence[RequestRecord],
+                  first_step_s: Sequence[float] | None = None) -> dict[str, float | int | None]:
     """Row fields of one run. Latencies cover completed requests only; ``output_tok_s`` is the
     tokens of completed requests over the time from the first arrival to the last finish.
     Where the system logs first tokens itself, ``first_token_gap_max_s`` is the most the
     caller's first token came after it, and ``first_token_gaps_over_step`` how many came more
-    than ``step_s`` (one decode step) after it."""
-    done = [r for r in records if r.completed]
-    gaps = [r.first_token_s - r.system_first_token_s for r in done
+    than one step after it: ``first_step_s[i]``, the first step of ``records[i]`` alone (its
+    prefill). A scheduler logs a token when the step's kernels are launched; the caller has
+    it once the GPU has run them, up to that step later."""
+    done = [(i, r) for i, r in enumerate(records) if r.completed]
+    gaps = [(i, r.first_token_s - r.system_first_token_s) for i, r in done
             if r.first_token_s is not None and r.system_first_token_s is not None]
+    done = [r for _, r in done]
     ttft = [r.first_token_s - r.arrival_s for r in done if r.first_token_s is not None]
     tpot = [(r.finish_s - r.first_token_s) / (r.num_tokens - 1)
             for r in done if r.first_token_s is not None and r.num_tokens > 1]
@@ -477,6 +481,7 @@ def summarize_run(records: Sequence[RequestRecord], step_s: float | None = None)
         "output_tok_s": sum(r.num_tokens for r in done) / span if span > 0 else None,
         "max_submit_lag_s": max((r.submitted_s - r.arrival_s for r in records if r.submitted_s is not None),
                                 default=None),
-        "first_token_gap_max_s": max(gaps, default=None),
-        "first_token_gaps_over_step": (sum(g > step_s for g in gaps) if gaps and step_s is not None else None),
+        "first_token_gap_max_s": max((g for _, g in gaps), default=None),
+        "first_token_gaps_over_step": (sum(g > first_step_s[i] for i, g in gaps)
+                                       if gaps and first_step_s is not None else None),
     }

@@ -299,10 +299,11 @@ def test_first_token_gaps_between_the_callers_clock_and_the_systems_log():
                record(3, 0.0, None, 1.0, 0, expected=4, error="boom")]
     for r, system_first in zip(records, (0.10, 0.28, 0.20, 0.05)):
         r.system_first_token_s = system_first   # gaps 0, 0.02, 0.3 (the failed one is not counted)
-    s = summarize_run(records, step_s=0.025)
+    s = summarize_run(records, first_step_s=[0.025, 0.025, 0.25, 0.025])
     assert s["first_token_gap_max_s"] == pytest.approx(0.3)
-    assert s["first_token_gaps_over_step"] == 1
-    plain = summarize_run([record(0, 0.0, 0.1, 1.0, 4)], step_s=0.025)  # a system that logs nothing itself
+    assert s["first_token_gaps_over_step"] == 1   # 0.3 s after, for a first step of 0.25 s
+    assert summarize_run(records, first_step_s=[0.025, 0.025, 0.4, 0.025])["first_token_gaps_over_step"] == 0
+    plain = summarize_run([record(0, 0.0, 0.1, 1.0, 4)], first_step_s=[0.025])  # a system that logs nothing itself
     assert plain["first_token_gap_max_s"] is None and plain["first_token_gaps_over_step"] is None
 
 
