@@ -426,6 +426,8 @@ class _StreamerThenBoundary(BaseStreamer):
         self._streamer.end()
 
     def __getattr__(self, name: str) -> Any:  # anything else the caller's streamer offers
+        if name.startswith("_"):  # ours, not set yet (copy, pickle): never the caller's
+            raise AttributeError(name)
         return getattr(self._streamer, name)
 
 
