@@ -295,3 +295,61 @@ def test_resume_without_waiting_orders_kernels_after_the_move_on_the_gpu(gpu):
     future.result(timeout=30)
     torch.cuda.synchronize()
     assert torch.equal(x.cpu(), (ref + 1) * 2)
+
+
+@pytest.mark.parametrize("moves", ["to-host-and-back", "read-on-host"])
+def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, moves):
+    """generate with a static cache in a context compiles its decode step (CUDA graphs:
+    transformers' default compile mode, reduce-overhead) on the cache's fixed pointers. The
+    context is parked and evicted to host between steps, then resumed at once
+    (to-host-and-back) or only eight steps later (read-on-host: the replayed graph reads the
+    KV in place over PCIe meanwhile): tokens equal the same compiled call on plain memory,
+    and no pointer of the cache changes."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+    from aqua_alloc.hf.generate_hook import cache_argument
+    from aqua_alloc.hf.static_cache import ContextStaticCache
+
+    class AtStep(StoppingCriteria):  # calls `action` at the given steps; never stops
+        def __init__(self, actions):
+            self.actions, self.n = actions, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.n += 1
+            if self.n in self.actions:
+                self.actions[self.n]()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                         initializer_range=0.5, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).cuda().eval()
+    prompt = torch.randint(1, 256, (1, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
+    aq.disable()
+    reference = model.generate(prompt, **cache_argument(ContextStaticCache(model.config, max_cache_len=256)), **greedy)
+    aq.enable(backend="cuda", host_reserve="256MiB")
+    cache = ContextStaticCache(model.config, max_cache_len=256, tag="graph", device=prompt.device)
+    seen: list[dict[str, int]] = []
+    pointers: list[list[int]] = []
+
+    def away():
+        pointers.append([t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)])
+        aq.park("graph")
+        aq.evict("graph", "host")
+        seen.append(aq.where("graph"))
+
+    def home():
+        aq.resume("graph")
+        seen.append(aq.where("graph"))
+        pointers.append([t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)])
+
+    actions = {4: away, 5: home} if moves == "to-host-and-back" else {4: away, 12: home}
+    out = model.generate(prompt, **cache_argument(cache), stopping_criteria=StoppingCriteriaList([AtStep(actions)]),
+                         **greedy)
+    assert torch.equal(out, reference), "the compiled step on a moved static cache gave other tokens"
+    assert seen[0]["host"] >= cache.nbytes and seen[0]["gpu0"] == 0, seen  # whole segments: a little more
+    assert seen[1]["gpu0"] >= cache.nbytes and seen[1]["host"] == 0, seen
+    assert pointers[0] == pointers[1]
+    cache.release()

@@ -30,10 +30,12 @@ from typing import Any, Callable
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import StaticCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from aqua_alloc.hf.context_memory import memory_for
 from aqua_alloc.hf.kv_cache import DEFAULT_CHUNK_TOKENS, ContextKVCache
+from aqua_alloc.hf.static_cache import ContextStaticCache, static_cache_length
 
 _lock = threading.Lock()
 _original_generate: Callable[..., Any] | None = None
@@ -56,7 +58,11 @@ def cache_keyword() -> str:
 
 
 def cache_argument(cache: Any) -> dict[str, Any]:
-    """``{keyword: cache}`` for a generate call: ``model.generate(ids, **cache_argument(cache))``."""
+    """``{keyword: cache}`` for a generate call: ``model.generate(ids, **cache_argument(cache))``.
+    For a static cache also ``cache_implementation=None``: transformers refuses a cache passed
+    with a cache implementation, which a model's generation config may set."""
+    if isinstance(cache, StaticCache):
+        return {cache_keyword(): cache, "cache_implementation": None}
     return {cache_keyword(): cache}
 
 
@@ -130,7 +136,7 @@ def _generate_in_context(original: Callable[..., Any], model: Any, args: tuple, 
     if cache is None:
         return original(model, *args, **kwargs)
     try:
-        output = original(model, *args, **cache_argument(cache), **kwargs)
+        output = original(model, *args, **(kwargs | cache_argument(cache)))
     except BaseException:
         cache.release()
         raise
@@ -204,12 +210,26 @@ def describe_call(model: Any, args: tuple, kwargs: dict) -> tuple[int, int | Non
     return batch_size, max_new_tokens
 
 
+def _call_length(named: dict[str, Any], generation_config: Any) -> int | None:
+    """Tokens a generate call ends with (prompt plus new tokens), or None if not known here."""
+    inputs = next((named[k] for k in ("inputs", "input_ids") if named.get(k) is not None), None)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
+        return None
+    max_new_tokens = named.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
+    if max_new_tokens is not None:
+        return int(inputs.shape[-1]) + int(max_new_tokens)
+    max_length = named.get("max_length", getattr(generation_config, "max_length", None))
+    return int(max_length) if max_length is not None else None
+
+
 def make_context_cache(
     model: Any, args: tuple, kwargs: dict, tag: str, device: torch.device | None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-) -> ContextKVCache | None:
-    """A :class:`ContextKVCache` for this generate call, or None where generate would not have
-    made a ``DynamicCache`` itself (the caller passed a cache, asked for another cache
-    implementation or none, or the model is encoder-decoder or brings its own cache)."""
+) -> ContextKVCache | ContextStaticCache | None:
+    """The cache for this generate call in the context ``tag``: a :class:`ContextKVCache` where
+    generate would have made a ``DynamicCache``, a :class:`ContextStaticCache` (its length
+    bucketed) where it asks for ``cache_implementation="static"``; None otherwise (the caller
+    passed a cache, asked for another implementation or none, the model is encoder-decoder or
+    brings its own cache, or a static call's length cannot be told before it runs)."""
     named = bind_arguments(model, args, kwargs)
     if any(named.get(name) is not None for name in _CACHE_NAMES) or named.get("use_cache") is False:
         return None
@@ -218,6 +238,11 @@ def make_context_cache(
         return None
     generation_config = named.get("generation_config") or getattr(model, "generation_config", None)
     cache_implementation = named.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+    if cache_implementation == "static":
+        length = _call_length(named, generation_config)
+        if length is None:
+            return None
+        return ContextStaticCache(config, max_cache_len=static_cache_length(length), tag=tag, device=device)
     if cache_implementation not in (None, "dynamic"):
         return None
     if getattr(generation_config, "use_cache", True) is False:

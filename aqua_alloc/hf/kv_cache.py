@@ -385,12 +385,12 @@ class ContextKVCache(DynamicCache):
             if isinstance(layer, ChunkedLayer):
                 layer.reset()
         if self.context_created:
-            _release_context(self._allocator, self.tag, self._context_made_on)
+            release_context(self._allocator, self.tag, self._context_made_on)
 
     def release_when_collected(self) -> None:
         """Release the context when this cache is garbage collected (it was handed to the caller)."""
         if self.context_created:
-            weakref.finalize(self, _release_context, self._allocator, self.tag, self._context_made_on)
+            weakref.finalize(self, release_context, self._allocator, self.tag, self._context_made_on)
             with self._release_lock:
                 self._released = True
 
@@ -446,7 +446,7 @@ def _placement_key(allocator: ContextMemory, tag: str, device: torch.device) -> 
     return tuple(sorted(where.items()))
 
 
-def _release_context(allocator: ContextMemory | None, tag: str | None, device: torch.device | None) -> None:
+def release_context(allocator: ContextMemory | None, tag: str | None, device: torch.device | None) -> None:
     """Release a context once the kernels that used it are done; the free path never raises
     (logs and goes on). The chunks must already be dropped."""
     try:

@@ -76,7 +76,7 @@ from aqua_alloc.memory.config import expect_bool, trace_settings_from_env
 from aqua_alloc.obs import trace
 from aqua_alloc.obs.events import EventKind, emit
 from aqua_alloc.hf.generate_hook import (
-    cache_keyword,
+    cache_argument,
     describe_call,
     make_context_cache,
     model_device,
@@ -704,7 +704,7 @@ class Scheduler:
         call_args, call_kwargs = with_step_hooks(model, args, kwargs, _StepHook(self, prompt), boundary,
                                                  boundary.wrap_streamer)
         if cache is not None:
-            call_kwargs[cache_keyword()] = cache
+            call_kwargs.update(cache_argument(cache))
         return call_args, call_kwargs
 
     def _leave(self, prompt: _Prompt, exc: BaseException | None, output: Any) -> None:

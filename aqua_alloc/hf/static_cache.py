@@ -1,0 +1,140 @@
+"""A transformers static KV cache whose tensors live in one aqua_alloc context.
+
+transformers' ``StaticCache`` preallocates each layer's keys and values, ``[B, H, L, D]``
+(batch, KV heads, ``max_cache_len`` tokens, head dim), at its first update and writes them in
+place; ``generate`` compiles the decode step on it (CUDA graphs included) because those
+tensors never move. :class:`ContextStaticCache` is that cache with those tensors allocated
+inside the context ``tag``: the context can be parked, evicted to a peer GPU or host and
+resumed between steps, and since aqua_alloc keeps every pointer, the compiled step and any
+CUDA graph captured on the cache stay valid wherever its bytes are (read in place while away).
+
+What is allocated inside the context: each layer's keys, values and its small per-layer
+counters, at the layer's first update (transformers' ``lazy_initialization``, run inside
+``allocator.context``). Activations stay outside. Layers stay transformers' own classes
+(sliding-window layers included: they are static too).
+
+Compiled graphs are specialised on ``max_cache_len``. :func:`static_cache_length` rounds a
+request's length up to a few buckets (powers of two from ``MIN_BUCKET_TOKENS``), so requests
+of different lengths share compiled graphs: a server pays the first-call compile once per
+bucket, not per request, for at most twice the KV bytes of the request.
+
+Thread-safety: like every transformers cache, one cache serves one ``generate`` call in one
+thread at a time. :meth:`ContextStaticCache.release` may be called from any thread once that
+call has returned (or failed).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+from transformers.cache_utils import StaticCache
+
+from aqua_alloc.hf.context_memory import ContextMemory, memory_for
+from aqua_alloc.hf.kv_cache import release_context
+
+MIN_BUCKET_TOKENS = 256  # the smallest max_cache_len a bucket rounds to (tokens)
+
+
+def static_cache_length(num_tokens: int) -> int:
+    """The ``max_cache_len`` for a request of ``num_tokens`` (prompt plus new tokens): the
+    next power of two, at least ``MIN_BUCKET_TOKENS``."""
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"num_tokens={num_tokens!r}: expected a whole number of tokens, at least 1")
+    return max(MIN_BUCKET_TOKENS, 1 << (num_tokens - 1).bit_length())
+
+
+class ContextStaticCache(StaticCache):
+    """``StaticCache`` with its tensors in the context ``tag`` (see the module docstring).
+
+    Args:
+        config: the model config (``model.config``), as for ``StaticCache``.
+        max_cache_len: tokens each layer holds (:func:`static_cache_length` buckets it).
+        tag: the context tag. None: ordinary memory (a plain ``StaticCache``).
+        device: the device the context is for (default: the device of the KV states).
+
+    The context is created by the first layer initialised inside it (``context_created``).
+    :meth:`release` drops the tensors and releases the context; it is idempotent.
+    """
+
+    def __init__(self, config: Any, max_cache_len: int, *, tag: str | None = None,
+                 device: torch.device | str | None = None, **kwargs: Any) -> None:
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        self.tag = tag
+        self.context_device = torch.device(device) if device is not None else None
+        self.context_created = False
+        self._allocator: ContextMemory | None = None
+        self._context_made_on: torch.device | None = None
+        self._release_lock = threading.Lock()
+        self._released = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``StaticCache.update``; a layer's first update allocates its tensors in the context."""
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if layer is not None and not getattr(layer, "is_initialized", True):
+            self._initialize_in_context(layer, key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _initialize_in_context(self, layer: Any, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self._released:
+            raise RuntimeError(f"ContextStaticCache {self.tag!r} was released; make a new cache for a new call")
+        device = self.context_device or key_states.device
+        allocator = memory_for(device) if self.tag is not None else None
+        if allocator is None:
+            layer.lazy_initialization(key_states, value_states)
+            return
+        with allocator.context(self.tag, device=device):
+            self.context_created = True
+            self._allocator = allocator
+            self._context_made_on = device
+            layer.lazy_initialization(key_states, value_states)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layers' keys and values (what the context holds, before pool rounding)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+    def live_bytes(self) -> int:
+        """Bytes of valid KV tokens (keys and values, every layer)."""
+        total = 0
+        for idx, layer in enumerate(self.layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            if keys is None or values is None or keys.dim() < 3:
+                continue
+            per_token = (keys.numel() // keys.shape[-2]) * keys.element_size() \
+                + (values.numel() // values.shape[-2]) * values.element_size()
+            total += per_token * min(int(self.get_seq_length(idx)), keys.shape[-2])
+        return total
+
+    def release(self) -> None:
+        """Drop every layer's tensors and release the context (if one was made). Never
+        raises; idempotent. The cache cannot be used afterwards."""
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+        for layer in self.layers:
+            _drop_tensors(layer)
+        if self.context_created:
+            release_context(self._allocator, self.tag, self._context_made_on)
+
+    def release_when_collected(self) -> None:
+        """Release the context when this cache is garbage collected (it was handed to the caller)."""
+        if self.context_created:
+            weakref.finalize(self, release_context, self._allocator, self.tag, self._context_made_on)
+            with self._release_lock:
+                self._released = True
+
+
+def _drop_tensors(layer: Any) -> None:
+    """Forget every tensor a layer holds (keys, values and the counters its initialisation
+    put in the context), leaving it uninitialised."""
+    for name, value in list(vars(layer).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(layer, name, None)
+    if hasattr(layer, "is_initialized"):
+        layer.is_initialized = False

@@ -1,0 +1,193 @@
+"""ContextStaticCache: transformers' static cache with its tensors in a context (CPU).
+
+What can fail here: token ids (equal to transformers' own static cache, alone, through the
+generate hook and under the scheduler), which allocations land in the context (exactly the
+layers' tensors), release (once, and the tensors dropped), the length buckets.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import gc
+
+import pytest
+import torch
+
+from aqua_alloc.hf import generate_hook, kv_cache, scheduler as scheduler_module, static_cache
+from aqua_alloc.hf.generate_hook import cache_argument, install_generate_hook, uninstall_generate_hook
+from aqua_alloc.hf.scheduler import Scheduler
+from aqua_alloc.hf.static_cache import MIN_BUCKET_TOKENS, ContextStaticCache, static_cache_length
+from tiny_models import GREEDY, Caller, build, llama_config, mistral_config, prompt_ids
+
+MODELS = {"llama": llama_config, "mistral-sliding": lambda: mistral_config(sliding_window=8)}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build(make()) for name, make in MODELS.items()}
+
+
+def static_solo(model, ids, n, **kwargs):
+    """transformers' own static cache: the reference."""
+    return model.generate(ids, max_new_tokens=n, cache_implementation="static", **GREEDY, **kwargs)
+
+
+class FakeMemory:
+    """A ContextMemory on CPU: counts the bytes made while a context is entered; records releases."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.inside: dict[str, int] = {}
+        self.released: list[str] = []
+
+    def is_enabled(self) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def context(self, tag, device=None):
+        self.current = tag
+        try:
+            yield tag
+        finally:
+            self.current = None
+
+    def release(self, tag):
+        self.released.append(tag)
+
+    # What the scheduler's memory side calls (nothing moves on CPU).
+    def park(self, tag):
+        pass
+
+    def resume(self, tag, wait=True):
+        done = concurrent.futures.Future()
+        done.set_result(None)
+        return None if wait else done
+
+    def prefetch(self, tag):
+        return self.resume(tag, wait=False)
+
+    def wait_on_stream(self, future, stream=None):
+        return False
+
+    def where(self, tag, wait=True):
+        return {"gpu0": self.inside.get(tag, 0), "host": 0}
+
+    def reclaim_pending(self):
+        return False
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    memory = FakeMemory()
+    for module in (kv_cache, static_cache, generate_hook, scheduler_module):
+        monkeypatch.setattr(module, "memory_for", lambda device: memory)
+    for name in ("zeros", "empty"):
+        real = getattr(torch, name)
+
+        def counting(*args, real=real, **kwargs):
+            tensor = real(*args, **kwargs)
+            if memory.current is not None:
+                memory.inside[memory.current] = memory.inside.get(memory.current, 0) + tensor.numel() * tensor.element_size()
+            return tensor
+
+        monkeypatch.setattr(torch, name, counting)
+    return memory
+
+
+def test_lengths_fall_in_few_buckets():
+    assert [static_cache_length(n) for n in (1, 256, 257, 1000, 1024, 1025, 9000)] == [
+        MIN_BUCKET_TOKENS, 256, 512, 1024, 1024, 2048, 16384]
+    assert len({static_cache_length(n) for n in range(1, 8193)}) == 6  # 256 ... 8192
+    for bad in (0, -3, 2.5, True, "12"):
+        with pytest.raises(ValueError, match=r"num_tokens=.*: expected a whole number of tokens, at least 1"):
+            static_cache_length(bad)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_same_tokens_as_transformers_static_cache(models, name):
+    model = models[name]
+    for ids, n in ((prompt_ids(9, 1), 12), (prompt_ids(7, 2, batch=3), 9)):
+        cache = ContextStaticCache(model.config, max_cache_len=static_cache_length(ids.shape[-1] + n))
+        out = model.generate(ids, max_new_tokens=n, **cache_argument(cache), **GREEDY)
+        assert torch.equal(out, static_solo(model, ids, n))
+
+
+def test_only_the_layers_tensors_are_made_in_the_context_and_release_is_exact(models, fake):
+    model = models["llama"]
+    cache = ContextStaticCache(model.config, max_cache_len=256, tag="ctx")
+    out = model.generate(prompt_ids(6, 1), max_new_tokens=9, **cache_argument(cache), **GREEDY)
+    assert torch.equal(out, static_solo(model, prompt_ids(6, 1), 9))
+    assert cache.context_created
+    assert fake.inside == {"ctx": cache.nbytes} and cache.nbytes > 0  # the keys and values, nothing else
+    layers = model.config.num_hidden_layers
+    per_token = 2 * model.config.num_key_value_heads * (model.config.hidden_size // model.config.num_attention_heads) * 4
+    assert cache.nbytes == layers * per_token * 256              # fp32, 256 tokens each layer
+    assert cache.live_bytes() == layers * per_token * (6 + 9 - 1)  # the last token is never written back
+    cache.release()
+    cache.release()
+    assert fake.released == ["ctx"] and cache.nbytes == 0
+    with pytest.raises(RuntimeError, match="was released"):
+        model.generate(prompt_ids(6, 1), max_new_tokens=2, **cache_argument(cache), **GREEDY)
+
+
+def test_release_when_collected(models, fake):
+    model = models["llama"]
+    cache = ContextStaticCache(model.config, max_cache_len=256, tag="kept")
+    model.generate(prompt_ids(6, 1), max_new_tokens=3, **cache_argument(cache), **GREEDY)
+    cache.release_when_collected()
+    cache.release()  # the caller holds it: no early release
+    assert fake.released == []
+    del cache
+    gc.collect()
+    assert fake.released == ["kept"]
+
+
+def test_generate_hook_keeps_a_static_call_in_a_context(models, fake):
+    model = models["llama"]
+    ids = prompt_ids(9, 3)
+    expected = static_solo(model, ids, 10)
+    install_generate_hook()
+    try:
+        out = model.generate(ids, max_new_tokens=10, cache_implementation="static", **GREEDY)
+        model.generation_config.cache_implementation = "static"  # set on the model instead of the call
+        try:
+            out_config = model.generate(ids, max_new_tokens=10, **GREEDY)
+        finally:
+            model.generation_config.cache_implementation = None
+    finally:
+        uninstall_generate_hook()
+    assert torch.equal(out, expected) and torch.equal(out_config, expected)
+    assert len(fake.released) == 2 and all(tag.startswith("generate-") for tag in fake.released)
+    assert all(fake.inside[tag] == 2 * model.config.num_hidden_layers * 256 * 4 * model.config.num_key_value_heads
+               * (model.config.hidden_size // model.config.num_attention_heads) for tag in fake.released)
+
+
+def test_scheduler_serves_static_calls_each_in_its_own_context(models, fake):
+    """Several static-cache calls at once through sched.generate and sched.wrap: each gets
+    its own cache in its own context (the model-held cache of transformers would be shared),
+    tokens equal to each call alone."""
+    model = models["llama"]
+    sched = Scheduler(slice_steps=2, use_context_cache=True)
+    specs = [(prompt_ids(5 + 3 * i, 10 + i), 8 + 2 * i) for i in range(3)]
+    callers = [Caller(lambda ids=ids, n=n: sched.generate(model, ids, max_new_tokens=n, cache_implementation="static",
+                                                          **GREEDY)) for ids, n in specs]
+    for caller, (ids, n) in zip(callers, specs):
+        caller.join()
+        assert caller.error is None, caller.error
+        assert torch.equal(caller.result, static_solo(model, ids, n))
+    assert sorted(fake.released) == sorted(p.tag for p in sched.stats().prompts)
+    assert len(sched.stats().slices) > 3  # they were interleaved
+    references = [static_solo(model, ids, n) for ids, n in specs]
+    sched.wrap(model)
+    try:
+        wrapped = [Caller(lambda ids=ids, n=n: model.generate(ids, max_new_tokens=n, cache_implementation="static",
+                                                              **GREEDY)) for ids, n in specs]
+        for caller in wrapped:
+            caller.join()
+    finally:
+        Scheduler.unwrap(model)
+    for caller, expected in zip(wrapped, references):
+        assert caller.error is None, caller.error
+        assert torch.equal(caller.result, expected)
+    assert len(fake.released) == 6
