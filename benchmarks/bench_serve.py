@@ -36,10 +36,6 @@ import signal
 import sys
 from pathlib import Path
 
-# Deterministic cuBLAS (before CUDA starts): a request's output must not depend on which
-# split-K reduction a GEMM happened to use, or the solo-run check would flag noise.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
 from serve_options import DEFAULT_MODEL, MODEL_DEFAULTS, BenchOptions, System, check_arguments
 from serve_trace import BenchInputError, parse_loads, parse_names
 
@@ -92,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--name", default=None, help="file name stem (default bench_serve-<trace>-<gpu name>)")
     add("--no-plots", action="store_true", help="do not draw PNGs")
     add("--verbose", action="store_true", help="one log line per request")
+    add("--cache", default=d.cache, choices=["dynamic", "static"],
+        help="KV cache of every generate call: dynamic (transformers' default) or static (transformers' static "
+             "cache, its decode step compiled on a GPU; aqua: a static cache in each prompt's context) "
+             "(default %(default)s)")
+    add("--deterministic", action="store_true",
+        help="deterministic algorithms and cuBLAS (torch.use_deterministic_algorithms): slower steps, for "
+             "runs made to check outputs rather than to time them")
     return p
 
 
@@ -115,19 +118,20 @@ def _bench(argv: list[str] | None) -> int:
             systems=parse_names(args.systems, [s.value for s in System], "--systems"),
             loads=parse_loads(args.loads), seed=args.seed, check=args.check, slice_steps=args.slice_steps,
             switch_overhead=args.switch_overhead, chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
-            rounds=args.rounds,
+            rounds=args.rounds, cache=args.cache, deterministic=args.deterministic,
             out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
         check_arguments(options)  # before torch is imported (seconds): a bad argument is refused at once
     except BenchInputError as e:
         parser.error(str(e))  # exits 2 with the usage line
+    if options.deterministic:
+        # Deterministic cuBLAS (before CUDA starts): a request's output must not depend on
+        # which split-K reduction a GEMM happened to use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     from serve_harness import Log, format_table, run_benchmark, write_results  # noqa: PLC0415 - imports torch
 
     try:
         log = Log()
         log("bench_serve " + " ".join(sys.argv[1:] if argv is None else argv))
-        import torch  # noqa: PLC0415
-
-        torch.use_deterministic_algorithms(True, warn_only=True)
         result = run_benchmark(options, log)
     except BenchInputError as e:
         parser.error(str(e))  # exits 2 with the usage line

@@ -128,6 +128,7 @@ TAIL_REQUESTS = 3          # requests still queued at the last arrival, in the r
 OVERRUN = 1.5              # the replays stop (later runs skipped, deadlines cut) at this many times --budget-s
 CB_PAGE_TOKENS = 256       # transformers' ContinuousBatchingConfig.page_size default (tokens)
 POLL_S = 0.05              # s: how soon the main thread sees a Ctrl-C while a run's threads work
+REFERENCE_NEW_TOKENS = 33  # decode steps timed for plain transformers' reference steps
 
 
 # --------------------------------------------------------------------------------------
@@ -283,12 +284,16 @@ class _TokenClock(StoppingCriteria):
         return self._flags[key]
 
 
-def _generate_kwargs(prompt: torch.Tensor, new_tokens: int, clock: _TokenClock) -> dict[str, Any]:
+def _generate_kwargs(prompt: torch.Tensor, new_tokens: int, clock: _TokenClock, cache: str = "dynamic"
+                     ) -> dict[str, Any]:
     """Greedy, exactly ``new_tokens`` tokens (min = max), our clock as a stopping criterion and
-    its streamer."""
-    return dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
-                stopping_criteria=StoppingCriteriaList([clock]), streamer=clock.streamer)
+    its streamer; ``cache="static"``: transformers' static cache (a compiled step on a GPU)."""
+    kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
+                  stopping_criteria=StoppingCriteriaList([clock]), streamer=clock.streamer)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    return kwargs
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -462,7 +467,8 @@ class _GenerateRun(_Run):
         clock = _TokenClock(self.abort, bench.interrupt)
         prompt = bench.prompts[i]
         try:
-            out = self._generate(**_generate_kwargs(prompt, record.expected_tokens, clock), **self._extra(i))
+            out = self._generate(**_generate_kwargs(prompt, record.expected_tokens, clock, bench.options.cache),
+                                 **self._extra(i))
             record.finish_s = self.now()  # generate synchronised on its last token (its stop check reads it)
             new_ids = out[0, prompt.shape[-1]:]
             record.num_tokens = int(new_ids.shape[-1])
@@ -598,7 +604,7 @@ class _AquaRun(_ThreadsRun):
         # Warm-up through the scheduler (first context, pool creation), outside the measurement.
         self.scheduler.generate(bench.model, tag=f"{self.label}-warmup",
                                 **_generate_kwargs(bench.warmup_prompt, WARMUP_NEW_TOKENS,
-                                                   _TokenClock(self.abort, bench.interrupt)))
+                                                   _TokenClock(self.abort, bench.interrupt), bench.options.cache))
         self._threads = []
         self._events_from_ns = time.monotonic_ns()
 
@@ -674,6 +680,8 @@ class _ContinuousBatchingRun(_Run):
 
         self._require_aqua_off()
         bench = self.bench
+        if bench.options.cache == "static":
+            self.notes.append("--cache static does not apply: continuous batching keeps its own paged cache")
         max_output = max(r.output_tokens for r in bench.requests)
         generation = GenerationConfig(do_sample=False, max_new_tokens=max_output, eos_token_id=-1,  # -1: no EOS
                                       pad_token_id=PAD_ID)
@@ -834,8 +842,11 @@ def _replay(run: _Run, arrivals: list[float], deadline_s: float) -> None:
 
 
 def _unavailable(system: System, device: torch.device, model: torch.nn.Module, requests: list[Request],
-                 kv_budget: int) -> str | None:
+                 kv_budget: int, cache: str = "dynamic") -> str | None:
     """Why ``system`` cannot run here, or None."""
+    if system == System.THREADS and cache == "static":
+        return ("--cache static: transformers keeps one static cache per model, which concurrent generate calls "
+                "would share")
     if system == System.AQUA_PEER:
         if device.type != "cuda":
             return "needs 2 CUDA GPUs; this machine has none"
@@ -867,7 +878,7 @@ def _solo(bench: _Bench, i: int) -> tuple[float, float, list[int]]:
     if bench.cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = bench.model.generate(**_generate_kwargs(prompt, bench.requests[i].output_tokens, clock))
+    out = bench.model.generate(**_generate_kwargs(prompt, bench.requests[i].output_tokens, clock, bench.options.cache))
     ids = out[0, prompt.shape[-1]:].tolist()
     total = time.perf_counter() - t0
     return clock.first_token_t - t0, total, ids
@@ -1012,7 +1023,8 @@ def _measure_memory_cap(bench: _Bench) -> dict[str, Any]:
     torch.cuda.empty_cache()
     bench.base_reserved = torch.cuda.memory_reserved()
     torch.cuda.reset_peak_memory_stats()
-    bench.model.generate(**_generate_kwargs(bench.prompts[longest], 2, _TokenClock(threading.Event())))
+    bench.model.generate(**_generate_kwargs(bench.prompts[longest], 2, _TokenClock(threading.Event()),
+                                            bench.options.cache))
     torch.cuda.synchronize()
     reserved = torch.cuda.max_memory_reserved()
     total = torch.cuda.get_device_properties(bench.device).total_memory
@@ -1054,6 +1066,47 @@ def _calibrate(bench: _Bench, check: list[int], mismatches: list[str]
     return service, references, solo_runs
 
 
+class _StepTimes(StoppingCriteria):
+    """Host time at the end of each decode step (generate waits for each step's token)."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.t.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def median_ms(self) -> float | None:
+        steps = [b - a for a, b in zip(self.t[1:], self.t[2:])]  # after the first decode step
+        return round(statistics.median(steps) * 1e3, 3) if steps else None
+
+
+def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKENS) -> dict[str, Any]:
+    """What a user of plain transformers gets for the same model and prompt (request ``i``),
+    aqua_alloc off: ms per decode step with the default (dynamic) cache and with the static
+    cache (compiled on a GPU; its first call, compilation included, timed apart)."""
+    prompt = bench.prompts[i]
+    result: dict[str, Any] = {"request": bench.requests[i].id, "prompt_tokens": int(prompt.shape[-1]),
+                              "new_tokens": new_tokens}
+    for name, extra in (("eager", {}), ("static", {"cache_implementation": "static"})):
+        calls = []
+        for _ in range(2 if name == "static" else 1):  # static: the first call compiles
+            times = _StepTimes()
+            t0 = time.perf_counter()
+            bench.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
+                                 stopping_criteria=StoppingCriteriaList([times]), **extra)
+            calls.append((time.perf_counter() - t0, times.median_ms()))
+        result[f"{name}_ms_per_step"] = calls[-1][1]
+        if name == "static":
+            result["static_first_call_s"] = round(calls[0][0], 3)
+    bench.log(f"plain transformers, same model, r{bench.requests[i].id}'s prompt ({prompt.shape[-1]} tokens), "
+              f"aqua_alloc off: {result['eager_ms_per_step']} ms per step eager (dynamic cache), "
+              f"{result['static_ms_per_step']} ms with the static cache (its first call {result['static_first_call_s']} s"
+              + (", compilation included)" if bench.cuda else "; not compiled on CPU)"))
+    return result
+
+
 def _estimate_replays_s(service: ServiceModel, requests: Sequence[Request], num_systems: int,
                         loads: Sequence[float], rounds: int) -> float:
     """Expected seconds of all replays: every system, every load, every round."""
@@ -1089,6 +1142,10 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
     plan = _resolve(options)
     trace, requests, window = _load_requests(options, plan, log)
     device = plan.device
+    torch.use_deterministic_algorithms(options.deterministic, warn_only=True)
+    log(f"kernels: {'deterministic (torch.use_deterministic_algorithms; slower steps, for output checks)' if options.deterministic else 'as users run them (no deterministic mode)'}; "
+        f"KV cache: {options.cache}" + (" (transformers' static cache; aqua: one per prompt, in its context; the "
+                                         "decode step compiled on a GPU)" if options.cache == "static" else ""))
 
     # The model and the prompts.
     t_build = time.perf_counter()
@@ -1127,7 +1184,8 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
 
     # Warm-up, memory cap, calibration and references; then the budget.
     t_cal = time.perf_counter()
-    model.generate(**_generate_kwargs(bench.warmup_prompt, WARMUP_NEW_TOKENS, _TokenClock(threading.Event())))
+    model.generate(**_generate_kwargs(bench.warmup_prompt, WARMUP_NEW_TOKENS, _TokenClock(threading.Event()),
+                                      options.cache))
     cap = _measure_memory_cap(bench) if device.type == "cuda" else None
     first = min(len(requests), max(options.min_requests, options.check))  # the sample comes from the first ones
     check = sorted(random.Random(options.seed).sample(range(first), min(options.check, first)))
@@ -1135,8 +1193,9 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
     mismatches: list[str] = []
     service, references, solo_runs = _calibrate(bench, check, mismatches)
     bench.service = service
+    reference_steps = _reference_steps(bench, max(check, key=lambda i: requests[i].prompt_tokens))
     log(f"calibration took {time.perf_counter() - t_cal:.1f} s")
-    skipped = {s: _unavailable(s, device, model, requests, plan.kv_budget) for s in plan.systems}
+    skipped = {s: _unavailable(s, device, model, requests, plan.kv_budget, options.cache) for s in plan.systems}
     for s, reason in skipped.items():
         if reason:
             log(f"{s.value}: skipped: {reason}")
@@ -1206,6 +1265,8 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
                       "chunk_tokens": options.chunk_tokens},
         "calibration": {"solo_runs": solo_runs, "service_model": dataclasses.asdict(service),
                         "mean_service_s": mean_service},
+        "kernels": {"deterministic": options.deterministic, "cache": options.cache},
+        "reference_steps": reference_steps,
         "time_scales": {f"{load:g}": round(s, 6) for load, s in scales.items()},
         "loads": plan.loads,
         "systems": [s.value for s in plan.systems],

@@ -76,6 +76,8 @@ class BenchOptions:
     budget_s: float | None = 300.0           # replay phase target (s): fewer requests if the estimate is over
     min_requests: int = 8                    # the budget never trims below this
     rounds: int = 1                          # each load: every system in turn, this many times (paired rounds)
+    cache: str = "dynamic"                   # KV cache of generate calls: "dynamic" or "static" (compiled step)
+    deterministic: bool = False              # torch.use_deterministic_algorithms: for output checks, not timing
     out_dir: str | Path = "benchmarks/results"
     name: str | None = None                  # file name stem (default bench_serve-<trace>-<device name>)
     plots: bool = True
@@ -128,6 +130,10 @@ def check_options(options: BenchOptions, device_type: str) -> CheckedOptions:
                               "such as 0.1 (leave it out for fixed slices)")
     if options.budget_s is not None and options.budget_s <= 0:
         raise BenchInputError(f"--budget-s={options.budget_s}: must be positive")
+    if options.cache not in ("dynamic", "static"):
+        raise BenchInputError(f"--cache={options.cache!r}: expected dynamic or static")
+    if not isinstance(options.deterministic, bool):
+        raise BenchInputError(f"--deterministic={options.deterministic!r}: expected True or False")
     if isinstance(options.rounds, bool) or not isinstance(options.rounds, int) or options.rounds < 1:
         raise BenchInputError(f"--rounds={options.rounds!r}: must be a whole number, at least 1")
     return CheckedOptions(model=model, model_is_default=options.model is None, systems=systems,

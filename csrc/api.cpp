@@ -39,22 +39,10 @@ int guarded(F&& f) {
   }
 }
 
-// Puts back the calling thread's current CUDA context when an entry point returns: the
-// core binds devices as it needs, and PyTorch reads the current device from that state.
-class BindingGuard {
- public:
-  explicit BindingGuard(aqua::Backend& backend) : backend_(backend), saved_(backend.save_binding()) {}
-  ~BindingGuard() { backend_.restore_binding(saved_); }
-
- private:
-  aqua::Backend& backend_;
-  uint64_t saved_;
-};
-
 #define WITH_CORE(core)                     \
   Core* core = g_core.load();               \
   if (!core) return no_core();              \
-  BindingGuard binding_guard_(core->backend());
+  aqua::BindingGuard binding_guard_(core->backend());
 
 int install(aqua::Backend* backend, aqua::SimControl* sim) {
   uint64_t saved = backend->save_binding();
@@ -123,7 +111,7 @@ int aqua_shutdown(int force) {
     if (!core) return static_cast<int>(AQUA_OK);
     int r;
     {
-      BindingGuard binding_guard(core->backend());
+      aqua::BindingGuard binding_guard(core->backend());
       r = core->shutdown(force != 0);
       // Kept for late callers, but its event ring and the backend's arenas are dead weight
       // (tens of MiB, file descriptors) in a process that enables and disables repeatedly.
@@ -327,7 +315,7 @@ void* aqua_malloc(size_t size, int device, void* /*stream*/) {
   Core* core = g_core.load();
   if (!core) return nullptr;
   try {
-    BindingGuard binding_guard(core->backend());
+    aqua::BindingGuard binding_guard(core->backend());
     return core->malloc(size, device, t_context);
   } catch (...) {
     return nullptr;  // torch raises its out-of-memory error
@@ -338,7 +326,7 @@ void aqua_free(void* ptr, size_t /*size*/, int /*device*/, void* /*stream*/) {
   Core* core = g_core.load();
   if (!core || !ptr) return;
   try {
-    BindingGuard binding_guard(core->backend());
+    aqua::BindingGuard binding_guard(core->backend());
     core->free(ptr);
   } catch (...) {
     // The free path never throws.

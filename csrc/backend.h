@@ -72,6 +72,21 @@ class Backend {
   virtual int stream_wait_value(Stream stream, uintptr_t device_addr, uint32_t value) = 0;
 };
 
+// Puts back the calling thread's binding when it goes out of scope: the core binds devices
+// as it needs, PyTorch reads the current device from that state (entry points), and a move
+// records its events in its own device's context (host backing is made with device 0 bound).
+class BindingGuard {
+ public:
+  explicit BindingGuard(Backend& backend) : backend_(backend), saved_(backend.save_binding()) {}
+  ~BindingGuard() { backend_.restore_binding(saved_); }
+  BindingGuard(const BindingGuard&) = delete;
+  BindingGuard& operator=(const BindingGuard&) = delete;
+
+ private:
+  Backend& backend_;
+  uint64_t saved_;
+};
+
 // Undo and teardown paths call each driver operation up to this many times before giving
 // up: they must not leak, and a leak is all that is left when they fail.
 constexpr int kRestoreAttempts = 4;

@@ -15,21 +15,21 @@ Backings::Backings(Backend& backend, std::mutex& mutex, const Ledger& ledger, Pr
 
 // --- taking and giving back -------------------------------------------------------------
 
-int Backings::acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
+int Backings::acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes) {
   uint64_t t0 = now_ns();
-  int r = acquire_untimed(tier, size, for_move, handle, handle_bytes);
+  int r = acquire_untimed(tier, size, pool_only, handle, handle_bytes);
   profiler_.add(AQUA_PHASE_ACQUIRE, t0, now_ns());
   return r;
 }
 
-int Backings::acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes) {
+int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes) {
   if (tier == AQUA_TIER_HOST) {
     if (host_pool_.take(size, handle, handle_bytes)) {
       cv_.notify_all();  // the background thread may top the pool up
       return 0;
     }
     uint64_t cls = host_pool_.class_for(size);
-    if (for_move || !cls || host_pool_.total_bytes() + cls > ledger_.host_budget) return -1;
+    if (pool_only || !cls || host_pool_.total_bytes() + host_creating_bytes_ + cls > ledger_.host_budget) return -1;
     uintptr_t va = 0;
     if (int r = create_host_backing(cls, handle, &va)) return r;
     host_mappings_[*handle] = va;
@@ -102,6 +102,7 @@ void Backings::release_deferred(int tier, uint64_t older_than_ns) {
 // an access grant of host memory, ~0.6 ms per 64 MiB on an H200) leaves the park path.
 // Driver calls only: callable without the mutex; the caller records *va in host_mappings_.
 int Backings::create_host_backing(uint64_t size, Handle* handle, uintptr_t* va) {
+  BindingGuard keep_binding(backend_);  // made with device 0 bound; the caller's binding comes back
   int r = backend_.bind(0);
   if (r == 0) r = backend_.create(AQUA_TIER_HOST, size, handle);
   if (r != 0) return r;

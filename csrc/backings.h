@@ -38,11 +38,13 @@ class Backings {
   const HostPool& host_pool() const { return host_pool_; }
 
   // A backing of `size` bytes on `tier` (*handle_bytes: its physical size): host from the
-  // pool, created within the host budget only when !for_move (a move never waits for
-  // pinned memory to be made); a device backing given back is reused before one is
-  // created. 0, -1 (no host backing to be had) or the driver's code. Timed as
-  // AQUA_PHASE_ACQUIRE.
-  int acquire(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
+  // pool, or created within the host budget unless `pool_only` (moves do not wait for
+  // pinned memory to be made, except the evictions of placement.h's HostBacking); a device
+  // backing given back is reused before one is created. 0, -1 (no host backing to be had)
+  // or the driver's code. Timed as AQUA_PHASE_ACQUIRE. The device binding is kept.
+  int acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes);
+  // Host bytes being created for the pool outside the lock (counted against the budget).
+  uint64_t host_creating_bytes() const { return host_creating_bytes_; }
   // Takes back a backing mapped nowhere: host into the pool, device for a deferred release.
   void give_back(int tier, Handle handle, uint64_t handle_bytes);
   // The address where host backing `handle` is mapped for good; false for any other handle.
@@ -60,7 +62,7 @@ class Backings {
   void stop_thread();
 
  private:
-  int acquire_untimed(int tier, uint64_t size, bool for_move, Handle* handle, uint64_t* handle_bytes);
+  int acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes);
   bool reuse_deferred(int tier, uint64_t size, Handle* handle);
   int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
   void release_host_backing(Handle handle, uint64_t size);

@@ -4,9 +4,10 @@
 // takes to copy that GiB at 51 GiB/s (cuMemCreate of HOST_NUMA handles on an H200, driver
 // 580.159.04: 230-275 ms per GiB in 64 MiB handles, 258-264 ms in 2 MiB handles, timed with
 // the Driver and Vmm helpers of benchmarks/probe_park_copy.py in a one-off probe whose log
-// was not kept; bench_move's logs show enable() taking 9 s for 3 GiB made ahead), so it
-// never happens on a move's path: moves take idle handles from the pool and give them back.
-// Handles come
+// was not kept; bench_move's logs show enable() taking 9 s for 3 GiB made ahead), so moves
+// take idle handles from the pool and give them back. One move may create it: an eviction
+// that makes room for a running context's new memory when the pool has none idle
+// (placement.h, HostBacking). Handles come
 // in power-of-two size classes from the granularity up to the chunk size, and the core cuts
 // segments into pieces of exactly those sizes: a piece takes a handle of its own size.
 // (Mapping the first S bytes of a larger handle is allowed by cuda.h's text but returned

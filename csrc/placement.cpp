@@ -27,14 +27,16 @@ Placement::Placement(Backend& backend, Ledger& ledger, Backings& backings, Mover
 
 // Whether `tier` has budget room for `size` more bytes of a context of `home` (and, on
 // host, a backing to be had).
-bool Placement::room_on(int tier, int home, uint64_t size, bool for_move) const {
+bool Placement::room_on(int tier, int home, uint64_t size, bool pool_only) const {
   if (tier == AQUA_TIER_HOST) {
     if (ledger_.host_used + size > ledger_.host_budget) return false;
     if (backings_.host_pool().can_take(size)) return true;
-    // New allocations may create host backing; a move never does (creating it costs about
-    // ten times the copy it would serve: host_pool.h).
+    // New allocations may create host backing, and so may the evictions that make room for
+    // them (HostBacking); other moves do not (creating it costs about ten times the copy it
+    // would serve: host_pool.h).
     uint64_t cls = backings_.host_pool().class_for(size);
-    return !for_move && cls && backings_.host_pool().total_bytes() + cls <= ledger_.host_budget;
+    return !pool_only && cls &&
+           backings_.host_pool().total_bytes() + backings_.host_creating_bytes() + cls <= ledger_.host_budget;
   }
   if (tier == home) return ledger_.own_used[tier] + size <= ledger_.local_budget[tier];
   return peer_rank_[home][tier] >= 0 && ledger_.lent_used[tier] + size <= ledger_.lend_budget[tier];
@@ -57,8 +59,8 @@ std::vector<int> Placement::spill_order(int home) const {
 }
 
 // Plans `step`'s piece (of a context of `home`) onto the first tier of `order`, other than
-// the one it is on, with room for it and a backing to be had (a move never creates host
-// backing): acquires the backing, reserves the room, sets step.dst. False when no tier
+// the one it is on, with room for it and a backing to be had (host backing created only
+// with HostBacking::kMayCreate): acquires the backing, reserves the room, sets step.dst. False when no tier
 // had both; *driver_error, if given, then keeps the last driver failure other than out of
 // memory.
 bool Placement::take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error,
@@ -108,7 +110,7 @@ int Placement::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
   for (int t : spill_order(home)) order.push_back(t);
   int last_error_code = 0;
   for (int tier : order) {
-    if (tier == home) make_local_room(home, piece->size, ctx.id);
+    if (tier == home) make_local_room(home, piece->size, ctx.id, HostBacking::kMayCreate);
     if (!room_on(tier, home, piece->size, false)) continue;
     int r = backings_.acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     if (r != 0 && tier == home && backend_.is_out_of_memory(r) && ledger_.lent_used[home] > 0) {
@@ -124,7 +126,8 @@ int Placement::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
     if (r != 0 && tier == home && backend_.is_out_of_memory(r)) {
       // The budget had room but the device did not (other users of the GPU): evict the
       // least recently run parked context's local pieces, then try once more.
-      if (Context* victim = lru_parked_victim(home, ctx.id)) evict_pieces_of(*victim, piece->size);
+      if (Context* victim = lru_parked_victim(home, ctx.id))
+        evict_pieces_of(*victim, piece->size, HostBacking::kMayCreate);
       backend_.bind(home);
       r = backings_.acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     }
@@ -172,12 +175,12 @@ Context* Placement::lru_parked_victim(int device, int exclude_context) {
 
 // Frees local room for `need` bytes by evicting pieces of parked contexts of `device`,
 // least recently run first. Returns whether the budget now has the room.
-bool Placement::make_local_room(int device, uint64_t need, int exclude_context) {
+bool Placement::make_local_room(int device, uint64_t need, int exclude_context, HostBacking host) {
   while (ledger_.own_used[device] + need > ledger_.local_budget[device]) {
     Context* victim = lru_parked_victim(device, exclude_context);
     if (!victim) return false;
     uint64_t deficit = ledger_.own_used[device] + need - ledger_.local_budget[device];
-    if (evict_pieces_of(*victim, std::max(deficit, kEvictBatchBytes)) == 0) return false;
+    if (evict_pieces_of(*victim, std::max(deficit, kEvictBatchBytes), host) == 0) return false;
   }
   return true;
 }
@@ -185,7 +188,7 @@ bool Placement::make_local_room(int device, uint64_t need, int exclude_context) 
 // Plans moving local pieces of `victim` to the best spill tiers until `need` bytes leave
 // its device: the steps' backings are acquired and reserved, nothing moves yet. Appends to
 // `steps`; returns the bytes planned.
-uint64_t Placement::plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps) {
+uint64_t Placement::plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps, HostBacking host) {
   uint64_t planned = 0;
   std::vector<int> order = spill_order(victim.device);
   for (uintptr_t va : victim.segments) {
@@ -195,7 +198,7 @@ uint64_t Placement::plan_eviction(Context& victim, uint64_t need, std::vector<Mo
       if (p.tier != victim.device) continue;
       MoveStep step{seg, i, p.tier};
       step.ctx = &victim;
-      if (!take_backing(order, victim.device, step, nullptr, HostBacking::kMayCreate)) return planned;
+      if (!take_backing(order, victim.device, step, nullptr, host)) return planned;
       steps.push_back(step);
       planned += p.size;
     }
@@ -206,9 +209,9 @@ uint64_t Placement::plan_eviction(Context& victim, uint64_t need, std::vector<Mo
 
 // Moves local pieces of `victim` to the best spill tiers until `need` bytes left its
 // device. Returns the bytes moved (0 when nothing could move).
-uint64_t Placement::evict_pieces_of(Context& victim, uint64_t need) {
+uint64_t Placement::evict_pieces_of(Context& victim, uint64_t need, HostBacking host) {
   std::vector<MoveStep> steps;
-  plan_eviction(victim, need, steps);
+  plan_eviction(victim, need, steps, host);
   if (steps.empty()) return 0;
   uint64_t moved = 0;
   if (mover_.execute(victim, steps, &moved) != AQUA_OK) {
@@ -277,7 +280,7 @@ int Placement::bring_home(Context& ctx, uint64_t* bytes_moved, uint64_t* bytes_e
     // What did not fit in the exchange (no physical room for both at once, or the budget):
     // evict first, then bring home (the old backings of the first move are reused).
     uint64_t left = need - *bytes_moved;
-    make_local_room(device, left, ctx.id);
+    make_local_room(device, left, ctx.id, HostBacking::kPoolOnly);
     std::vector<MoveStep> rest;
     plan_homecoming(ctx, away, 0, rest);
     uint64_t more = 0;
@@ -328,7 +331,7 @@ uint64_t Placement::plan_exchange(const Context& ctx, uint64_t need, std::vector
   std::sort(victims.begin(), victims.end(), [](Context* a, Context* b) { return a->last_run < b->last_run; });
   for (Context* v : victims) {
     if (leaving >= deficit) break;
-    leaving += plan_eviction(*v, deficit - leaving, steps);
+    leaving += plan_eviction(*v, deficit - leaving, steps, HostBacking::kPoolOnly);
   }
   return leaving;
 }

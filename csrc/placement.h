@@ -64,15 +64,16 @@ class Placement {
   using PieceRef = std::pair<Segment*, size_t>;  // a segment and the index of one of its pieces
 
   // Whether a move's host backing may be created when the pinned pool has none idle.
-  // Evictions that make room for a running context may (kMayCreate): the running context
-  // reads its bytes at every step and the parked victim none until its resume, so the
-  // backing is better spent on the victim, whatever creating it costs (about ten copies of
-  // it: host_pool.h). Without it, a burst of prefills that outruns the pool's top-up spilled
-  // each newcomer's KV to host for its whole life (bench_serve mooncake, 8B, H200: steps
-  // 20% slower). Explicit evictions and lender reclaims use the pool only (kPoolOnly).
+  // Evictions that make room for a running context's new memory may (kMayCreate): that
+  // context reads its bytes at every step and the parked victim none until its resume, so
+  // the backing is better spent on the victim, whatever creating it costs (about ten copies
+  // of it: host_pool.h). Without it, a burst of prefills that outran the pool's top-up
+  // spilled newcomers' KV to host for their whole life (bench_serve mooncake, 8B, H200:
+  // steps 20% slower). Resumes, prefetches, explicit evictions and lender reclaims use the
+  // pool only (kPoolOnly): they run on the switch's path, or on the worker under the lock.
   enum class HostBacking { kPoolOnly, kMayCreate };
 
-  bool room_on(int tier, int home, uint64_t size, bool for_move) const;
+  bool room_on(int tier, int home, uint64_t size, bool pool_only) const;
   std::vector<int> spill_order(int home) const;
   bool take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error,
                     HostBacking host = HostBacking::kPoolOnly);
@@ -87,9 +88,9 @@ class Placement {
   static constexpr uint64_t kEvictBatchBytes = 256ull << 20;
 
   Context* lru_parked_victim(int device, int exclude_context);
-  bool make_local_room(int device, uint64_t need, int exclude_context);
-  uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps);
-  uint64_t evict_pieces_of(Context& victim, uint64_t need);
+  bool make_local_room(int device, uint64_t need, int exclude_context, HostBacking host);
+  uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps, HostBacking host);
+  uint64_t evict_pieces_of(Context& victim, uint64_t need, HostBacking host);
 
   std::vector<PieceRef> pieces_away(const Context& ctx) const;
   uint64_t plan_exchange(const Context& ctx, uint64_t need, std::vector<MoveStep>& steps);

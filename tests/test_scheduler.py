@@ -946,9 +946,9 @@ def test_switch_overhead_lengthens_the_slices_of_prompts_whose_switch_costs_more
         slow = SlowResume()
         monkeypatch.setattr(kv_cache, "memory_for", lambda device, slow=slow: slow)
         monkeypatch.setattr(scheduler_module, "memory_for", lambda device, slow=slow: slow)
-        sched = Scheduler(policy="rr", slice_steps=2, use_context_cache=True, prefetch=False,
+        sched = Scheduler(policy="rr", slice_steps=3, use_context_cache=True, prefetch=False,
                           first_token_priority=False, switch_overhead=overhead)
-        specs = [("a", prompt_ids(5, 1), 24, {}), ("b", prompt_ids(6, 2), 24, {})]
+        specs = [("a", prompt_ids(5, 1), 40, {}), ("b", prompt_ids(6, 2), 40, {})]
         results = held_backlog(sched, llama, specs)
         assert all(r.error is None for r in results.values())
         for tag, ids, n, _ in specs:
@@ -957,9 +957,9 @@ def test_switch_overhead_lengthens_the_slices_of_prompts_whose_switch_costs_more
         stats = {p.tag: p for p in sched.stats().prompts}
         assert all(p.last_switch_s >= 0.04 for p in stats.values())  # measured: the sleep, less a step
         assert not slow.errors
-    assert all(steps == 2 for _, steps in orders[None][:-2])
-    # 0.05 s / (0.1 x a step of a few ms) is more than 8 x 2 steps: slices of 16 once a step is timed
-    assert max(steps for _, steps in orders[0.1]) == scheduler_module.MAX_SLICE_FACTOR * 2
+    assert all(steps == 3 for _, steps in orders[None][1:-2])
+    # 0.05 s / (0.1 x a step of a few ms) is more than 8 x 3 steps: slices of 24 once a step is timed
+    assert max(steps for _, steps in orders[0.1]) == scheduler_module.MAX_SLICE_FACTOR * 3
     assert len(orders[0.1]) < len(orders[None])
 
 
@@ -967,3 +967,42 @@ def test_switch_overhead_lengthens_the_slices_of_prompts_whose_switch_costs_more
 def test_switch_overhead_takes_a_share_between_0_and_1(value):
     with pytest.raises(ValueError, match=r"switch_overhead=.*: expected None \(fixed slices\) or a share"):
         Scheduler(switch_overhead=value)
+
+
+def test_the_step_boundary_waits_for_the_streamer_only_while_it_gets_every_step():
+    """The boundary of step k is reached once the criteria and the streamer have both seen
+    step k, in either order; a streamer that stops being given tokens (a decoding loop that
+    does not put every step) is then ignored, so the prompt still yields."""
+    class Recorder:
+        def __init__(self):
+            self.boundaries = 0
+
+        def _at_step_boundary(self, prompt):
+            self.boundaries += 1
+
+    class Sink(BaseStreamer):
+        def put(self, value):
+            pass
+
+        def end(self):
+            pass
+
+    ids = torch.zeros((1, 4), dtype=torch.long)
+    recorder = Recorder()
+    boundary = scheduler_module._StepBoundary(recorder, prompt=None)
+    streamer = boundary.wrap_streamer(Sink())
+    streamer.put(ids)                       # the prompt: no step
+    boundary(ids, None)                     # step 1: criteria first ...
+    assert recorder.boundaries == 0
+    streamer.put(ids[:, -1])                # ... then its token: boundary 1
+    assert recorder.boundaries == 1
+    streamer.put(ids[:, -1])                # step 2: token first ...
+    assert recorder.boundaries == 1
+    boundary(ids, None)                     # ... then criteria: boundary 2
+    assert recorder.boundaries == 2
+    boundary(ids, None)                     # steps 3 and 4 without a put: waited for once,
+    assert recorder.boundaries == 2
+    boundary(ids, None)                     # then the streamer is ignored: one boundary for both
+    assert recorder.boundaries == 3
+    boundary(ids, None)
+    assert recorder.boundaries == 4

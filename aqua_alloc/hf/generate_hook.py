@@ -184,8 +184,8 @@ def with_step_hooks(model: Any, args: tuple, kwargs: dict, first: StoppingCriter
     transformers calls the criteria in list order once per decode step, so ``first`` counts a
     step even when a caller's criterion raises in it, and ``last`` runs after every criterion
     of the caller has seen the step's token. A streamer gets each token once per step too,
-    before the criteria up to transformers 5.2x and after them from the release that moved
-    it into its stop check; the wrapper lets the scheduler act after both, whatever the order."""
+    before the criteria or after them depending on the decoding method and the release; the
+    wrapper lets the scheduler act after both, whatever the order."""
     try:
         bound = inspect.signature(unscheduled_generate(model)).bind_partial(*args, **kwargs)
     except (TypeError, ValueError):

@@ -88,6 +88,7 @@ from aqua_alloc.hf.generate_hook import (
 from aqua_alloc.hf import context_memory
 from aqua_alloc.hf.context_memory import ContextMemory, memory_for
 from aqua_alloc.hf.kv_cache import ContextKVCache
+from aqua_alloc.hf.static_cache import ContextStaticCache
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ class _Prompt:
         self.slice_num_steps = 0
         self.slice_target = 0               # steps this slice may run (slice_steps, or more: switch_overhead)
         self.slice_began_ns = 0             # when it got the device for this slice (before its resume)
+        self.switched_in = False            # this slice began by resuming its parked context
         self.last_step_ns = 0               # when its last step ended
         self.step_s: float | None = None    # its usual decode step (s): moving average of in-slice steps
         self.switch_s = 0.0                 # its last measured switch in (s)
@@ -349,8 +351,9 @@ class _Prompt:
 
 
 class _StepHook(StoppingCriteria):
-    """First of a call's stopping criteria, once per decode step: counts the step. Never stops
-    generation and never yields (the caller's hooks have not seen the step's token yet)."""
+    """First of the caller's stopping criteria (transformers' own, such as max length, run
+    before), once per decode step: counts the step. Never stops generation and never yields
+    (the caller's hooks have not seen the step's token yet)."""
 
     def __init__(self, scheduler: "Scheduler", prompt: _Prompt) -> None:
         self._scheduler = scheduler
@@ -374,9 +377,10 @@ class _StepBoundary(StoppingCriteria):
     """Last of a call's stopping criteria, and the wrapper of its streamer: the point of each
     decode step where the prompt may yield, reached once the caller's criteria *and* its
     streamer have seen the step's token. So a token the GPU produced reaches its caller
-    before its prompt gives up the device, and the time to first token a caller's streamer
-    sees is the scheduler's own (transformers calls a streamer's ``put`` before the criteria
-    in some 5.x releases and after them in others; counting both finds the later one)."""
+    before its prompt gives up the device: the caller's first token comes within its own
+    step of the scheduler's (which logs it when the step is launched). transformers calls a
+    streamer's ``put`` before the criteria or after them, by decoding method and release;
+    counting both finds the later one."""
 
     def __init__(self, scheduler: "Scheduler", prompt: _Prompt) -> None:
         self._scheduler = scheduler
@@ -401,6 +405,10 @@ class _StepBoundary(StoppingCriteria):
         self._reached()
 
     def _reached(self) -> None:
+        if self._streams and self._criteria_steps - self._token_puts >= 2:
+            # A decoding loop that does not put every step's token (a custom one, say): the
+            # boundary must not wait for puts that never come, or the prompt never yields.
+            self._streams = False
         done = min(self._criteria_steps, self._token_puts) if self._streams else self._criteria_steps
         if done > self._boundaries:
             self._boundaries = done
@@ -698,7 +706,10 @@ class Scheduler:
         if device is not None and device.type == "cuda":
             prompt.local_tier = f"gpu{device.index if device.index is not None else torch.cuda.current_device()}"
         use_cache = self.use_context_cache if self.use_context_cache is not None else prompt.memory is not None
-        cache = make_context_cache(model, args, kwargs, prompt.tag, device, self.chunk_tokens) if use_cache else None
+        cache = make_context_cache(model, args, kwargs, prompt.tag if use_cache else None, device, self.chunk_tokens)
+        if not use_cache and not isinstance(cache, ContextStaticCache):
+            cache = None  # a static call always gets a cache of its own: prompts run interleaved, and
+            # some transformers 5.x releases keep one static cache per model for every call
         prompt.cache = cache  # from here on, released by _leave whatever happens
         boundary = _StepBoundary(self, prompt)
         call_args, call_kwargs = with_step_hooks(model, args, kwargs, _StepHook(self, prompt), boundary,
@@ -805,13 +816,19 @@ class Scheduler:
         self._begin_slice(prompt)
 
     def _time_step_locked(self, prompt: _Prompt, now: int) -> None:
-        """Time the step that just ended: the first of a slice measures the switch in, the
-        others the prompt's usual step; with ``switch_overhead``, the first sets the slice's length."""
-        if prompt.slice_num_steps > 1:
+        """Time the step that just ended (host clock at the step's criteria). transformers reads
+        each step's token back after the criteria, so the host runs up to one step ahead of
+        the GPU, and a switch's cost (the resume's copies, waited for on the host or on the
+        GPU) shows within the first two steps of a slice. So: the usual step is timed from
+        the third step of a slice on; at the second step of a slice that began with a resume,
+        the switch is what the two steps took beyond two usual steps, and with
+        ``switch_overhead`` it sets the slice's length."""
+        k = prompt.slice_num_steps
+        if k >= 3:
             step_s = (now - prompt.last_step_ns) / 1e9
             prompt.step_s = step_s if prompt.step_s is None else 0.8 * prompt.step_s + 0.2 * step_s
-        elif prompt.first_token_ns is not None and prompt.step_s is not None:  # not the prefill
-            prompt.switch_s = max((now - prompt.slice_began_ns) / 1e9 - prompt.step_s, 0.0)
+        elif k == 2 and prompt.switched_in and prompt.step_s is not None:
+            prompt.switch_s = max((now - prompt.slice_began_ns) / 1e9 - 2 * prompt.step_s, 0.0)
             if self.switch_overhead is not None:
                 needed = math.ceil(prompt.switch_s / (self.switch_overhead * prompt.step_s))
                 prompt.slice_target = min(max(self.slice_steps, needed), MAX_SLICE_FACTOR * self.slice_steps)
@@ -823,9 +840,10 @@ class Scheduler:
         # No point yielding after the last token: generate is about to return.
         if prompt.max_new_tokens is not None and prompt.num_tokens >= prompt.max_new_tokens:
             return False
-        if prompt.slice_num_steps >= prompt.slice_target:
-            return True
-        with self._lock:  # a newcomer waits for its first token: yield now (first-token priority)
+        with self._lock:
+            if prompt.slice_num_steps >= prompt.slice_target:
+                return True
+            # A newcomer waits for its first token: yield now (first-token priority).
             return self.first_token_priority and any(p.first_token_ns is None for p in self._waiting)
 
     def _pick_next_locked(self) -> _Prompt | None:
@@ -833,7 +851,9 @@ class Scheduler:
 
     def _begin_slice(self, prompt: _Prompt) -> None:
         """``prompt`` got the device: bring its context back, then prefetch the next one's."""
-        prompt.slice_began_ns = time.monotonic_ns()
+        with self._lock:
+            prompt.slice_began_ns = time.monotonic_ns()
+            prompt.switched_in = prompt.parked_since is not None  # a re-pick of the running prompt is no switch
         if prompt.parked_since is not None:
             self._resume(prompt)
         with self._lock:
