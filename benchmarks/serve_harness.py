@@ -1137,12 +1137,20 @@ def _fit_budget(bench: _Bench, service: ServiceModel, num_systems: int, loads: l
 
 def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
     """Replay the window on every system at every load; return rows and metadata (see module
-    docstring). Raises BenchInputError for bad options before any model is built."""
-    log = log or Log()
+    docstring). Raises BenchInputError for bad options before any model is built. Deterministic
+    mode is set for the run (``options.deterministic``) and put back as it was afterwards."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(options.deterministic, warn_only=True)
+    try:
+        return _run_benchmark(options, log or Log())
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=True)
+
+
+def _run_benchmark(options: BenchOptions, log: Log) -> BenchResult:
     plan = _resolve(options)
     trace, requests, window = _load_requests(options, plan, log)
     device = plan.device
-    torch.use_deterministic_algorithms(options.deterministic, warn_only=True)
     log(f"kernels: {'deterministic (torch.use_deterministic_algorithms; slower steps, for output checks)' if options.deterministic else 'as users run them (no deterministic mode)'}; "
         f"KV cache: {options.cache}" + (" (transformers' static cache; aqua: one per prompt, in its context; the "
                                          "decode step compiled on a GPU)" if options.cache == "static" else ""))

@@ -433,6 +433,44 @@ def test_every_system_serves_every_request_exactly(tmp_path):
         f"aqua-host@0.9-r{r['id']}" for r in result.meta["requests"]}
 
 
+def test_static_cache_runs_and_the_plain_transformers_reference_steps(tmp_path):
+    """--cache static: fcfs and aqua-host use transformers' static cache (aqua: one per prompt,
+    in its context), outputs equal their solo runs; threads is skipped with the reason;
+    hf-cb says the option does not apply. Every run prints plain transformers' eager and
+    static-cache steps for the same model and prompt, and says deterministic mode is off."""
+    lines: list[str] = []
+
+    class Capture(sb.Log):
+        def __call__(self, message: str = "") -> None:
+            lines.append(message)
+            super().__call__(message)
+
+    result = sb.run_benchmark(tiny_options(tmp_path, cache="static", check=2),
+                              Capture(stream=open(os.devnull, "w")))
+    assert result.ok, result.mismatches
+    rows = {row["system"]: row for row in result.rows}
+    assert rows["threads"]["skipped"].startswith("--cache static: transformers keeps one static cache per model")
+    for name in ("fcfs", "aqua-host", "hf-cb"):
+        assert rows[name]["completed"] == 10 and rows[name]["outputs_identical"] is True, rows[name]
+    assert rows["hf-cb"]["notes"] == ["--cache static does not apply: continuous batching keeps its own paged cache"]
+    steps = result.meta["reference_steps"]
+    assert steps["eager_ms_per_step"] > 0 and steps["static_ms_per_step"] > 0 and steps["static_first_call_s"] > 0
+    assert result.meta["kernels"] == {"deterministic": False, "cache": "static"}
+    assert any(line.startswith("kernels: as users run them (no deterministic mode); KV cache: static") for line in lines)
+    assert any(line.startswith("plain transformers, same model, r") and "ms per step eager" in line for line in lines)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_runs_are_said_and_the_mode_is_put_back(tmp_path):
+    result = sb.run_benchmark(tiny_options(tmp_path, systems=["fcfs"], check=1, max_requests=4, min_requests=2),
+                              sb.Log(stream=open(os.devnull, "w")))
+    assert result.meta["kernels"]["deterministic"] is False
+    result = sb.run_benchmark(tiny_options(tmp_path, systems=["fcfs"], check=1, max_requests=4, min_requests=2,
+                                           deterministic=True), sb.Log(stream=open(os.devnull, "w")))
+    assert result.meta["kernels"]["deterministic"] is True and result.ok
+    assert not torch.are_deterministic_algorithms_enabled()  # as it was before the run
+
+
 def test_outputs_that_differ_from_solo_runs_are_mismatches(tmp_path, monkeypatch):
     real_solo = sb._solo
 
@@ -534,6 +572,8 @@ BAD_ARGUMENTS = [
     (["--trace", "conv-excerpt", "--window-start", "5000"], "--window-start=5000 --window-s=60: no request"),
     (["--kv-budget", "lots"], "--kv-budget='lots': not a size"),
     (["--rounds", "0"], "--rounds=0: must be a whole number, at least 1"),
+    (["--switch-overhead", "2"], "--switch-overhead=2.0: a share of a slice between 0 and 1"),
+    (["--cache", "paged"], "argument --cache: invalid choice: 'paged'"),
 ]
 
 
