@@ -42,7 +42,7 @@ for step in "$@"; do
       run bench_serve-mooncake-8b 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
         --trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB --max-requests 16 \
         --loads 0.8 --systems "${SERVE_SYSTEMS:-fcfs,aqua-host,hf-cb}" --switch-overhead 0.1 --budget-s 300 \
-        --name "bench_serve-mooncake-8b-$tag" --out "$OUT" --verbose ;;
+        --name "bench_serve-mooncake-8b-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
