@@ -640,6 +640,9 @@ class _AquaRun(_ThreadsRun):
         fields["mean_slice_steps"] = round(statistics.fmean(s.num_steps for s in stats.slices), 2) if stats.slices else None
         switches = [p.last_switch_s for p in stats.prompts if p.num_slices > 1]
         fields["mean_last_switch_s"] = round(statistics.fmean(switches), 6) if switches else None
+        steps = sum(p.num_steps for p in stats.prompts)
+        fields["scheduler_cpu_us_per_step"] = (round(sum(p.hook_cpu_ns for p in stats.prompts) / steps / 1e3, 2)
+                                               if steps else None)
         fields["parked_s"] = round(sum(p.parked_ns for p in stats.prompts) / 1e9, 6)
         if self._enabled:
             aq = aqua_alloc.stats()
@@ -1371,6 +1374,10 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
         log(f"  aqua_alloc: {row['num_moves']} moves, {_fmt_bytes(row['bytes_moved'])} moved; "
             f"{row['num_slices']} slices of {row['mean_slice_steps']} steps on average, {row['parked_s']:.2f} s parked "
             f"in all; last switch in of each prompt {1e3 * (row['mean_last_switch_s'] or 0):.1f} ms on average")
+    if row.get("scheduler_cpu_us_per_step") is not None:
+        log(f"  scheduler: {row['scheduler_cpu_us_per_step']:.1f} us of CPU per decode step in its hooks (parks and "
+            f"resumes included), against {1e3 * service.decode_s_per_token:.2f} ms per step of a request alone"
+            if service is not None else f"  scheduler: {row['scheduler_cpu_us_per_step']:.1f} us of CPU per step")
     errors = [r for r in run.records if r.error]
     for record in errors[:3]:
         log(f"  r{record.request_id}: {record.error}")

@@ -419,6 +419,7 @@ def test_every_system_serves_every_request_exactly(tmp_path):
                       "output_tok_s_ratio_to_fcfs"):
             assert row[field] is not None and row[field] > 0, (name, field)
     assert rows["aqua-host"]["num_slices"] >= 10  # every request ran at least one slice
+    assert rows["aqua-host"]["scheduler_cpu_us_per_step"] > 0  # the scheduler's own cost, next to the step's
     for name in ("aqua-host", "hf-cb"):  # they log first tokens themselves: compared with the caller's clock
         assert rows[name]["first_token_gap_max_s"] is not None  # below 0 where the put comes before the log
     for name in ("fcfs", "threads"):

@@ -261,7 +261,8 @@ class PromptStats:
     parked_context_bytes: int       # at its last park: bytes its context held (all tiers; 0 if no context)
     parked_kv_bytes: int            # at its last park: bytes of valid KV tokens in it
     step_s: float | None            # its usual decode step (s; moving average), None before its second step
-    last_switch_s: float            # its last switch in (s): first step of a slice less its usual step
+    last_switch_s: float            # its last switch in (s): first two steps of a slice less two usual steps
+    hook_cpu_ns: int                # CPU time of the scheduler's per-step hooks (park and resume included)
     error: str | None
 
 
@@ -320,6 +321,8 @@ class _Prompt:
         self.last_step_ns = 0               # when its last step ended
         self.step_s: float | None = None    # its usual decode step (s): moving average of in-slice steps
         self.switch_s = 0.0                 # its last measured switch in (s)
+        self.hook_cpu_ns = 0                # CPU time of the scheduler's per-step hooks in its thread (ns;
+                                            # written by that thread only; waits for the device cost none)
         self.parked_ns = 0
         self.parked_since: int | None = None
         self.bytes_moved = 0
@@ -346,6 +349,7 @@ class _Prompt:
             num_slices=self.num_slices, service=self.service, parked_ns=self.parked_ns,
             bytes_moved=self.bytes_moved, parked_context_bytes=self.parked_context_bytes,
             parked_kv_bytes=self.parked_kv_bytes, step_s=self.step_s, last_switch_s=self.switch_s,
+            hook_cpu_ns=self.hook_cpu_ns,
             error=None if self.error is None else repr(self.error),
         )
 
@@ -361,7 +365,11 @@ class _StepHook(StoppingCriteria):
         self._not_done: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        self._scheduler._on_step(self._prompt, input_ids)
+        cpu_ns = time.thread_time_ns()
+        try:
+            self._scheduler._on_step(self._prompt, input_ids)
+        finally:
+            self._prompt.hook_cpu_ns += time.thread_time_ns() - cpu_ns
         return _never_done(self, input_ids)
 
 
@@ -412,7 +420,12 @@ class _StepBoundary(StoppingCriteria):
         done = min(self._criteria_steps, self._token_puts) if self._streams else self._criteria_steps
         if done > self._boundaries:
             self._boundaries = done
-            self._scheduler._at_step_boundary(self._prompt)
+            cpu_ns = time.thread_time_ns()  # CPU time only: a wait for the device costs none
+            try:
+                self._scheduler._at_step_boundary(self._prompt)
+            finally:
+                if self._prompt is not None:
+                    self._prompt.hook_cpu_ns += time.thread_time_ns() - cpu_ns
 
 
 class _StreamerThenBoundary(BaseStreamer):
