@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "ContextError", "CoreError", "CoreOutOfMemory", "MoveResult", "NoDeviceError", "ReclaimResult",
-    "Settings", "Scheduler", "ContextKVCache", "context", "contexts", "current_context", "disable", "enable", "evict",
+    "Settings", "Scheduler", "ContextKVCache", "ContextStaticCache", "context", "contexts", "current_context", "disable", "enable", "evict",
     "is_enabled", "lend", "move_profile", "move_spans", "park", "placement", "prefetch", "reclaim", "release",
     "resume", "stats", "wait_on_stream", "where",
 ]
@@ -56,4 +56,8 @@ def __getattr__(name: str):
         from aqua_alloc.hf.kv_cache import ContextKVCache
 
         return ContextKVCache
+    if name == "ContextStaticCache":
+        from aqua_alloc.hf.static_cache import ContextStaticCache
+
+        return ContextStaticCache
     raise AttributeError(f"module 'aqua_alloc' has no attribute {name!r}")
