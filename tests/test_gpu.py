@@ -353,3 +353,31 @@ def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, move
     assert seen[1]["gpu0"] >= cache.nbytes and seen[1]["host"] == 0, seen
     assert pointers[0] == pointers[1]
     cache.release()
+
+
+def test_compiled_step_reads_a_static_cache_that_spilled_at_allocation(gpu):
+    """A static cache larger than its context's local budget spills to host when it is
+    allocated; the compiled decode step reads the spilled layers in place: tokens equal the
+    same compiled call on plain memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aqua_alloc.hf.generate_hook import cache_argument
+    from aqua_alloc.hf.static_cache import ContextStaticCache
+
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
+                         initializer_range=0.5, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).cuda().eval()
+    prompt = torch.randint(1, 256, (1, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    greedy = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    # 4096 tokens x 4 heads x 64 dims x 4 bytes = 4 MiB per tensor; 8 tensors = 32 MiB.
+    aq.disable()
+    reference = model.generate(prompt, **cache_argument(ContextStaticCache(model.config, max_cache_len=4096)), **greedy)
+    aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB")
+    cache = ContextStaticCache(model.config, max_cache_len=4096, tag="spilled", device=prompt.device)
+    out = model.generate(prompt, **cache_argument(cache), **greedy)
+    where = aq.where("spilled")
+    assert torch.equal(out, reference), "the compiled step over spilled static KV gave other tokens"
+    assert where["gpu0"] <= 12 * MiB and where["host"] >= cache.nbytes - 12 * MiB, where
+    cache.release()
