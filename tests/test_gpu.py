@@ -374,7 +374,7 @@ def test_compiled_step_reads_a_static_cache_that_spilled_at_allocation(gpu):
     # 4096 tokens x 4 heads x 64 dims x 4 bytes = 4 MiB per tensor; 8 tensors = 32 MiB.
     aq.disable()
     reference = model.generate(prompt, **cache_argument(ContextStaticCache(model.config, max_cache_len=4096)), **greedy)
-    aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB")
+    aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB", lend=0)  # lend 0: host, not a peer
     cache = ContextStaticCache(model.config, max_cache_len=4096, tag="spilled", device=prompt.device)
     out = model.generate(prompt, **cache_argument(cache), **greedy)
     where = aq.where("spilled")
