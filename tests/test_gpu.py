@@ -191,12 +191,16 @@ def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
     assert aq.where(kv)["gpu0"] >= 32 * MiB
 
 
+@pytest.mark.parametrize("tier", ["host", "gpu1"])
 @pytest.mark.parametrize("read_ahead_bytes", [0, 64 * MiB], ids=["in-place", "read-ahead"])
-def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu, read_ahead_bytes):
-    """A context larger than its local budget spills to host at allocation, attention reads
-    the spilled KV in place (or from copies staged on a side stream by read-ahead), and
-    generate's tokens equal a plain run's; raising the budget and resuming brings the
-    spilled ranges home with the same bytes."""
+def test_generate_with_kv_spilled_and_back_is_identical(gpu, read_ahead_bytes, tier):
+    """A context larger than its local budget spills at allocation, to host (no GPU lends)
+    or to a second GPU (it lends; skipped with one GPU); attention reads the spilled KV in
+    place (or from copies staged on a side stream by read-ahead), and generate's tokens
+    equal a plain run's; raising the budget and resuming brings the spilled ranges home
+    with the same bytes."""
+    if tier == "gpu1" and torch.cuda.device_count() < 2:
+        pytest.skip(f"spill to a peer GPU: torch.cuda.device_count() is {torch.cuda.device_count()}")
     from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
 
     from transformers import StoppingCriteria
@@ -226,14 +230,15 @@ def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu, read_ahead_
     with torch.inference_mode():
         aq.disable()
         reference = model.generate(prompt, **greedy)
-        aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB")
+        lending = {"lend": 0} if tier == "host" else {}  # host: no peer tier, whatever the machine
+        aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB", **lending)
         cache = ContextKVCache(model.config, tag="spill", device=prompt.device, read_ahead_bytes=read_ahead_bytes)
         seen: list[dict[str, int]] = []
         probe = AtStep({2, 20}, lambda: seen.append(aq.where("spill")))
         out = model.generate(prompt, **cache_argument(cache), stopping_criteria=StoppingCriteriaList([probe]), **greedy)
     assert torch.equal(out, reference), "generate with spilled KV differs from the plain run"
-    assert seen and all(w["gpu0"] <= 12 * MiB and w["host"] > 0 for w in seen), seen
-    spilled_layers = [i for i, layer in enumerate(cache.layers) if aq.placement(layer._key_store.chunks[0])["host"]]
+    assert seen and all(w["gpu0"] <= 12 * MiB and w[tier] > 0 for w in seen), seen
+    spilled_layers = [i for i, layer in enumerate(cache.layers) if aq.placement(layer._key_store.chunks[0])[tier]]
     assert spilled_layers and spilled_layers[0] > 0, spilled_layers  # the first layers fit, later ones spill
     if read_ahead_bytes:
         ra = cache.read_ahead
@@ -247,8 +252,8 @@ def test_generate_with_kv_spilled_to_host_and_back_is_identical(gpu, read_ahead_
     before = aq.where("spill")
     _native.check(_native.lib().aqua_set_local_budget(0, 1 * GiB), "raising the local budget")
     result = aq.resume("spill")
-    assert result.bytes_elsewhere == 0 and result.bytes_moved == before["host"] > 0
-    assert aq.where("spill")["host"] == 0
+    assert result.bytes_elsewhere == 0 and result.bytes_moved == before[tier] > 0
+    assert aq.where("spill")[tier] == 0
     assert torch.equal(layer.keys, keys_before)
     cache.release()
 
