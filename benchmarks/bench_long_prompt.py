@@ -141,11 +141,12 @@ def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Nam
     try:
         tag = f"long-prompt-{system}"
         read_ahead = args.read_ahead_by_system.get(system, 0)
-        cache = ContextKVCache(model.config, tag=tag, device=prompt.device, read_ahead_bytes=read_ahead)
+        cache = ContextKVCache(model.config, tag=tag, device=prompt.device, read_ahead_bytes=read_ahead,
+                               read_ahead_peers=args.read_ahead_peers)
         try:
             result = run_once(model, prompt, args.new_tokens, cache, tag)
             ra = cache.read_ahead
-            result["read_ahead"] = {"window_bytes": read_ahead, **({} if ra is None else {
+            result["read_ahead"] = {"window_bytes": read_ahead, "peers": args.read_ahead_peers, **({} if ra is None else {
                 "layers_staged": ra.layers_staged, "layers_used": ra.layers_used,
                 "layers_dropped": ra.layers_dropped, "bytes_staged": ra.bytes_staged,
                 "peak_staging_bytes": ra.peak_bytes})}
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-ahead", default=str(DEFAULT_READ_AHEAD_BYTES),
                         help="aqua-host's read-ahead staging bytes (e.g. '1GiB'); a comma list adds a system "
                              "aqua-host-ra<size> per further size")
+    parser.add_argument("--read-ahead-peers", action="store_true",
+                        help="aqua-peer: stage the peer's KV too (default: read it in place over NVLink)")
     parser.add_argument("--name", default="", help="suffix of the result file's name (keeps earlier runs)")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--seed", type=int, default=0)

@@ -23,10 +23,12 @@ from tiny_models import GREEDY, build, llama_config, prompt_ids
 
 
 class SpillingAllocator:
-    """A fake aqua_alloc whose context has the chunks of ``remote_layers`` off the GPU."""
+    """A fake aqua_alloc whose context has the chunks of ``remote_layers`` off the GPU, on
+    ``tier`` (host, or a peer GPU such as gpu1)."""
 
-    def __init__(self, remote_layers: set[int], spilled: bool = True):
+    def __init__(self, remote_layers: set[int], spilled: bool = True, tier: str = "host"):
         self.remote_layers = remote_layers
+        self.tier = tier
         self.spilled = spilled          # False: where() says the whole context is on the GPU
         self.chunk_layer: dict[int, int] = {}  # chunk data_ptr -> layer index (filled by the test)
         self.placements = 0             # placement() calls
@@ -47,13 +49,13 @@ class SpillingAllocator:
     def where(self, tag, wait=True):
         if self.busy and not wait:
             return None
-        return {"gpu0": 1 + self.moves, "host": 1 if self.spilled else 0}
+        return {"gpu0": 1 + self.moves, "host": 0, "gpu1": 0} | ({self.tier: 1} if self.spilled else {})
 
     def placement(self, chunk):
         self.placements += 1
         nbytes = chunk.numel() * chunk.element_size()
         remote = self.chunk_layer.get(chunk.data_ptr()) in self.remote_layers
-        return {"gpu0": 0 if remote else nbytes, "host": nbytes if remote else 0}
+        return {"gpu0": 0 if remote else nbytes, "host": 0, "gpu1": 0} | {self.tier: nbytes if remote else 0}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,21 @@ def test_same_tokens_and_only_spilled_layers_are_staged(model, monkeypatch, wind
     assert ra.peak_bytes == layer_bytes(cache, 1)
     cache.release()
     assert fake.released == ["long"]
+
+
+@pytest.mark.parametrize("read_ahead_peers", [False, True])
+def test_a_peers_chunks_are_read_in_place_unless_asked(model, monkeypatch, read_ahead_peers):
+    """KV spilled to a peer GPU is read in place by default (over NVLink that was faster than
+    staging it); read_ahead_peers=True stages it like host KV. Same tokens either way."""
+    expected = run(model, DynamicCache(config=model.config))
+    fake = SpillingAllocator(remote_layers={1}, tier="gpu1")
+    cache = spilling_cache(model, monkeypatch, fake, chunk_tokens=8, read_ahead_peers=read_ahead_peers)
+    assert torch.equal(run(model, cache), expected)
+    ra = cache.read_ahead
+    if read_ahead_peers:
+        assert (ra.layers_staged, ra.layers_used) == (11, 11)
+    else:
+        assert ra.layers_staged == 0 and fake.placements == 0  # not even asked where chunks are
 
 
 def test_window_bounds_the_staging_held_at_once(model, monkeypatch):
