@@ -147,7 +147,12 @@ def bench_switch(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
     method "evict+resume": park and evict A explicitly, then resume B (two moves, one after
     the other). method "resume": the local budget holds one context; park A and resume B:
     the core evicts A in the same move as B comes home (both directions of the link at
-    once), which is what the scheduler's switches do."""
+    once), which is what the scheduler's switches do. There the core evicts A to its best
+    spill tier, a lending peer before host: for tier "host", no peer lends during the switch
+    (on one GPU this changes nothing). The row says which tiers the evicted contexts used."""
+    peers = [d for d in range(1, torch.cuda.device_count())] if tier == "host" else []
+    for peer in peers:
+        aq.lend(peer, 0)
     a, b = make_context("switch-a", nbytes), make_context("switch-b", nbytes)
     sums = (checksum(a), checksum(b))
     aq.evict("switch-b", tier)
@@ -156,7 +161,7 @@ def bench_switch(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
     if method == "resume":
         _native.check(_native.lib().aqua_set_local_budget(0, context_bytes), "local budget of one context")
     aq.allocator.move_profile(reset=True)
-    times = []
+    times, used = [], set()
     for i in range(repeat):
         out, into = ("switch-a", "switch-b") if i % 2 == 0 else ("switch-b", "switch-a")
 
@@ -168,6 +173,7 @@ def bench_switch(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
             assert result.bytes_elsewhere == 0, result
 
         times += timed(switch, 1)
+        used.update(t for t, n in aq.where(out).items() if n and t != "gpu0")
     assert (checksum(a), checksum(b)) == sums, "switch: bytes changed"
     prof = aq.allocator.move_profile(reset=True)
     _native.check(_native.lib().aqua_set_local_budget(0, budget), "restoring the local budget")
@@ -175,11 +181,13 @@ def bench_switch(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
     aq.release("switch-a")
     aq.release("switch-b")
     gc.collect()
+    for peer in peers:
+        aq.lend(peer, None)  # elastic again, as enable() left it
     ms = statistics.median(times) * 1e3
-    log(f"switch {context_bytes / MiB:.0f} MiB contexts over {tier} ({method}): {ms:.2f} ms (median of {len(times)}: "
-        f"{[round(x * 1e3, 2) for x in times]})")
-    log(f"  profile: " + ", ".join(f"{k} {v['ms']:.1f} ms/{v['calls']}" for k, v in prof.items()))
-    return dict(switch_bytes=context_bytes, tier=tier, method=method, ms=round(ms, 3))
+    log(f"switch {context_bytes / MiB:.0f} MiB contexts over {tier} ({method}; evicted to {', '.join(sorted(used))}): "
+        f"{ms:.2f} ms (median of {len(times)}: {[round(x * 1e3, 2) for x in times]})")
+    log("  profile: " + ", ".join(f"{k} {v['ms']:.1f} ms/{v['calls']}" for k, v in prof.items()))
+    return dict(switch_bytes=context_bytes, tier=tier, method=method, tiers_used=sorted(used), ms=round(ms, 3))
 
 
 def main() -> int:
@@ -241,7 +249,8 @@ def main() -> int:
         log(f"{r['tier_pair']:13s} {r['direction']:6s} {r['bytes'] / MiB:7.0f}Mi {r['gib_s']:7.2f} "
             f"{r['raw_gib_s']:7.2f} {r['ratio']:6.3f}")
     for s in switches:
-        log(f"switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']} ({s['method']}): {s['ms']:.2f} ms")
+        log(f"switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']} ({s['method']}; evicted to "
+            f"{', '.join(s['tiers_used'])}): {s['ms']:.2f} ms")
     _native.lib().aqua_shutdown(1)
     return 0
 
