@@ -153,6 +153,14 @@ def bench_switch(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
     peers = [d for d in range(1, torch.cuda.device_count())] if tier == "host" else []
     for peer in peers:
         aq.lend(peer, 0)
+    try:
+        return _switches(tier, nbytes, repeat, log, method)
+    finally:
+        for peer in peers:
+            aq.lend(peer, None)  # elastic again, as enable() leaves it (main() sets no fixed lend)
+
+
+def _switches(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
     a, b = make_context("switch-a", nbytes), make_context("switch-b", nbytes)
     sums = (checksum(a), checksum(b))
     aq.evict("switch-b", tier)
@@ -181,8 +189,6 @@ def bench_switch(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
     aq.release("switch-a")
     aq.release("switch-b")
     gc.collect()
-    for peer in peers:
-        aq.lend(peer, None)  # elastic again, as enable() left it
     ms = statistics.median(times) * 1e3
     log(f"switch {context_bytes / MiB:.0f} MiB contexts over {tier} ({method}; evicted to {', '.join(sorted(used))}): "
         f"{ms:.2f} ms (median of {len(times)}: {[round(x * 1e3, 2) for x in times]})")

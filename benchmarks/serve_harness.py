@@ -84,10 +84,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
+from aqua_alloc.hf.generate_hook import cache_argument
+from aqua_alloc.hf.static_cache import static_cache_length
 from serve_options import EXACT_SYSTEMS, MODEL_DEFAULTS, BenchOptions, System, check_options
 from serve_trace import (
     ATTRIBUTION,
@@ -284,15 +287,22 @@ class _TokenClock(StoppingCriteria):
         return self._flags[key]
 
 
-def _generate_kwargs(prompt: torch.Tensor, new_tokens: int, clock: _TokenClock, cache: str = "dynamic"
-                     ) -> dict[str, Any]:
+def _generate_kwargs(prompt: torch.Tensor, new_tokens: int, clock: _TokenClock, cache: str = "dynamic",
+                     config: Any = None) -> dict[str, Any]:
     """Greedy, exactly ``new_tokens`` tokens (min = max), our clock as a stopping criterion and
-    its streamer; ``cache="static"``: transformers' static cache (a compiled step on a GPU)."""
+    its streamer. ``cache="static"``: a static cache (a compiled step on a GPU) whose length is
+    bucketed as aqua_alloc buckets it, so that every system runs the same shapes: with the
+    model's ``config``, a plain transformers ``StaticCache`` of that length made here (plain
+    generate calls); without, ``cache_implementation="static"`` (the aqua scheduler then makes
+    each prompt's cache, in its context)."""
     kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
                   stopping_criteria=StoppingCriteriaList([clock]), streamer=clock.streamer)
-    if cache == "static":
+    if cache == "static" and config is None:
         kwargs["cache_implementation"] = "static"
+    elif cache == "static":
+        length = static_cache_length(int(prompt.shape[-1]) + new_tokens)
+        kwargs.update(cache_argument(StaticCache(config=config, max_cache_len=length)))
     return kwargs
 
 
@@ -467,8 +477,8 @@ class _GenerateRun(_Run):
         clock = _TokenClock(self.abort, bench.interrupt)
         prompt = bench.prompts[i]
         try:
-            out = self._generate(**_generate_kwargs(prompt, record.expected_tokens, clock, bench.options.cache),
-                                 **self._extra(i))
+            out = self._generate(**_generate_kwargs(prompt, record.expected_tokens, clock, bench.options.cache,
+                                                    self._static_config()), **self._extra(i))
             record.finish_s = self.now()  # generate synchronised on its last token (its stop check reads it)
             new_ids = out[0, prompt.shape[-1]:]
             record.num_tokens = int(new_ids.shape[-1])
@@ -488,6 +498,10 @@ class _GenerateRun(_Run):
 
     def _extra(self, i: int) -> dict[str, Any]:
         return {}
+
+    def _static_config(self) -> Any:
+        """The config plain generate calls make their static cache with (None: the callee makes it)."""
+        return self.bench.model.config
 
     def _log_request(self, i: int) -> None:
         r = self.records[i]
@@ -614,6 +628,9 @@ class _AquaRun(_ThreadsRun):
     def _extra(self, i: int) -> dict[str, Any]:
         return {"tag": f"{self.label}-r{self.bench.requests[i].id}"}
 
+    def _static_config(self) -> Any:
+        return None  # the scheduler makes each prompt's static cache, in its context
+
     def _stop_late(self) -> None:
         self.abort.set()                      # the running prompt stops at its next step
         self.scheduler.shutdown(wait=False)   # the waiting ones fail with SchedulerShutdown
@@ -640,8 +657,9 @@ class _AquaRun(_ThreadsRun):
         fields["mean_slice_steps"] = round(statistics.fmean(s.num_steps for s in stats.slices), 2) if stats.slices else None
         switches = [p.last_switch_s for p in stats.prompts if p.num_slices > 1]
         fields["mean_last_switch_s"] = round(statistics.fmean(switches), 6) if switches else None
-        steps = sum(p.num_steps for p in stats.prompts)
-        fields["scheduler_cpu_us_per_step"] = (round(sum(p.hook_cpu_ns for p in stats.prompts) / steps / 1e3, 2)
+        served = [p for p in stats.prompts if not p.tag.endswith("-warmup")]
+        steps = sum(p.num_steps for p in served)
+        fields["scheduler_cpu_us_per_step"] = (round(sum(p.hook_cpu_ns for p in served) / steps / 1e3, 2)
                                                if steps else None)
         fields["parked_s"] = round(sum(p.parked_ns for p in stats.prompts) / 1e9, 6)
         if self._enabled:
@@ -847,9 +865,6 @@ def _replay(run: _Run, arrivals: list[float], deadline_s: float) -> None:
 def _unavailable(system: System, device: torch.device, model: torch.nn.Module, requests: list[Request],
                  kv_budget: int, cache: str = "dynamic") -> str | None:
     """Why ``system`` cannot run here, or None."""
-    if system == System.THREADS and cache == "static":
-        return ("--cache static: transformers keeps one static cache per model, which concurrent generate calls "
-                "would share")
     if system == System.AQUA_PEER:
         if device.type != "cuda":
             return "needs 2 CUDA GPUs; this machine has none"
@@ -881,7 +896,8 @@ def _solo(bench: _Bench, i: int) -> tuple[float, float, list[int]]:
     if bench.cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = bench.model.generate(**_generate_kwargs(prompt, bench.requests[i].output_tokens, clock, bench.options.cache))
+    out = bench.model.generate(**_generate_kwargs(prompt, bench.requests[i].output_tokens, clock, bench.options.cache,
+                                                  bench.model.config))
     ids = out[0, prompt.shape[-1]:].tolist()
     total = time.perf_counter() - t0
     return clock.first_token_t - t0, total, ids
@@ -1027,7 +1043,7 @@ def _measure_memory_cap(bench: _Bench) -> dict[str, Any]:
     bench.base_reserved = torch.cuda.memory_reserved()
     torch.cuda.reset_peak_memory_stats()
     bench.model.generate(**_generate_kwargs(bench.prompts[longest], 2, _TokenClock(threading.Event()),
-                                            bench.options.cache))
+                                            bench.options.cache, bench.model.config))
     torch.cuda.synchronize()
     reserved = torch.cuda.max_memory_reserved()
     total = torch.cuda.get_device_properties(bench.device).total_memory
@@ -1091,23 +1107,42 @@ def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKE
     prompt = bench.prompts[i]
     result: dict[str, Any] = {"request": bench.requests[i].id, "prompt_tokens": int(prompt.shape[-1]),
                               "new_tokens": new_tokens}
-    for name, extra in (("eager", {}), ("static", {"cache_implementation": "static"})):
+    length = static_cache_length(int(prompt.shape[-1]) + new_tokens)
+    for name in ("eager", "static"):
         calls = []
-        for _ in range(2 if name == "static" else 1):  # static: the first call compiles
+        for _ in range(2 if name == "static" else 1):  # static: the second call is timed (compiled, recorded)
             times = _StepTimes()
+            extra = cache_argument(StaticCache(config=bench.model.config, max_cache_len=length)) if name == "static" else {}
             t0 = time.perf_counter()
             bench.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
                                  stopping_criteria=StoppingCriteriaList([times]), **extra)
             calls.append((time.perf_counter() - t0, times.median_ms()))
         result[f"{name}_ms_per_step"] = calls[-1][1]
-        if name == "static":
-            result["static_first_call_s"] = round(calls[0][0], 3)
+    mode = "deterministic mode" if bench.options.deterministic else "no deterministic mode"
     bench.log(f"plain transformers, same model, r{bench.requests[i].id}'s prompt ({prompt.shape[-1]} tokens), "
-              f"aqua_alloc off: {result['eager_ms_per_step']} ms per step eager (dynamic cache), "
-              f"{result['static_ms_per_step']} ms with the static cache (its first call {result['static_first_call_s']} s"
-              + (", compilation included)" if bench.cuda else "; not compiled on CPU)"))
+              f"aqua_alloc off, {mode}: {result['eager_ms_per_step']} ms per step eager (dynamic cache), "
+              f"{result['static_ms_per_step']} ms with a static cache of {length} tokens"
+              + (" (compiled step)" if bench.cuda else " (not compiled on CPU)"))
     return result
+
+
+def _warm_static_buckets(bench: _Bench) -> dict[str, float]:
+    """--cache static: one plain call per static cache length the requests will use, before
+    anything is timed, so that compiling each length's step (on a GPU) is paid here, once:
+    the first-call cost, logged per length. Returns {length: seconds}."""
+    lengths = sorted({static_cache_length(r.prompt_tokens + r.output_tokens) for r in bench.requests})
+    costs: dict[str, float] = {}
+    generator = torch.Generator().manual_seed(bench.options.seed + 2)
+    for length in lengths:
+        prompt = torch.randint(1, bench.model.config.vocab_size, (1, max(length // 2 - 1, 1)),
+                               generator=generator).to(bench.device)
+        t0 = time.perf_counter()
+        bench.model.generate(**_generate_kwargs(prompt, 2, _TokenClock(threading.Event()), "static", bench.model.config))
+        costs[str(length)] = round(time.perf_counter() - t0, 3)
+    bench.log("static cache: first call per cache length (tokens: s" + (", compilation included" if bench.cuda else "")
+              + "): " + ", ".join(f"{k}: {v}" for k, v in costs.items()))
+    return costs
 
 
 def _estimate_replays_s(service: ServiceModel, requests: Sequence[Request], num_systems: int,
@@ -1142,12 +1177,12 @@ def run_benchmark(options: BenchOptions, log: Log | None = None) -> BenchResult:
     """Replay the window on every system at every load; return rows and metadata (see module
     docstring). Raises BenchInputError for bad options before any model is built. Deterministic
     mode is set for the run (``options.deterministic``) and put back as it was afterwards."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(options.deterministic, warn_only=True)
     try:
         return _run_benchmark(options, log or Log())
     finally:
-        torch.use_deterministic_algorithms(was_deterministic, warn_only=True)
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def _run_benchmark(options: BenchOptions, log: Log) -> BenchResult:
@@ -1196,7 +1231,8 @@ def _run_benchmark(options: BenchOptions, log: Log) -> BenchResult:
     # Warm-up, memory cap, calibration and references; then the budget.
     t_cal = time.perf_counter()
     model.generate(**_generate_kwargs(bench.warmup_prompt, WARMUP_NEW_TOKENS, _TokenClock(threading.Event()),
-                                      options.cache))
+                                      options.cache, model.config))
+    static_warmup = _warm_static_buckets(bench) if options.cache == "static" else None
     cap = _measure_memory_cap(bench) if device.type == "cuda" else None
     first = min(len(requests), max(options.min_requests, options.check))  # the sample comes from the first ones
     check = sorted(random.Random(options.seed).sample(range(first), min(options.check, first)))
@@ -1277,6 +1313,7 @@ def _run_benchmark(options: BenchOptions, log: Log) -> BenchResult:
         "calibration": {"solo_runs": solo_runs, "service_model": dataclasses.asdict(service),
                         "mean_service_s": mean_service},
         "kernels": {"deterministic": options.deterministic, "cache": options.cache},
+        "static_warmup_s": static_warmup,
         "reference_steps": reference_steps,
         "time_scales": {f"{load:g}": round(s, 6) for load, s in scales.items()},
         "loads": plan.loads,

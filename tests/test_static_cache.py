@@ -191,3 +191,53 @@ def test_scheduler_serves_static_calls_each_in_its_own_context(models, fake):
         assert caller.error is None, caller.error
         assert torch.equal(caller.result, expected)
     assert len(fake.released) == 6
+
+
+def test_a_static_call_is_sized_by_its_largest_limit_and_beam_search_is_left_to_transformers(models, fake):
+    """The cache holds whatever limit transformers ends up using (here the model's default
+    max_new_tokens, which wins over a passed config's max_length); a beam search keeps
+    transformers' own static cache (it replaces the tensors each step)."""
+    from transformers import GenerationConfig
+
+    model = models["llama"]
+    ids = prompt_ids(9, 5)
+    model.generation_config.max_new_tokens = 300
+    try:
+        config = GenerationConfig(max_length=20, cache_implementation="static", do_sample=False, pad_token_id=0)
+        cache = generate_hook.make_context_cache(model, (ids,), {"generation_config": config}, "sized", None)
+        assert isinstance(cache, ContextStaticCache) and cache.layers[0].max_cache_len == static_cache_length(9 + 300) == 512
+    finally:
+        model.generation_config.max_new_tokens = None
+    beams = generate_hook.make_context_cache(model, (ids,), {"cache_implementation": "static", "num_beams": 2,
+                                                             "max_new_tokens": 5}, "beams", None)
+    assert beams is None
+    install_generate_hook()
+    try:
+        out = model.generate(ids, max_new_tokens=6, num_beams=2, cache_implementation="static", **GREEDY)
+    finally:
+        uninstall_generate_hook()
+    assert torch.equal(out, static_solo(model, ids, 6, num_beams=2))
+    assert fake.released == []  # no context was made for it
+
+
+def test_a_passed_generation_config_gets_the_cache_implementation_not_a_keyword(models, fake, capfd):
+    """With a static cache, cache_implementation=None goes into a copy of the caller's
+    generation config (a keyword beside it is deprecated by transformers); the caller's
+    config is left as it was."""
+    from transformers import GenerationConfig
+
+    model = models["llama"]
+    ids = prompt_ids(9, 6)
+    config = GenerationConfig(max_new_tokens=7, cache_implementation="static", do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, generation_config=config)
+    install_generate_hook()
+    try:
+        out = model.generate(ids, generation_config=config)
+    finally:
+        uninstall_generate_hook()
+    assert torch.equal(out, expected)
+    assert config.cache_implementation == "static"
+    assert len(fake.released) == 1
+    # transformers logs (to stderr) "Passing `generation_config` together with generation-related
+    # arguments=({'cache_implementation'}) is deprecated" for a keyword beside the config.
+    assert "Passing `generation_config` together" not in capfd.readouterr().err

@@ -20,6 +20,7 @@ shared state beyond a process-wide counter, so calls may run in many threads at 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -64,6 +65,20 @@ def cache_argument(cache: Any) -> dict[str, Any]:
     if isinstance(cache, StaticCache):
         return {cache_keyword(): cache, "cache_implementation": None}
     return {cache_keyword(): cache}
+
+
+def with_cache(kwargs: dict[str, Any], cache: Any) -> dict[str, Any]:
+    """A generate call's keyword arguments with ``cache`` added (:func:`cache_argument`). When
+    the call passes its own ``generation_config``, a static cache's ``cache_implementation=None``
+    goes into a copy of it rather than beside it (transformers deprecates generation
+    arguments passed next to a generation config)."""
+    extra = cache_argument(cache)
+    config = kwargs.get("generation_config")
+    if "cache_implementation" in extra and config is not None and "cache_implementation" not in kwargs:
+        config = copy.deepcopy(config)
+        config.cache_implementation = None
+        return kwargs | {cache_keyword(): cache, "generation_config": config}
+    return kwargs | extra
 
 
 def returned_cache(output: Any) -> Any:
@@ -136,7 +151,7 @@ def _generate_in_context(original: Callable[..., Any], model: Any, args: tuple, 
     if cache is None:
         return original(model, *args, **kwargs)
     try:
-        output = original(model, *args, **(kwargs | cache_argument(cache)))
+        output = original(model, *args, **with_cache(kwargs, cache))
     except BaseException:
         cache.release()
         raise
@@ -210,16 +225,19 @@ def describe_call(model: Any, args: tuple, kwargs: dict) -> tuple[int, int | Non
     return batch_size, max_new_tokens
 
 
-def _call_length(named: dict[str, Any], generation_config: Any) -> int | None:
-    """Tokens a generate call ends with (prompt plus new tokens), or None if not known here."""
+def _call_length(named: dict[str, Any], configs: list[Any]) -> int | None:
+    """Tokens a generate call may end with (prompt plus new tokens), or None if not known
+    here: the most that any of the call's limits allows. transformers fills a passed
+    generation config's unset fields from the model's and ``max_new_tokens`` wins over
+    ``max_length``; taking the largest candidate never sizes a cache too small."""
     inputs = next((named[k] for k in ("inputs", "input_ids") if named.get(k) is not None), None)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
         return None
-    max_new_tokens = named.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None))
-    if max_new_tokens is not None:
-        return int(inputs.shape[-1]) + int(max_new_tokens)
-    max_length = named.get("max_length", getattr(generation_config, "max_length", None))
-    return int(max_length) if max_length is not None else None
+    new_tokens = [named.get("max_new_tokens")] + [getattr(c, "max_new_tokens", None) for c in configs]
+    lengths = [named.get("max_length")] + [getattr(c, "max_length", None) for c in configs]
+    candidates = [int(inputs.shape[-1]) + int(n) for n in new_tokens if n is not None]
+    candidates += [int(n) for n in lengths if n is not None]
+    return max(candidates) if candidates else None
 
 
 def make_context_cache(
@@ -238,14 +256,18 @@ def make_context_cache(
         return None
     generation_config = named.get("generation_config") or getattr(model, "generation_config", None)
     cache_implementation = named.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+    if getattr(generation_config, "use_cache", True) is False:
+        return None
     if cache_implementation == "static":
-        length = _call_length(named, generation_config)
-        if length is None:
+        # Beam search reorders a cache by replacing its tensors (index_select): they would
+        # leave the context at the first step. transformers' own static cache serves it.
+        num_beams = named.get("num_beams", getattr(generation_config, "num_beams", 1)) or 1
+        length = _call_length(named, [c for c in (named.get("generation_config"), getattr(model, "generation_config",
+                                                                                          None)) if c is not None])
+        if length is None or num_beams > 1:
             return None
         return ContextStaticCache(config, max_cache_len=static_cache_length(length), tag=tag, device=device)
     if cache_implementation not in (None, "dynamic"):
-        return None
-    if getattr(generation_config, "use_cache", True) is False:
         return None
     supports_dynamic = getattr(model, "_supports_default_dynamic_cache", None)
     if callable(supports_dynamic) and not supports_dynamic():

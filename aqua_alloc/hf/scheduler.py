@@ -76,13 +76,13 @@ from aqua_alloc.memory.config import expect_bool, trace_settings_from_env
 from aqua_alloc.obs import trace
 from aqua_alloc.obs.events import EventKind, emit
 from aqua_alloc.hf.generate_hook import (
-    cache_argument,
     describe_call,
     make_context_cache,
     model_device,
     renamed_cache_argument,
     returned_cache,
     unscheduled_generate,
+    with_cache,
     with_step_hooks,
 )
 from aqua_alloc.hf import context_memory
@@ -322,7 +322,8 @@ class _Prompt:
         self.step_s: float | None = None    # its usual decode step (s): moving average of in-slice steps
         self.switch_s = 0.0                 # its last measured switch in (s)
         self.hook_cpu_ns = 0                # CPU time of the scheduler's per-step hooks in its thread (ns;
-                                            # written by that thread only; waits for the device cost none)
+                                            # written by that thread only; waiting for its turn costs none,
+                                            # a CUDA sync that spins, e.g. in a park, counts)
         self.parked_ns = 0
         self.parked_since: int | None = None
         self.bytes_moved = 0
@@ -420,7 +421,7 @@ class _StepBoundary(StoppingCriteria):
         done = min(self._criteria_steps, self._token_puts) if self._streams else self._criteria_steps
         if done > self._boundaries:
             self._boundaries = done
-            cpu_ns = time.thread_time_ns()  # CPU time only: a wait for the device costs none
+            cpu_ns = time.thread_time_ns()  # CPU time only: waiting for its turn costs none
             try:
                 self._scheduler._at_step_boundary(self._prompt)
             finally:
@@ -721,14 +722,14 @@ class Scheduler:
         use_cache = self.use_context_cache if self.use_context_cache is not None else prompt.memory is not None
         cache = make_context_cache(model, args, kwargs, prompt.tag if use_cache else None, device, self.chunk_tokens)
         if not use_cache and not isinstance(cache, ContextStaticCache):
-            cache = None  # a static call always gets a cache of its own: prompts run interleaved, and
-            # some transformers 5.x releases keep one static cache per model for every call
+            cache = None  # a static call gets a cache of its own even so: its length bucketed, so that
+            # interleaved prompts share compiled steps, and no state shared between calls
         prompt.cache = cache  # from here on, released by _leave whatever happens
         boundary = _StepBoundary(self, prompt)
         call_args, call_kwargs = with_step_hooks(model, args, kwargs, _StepHook(self, prompt), boundary,
                                                  boundary.wrap_streamer)
         if cache is not None:
-            call_kwargs.update(cache_argument(cache))
+            call_kwargs = with_cache(call_kwargs, cache)
         return call_args, call_kwargs
 
     def _leave(self, prompt: _Prompt, exc: BaseException | None, output: Any) -> None:

@@ -8,10 +8,13 @@ inside the context ``tag``: the context can be parked, evicted to a peer GPU or 
 resumed between steps, and since aqua_alloc keeps every pointer, the compiled step and any
 CUDA graph captured on the cache stay valid wherever its bytes are (read in place while away).
 
-What is allocated inside the context: each layer's keys, values and its small per-layer
-counters, at the layer's first update (transformers' ``lazy_initialization``, run inside
-``allocator.context``). Activations stay outside. Layers stay transformers' own classes
-(sliding-window layers included: they are static too).
+What is allocated inside the context: each attention layer's keys, values and its small
+per-layer counters, at the layer's first update (transformers' ``lazy_initialization``, run
+inside ``allocator.context``). Activations stay outside. Layers stay transformers' own classes
+(sliding-window layers included: they are static too). Not in the context: the states of
+linear-attention layers and of indexer layers in hybrid models (made by their own update
+calls), and any cache of a beam search (it replaces the tensors at every step;
+``generate``'s hook and the scheduler leave such calls to transformers' own cache).
 
 Compiled graphs are specialised on ``max_cache_len``. :func:`static_cache_length` rounds a
 request's length up to a few buckets (powers of two from ``MIN_BUCKET_TOKENS``), so requests
@@ -99,15 +102,19 @@ class ContextStaticCache(StaticCache):
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
     def live_bytes(self) -> int:
-        """Bytes of valid KV tokens (keys and values, every layer)."""
+        """Bytes of valid KV tokens (keys and values, every layer; a sliding-window layer holds
+        at most its window). One read of the token count (a device sync for CUDA tensors)."""
+        layers = [(layer.keys, layer.values) for layer in self.layers
+                  if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
+                  and layer.keys.dim() >= 3]
+        if not layers:
+            return 0
+        tokens = int(self.get_seq_length())
         total = 0
-        for idx, layer in enumerate(self.layers):
-            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if keys is None or values is None or keys.dim() < 3:
-                continue
+        for keys, values in layers:
             per_token = (keys.numel() // keys.shape[-2]) * keys.element_size() \
                 + (values.numel() // values.shape[-2]) * values.element_size()
-            total += per_token * min(int(self.get_seq_length(idx)), keys.shape[-2])
+            total += per_token * min(tokens, keys.shape[-2])
         return total
 
     def release(self) -> None:
