@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--switch-overhead", type=float, default=d.switch_overhead,
         help="aqua scheduler: lengthen the slices of prompts whose switch in costs more than this share of a "
              "slice, e.g. 0.1 (default: fixed slices)")
+    add("--newcomer-order", default=d.newcomer_order, choices=["arrival", "shortest"],
+        help="aqua scheduler: which waiting prompt gets its prefill first (default %(default)s)")
     add("--chunk-tokens", type=int, default=d.chunk_tokens, help="aqua KV chunk, tokens (default %(default)s)")
     add("--budget-s", type=float, default=d.budget_s,
         help="target seconds for all replays: fewer requests when the estimate is over, and runs that would end "
@@ -117,7 +119,8 @@ def _bench(argv: list[str] | None) -> int:
             model=args.model, device=args.device, kv_budget=args.kv_budget,
             systems=parse_names(args.systems, [s.value for s in System], "--systems"),
             loads=parse_loads(args.loads), seed=args.seed, check=args.check, slice_steps=args.slice_steps,
-            switch_overhead=args.switch_overhead, chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
+            switch_overhead=args.switch_overhead, newcomer_order=args.newcomer_order,
+            chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
             rounds=args.rounds, cache=args.cache, deterministic=args.deterministic,
             out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
         check_arguments(options)  # before torch is imported (seconds): a bad argument is refused at once

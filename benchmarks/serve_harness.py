@@ -614,6 +614,7 @@ class _AquaRun(_ThreadsRun):
             self.notes.append("CPU: the fair scheduler only; no context is parked or moved (moves need a CUDA GPU)")
         self.scheduler = Scheduler(device=bench.device, policy="fair", slice_steps=bench.options.slice_steps,
                                    switch_overhead=bench.options.switch_overhead,
+                                   newcomer_order=bench.options.newcomer_order,
                                    chunk_tokens=bench.options.chunk_tokens)
         # Warm-up through the scheduler (first context, pool creation), outside the measurement.
         self.scheduler.generate(bench.model, tag=f"{self.label}-warmup",
@@ -1309,6 +1310,7 @@ def _run_benchmark(options: BenchOptions, log: Log) -> BenchResult:
         "cudnn_attention": cudnn_attention_enabled(),
         "fcfs_threads_memory_cap": cap,
         "scheduler": {"policy": "fair", "slice_steps": options.slice_steps, "switch_overhead": options.switch_overhead,
+                      "newcomer_order": options.newcomer_order,
                       "chunk_tokens": options.chunk_tokens},
         "calibration": {"solo_runs": solo_runs, "service_model": dataclasses.asdict(service),
                         "mean_service_s": mean_service},

@@ -72,6 +72,7 @@ class BenchOptions:
     check: int = 3                           # requests run alone first: calibration and references
     slice_steps: int = 5                     # aqua scheduler: decode steps per slice
     switch_overhead: float | None = None     # aqua scheduler: longer slices where a switch costs more than this share
+    newcomer_order: str = "arrival"          # aqua scheduler: which waiting prefill first: arrival or shortest
     chunk_tokens: int = 256                  # aqua scheduler: tokens per KV chunk of a context
     budget_s: float | None = 300.0           # replay phase target (s): fewer requests if the estimate is over
     min_requests: int = 8                    # the budget never trims below this
@@ -130,6 +131,8 @@ def check_options(options: BenchOptions, device_type: str) -> CheckedOptions:
                               "such as 0.1 (leave it out for fixed slices)")
     if options.budget_s is not None and options.budget_s <= 0:
         raise BenchInputError(f"--budget-s={options.budget_s}: must be positive")
+    if options.newcomer_order not in ("arrival", "shortest"):
+        raise BenchInputError(f"--newcomer-order={options.newcomer_order!r}: expected arrival or shortest")
     if options.cache not in ("dynamic", "static"):
         raise BenchInputError(f"--cache={options.cache!r}: expected dynamic or static")
     if not isinstance(options.deterministic, bool):

@@ -1006,3 +1006,57 @@ def test_the_step_boundary_waits_for_the_streamer_only_while_it_gets_every_step(
     assert recorder.boundaries == 3
     boundary(ids, None)
     assert recorder.boundaries == 4
+
+
+def prefill_order(llama, sched, prompts: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, Caller]]:
+    """Newcomers ``prompts`` arrive together (in dict order) while a long prompt runs; the
+    order their prefills ran in, and their callers."""
+    order: list[str] = []
+    callers: dict[str, Caller] = {}
+
+    def note_prefill(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        name = threading.current_thread().name
+        if ids is not None and ids.shape[-1] > 1 and name in prompts:
+            order.append(name)
+
+    def arrive():
+        for name, ids in prompts.items():
+            callers[name] = queue(sched, name, lambda ids=ids, name=name: sched.generate(
+                llama, ids, tag=name, max_new_tokens=3, **GREEDY))
+
+    handle = llama.register_forward_pre_hook(note_prefill, with_kwargs=True)
+    try:
+        long_ = Caller(lambda: sched.generate(llama, prompt_ids(10, 40), tag="x", max_new_tokens=8,
+                                              stopping_criteria=StoppingCriteriaList([AtStep(2, arrive)]), **GREEDY),
+                       name="x")
+        long_.join()
+        for caller in callers.values():
+            caller.join()
+    finally:
+        handle.remove()
+    assert long_.error is None and all(c.error is None for c in callers.values())
+    for name, ids in prompts.items():
+        assert torch.equal(callers[name].result, solo(llama, ids, max_new_tokens=3))
+    return order, callers
+
+
+def test_shortest_newcomer_first_orders_a_burst_by_prefill_work(llama):
+    prompts = {"long": prompt_ids(30, 41), "short": prompt_ids(5, 42), "mid": prompt_ids(12, 43)}
+    arrival, _ = prefill_order(llama, Scheduler(slice_steps=4), prompts)
+    assert arrival == ["long", "short", "mid"]
+    shortest, _ = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="shortest"), prompts)
+    assert shortest == ["short", "mid", "long"]
+
+
+def test_shortest_newcomer_first_passes_no_newcomer_more_than_the_limit(llama):
+    limit = scheduler_module.NEWCOMER_BYPASS_LIMIT
+    prompts = {"long": prompt_ids(30, 50)} | {f"s{i}": prompt_ids(4 + i, 51 + i) for i in range(limit + 2)}
+    order, _ = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="shortest"), prompts)
+    shorts = [name for name in prompts if name != "long"]
+    assert order == shorts[:limit] + ["long"] + shorts[limit:]
+
+
+def test_newcomer_order_is_checked():
+    with pytest.raises(ValueError, match=r"newcomer_order='longest': expected one of 'arrival', 'shortest'"):
+        Scheduler(newcomer_order="longest")

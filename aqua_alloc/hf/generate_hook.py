@@ -213,16 +213,18 @@ def with_step_hooks(model: Any, args: tuple, kwargs: dict, first: StoppingCriter
     return (bound.args, bound.kwargs) if readable else (args, arguments)
 
 
-def describe_call(model: Any, args: tuple, kwargs: dict) -> tuple[int, int | None]:
-    """(batch size, max new tokens or None if unknown) of a generate call."""
+def describe_call(model: Any, args: tuple, kwargs: dict) -> tuple[int, int | None, int]:
+    """(batch size, max new tokens or None if unknown, prompt tokens per sequence; 0 if
+    unknown) of a generate call."""
     named = bind_arguments(model, args, kwargs)
     inputs = next((named[k] for k in ("inputs", "input_ids", "inputs_embeds") if named.get(k) is not None), None)
     batch_size = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() > 0 else 1
+    prompt_tokens = int(inputs.shape[1]) if isinstance(inputs, torch.Tensor) and inputs.dim() > 1 else 0
     max_new_tokens = named.get("max_new_tokens")
     if max_new_tokens is None and "max_length" not in named:
         config = named.get("generation_config") or getattr(model, "generation_config", None)
         max_new_tokens = getattr(config, "max_new_tokens", None)
-    return batch_size, max_new_tokens
+    return batch_size, max_new_tokens, prompt_tokens
 
 
 def _call_length(named: dict[str, Any], configs: list[Any]) -> int | None:

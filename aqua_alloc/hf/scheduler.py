@@ -200,6 +200,17 @@ def run_threads(threads: Sequence[threading.Thread], on_interrupt: Callable[[], 
     return bool(interrupted)
 
 
+class NewcomerOrder(str, enum.Enum):
+    """Which waiting newcomer gets its prefill first (first-token priority)."""
+
+    ARRIVAL = "arrival"    # in arrival order
+    SHORTEST = "shortest"  # least prefill work first (prompt tokens x batch), but none passed more
+                           # than NEWCOMER_BYPASS_LIMIT times by later arrivals
+
+
+NEWCOMER_BYPASS_LIMIT = 4  # "shortest": a newcomer passed over by this many later arrivals goes next
+
+
 class Policy(str, enum.Enum):
     FAIR = "fair"   # least attained service (tokens) runs next
     RR = "rr"       # round robin by slices
@@ -227,11 +238,20 @@ _RULES: dict[Policy, _Rule] = {
 }
 
 
-def pick_next(policy: Policy, waiting: list["_Prompt"], first_token_priority: bool = False) -> "_Prompt | None":
+def pick_next(policy: Policy, waiting: list["_Prompt"], first_token_priority: bool = False,
+              newcomer_order: NewcomerOrder = NewcomerOrder.ARRIVAL) -> "_Prompt | None":
     """The prompt that runs next, or None when nobody waits. With ``first_token_priority`` (a
-    preemptive policy only), prompts still waiting for their first token go first, in arrival order."""
+    preemptive policy only), prompts still waiting for their first token go first, in
+    ``newcomer_order``: arrival order, or the least prefill work first (a burst's mean time to
+    first token is least when short prefills go before long ones) unless one has been passed
+    over ``NEWCOMER_BYPASS_LIMIT`` times (then the earliest such goes: no newcomer starves)."""
     if first_token_priority and _RULES[policy].preemptive:
         newcomers = [p for p in waiting if p.first_token_ns is None]
+        if newcomers and newcomer_order == NewcomerOrder.SHORTEST:
+            starved = [p for p in newcomers if p.bypassed >= NEWCOMER_BYPASS_LIMIT]
+            if starved:
+                return min(starved, key=lambda p: p.arrival_seq)
+            return min(newcomers, key=lambda p: (p.prompt_tokens * p.batch_size, p.arrival_seq))
         if newcomers:
             return min(newcomers, key=lambda p: p.arrival_seq)
     return min(waiting, key=_RULES[policy].key) if waiting else None
@@ -307,6 +327,8 @@ class _Prompt:
         self.finish_ns: int | None = None
         self.finish_step: int | None = None
         self.base_len: int | None = None    # input_ids length before the first new token
+        self.prompt_tokens = 0              # prompt tokens per sequence (0: unknown)
+        self.bypassed = 0                   # newcomers that arrived later but got their prefill first
         self.num_tokens = 0
         self.num_steps = 0
         self.num_slices = 0
@@ -467,6 +489,8 @@ class Scheduler:
         prefetch: resume the context of the prompt predicted to run next while one runs.
         first_token_priority: prompts waiting for their first token run next, and the running
             prompt yields to them at its next step (fair and rr; see the module docstring).
+        newcomer_order: among those, ``"arrival"`` (default) or ``"shortest"`` prefill first
+            (no newcomer passed more than ``NEWCOMER_BYPASS_LIMIT`` times; :func:`pick_next`).
         switch_overhead: None (default): every slice is ``slice_steps`` steps. A share such as
             0.1: a prompt whose switch in costs more than that share of its slice gets longer
             slices, up to ``MAX_SLICE_FACTOR`` times ``slice_steps``. The switch's cost is
@@ -486,6 +510,7 @@ class Scheduler:
         chunk_tokens: int = 256,
         prefetch: bool = True,
         first_token_priority: bool = True,
+        newcomer_order: NewcomerOrder | str = NewcomerOrder.ARRIVAL,
         switch_overhead: float | None = None,
     ) -> None:
         if isinstance(slice_steps, bool) or not isinstance(slice_steps, int) or slice_steps < 1:
@@ -503,6 +528,11 @@ class Scheduler:
             self.policy = Policy(policy)
         except ValueError:
             raise ValueError(f"policy={policy!r}: expected one of {', '.join(repr(p.value) for p in Policy)}") from None
+        try:
+            self.newcomer_order = NewcomerOrder(newcomer_order)
+        except ValueError:
+            raise ValueError(f"newcomer_order={newcomer_order!r}: expected one of "
+                             f"{', '.join(repr(o.value) for o in NewcomerOrder)}") from None
         self.device = torch.device(device) if device is not None else None
         self.slice_steps = slice_steps
         self.use_context_cache = use_context_cache
@@ -671,13 +701,14 @@ class Scheduler:
     def _admit(self, model: Any, args: tuple, kwargs: dict, tag: str | None) -> _Prompt:
         """Register a new prompt (not queued yet). Raises on a closed scheduler or a duplicate tag."""
         tag = tag if tag is not None else f"prompt-{next(_prompt_numbers)}"
-        batch_size, max_new_tokens = describe_call(model, args, kwargs)
+        batch_size, max_new_tokens, prompt_tokens = describe_call(model, args, kwargs)
         with self._lock:
             if self._closed:
                 raise SchedulerShutdown("aqua_alloc scheduler is shut down; it takes no new prompts")
             if tag in self._live:
                 raise ValueError(f"a prompt tagged {tag!r} is already in flight")
             prompt = _Prompt(tag, next(self._seq), batch_size, max_new_tokens)
+            prompt.prompt_tokens = prompt_tokens
             prompt.arrival_step = self._num_steps
             prompt.arrival_slice = self._num_slices
             # Fair policy: start at the least service among the live prompts (see module docstring).
@@ -861,13 +892,17 @@ class Scheduler:
             return self.first_token_priority and any(p.first_token_ns is None for p in self._waiting)
 
     def _pick_next_locked(self) -> _Prompt | None:
-        return pick_next(self.policy, self._waiting, self.first_token_priority)
+        return pick_next(self.policy, self._waiting, self.first_token_priority, self.newcomer_order)
 
     def _begin_slice(self, prompt: _Prompt) -> None:
         """``prompt`` got the device: bring its context back, then prefetch the next one's."""
         with self._lock:
             prompt.slice_began_ns = time.monotonic_ns()
             prompt.switched_in = prompt.parked_since is not None  # a re-pick of the running prompt is no switch
+            if prompt.num_slices == 0:  # its prefill: earlier newcomers still waiting were passed over
+                for other in self._waiting:
+                    if other.first_token_ns is None and other.arrival_seq < prompt.arrival_seq:
+                        other.bypassed += 1
         if prompt.parked_since is not None:
             self._resume(prompt)
         with self._lock:
