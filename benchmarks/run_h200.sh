@@ -2,7 +2,7 @@
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
 # Steps: build gpu_tests demo long_prompt long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
-#        serve_long coordinator
+#        serve_long serve_long_static coordinator
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -43,6 +43,11 @@ for step in "$@"; do
         --trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB --max-requests 16 \
         --loads 0.8 --systems "${SERVE_SYSTEMS:-fcfs,aqua-host,hf-cb}" --switch-overhead 0.1 --budget-s 300 \
         --name "bench_serve-mooncake-8b-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
+    serve_long_static)  # the same with a static cache and a compiled step for fcfs and aqua-host
+      run bench_serve-mooncake-8b-static 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
+        --trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB --max-requests 16 \
+        --loads 0.8 --systems "${SERVE_SYSTEMS:-fcfs,aqua-host}" --cache static --budget-s 300 \
+        --name "bench_serve-mooncake-8b-static-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

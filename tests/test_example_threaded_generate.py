@@ -33,7 +33,7 @@ def test_example_on_cpu(policy):
 
 
 @pytest.mark.gpu
-def test_example_on_gpu_parks_contexts_to_host():
+def test_example_on_gpu_parks_contexts_off_the_gpu():
     """Four prompts of 2k tokens: 4 layers x 8 KV heads x 128 x fp32 = 32 KiB per token, about
     65 MiB of KV each, with room for one context and a half on the GPU: switching prompts parks
     the others' KV off the GPU; outputs equal plain transformers run alone, token for token;
