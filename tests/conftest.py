@@ -44,7 +44,12 @@ def reset_aqua() -> None:
                     client.close(timeout=0.0)
                 except Exception:  # the core may be half down: leave the coordinator all the same
                     client._sock.close()
+            # Every pool that may still hold a block outlives the state: a MemPool deleted while
+            # a tensor holds one of its blocks makes torch abort when that tensor is freed (a
+            # failed test keeps its tensors alive in the traceback: issue 18's abort on two GPUs).
             allocator._keep_alive.extend(allocator._state.released_pools)
+            allocator._keep_alive.extend(ctx.pool for ctx in allocator._state.contexts.values()
+                                         if ctx.pool is not None)
             if allocator._state.lending:
                 allocator._state.lending.stop()
             allocator._state = None

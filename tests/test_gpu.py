@@ -7,6 +7,7 @@ Marked `gpu`: skipped with a reason on machines with no CUDA device (CI).
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 
@@ -386,3 +387,32 @@ def test_compiled_step_reads_a_static_cache_that_spilled_at_allocation(gpu):
     assert torch.equal(out, reference), "the compiled step over spilled static KV gave other tokens"
     assert where["gpu0"] <= 12 * MiB and where["host"] >= cache.nbytes - 12 * MiB, where
     cache.release()
+
+
+def test_a_reset_with_live_tensors_in_a_context_that_cannot_come_home_leaves_the_process_alive(tmp_path):
+    """What a failed GPU test leaves: tensors alive in a context spilled to host (it cannot
+    come home: disable() refuses), then the tests' reset, then the tensors freed by the
+    garbage collector. In a subprocess: before the reset kept every context's pool, torch
+    aborted at that free (issue 18, the GPU suite on two GPUs)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import gc, sys
+        import torch
+        import aqua_alloc as aq
+        sys.path.insert(0, %r)
+        from conftest import reset_aqua
+        aq.enable(backend="cuda", host_reserve="64MiB", local_budget="8MiB", lend=0)
+        with aq.context("stuck"):
+            kept = [torch.ones(4 << 20, device="cuda") for _ in range(4)]   # 64 MiB: 56 MiB spill to host
+        assert aq.where("stuck")["host"] > 0
+        reset_aqua()
+        del kept
+        gc.collect()
+        torch.cuda.synchronize()
+        print("alive")
+    """) % str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("alive"), (proc.returncode, proc.stderr[-2000:])

@@ -305,6 +305,25 @@ def test_disable_refuses_when_a_context_cannot_come_home():
         assert intact(ptr, n, fill), tag
 
 
+def test_the_test_reset_keeps_every_pool_that_may_hold_a_live_block():
+    """After a failed test, its tensors live on in the traceback while the fixture resets
+    aqua_alloc: a context that cannot come home makes disable() refuse, and the reset drops
+    the state. Every context's pool must outlive it: torch aborts when a tensor is freed
+    after its MemPool was deleted (issue 18: the GPU suite aborted on two GPUs). The
+    simulated backend makes no MemPool; a stand-in checks that the reset keeps it."""
+    import aqua_alloc.memory.allocator as allocator
+
+    aq.enable(**SETTINGS)
+    big = alloc("big", 2, 24 * MiB, 9)  # 8 MiB stay on peers: disable() refuses
+    stand_in = object()
+    allocator._state.contexts["big"].pool = stand_in
+    kept_before = len(allocator._keep_alive)
+    reset_aqua()
+    assert not aq.is_enabled()
+    assert any(pool is stand_in for pool in allocator._keep_alive[kept_before:])
+    del big
+
+
 def test_disable_waits_for_a_pending_prefetch():
     aq.enable(**SETTINGS)
     segs = every_tier()
