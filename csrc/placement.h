@@ -64,13 +64,15 @@ class Placement {
   using PieceRef = std::pair<Segment*, size_t>;  // a segment and the index of one of its pieces
 
   // Whether a move's host backing may be created when the pinned pool has none idle.
-  // Evictions that make room for a running context's new memory may (kMayCreate): that
-  // context reads its bytes at every step and the parked victim none until its resume, so
-  // the backing is better spent on the victim, whatever creating it costs (about ten copies
-  // of it: host_pool.h). Without it, a burst of prefills that outran the pool's top-up
-  // spilled newcomers' KV to host for their whole life (bench_serve mooncake, 8B, H200:
-  // steps 20% slower). Resumes, prefetches, explicit evictions and lender reclaims use the
-  // pool only (kPoolOnly): they run on the switch's path, or on the worker under the lock.
+  // Evictions that make room for a running context's new memory may (kMayCreate). That adds
+  // no creation to the allocation path, it changes whose bytes get it: with the pool empty,
+  // the new piece itself would otherwise be placed on host backing created for it. The
+  // running context reads its bytes at every step and the parked victim none until its
+  // resume, so the backing is better spent on the victim, for one copy more (creating costs
+  // about ten copies: host_pool.h). Without it, a burst of prefills that outran the pool's
+  // top-up spilled newcomers' KV to host for their whole life (bench_serve mooncake, 8B,
+  // H200: steps 20% slower). Resumes, prefetches, explicit evictions and lender reclaims use
+  // the pool only (kPoolOnly): they run on a switch's path, or on the worker under the lock.
   enum class HostBacking { kPoolOnly, kMayCreate };
 
   bool room_on(int tier, int home, uint64_t size, bool pool_only) const;
