@@ -42,10 +42,6 @@ import sys
 import time
 from typing import Any
 
-# Deterministic cuBLAS (set before CUDA starts): the token comparison between systems must
-# not be at the mercy of split-K reductions that differ from run to run.
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
@@ -170,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-ahead", default=str(DEFAULT_READ_AHEAD_BYTES),
                         help="aqua-host's read-ahead staging bytes (e.g. '1GiB'); a comma list adds a system "
                              "aqua-host-ra<size> per further size")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic algorithms and cuBLAS: slower steps, for runs made to compare tokens")
     parser.add_argument("--read-ahead-peers", action="store_true",
                         help="aqua-peer: stage the peer's KV too (default: read it in place over NVLink)")
     parser.add_argument("--name", default="", help="suffix of the result file's name (keeps earlier runs)")
@@ -205,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    # Deterministic mode also fills every new empty tensor with NaN: a kernel per allocation
-    # that none of the systems needs (each writes its buffers before reading them).
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    if args.deterministic:
+        # Deterministic cuBLAS (before CUDA starts) and algorithms: for runs made to compare
+        # tokens, not to time them. The NaN fill of new tensors stays off: a kernel per
+        # allocation that none of the systems needs (each writes its buffers before reading).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    print(f"kernels: {'deterministic (--deterministic)' if args.deterministic else 'as users run them'}")
     if use_decode_friendly_attention():  # else each decode step builds a cuDNN graph (aqua_alloc/hf/attention.py)
         print("attention: cuDNN attention off for every system (a graph build per new sequence length)")
     dtype = torch.bfloat16
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "same_tokens_as_local": None if reference is None else r["tokens"] == reference,
             "same_tokens_every_round": r.get("rounds_agree"),
             "ratio_to_offloaded": r["decode_tok_s"] / offloaded if offloaded else None,
+            "deterministic": args.deterministic,
             **({"read_ahead": r["read_ahead"]} if "read_ahead" in r else {}),
         })
     print()
