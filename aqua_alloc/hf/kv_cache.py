@@ -37,16 +37,14 @@ used whole-tensor operations (beam reorder, crop, batch select) go through the `
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-import threading
-import weakref
 from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from aqua_alloc.hf.cache_context import ContextOwner
 from aqua_alloc.hf.context_memory import ContextMemory, memory_for
 from aqua_alloc.hf.read_ahead import DEFAULT_READ_AHEAD_BYTES, UNCHANGED, ReadAhead, StagedLayer
 
@@ -295,7 +293,7 @@ def _allocate_plain(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-class ContextKVCache(DynamicCache):
+class ContextKVCache(ContextOwner, DynamicCache):
     """A ``DynamicCache`` whose full-attention KV lives in the aqua_alloc context ``tag``.
 
     Args:
@@ -334,14 +332,8 @@ class ContextKVCache(DynamicCache):
         if read_ahead_bytes < 0:
             raise ValueError(f"read_ahead_bytes must be >= 0, got {read_ahead_bytes}")
         super().__init__(config=config)
-        self.tag = tag
-        self.context_device = torch.device(device) if device is not None else None
+        self.init_context(tag, device)
         self.chunk_tokens = chunk_tokens
-        self.context_created = False
-        self._allocator: ContextMemory | None = None  # the allocator that made the context
-        self._context_made_on: torch.device | None = None
-        self._release_lock = threading.Lock()
-        self._released = False
         self.read_ahead_bytes = read_ahead_bytes
         self.read_ahead_peers = read_ahead_peers
         self.read_ahead: ReadAhead | None = None  # made with the context (nothing to stage before)
@@ -383,45 +375,27 @@ class ContextKVCache(DynamicCache):
 
     def release(self) -> None:
         """Drop every chunk and release the context (if one was made). Never raises; idempotent."""
-        with self._release_lock:
-            if self._released:
-                return
-            self._released = True
+        if not self.release_once():
+            return
         if self.read_ahead is not None:
             self.read_ahead.release()
         for layer in self.layers:
             if isinstance(layer, ChunkedLayer):
                 layer.reset()
-        if self.context_created:
-            release_context(self._allocator, self.tag, self._context_made_on)
-
-    def release_when_collected(self) -> None:
-        """Release the context when this cache is garbage collected (it was handed to the caller)."""
-        if self.context_created:
-            weakref.finalize(self, release_context, self._allocator, self.tag, self._context_made_on)
-            with self._release_lock:
-                self._released = True
+        self.release_context()
 
     def _allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         context_device = self.context_device or device
         allocator = memory_for(context_device) if self.tag is not None else None
-        with self._in_context(allocator, context_device):
+        with self.in_context(allocator, context_device):
             return torch.empty(shape, dtype=dtype, device=device)
 
-    @contextlib.contextmanager
-    def _in_context(self, allocator: ContextMemory | None, device: torch.device) -> Iterator[None]:
-        if allocator is None:
-            yield
-            return
-        with allocator.context(self.tag, device=device):
-            self.context_created = True
-            self._allocator = allocator
-            self._context_made_on = device
-            if self.read_ahead is None and self.read_ahead_bytes > 0:
-                self.read_ahead = ReadAhead(
-                    self.read_ahead_bytes, functools.partial(_to_stage, allocator, self.read_ahead_peers),
-                    functools.partial(_placement_key, allocator, self.tag, device, self.read_ahead_peers))
-            yield
+    def context_entered(self, allocator: ContextMemory, device: torch.device) -> None:
+        """The context exists: read-ahead can ask it where chunks are (nothing to stage before)."""
+        if self.read_ahead is None and self.read_ahead_bytes > 0:
+            self.read_ahead = ReadAhead(
+                self.read_ahead_bytes, functools.partial(_to_stage, allocator, self.read_ahead_peers),
+                functools.partial(_placement_key, allocator, self.tag, device, self.read_ahead_peers))
 
 
 def _home_tier(device: torch.device | str) -> str:
@@ -458,14 +432,3 @@ def _placement_key(allocator: ContextMemory, tag: str, device: torch.device, pee
     if not _staged_tiers(where, _home_tier(device), peers):
         return None
     return tuple(sorted(where.items()))
-
-
-def release_context(allocator: ContextMemory | None, tag: str | None, device: torch.device | None) -> None:
-    """Release a context once the kernels that used it are done; the free path never raises
-    (logs and goes on). The chunks must already be dropped."""
-    try:
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)  # the last step's kernels may still read the chunks
-        allocator.release(tag)
-    except Exception:  # noqa: BLE001 - free path: log and keep going
-        log.exception("aqua_alloc: releasing context %r failed", tag)

@@ -28,15 +28,13 @@ call has returned (or failed).
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import StaticCache
 
-from aqua_alloc.hf.context_memory import ContextMemory, memory_for
-from aqua_alloc.hf.kv_cache import release_context
+from aqua_alloc.hf.cache_context import ContextOwner
+from aqua_alloc.hf.context_memory import memory_for
 
 MIN_BUCKET_TOKENS = 256  # the smallest max_cache_len a bucket rounds to (tokens)
 
@@ -49,7 +47,7 @@ def static_cache_length(num_tokens: int) -> int:
     return max(MIN_BUCKET_TOKENS, 1 << (num_tokens - 1).bit_length())
 
 
-class ContextStaticCache(StaticCache):
+class ContextStaticCache(ContextOwner, StaticCache):
     """``StaticCache`` with its tensors in the context ``tag`` (see the module docstring).
 
     Args:
@@ -65,13 +63,7 @@ class ContextStaticCache(StaticCache):
     def __init__(self, config: Any, max_cache_len: int, *, tag: str | None = None,
                  device: torch.device | str | None = None, **kwargs: Any) -> None:
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        self.tag = tag
-        self.context_device = torch.device(device) if device is not None else None
-        self.context_created = False
-        self._allocator: ContextMemory | None = None
-        self._context_made_on: torch.device | None = None
-        self._release_lock = threading.Lock()
-        self._released = False
+        self.init_context(tag, device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +78,7 @@ class ContextStaticCache(StaticCache):
             raise RuntimeError(f"ContextStaticCache {self.tag!r} was released; make a new cache for a new call")
         device = self.context_device or key_states.device
         allocator = memory_for(device) if self.tag is not None else None
-        if allocator is None:
-            layer.lazy_initialization(key_states, value_states)
-            return
-        with allocator.context(self.tag, device=device):
-            self.context_created = True
-            self._allocator = allocator
-            self._context_made_on = device
+        with self.in_context(allocator, device):
             layer.lazy_initialization(key_states, value_states)
 
     @property
@@ -120,21 +106,11 @@ class ContextStaticCache(StaticCache):
     def release(self) -> None:
         """Drop every layer's tensors and release the context (if one was made). Never
         raises; idempotent. The cache cannot be used afterwards."""
-        with self._release_lock:
-            if self._released:
-                return
-            self._released = True
+        if not self.release_once():
+            return
         for layer in self.layers:
             _drop_tensors(layer)
-        if self.context_created:
-            release_context(self._allocator, self.tag, self._context_made_on)
-
-    def release_when_collected(self) -> None:
-        """Release the context when this cache is garbage collected (it was handed to the caller)."""
-        if self.context_created:
-            weakref.finalize(self, release_context, self._allocator, self.tag, self._context_made_on)
-            with self._release_lock:
-                self._released = True
+        self.release_context()
 
 
 def _drop_tensors(layer: Any) -> None:
