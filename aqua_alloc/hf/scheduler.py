@@ -103,6 +103,14 @@ def _wait_move(handle: Any) -> Any:
     return handle.result() if hasattr(handle, "result") else handle.wait()
 
 
+def _choice(kind: type[enum.Enum], value: Any, name: str) -> Any:
+    """``kind(value)``, or ValueError naming ``name`` and the values accepted."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(repr(k.value) for k in kind)}") from None
+
+
 def _expect_model(model: Any, what: str) -> None:
     """TypeError naming what was passed where a HuggingFace model belongs."""
     if not callable(getattr(model, "generate", None)) or not hasattr(model, "__dict__"):
@@ -524,15 +532,8 @@ class Scheduler:
                                             or not 0 < switch_overhead < 1):
             raise ValueError(f"switch_overhead={switch_overhead!r}: expected None (fixed slices) or a share of a slice "
                              "between 0 and 1, such as 0.1")
-        try:
-            self.policy = Policy(policy)
-        except ValueError:
-            raise ValueError(f"policy={policy!r}: expected one of {', '.join(repr(p.value) for p in Policy)}") from None
-        try:
-            self.newcomer_order = NewcomerOrder(newcomer_order)
-        except ValueError:
-            raise ValueError(f"newcomer_order={newcomer_order!r}: expected one of "
-                             f"{', '.join(repr(o.value) for o in NewcomerOrder)}") from None
+        self.policy = _choice(Policy, policy, "policy")
+        self.newcomer_order = _choice(NewcomerOrder, newcomer_order, "newcomer_order")
         self.device = torch.device(device) if device is not None else None
         self.slice_steps = slice_steps
         self.use_context_cache = use_context_cache
