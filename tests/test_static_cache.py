@@ -8,7 +8,6 @@ layers' tensors), release (once, and the tensors dropped), the length buckets.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import gc
 
 import pytest
@@ -18,6 +17,7 @@ from aqua_alloc.hf import generate_hook, kv_cache, scheduler as scheduler_module
 from aqua_alloc.hf.generate_hook import cache_argument, install_generate_hook, uninstall_generate_hook
 from aqua_alloc.hf.scheduler import Scheduler
 from aqua_alloc.hf.static_cache import MIN_BUCKET_TOKENS, ContextStaticCache, static_cache_length
+from test_kv_cache import FakeAllocator
 from tiny_models import GREEDY, Caller, build, llama_config, mistral_config, prompt_ids
 
 MODELS = {"llama": llama_config, "mistral-sliding": lambda: mistral_config(sliding_window=8)}
@@ -33,29 +33,11 @@ def static_solo(model, ids, n, **kwargs):
     return model.generate(ids, max_new_tokens=n, cache_implementation="static", **GREEDY, **kwargs)
 
 
-class FakeMemory:
-    """A ContextMemory on CPU: counts the bytes made while a context is entered; records releases."""
+class FakeMemory(FakeAllocator):
+    """test_kv_cache's fake (counts what is made while a context is entered; records
+    releases) with what the scheduler's memory side calls."""
 
-    def __init__(self) -> None:
-        self.current: str | None = None
-        self.inside: dict[str, int] = {}
-        self.released: list[str] = []
-
-    def is_enabled(self) -> bool:
-        return True
-
-    @contextlib.contextmanager
-    def context(self, tag, device=None):
-        self.current = tag
-        try:
-            yield tag
-        finally:
-            self.current = None
-
-    def release(self, tag):
-        self.released.append(tag)
-
-    # What the scheduler's memory side calls (nothing moves on CPU).
+    # (nothing moves on CPU)
     def park(self, tag):
         pass
 
