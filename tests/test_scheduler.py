@@ -481,35 +481,12 @@ def test_a_newcomers_first_token_reaches_its_caller_before_the_next_newcomers_pr
     log: list[tuple[str, str]] = []
     sched = Scheduler(policy="fair", slice_steps=4)
     prompts = {"a": prompt_ids(9, 11), "b": prompt_ids(7, 12), "c": prompt_ids(8, 13)}
-    callers: dict[str, Caller] = {}
-
-    def note_prefill(module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[-1] > 1:
-            log.append(("prefill", threading.current_thread().name))
 
     def hooks(name):
         return dict(streamer=FirstPutLog(log, name),
                     stopping_criteria=StoppingCriteriaList([AtStep(1, lambda: log.append(("criterion", name)))]))
 
-    def arrive():  # in the long prompt's 2nd step: the three newcomers queue together
-        for name, ids in prompts.items():
-            callers[name] = queue(sched, name, lambda name=name, ids=ids: sched.generate(
-                llama, ids, tag=name, max_new_tokens=5, **hooks(name), **GREEDY))
-
-    handle = llama.register_forward_pre_hook(note_prefill, with_kwargs=True)
-    try:
-        long_ = Caller(lambda: sched.generate(
-            llama, prompt_ids(10, 14), tag="x", max_new_tokens=12,
-            stopping_criteria=StoppingCriteriaList([AtStep(2, arrive)]), **GREEDY), name="x")
-        long_.join()
-        for caller in callers.values():
-            caller.join()
-    finally:
-        handle.remove()
-    assert long_.error is None and all(c.error is None for c in callers.values())
-    for name, ids in prompts.items():
-        assert torch.equal(callers[name].result, solo(llama, ids, max_new_tokens=5))
+    serve_burst(llama, sched, prompts, 5, prompt_ids(10, 14), 12, lambda name: log.append(("prefill", name)), hooks)
     newcomers = [("prefill", "a"), ("token", "a"), ("criterion", "a"),
                  ("prefill", "b"), ("token", "b"), ("criterion", "b"),
                  ("prefill", "c"), ("token", "c"), ("criterion", "c")]
@@ -1008,26 +985,27 @@ def test_the_step_boundary_waits_for_the_streamer_only_while_it_gets_every_step(
     assert recorder.boundaries == 4
 
 
-def prefill_order(llama, sched, prompts: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, Caller]]:
-    """Newcomers ``prompts`` arrive together (in dict order) while a long prompt runs; the
-    order their prefills ran in, and their callers."""
-    order: list[str] = []
+def serve_burst(llama, sched, prompts: dict[str, torch.Tensor], new_tokens: int, long_ids: torch.Tensor,
+                long_new_tokens: int, on_prefill, extra=lambda name: {}) -> dict[str, Caller]:
+    """Newcomers ``prompts`` arrive together (in dict order, each with ``extra(name)`` in its
+    call) in the 2nd step of a long prompt "x"; ``on_prefill(name)`` as each one's prefill
+    starts. Checks that nothing failed and that each output equals its solo run."""
     callers: dict[str, Caller] = {}
 
     def note_prefill(module, args, kwargs):
         ids = kwargs.get("input_ids")
         name = threading.current_thread().name
         if ids is not None and ids.shape[-1] > 1 and name in prompts:
-            order.append(name)
+            on_prefill(name)
 
     def arrive():
         for name, ids in prompts.items():
             callers[name] = queue(sched, name, lambda ids=ids, name=name: sched.generate(
-                llama, ids, tag=name, max_new_tokens=3, **GREEDY))
+                llama, ids, tag=name, max_new_tokens=new_tokens, **extra(name), **GREEDY))
 
     handle = llama.register_forward_pre_hook(note_prefill, with_kwargs=True)
     try:
-        long_ = Caller(lambda: sched.generate(llama, prompt_ids(10, 40), tag="x", max_new_tokens=8,
+        long_ = Caller(lambda: sched.generate(llama, long_ids, tag="x", max_new_tokens=long_new_tokens,
                                               stopping_criteria=StoppingCriteriaList([AtStep(2, arrive)]), **GREEDY),
                        name="x")
         long_.join()
@@ -1037,22 +1015,29 @@ def prefill_order(llama, sched, prompts: dict[str, torch.Tensor]) -> tuple[list[
         handle.remove()
     assert long_.error is None and all(c.error is None for c in callers.values())
     for name, ids in prompts.items():
-        assert torch.equal(callers[name].result, solo(llama, ids, max_new_tokens=3))
-    return order, callers
+        assert torch.equal(callers[name].result, solo(llama, ids, max_new_tokens=new_tokens))
+    return callers
+
+
+def prefill_order(llama, sched, prompts: dict[str, torch.Tensor]) -> list[str]:
+    """The order the prefills of a burst of newcomers ran in."""
+    order: list[str] = []
+    serve_burst(llama, sched, prompts, 3, prompt_ids(10, 40), 8, order.append)
+    return order
 
 
 def test_shortest_newcomer_first_orders_a_burst_by_prefill_work(llama):
     prompts = {"long": prompt_ids(30, 41), "short": prompt_ids(5, 42), "mid": prompt_ids(12, 43)}
-    arrival, _ = prefill_order(llama, Scheduler(slice_steps=4), prompts)
+    arrival = prefill_order(llama, Scheduler(slice_steps=4), prompts)
     assert arrival == ["long", "short", "mid"]
-    shortest, _ = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="shortest"), prompts)
+    shortest = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="shortest"), prompts)
     assert shortest == ["short", "mid", "long"]
 
 
 def test_shortest_newcomer_first_passes_no_newcomer_more_than_the_limit(llama):
     limit = scheduler_module.NEWCOMER_BYPASS_LIMIT
     prompts = {"long": prompt_ids(30, 50)} | {f"s{i}": prompt_ids(4 + i, 51 + i) for i in range(limit + 2)}
-    order, _ = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="shortest"), prompts)
+    order = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="shortest"), prompts)
     shorts = [name for name in prompts if name != "long"]
     assert order == shorts[:limit] + ["long"] + shorts[limit:]
 
