@@ -192,6 +192,34 @@ def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
     assert aq.where(kv)["gpu0"] >= 32 * MiB
 
 
+def _tiny_llama_on_cuda(max_positions: int = 4096):
+    """A Llama of 4 layers with random weights (seed 0) on the GPU: 4 layers x 2 (K, V) x 4 KV
+    heads x 64 dims x 4 bytes = 8 KiB of fp32 KV per token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
+                         initializer_range=0.5, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).cuda().eval()
+
+
+def _at_steps(actions: dict):
+    """A stopping criterion that calls ``actions[n]()`` at the n-th step; never stops."""
+    from transformers import StoppingCriteria
+
+    class AtSteps(StoppingCriteria):
+        n = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.n += 1
+            if self.n in actions:
+                actions[self.n]()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return AtSteps()
+
+
 @pytest.mark.parametrize("tier", ["host", "gpu1"])
 @pytest.mark.parametrize("read_ahead_bytes", [0, 64 * MiB], ids=["in-place", "read-ahead"])
 def test_generate_with_kv_spilled_and_back_is_identical(gpu, read_ahead_bytes, tier):
@@ -202,30 +230,13 @@ def test_generate_with_kv_spilled_and_back_is_identical(gpu, read_ahead_bytes, t
     with the same bytes."""
     if tier == "gpu1" and torch.cuda.device_count() < 2:
         pytest.skip(f"spill to a peer GPU: torch.cuda.device_count() is {torch.cuda.device_count()}")
-    from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
-
-    from transformers import StoppingCriteria
+    from transformers import StoppingCriteriaList
 
     from aqua_alloc.memory import native as _native
     from aqua_alloc.hf.generate_hook import cache_argument
     from aqua_alloc.hf.kv_cache import ContextKVCache
 
-    class AtStep(StoppingCriteria):  # calls `action` at the given steps; never stops
-        def __init__(self, steps, action):
-            self.steps, self.action, self.n = steps, action, 0
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.n += 1
-            if self.n in self.steps:
-                self.action()
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    # 4 layers x 2 (K, V) x 4 KV heads x 64 dims x 4 bytes = 8 KiB of KV per token.
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                         initializer_range=0.5, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).cuda().eval()
+    model = _tiny_llama_on_cuda()
     prompt = torch.randint(1, 256, (1, 3000), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -235,7 +246,10 @@ def test_generate_with_kv_spilled_and_back_is_identical(gpu, read_ahead_bytes, t
         aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB", **lending)
         cache = ContextKVCache(model.config, tag="spill", device=prompt.device, read_ahead_bytes=read_ahead_bytes)
         seen: list[dict[str, int]] = []
-        probe = AtStep({2, 20}, lambda: seen.append(aq.where("spill")))
+        def note():
+            seen.append(aq.where("spill"))
+
+        probe = _at_steps({2: note, 20: note})
         out = model.generate(prompt, **cache_argument(cache), stopping_criteria=StoppingCriteriaList([probe]), **greedy)
     assert torch.equal(out, reference), "generate with spilled KV differs from the plain run"
     assert seen and all(w["gpu0"] <= 12 * MiB and w[tier] > 0 for w in seen), seen
@@ -311,26 +325,12 @@ def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, move
     (to-host-and-back) or only eight steps later (read-on-host: the replayed graph reads the
     KV in place over PCIe meanwhile): tokens equal the same compiled call on plain memory,
     and no pointer of the cache changes."""
-    from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     from aqua_alloc.hf.generate_hook import cache_argument
     from aqua_alloc.hf.static_cache import ContextStaticCache
 
-    class AtStep(StoppingCriteria):  # calls `action` at the given steps; never stops
-        def __init__(self, actions):
-            self.actions, self.n = actions, 0
-
-        def __call__(self, input_ids, scores, **kwargs):
-            self.n += 1
-            if self.n in self.actions:
-                self.actions[self.n]()
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                         initializer_range=0.5, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).cuda().eval()
+    model = _tiny_llama_on_cuda()
     prompt = torch.randint(1, 256, (1, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     aq.disable()
@@ -352,7 +352,7 @@ def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, move
         pointers.append([t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)])
 
     actions = {4: away, 5: home} if moves == "to-host-and-back" else {4: away, 12: home}
-    out = model.generate(prompt, **cache_argument(cache), stopping_criteria=StoppingCriteriaList([AtStep(actions)]),
+    out = model.generate(prompt, **cache_argument(cache), stopping_criteria=StoppingCriteriaList([_at_steps(actions)]),
                          **greedy)
     assert torch.equal(out, reference), "the compiled step on a moved static cache gave other tokens"
     assert seen[0]["host"] >= cache.nbytes and seen[0]["gpu0"] == 0, seen  # whole segments: a little more
@@ -365,16 +365,10 @@ def test_compiled_step_reads_a_static_cache_that_spilled_at_allocation(gpu):
     """A static cache larger than its context's local budget spills to host when it is
     allocated; the compiled decode step reads the spilled layers in place: tokens equal the
     same compiled call on plain memory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from aqua_alloc.hf.generate_hook import cache_argument
     from aqua_alloc.hf.static_cache import ContextStaticCache
 
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192,
-                         initializer_range=0.5, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).cuda().eval()
+    model = _tiny_llama_on_cuda(max_positions=8192)
     prompt = torch.randint(1, 256, (1, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     greedy = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     # 4096 tokens x 4 heads x 64 dims x 4 bytes = 4 MiB per tensor; 8 tensors = 32 MiB.
