@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -966,7 +967,7 @@ def test_the_step_boundary_waits_for_the_streamer_only_while_it_gets_every_step(
 
     ids = torch.zeros((1, 4), dtype=torch.long)
     recorder = Recorder()
-    boundary = scheduler_module._StepBoundary(recorder, prompt=None)
+    boundary = scheduler_module._StepBoundary(recorder, prompt=SimpleNamespace(hook_cpu_ns=0))
     streamer = boundary.wrap_streamer(Sink())
     streamer.put(ids)                       # the prompt: no step
     boundary(ids, None)                     # step 1: criteria first ...

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -65,7 +66,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import StoppingCriteria
@@ -396,12 +397,20 @@ class _StepHook(StoppingCriteria):
         self._not_done: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        cpu_ns = time.thread_time_ns()
-        try:
+        with _hook_cpu(self._prompt):
             self._scheduler._on_step(self._prompt, input_ids)
-        finally:
-            self._prompt.hook_cpu_ns += time.thread_time_ns() - cpu_ns
         return _never_done(self, input_ids)
+
+
+@contextlib.contextmanager
+def _hook_cpu(prompt: _Prompt) -> Iterator[None]:
+    """Adds the CPU time of the block (this thread's; waiting for its turn costs none) to the
+    prompt's ``hook_cpu_ns``."""
+    cpu_ns = time.thread_time_ns()
+    try:
+        yield
+    finally:
+        prompt.hook_cpu_ns += time.thread_time_ns() - cpu_ns
 
 
 def _never_done(owner: Any, input_ids: torch.Tensor) -> torch.BoolTensor:
@@ -451,12 +460,8 @@ class _StepBoundary(StoppingCriteria):
         done = min(self._criteria_steps, self._token_puts) if self._streams else self._criteria_steps
         if done > self._boundaries:
             self._boundaries = done
-            cpu_ns = time.thread_time_ns()  # CPU time only: waiting for its turn costs none
-            try:
+            with _hook_cpu(self._prompt):
                 self._scheduler._at_step_boundary(self._prompt)
-            finally:
-                if self._prompt is not None:
-                    self._prompt.hook_cpu_ns += time.thread_time_ns() - cpu_ns
 
 
 class _StreamerThenBoundary(BaseStreamer):
@@ -502,8 +507,8 @@ class Scheduler:
         switch_overhead: None (default): every slice is ``slice_steps`` steps. A share such as
             0.1: a prompt whose switch in costs more than that share of its slice gets longer
             slices, up to ``MAX_SLICE_FACTOR`` times ``slice_steps``. The switch's cost is
-            measured, not guessed: the first step of a slice, from the moment the prompt got
-            the device (its context's resume included), less the prompt's usual step time. Long
+            measured, not guessed: the first two steps of a slice, from the moment the prompt
+            got the device (its context's resume included), less two of its usual steps. Long
             contexts parked to host then pay their move once per longer slice; newcomers still
             get the device at the next step (first-token priority).
     """
