@@ -1103,23 +1103,19 @@ class _StepTimes(StoppingCriteria):
 
 def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKENS) -> dict[str, Any]:
     """What a user of plain transformers gets for the same model and prompt (request ``i``),
-    aqua_alloc off: ms per decode step with the default (dynamic) cache and with the static
-    cache (compiled on a GPU; its first call, compilation included, timed apart)."""
+    aqua_alloc off: ms per decode step with the default (dynamic) cache and with a static
+    cache of the length aqua_alloc would give it (compiled on a GPU; the second call is timed)."""
     prompt = bench.prompts[i]
     result: dict[str, Any] = {"request": bench.requests[i].id, "prompt_tokens": int(prompt.shape[-1]),
                               "new_tokens": new_tokens}
     length = static_cache_length(int(prompt.shape[-1]) + new_tokens)
-    for name in ("eager", "static"):
-        calls = []
-        for _ in range(2 if name == "static" else 1):  # static: the second call is timed (compiled, recorded)
+    for cache, name in (("dynamic", "eager"), ("static", "static")):
+        for _ in range(2 if cache == "static" else 1):  # static: compiled and recorded by the second call
             times = _StepTimes()
-            extra = cache_argument(StaticCache(config=bench.model.config, max_cache_len=length)) if name == "static" else {}
-            t0 = time.perf_counter()
-            bench.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
-                                 stopping_criteria=StoppingCriteriaList([times]), **extra)
-            calls.append((time.perf_counter() - t0, times.median_ms()))
-        result[f"{name}_ms_per_step"] = calls[-1][1]
+            kwargs = _generate_kwargs(prompt, new_tokens, _TokenClock(threading.Event()), cache, bench.model.config)
+            kwargs["stopping_criteria"].append(times)
+            bench.model.generate(**kwargs)
+        result[f"{name}_ms_per_step"] = times.median_ms()
     mode = "deterministic mode" if bench.options.deterministic else "no deterministic mode"
     bench.log(f"plain transformers, same model, r{bench.requests[i].id}'s prompt ({prompt.shape[-1]} tokens), "
               f"aqua_alloc off, {mode}: {result['eager_ms_per_step']} ms per step eager (dynamic cache), "
