@@ -29,7 +29,7 @@ int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* h
       return 0;
     }
     uint64_t cls = host_pool_.class_for(size);
-    if (pool_only || !cls || host_pool_.total_bytes() + host_creating_bytes_ + cls > ledger_.host_budget) return -1;
+    if (pool_only || !host_class_fits(cls)) return -1;
     uintptr_t va = 0;
     if (int r = create_host_backing(cls, handle, &va)) return r;
     host_mappings_[*handle] = va;
@@ -165,7 +165,7 @@ void Backings::trim_host(uint64_t keep_bytes) {
 bool Backings::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
   *error = 0;
   uint64_t cls = host_pool_.next_class_to_create(host_reserve_);
-  if (cls == 0 || host_pool_.total_bytes() + host_creating_bytes_ + cls > ledger_.host_budget) return false;
+  if (!host_class_fits(cls)) return false;
   host_creating_bytes_ += cls;
   lock.unlock();
   Handle h = 0;

@@ -43,8 +43,11 @@ class Backings {
   // backing given back is reused before one is created. 0, -1 (no host backing to be had)
   // or the driver's code. Timed as AQUA_PHASE_ACQUIRE. The device binding is kept.
   int acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes);
-  // Host bytes being created for the pool outside the lock (counted against the budget).
-  uint64_t host_creating_bytes() const { return host_creating_bytes_; }
+  // Whether host backing of `cls` bytes (a pool size class; 0: none fits) may be created:
+  // the pool, what is being created for it outside the lock, and `cls` within the budget.
+  bool host_class_fits(uint64_t cls) const {
+    return cls != 0 && host_pool_.total_bytes() + host_creating_bytes_ + cls <= ledger_.host_budget;
+  }
   // Takes back a backing mapped nowhere: host into the pool, device for a deferred release.
   void give_back(int tier, Handle handle, uint64_t handle_bytes);
   // The address where host backing `handle` is mapped for good; false for any other handle.

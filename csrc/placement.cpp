@@ -34,9 +34,7 @@ bool Placement::room_on(int tier, int home, uint64_t size, bool pool_only) const
     // New allocations may create host backing, and so may the evictions that make room for
     // them (HostBacking); other moves do not (creating it costs about ten times the copy it
     // would serve: host_pool.h).
-    uint64_t cls = backings_.host_pool().class_for(size);
-    return !pool_only && cls &&
-           backings_.host_pool().total_bytes() + backings_.host_creating_bytes() + cls <= ledger_.host_budget;
+    return !pool_only && backings_.host_class_fits(backings_.host_pool().class_for(size));
   }
   if (tier == home) return ledger_.own_used[tier] + size <= ledger_.local_budget[tier];
   return peer_rank_[home][tier] >= 0 && ledger_.lent_used[tier] + size <= ledger_.lend_budget[tier];
@@ -60,9 +58,9 @@ std::vector<int> Placement::spill_order(int home) const {
 
 // Plans `step`'s piece (of a context of `home`) onto the first tier of `order`, other than
 // the one it is on, with room for it and a backing to be had (host backing created only
-// with HostBacking::kMayCreate): acquires the backing, reserves the room, sets step.dst. False when no tier
-// had both; *driver_error, if given, then keeps the last driver failure other than out of
-// memory.
+// with HostBacking::kMayCreate): acquires the backing, reserves the room, sets step.dst.
+// False when no tier had both; *driver_error, if given, then keeps the last driver failure
+// other than out of memory.
 bool Placement::take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error,
                              HostBacking host) {
   const Piece& p = step.segment->pieces[step.index];
