@@ -120,6 +120,7 @@ if editable_wheel is not None and hasattr(editable_wheel, "_run_build_commands")
 core = Extension(
     "aqua_alloc.memory._aqua_core",
     sources=sorted(glob.glob("csrc/*.cpp")),
+    depends=sorted(glob.glob("csrc/*.h")),  # a header's edit rebuilds the core (build_ext compares times)
     include_dirs=["csrc"],
     language="c++",
     extra_compile_args=["-std=c++17", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -24,11 +24,10 @@ int Backings::acquire(int tier, uint64_t size, bool pool_only, Handle* handle, u
 
 int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes) {
   if (tier == AQUA_TIER_HOST) {
-    if (host_pool_.take(size, handle, handle_bytes)) {
-      cv_.notify_all();  // the background thread may top the pool up
-      return 0;
-    }
     uint64_t cls = host_pool_.class_for(size);
+    host_pool_.note_demand(cls);
+    cv_.notify_all();  // the background thread tops the pool up
+    if (host_pool_.take(size, handle, handle_bytes)) return 0;
     if (pool_only || !host_class_fits(cls)) return -1;
     uintptr_t va = 0;
     if (int r = create_host_backing(cls, handle, &va)) return r;
@@ -45,6 +44,15 @@ int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* h
     r = backend_.create(tier, size, handle);
   }
   return r;
+}
+
+bool Backings::host_backing_available(uint64_t size, bool pool_only) {
+  if (host_pool_.can_take(size)) return true;
+  uint64_t cls = host_pool_.class_for(size);
+  if (!pool_only && host_class_fits(cls)) return true;
+  host_pool_.note_demand(cls);
+  cv_.notify_all();
+  return false;
 }
 
 void Backings::give_back(int tier, Handle handle, uint64_t handle_bytes) {
@@ -132,19 +140,31 @@ void Backings::release_retried(Handle handle, const char* what) {
 }
 
 void Backings::release_host_backing(Handle handle, uint64_t size) {
+  uintptr_t va = 0;
   auto it = host_mappings_.find(handle);
   if (it != host_mappings_.end()) {
-    if (!retry(backend_, &Backend::unmap, it->second, size))
+    va = it->second;
+    host_mappings_.erase(it);
+  }
+  release_host_mapping(handle, va, size);
+}
+
+// Unmaps host backing from its own address (va; 0: not mapped) and releases it. Driver
+// calls only: callable without the mutex.
+void Backings::release_host_mapping(Handle handle, uintptr_t va, uint64_t size) {
+  BindingGuard keep_binding(backend_);
+  if (va != 0) {
+    if (!retry(backend_, &Backend::unmap, va, size))
       std::fprintf(stderr, "[aqua_alloc] unmapping host backing failed (its address range is leaked)\n");
     else
-      retry(backend_, &Backend::free_va, it->second, size);
-    host_mappings_.erase(it);
+      retry(backend_, &Backend::free_va, va, size);
   }
   release_retried(handle, "giving host backing back");
 }
 
 int Backings::reserve_host(uint64_t bytes, bool background, std::unique_lock<std::mutex>& lock) {
   host_reserve_ = bytes;
+  host_maintained_ = background;
   // Blocking fill, creating outside the lock so that allocations proceed meanwhile.
   int r = 0;
   while (grow_pool_once(lock, &r)) {
@@ -182,6 +202,29 @@ bool Backings::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
   return true;
 }
 
+// Releases one idle host backing of a class held beyond its share of the reserve
+// (HostPool::surplus_class), with `lock` released for the driver calls. False when there
+// is none.
+bool Backings::shrink_pool_once(std::unique_lock<std::mutex>& lock) {
+  uint64_t cls = host_pool_.surplus_class(host_reserve_);
+  Handle h = 0;
+  uint64_t bytes = 0;
+  if (cls == 0 || !host_pool_.take(cls, &h, &bytes)) return false;
+  host_pool_.forget(bytes);
+  uintptr_t va = 0;
+  auto it = host_mappings_.find(h);
+  if (it != host_mappings_.end()) {
+    va = it->second;
+    host_mappings_.erase(it);
+  }
+  host_releasing_bytes_ += bytes;  // still pinned until released: counted against the budget
+  lock.unlock();
+  release_host_mapping(h, va, bytes);
+  lock.lock();
+  host_releasing_bytes_ -= bytes;
+  return true;
+}
+
 // --- the background thread --------------------------------------------------------------
 
 void Backings::start_thread() {
@@ -208,7 +251,7 @@ void Backings::thread_main() {
       }
     }
     int r = 0;
-    if (grow_pool_once(lock, &r)) continue;
+    if (host_maintained_ && (grow_pool_once(lock, &r) || shrink_pool_once(lock))) continue;
     // At the reserve or the budget (wait for a change), or a failure (back off and retry).
     cv_.wait_for(lock, std::chrono::milliseconds(r != 0 ? 200 : 50));
   }

@@ -6,8 +6,10 @@
 // one given back is released kReleaseDelayNs later unless a move of the same size to the
 // same device takes it first (a context switch: park one context, resume another).
 //
-// The background thread releases those deferred backings and keeps the host pool topped up
-// to its reserve, creating host backing with the owner's mutex released. Not thread-safe by
+// The background thread releases those deferred backings and keeps the host pool at its
+// reserve, in the split of size classes that demand asks for (host_pool.h): it creates
+// host backing, and releases idle handles of classes beyond their share, with the owner's
+// mutex released. Not thread-safe by
 // itself: every method runs under the owner's mutex (the `mutex` given at construction),
 // which the thread takes too; stop_thread() is called without it.
 #pragma once
@@ -44,10 +46,16 @@ class Backings {
   // or the driver's code. Timed as AQUA_PHASE_ACQUIRE. The device binding is kept.
   int acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes);
   // Whether host backing of `cls` bytes (a pool size class; 0: none fits) may be created:
-  // the pool, what is being created for it outside the lock, and `cls` within the budget.
+  // the pool, what is being created for it or released from it outside the lock, and `cls`
+  // within the budget.
   bool host_class_fits(uint64_t cls) const {
-    return cls != 0 && host_pool_.total_bytes() + host_creating_bytes_ + cls <= ledger_.host_budget;
+    return cls != 0 && host_pool_.total_bytes() + host_creating_bytes_ + host_releasing_bytes_ + cls <=
+                           ledger_.host_budget;
   }
+  // Whether a host backing of `size` bytes can be had now: idle in the pool, or (unless
+  // `pool_only`) created within the budget. A miss counts as demand for its class and wakes
+  // the background thread, which makes that class next (host_pool.h).
+  bool host_backing_available(uint64_t size, bool pool_only);
   // Takes back a backing mapped nowhere: host into the pool, device for a deferred release.
   void give_back(int tier, Handle handle, uint64_t handle_bytes);
   // The address where host backing `handle` is mapped for good; false for any other handle.
@@ -69,8 +77,10 @@ class Backings {
   bool reuse_deferred(int tier, uint64_t size, Handle* handle);
   int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
   void release_host_backing(Handle handle, uint64_t size);
+  void release_host_mapping(Handle handle, uintptr_t va, uint64_t size);
   void release_retried(Handle handle, const char* what);
   bool grow_pool_once(std::unique_lock<std::mutex>& lock, int* error);
+  bool shrink_pool_once(std::unique_lock<std::mutex>& lock);
   void start_thread();
   void thread_main();
 
@@ -91,8 +101,10 @@ class Backings {
   };
   std::vector<DeferredRelease> deferred_;
 
-  uint64_t host_reserve_ = 0;         // bytes of idle host backing to keep ready
-  uint64_t host_creating_bytes_ = 0;  // host backing being created outside the lock
+  uint64_t host_reserve_ = 0;          // bytes of idle host backing to keep ready
+  bool host_maintained_ = false;       // the thread grows and shrinks the pool towards the reserve
+  uint64_t host_creating_bytes_ = 0;   // host backing being created outside the lock
+  uint64_t host_releasing_bytes_ = 0;  // host backing being released outside the lock
   bool thread_stop_ = false;
   std::condition_variable cv_;        // wakes the thread: a backing given back or taken
   std::thread thread_;

@@ -7,12 +7,19 @@
 // was not kept; bench_move's logs show enable() taking 9 s for 3 GiB made ahead), so moves
 // take idle handles from the pool and give them back. One move may create it: an eviction
 // that makes room for a running context's new memory when the pool has none idle
-// (placement.h, HostBacking). Handles come
-// in power-of-two size classes from the granularity up to the chunk size, and the core cuts
-// segments into pieces of exactly those sizes: a piece takes a handle of its own size.
-// (Mapping the first S bytes of a larger handle is allowed by cuda.h's text but returned
-// CUDA_ERROR_NOT_SUPPORTED for pinned host handles on an H200, driver 580.) A background
-// thread keeps the idle bytes at the reserve level set by aqua_host_pool_reserve.
+// (placement.h, HostBacking). Handles come in power-of-two size classes from the
+// granularity up to the chunk size, and the core cuts segments into pieces of exactly those
+// sizes: a piece takes a handle of its own size. (Mapping the first S bytes of a larger
+// handle is allowed by cuda.h's text but returned CUDA_ERROR_NOT_SUPPORTED for pinned host
+// handles on an H200, driver 580.) A background thread keeps the idle bytes at the reserve
+// level set by aqua_host_pool_reserve.
+//
+// The reserve is split among the classes by demand: the bytes of host backing asked for per
+// class (taken or missed), over about the last kDemandWindowBytes. A fixed split does not
+// fit: on the H200 (bench_serve mooncake, 8B) every KV piece was 16 or 2 MiB, the fixed
+// split kept three 16 MiB handles and 768 MiB in 64 MiB handles that no piece could use,
+// and once the few had gone no resume could evict anyone to bring its context home. Before
+// any demand, the split is fixed: a few handles per smaller class, the rest in the largest.
 //
 // Not thread-safe by itself: Backings calls it under the core's mutex, and hands it host
 // backing made with that mutex released through add_idle().
@@ -29,7 +36,10 @@ namespace aqua {
 
 class HostPool {
  public:
-  static constexpr uint64_t kSmallClassHandles = 16;  // idle handles kept per smaller class
+  static constexpr uint64_t kSmallClassHandles = 16;  // idle handles kept per smaller class before any demand
+  // Demand is tallied over about this many bytes asked for (note_demand): a few context
+  // switches of 1 GiB contexts.
+  static constexpr uint64_t kDemandWindowBytes = 4ull << 30;
 
   // Size classes: granularity * 2^k up to chunk_bytes (a multiple of the granularity).
   void configure(uint64_t granularity, uint64_t chunk_bytes) {
@@ -77,20 +87,69 @@ class HostPool {
   // Forget a handle that is being released (after take()).
   void forget(uint64_t handle_bytes) { total_bytes_ -= handle_bytes; }
 
-  // The class to create next so that the idle pool approaches `reserve` bytes: each
-  // smaller class keeps a few handles (for the tail piece of a segment and for PyTorch's
-  // 2 MiB small-pool segments), the largest class takes the rest; 0 when at the reserve.
-  uint64_t next_class_to_create(uint64_t reserve) const {
-    if (idle_bytes_ >= reserve || classes_.empty()) return 0;
-    uint64_t small_share = classes_.size() > 1 ? reserve / 4 / (classes_.size() - 1) : 0;
-    for (size_t i = 0; i + 1 < classes_.size(); ++i) {
-      uint64_t c = classes_[i];
-      uint64_t target = std::min<uint64_t>(small_share, kSmallClassHandles * c);
-      auto it = idle_.find(c);
-      uint64_t have = it == idle_.end() ? 0 : it->second.size() * c;
-      if (have < target) return c;
+  // Notes that host backing of class `cls` was asked for (whether or not an idle handle
+  // was there). The tally halves once it passes kDemandWindowBytes, so that the split
+  // follows the recent mix.
+  void note_demand(uint64_t cls) {
+    if (cls == 0) return;
+    demand_[cls] += cls;
+    demand_total_ += cls;
+    if (demand_total_ <= kDemandWindowBytes) return;
+    demand_total_ = 0;
+    for (auto& [c, bytes] : demand_) demand_total_ += (bytes /= 2);
+  }
+
+  // The idle bytes each class should hold for a pool of `reserve` idle bytes: its share of
+  // the demand, rounded up to whole handles; before any demand, each smaller class keeps a
+  // few handles (the tail piece of a segment, PyTorch's 2 MiB small-pool segments) and the
+  // largest class the rest.
+  std::map<uint64_t, uint64_t> idle_targets(uint64_t reserve) const {
+    std::map<uint64_t, uint64_t> targets;
+    if (classes_.empty()) return targets;
+    if (demand_total_ == 0) {
+      uint64_t small_share = classes_.size() > 1 ? reserve / 4 / (classes_.size() - 1) : 0;
+      uint64_t small_total = 0;
+      for (size_t i = 0; i + 1 < classes_.size(); ++i) {
+        uint64_t c = classes_[i], share = std::min<uint64_t>(small_share, kSmallClassHandles * c);
+        small_total += targets[c] = (share + c - 1) / c * c;
+      }
+      targets[classes_.back()] = reserve > small_total ? reserve - small_total : 0;
+      return targets;
     }
-    return classes_.back();
+    for (uint64_t c : classes_) {
+      auto it = demand_.find(c);
+      if (it == demand_.end() || it->second == 0) continue;
+      uint64_t share = static_cast<uint64_t>(static_cast<double>(reserve) * it->second / demand_total_);
+      targets[c] = (share + c - 1) / c * c;
+    }
+    return targets;
+  }
+
+  // The class to create next so that the idle pool approaches `reserve` bytes in the split
+  // of idle_targets (the class furthest below its target); 0 when the idle handles that
+  // count towards their targets already make the reserve.
+  uint64_t next_class_to_create(uint64_t reserve) const {
+    uint64_t counted = 0, best = 0, best_gap = 0;
+    for (auto [c, target] : idle_targets(reserve)) {
+      uint64_t have = idle_of(c);
+      counted += std::min(have, target);
+      if (have < target && target - have > best_gap) best = c, best_gap = target - have;
+    }
+    return counted >= reserve ? 0 : best;
+  }
+
+  // A class holding at least one idle handle beyond its target while the pool's idle bytes
+  // exceed `reserve` (the handle is better released: it holds pinned memory that no recent
+  // demand asked for); 0 when there is none.
+  uint64_t surplus_class(uint64_t reserve) const {
+    if (idle_bytes_ <= reserve) return 0;
+    std::map<uint64_t, uint64_t> targets = idle_targets(reserve);
+    uint64_t best = 0, best_over = 0;
+    for (auto& [c, handles] : idle_) {
+      uint64_t have = handles.size() * c, target = targets.count(c) ? targets.at(c) : 0;
+      if (have >= target + c && have - target > best_over) best = c, best_over = have - target;
+    }
+    return best;
   }
 
   // Idle handles beyond keep_bytes, removed from the pool (the caller releases them).
@@ -108,6 +167,10 @@ class HostPool {
   }
 
   uint64_t idle_bytes() const { return idle_bytes_; }
+  uint64_t idle_of(uint64_t cls) const {
+    auto it = idle_.find(cls);
+    return it == idle_.end() ? 0 : it->second.size() * cls;
+  }
   uint64_t total_bytes() const { return total_bytes_; }
 
  private:
@@ -115,6 +178,8 @@ class HostPool {
   std::map<uint64_t, std::vector<Handle>> idle_;  // class bytes -> idle handles
   uint64_t idle_bytes_ = 0;
   uint64_t total_bytes_ = 0;  // created and not released: idle + in use
+  std::map<uint64_t, uint64_t> demand_;  // class bytes -> bytes asked for (note_demand), decayed
+  uint64_t demand_total_ = 0;            // the sum of demand_
 };
 
 }  // namespace aqua

@@ -27,14 +27,13 @@ Placement::Placement(Backend& backend, Ledger& ledger, Backings& backings, Mover
 
 // Whether `tier` has budget room for `size` more bytes of a context of `home` (and, on
 // host, a backing to be had).
-bool Placement::room_on(int tier, int home, uint64_t size, bool pool_only) const {
+bool Placement::room_on(int tier, int home, uint64_t size, bool pool_only) {
   if (tier == AQUA_TIER_HOST) {
     if (ledger_.host_used + size > ledger_.host_budget) return false;
-    if (backings_.host_pool().can_take(size)) return true;
     // New allocations may create host backing, and so may the evictions that make room for
     // them (HostBacking); other moves do not (creating it costs about ten times the copy it
-    // would serve: host_pool.h).
-    return !pool_only && backings_.host_class_fits(backings_.host_pool().class_for(size));
+    // would serve: host_pool.h). A miss tells the pool which class to make next.
+    return backings_.host_backing_available(size, pool_only);
   }
   if (tier == home) return ledger_.own_used[tier] + size <= ledger_.local_budget[tier];
   return peer_rank_[home][tier] >= 0 && ledger_.lent_used[tier] + size <= ledger_.lend_budget[tier];
@@ -250,51 +249,60 @@ int Placement::plan_evict(Context& ctx, int tier, std::vector<MoveStep>* steps) 
 int Placement::bring_home(Context& ctx, uint64_t* bytes_moved, uint64_t* bytes_elsewhere) {
   *bytes_moved = 0;
   *bytes_elsewhere = 0;
-  uint64_t need = 0;
+  const std::vector<PieceRef> away = pieces_away(ctx);
+  if (away.empty()) return AQUA_OK;
+  int status = AQUA_OK;
+  // Rounds: the pieces a round brings home from host give their pinned backing back to the
+  // pool, where the next round's evictions find it. So a context comes home whole through
+  // a pool smaller than itself (on the H200 the pool is made ahead at 1 GiB, an 8B context
+  // of 32k tokens is 4 GiB), one copy of each piece either way, a few rounds of fixed cost.
+  for (int round = 0; round < kMaxResumeRounds && bytes_away(ctx) > 0; ++round) {
+    uint64_t moved = 0;
+    int r = resume_round(ctx, away, &moved);
+    *bytes_moved += moved;
+    if (r != AQUA_OK) {
+      if (round == 0) status = r;  // rolled back: the context is where it was
+      else  // the rounds before stand: a partial resume, the rest usable in place
+        std::fprintf(stderr, "[aqua_alloc] resume of '%s': bringing the rest home failed (%s); it stays in place\n",
+                     ctx.tag.c_str(), last_error().c_str());
+      break;
+    }
+    if (moved == 0) break;  // no room could be made, or no backing had
+  }
+  if (status == AQUA_OK) note_lender_moves(ctx, "resume");
+  *bytes_elsewhere = bytes_away(ctx);
+  return status;
+}
+
+uint64_t Placement::bytes_away(const Context& ctx) const {
+  uint64_t bytes = 0;
   for (uintptr_t va : ctx.segments)
     for (const Piece& p : segments_.at(va)->pieces)
-      if (p.tier != ctx.device) need += p.size;
-  if (need == 0) return AQUA_OK;
-  const int device = ctx.device;
-  const std::vector<PieceRef> away = pieces_away(ctx);
-  std::vector<MoveStep> steps;
-  uint64_t leaving = plan_exchange(ctx, need, steps);
-  size_t num_evictions = steps.size();
+      if (p.tier != ctx.device) bytes += p.size;
+  return bytes;
+}
+
+// One round of a resume: plans evicting parked contexts as far as the pool's backings go
+// (plan_exchange) and bringing home as much of `ctx` as the room then allows, and runs both
+// as one move, interleaved (one piece out, one in) so that both directions of the link
+// work at once. Nothing is evicted when nothing can come home. *moved: `ctx`'s bytes
+// brought home (0 when nothing moved).
+int Placement::resume_round(Context& ctx, const std::vector<PieceRef>& away, uint64_t* moved) {
+  *moved = 0;
+  std::vector<MoveStep> evictions;
+  uint64_t leaving = plan_exchange(ctx, bytes_away(ctx), evictions);
   std::vector<MoveStep> incoming;
   plan_homecoming(ctx, away, leaving, incoming);
   if (incoming.empty()) {
-    drop_planned(steps, 0);  // nothing can come home: evict nobody
-  } else {
-    // Interleave: one piece out, one piece in, so that commits follow both streams.
-    std::vector<MoveStep> merged;
-    for (size_t k = 0; k < std::max(num_evictions, incoming.size()); ++k) {
-      if (k < num_evictions) merged.push_back(steps[k]);
-      if (k < incoming.size()) merged.push_back(incoming[k]);
-    }
-    steps.swap(merged);
+    drop_planned(evictions, 0);
+    return AQUA_OK;
   }
-  int status = steps.empty() ? AQUA_OK : mover_.execute(ctx, steps, bytes_moved);
-  if (status == AQUA_OK && num_evictions > 0 && *bytes_moved < need) {
-    // What did not fit in the exchange (no physical room for both at once, or the budget):
-    // evict first, then bring home (the old backings of the first move are reused).
-    uint64_t left = need - *bytes_moved;
-    make_local_room(device, left, ctx.id, HostBacking::kPoolOnly);
-    std::vector<MoveStep> rest;
-    plan_homecoming(ctx, away, 0, rest);
-    uint64_t more = 0;
-    if (!rest.empty() && mover_.execute(ctx, rest, &more) != AQUA_OK) {
-      // The exchange stands (its pieces are home); this second move rolled back, so the
-      // rest stays where it was, usable in place: a partial resume, not a failed one.
-      std::fprintf(stderr, "[aqua_alloc] resume of '%s': bringing the rest home failed (%s); it stays in place\n",
-                   ctx.tag.c_str(), last_error().c_str());
-    }
-    *bytes_moved += more;
+  std::vector<MoveStep> steps;
+  for (size_t k = 0; k < std::max(evictions.size(), incoming.size()); ++k) {
+    if (k < evictions.size()) steps.push_back(evictions[k]);
+    if (k < incoming.size()) steps.push_back(incoming[k]);
   }
-  if (status == AQUA_OK) note_lender_moves(ctx, "resume");
-  for (uintptr_t va : ctx.segments)
-    for (const Piece& p : segments_.at(va)->pieces)
-      if (p.tier != ctx.device) *bytes_elsewhere += p.size;
-  return status;
+  return mover_.execute(ctx, steps, moved);
 }
 
 // The pieces of `ctx` off its device, least recently spilled first: the order they come

@@ -5,7 +5,8 @@
 //   evicting parked contexts of the device (least recently run first); else to the spill
 //   tiers in order: peers by rank, then host (spill_order).
 // - A resume brings the context's pieces home, least recently spilled first, as far as the
-//   budget has room; parked contexts evicted to make that room leave in the same move.
+//   budget has room; parked contexts evicted to make that room leave in the same move, in
+//   rounds as far as the pinned pool's backings go (resume_round).
 // - A lender whose lend budget falls below what it holds gets its borrowed pieces back:
 //   those of parked borrowers at once (reclaim), those of running ones at their next park
 //   or resume (note_lender_moves).
@@ -75,7 +76,7 @@ class Placement {
   // the pool only (kPoolOnly): they run on a switch's path, or on the worker under the lock.
   enum class HostBacking { kPoolOnly, kMayCreate };
 
-  bool room_on(int tier, int home, uint64_t size, bool pool_only) const;
+  bool room_on(int tier, int home, uint64_t size, bool pool_only);
   std::vector<int> spill_order(int home) const;
   bool take_backing(const std::vector<int>& order, int home, MoveStep& step, int* driver_error,
                     HostBacking host = HostBacking::kPoolOnly);
@@ -94,7 +95,13 @@ class Placement {
   uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps, HostBacking host);
   uint64_t evict_pieces_of(Context& victim, uint64_t need, HostBacking host);
 
+  // A resume runs at most this many rounds (resume_round): each brings at least one piece
+  // home, so this only bounds a context of very many pieces through a very small pool.
+  static constexpr int kMaxResumeRounds = 64;
+
   std::vector<PieceRef> pieces_away(const Context& ctx) const;
+  uint64_t bytes_away(const Context& ctx) const;
+  int resume_round(Context& ctx, const std::vector<PieceRef>& away, uint64_t* moved);
   uint64_t plan_exchange(const Context& ctx, uint64_t need, std::vector<MoveStep>& steps);
   void plan_homecoming(Context& ctx, const std::vector<PieceRef>& away, uint64_t extra_room,
                        std::vector<MoveStep>& out);

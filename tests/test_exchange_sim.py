@@ -9,6 +9,7 @@ Checked on simulated GPUs with exact bytes and a failure injected at every drive
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -108,4 +109,108 @@ def test_a_switch_maps_every_staging_before_its_first_copy():
         assert sim.read(ptr, len(data)) == data
     assert aq.resume("b").bytes_moved == 16 * MiB  # the switch then goes through
     for ptr, data in ctxs.values():
+        assert sim.read(ptr, len(data)) == data
+
+
+# --- switches through a small or drained pinned pool ------------------------------------------
+
+
+def enable_small_pool(chunk: int) -> None:
+    """One GPU whose 12 MiB budget holds one context of 12 MiB; no pinned host backing made
+    ahead and none made behind the test's back (the pool changes only through its calls)."""
+    aq.enable(backend="sim", sim_devices=2, sim_device_bytes=128 * MiB, sim_host_bytes=256 * MiB, chunk=chunk,
+              local_budget=12 * MiB, lend=0, host_budget=64 * MiB, host_reserve=0, lend_poll_ms=0)
+    freeze_host_pool()
+
+
+def freeze_host_pool(reserve: int = 0) -> None:
+    """Fill the pinned pool to `reserve` now, then stop the thread that keeps it there."""
+    from aqua_alloc.memory import native
+    native.check(native.lib().aqua_host_pool_reserve(reserve, 0), "filling the host pool")
+
+
+def make_segments(tag: str, num: int, size: int, seed: int) -> list[tuple[int, bytes]]:
+    return [make(tag, size, seed * 100 + k) for k in range(num)]
+
+
+def park_a_for_b(num: int, size: int) -> dict[str, list[tuple[int, bytes]]]:
+    """A parked and evicted whole to host by B's allocations (its host backing made for it),
+    B parked on GPU 0: the start of a switch back to A."""
+    a = make_segments("a", num, size, 1)
+    aq.park("a")
+    b = make_segments("b", num, size, 2)
+    assert aq.where("a")["host"] == 12 * MiB and aq.where("b")["gpu0"] == 12 * MiB
+    aq.park("b")
+    return {"a": a, "b": b}
+
+
+def num_moves_of(tag: str) -> int:
+    return len({e.t_ns for e in drain_core_events() if e.kind == events.EventKind.MOVE_START and e.context == tag})
+
+
+def test_a_resume_brings_its_context_home_whole_through_a_pool_smaller_than_it():
+    # On the H200 the pool is made ahead at 1 GiB while an 8B context of 32k tokens is
+    # 4 GiB. A resume runs in rounds: what one round brings home from host gives its pinned
+    # backing back, and the next round's evictions take it. Here: one idle 4 MiB handle, a
+    # 12 MiB context, three rounds. (Before rounds, one exchange and one eviction brought
+    # 8 MiB home and left 4 MiB on host, read over PCIe at every step.)
+    enable_small_pool(chunk=4 * MiB)
+    ctxs = park_a_for_b(3, 4 * MiB)
+    freeze_host_pool(4 * MiB)
+    assert aq.stats()["tiers"]["host"]["pool_free"] == 4 * MiB
+    drain_core_events()
+    assert aq.resume("a") == aq.MoveResult(bytes_moved=12 * MiB, bytes_elsewhere=0)
+    assert aq.where("a")["gpu0"] == 12 * MiB and aq.where("b")["host"] == 12 * MiB
+    assert num_moves_of("a") == 3
+    for segments in ctxs.values():
+        for ptr, data in segments:
+            assert sim.read(ptr, len(data)) == data
+
+
+def test_the_pool_is_made_in_the_sizes_moves_ask_for():
+    # Every piece here is 2 MiB, the pool's smaller class (chunk 4 MiB). Made ahead with no
+    # demand seen, a 12 MiB pool would hold two 2 MiB and two 4 MiB handles; made after
+    # the 2 MiB pieces were asked for, it holds six 2 MiB handles, so the switch back to A
+    # is one move. (On the H200 every KV piece was 16 or 2 MiB, and the fixed split kept
+    # three 16 MiB handles and 768 MiB in 64 MiB ones.)
+    enable_small_pool(chunk=4 * MiB)
+    ctxs = park_a_for_b(6, 2 * MiB)
+    freeze_host_pool(12 * MiB)
+    drain_core_events()
+    assert aq.resume("a") == aq.MoveResult(bytes_moved=12 * MiB, bytes_elsewhere=0)
+    assert num_moves_of("a") == 1
+    assert aq.where("b")["host"] == 12 * MiB
+    for segments in ctxs.values():
+        for ptr, data in segments:
+            assert sim.read(ptr, len(data)) == data
+
+
+def test_the_pool_thread_trades_handles_nobody_asks_for_for_ones_they_do():
+    # The background thread keeps the reserve in the classes asked for: a miss makes it
+    # create that class, and idle handles of a class beyond its share are released. Made
+    # ahead (no demand yet), 12 MiB is two 2 MiB and two 4 MiB handles; an eviction of six
+    # 2 MiB pieces (pool only, all or nothing) fails until the thread has made 2 MiB
+    # handles. Once A is on host the pool settles at A's 12 MiB in use and 12 MiB idle, in
+    # 2 MiB handles: the 4 MiB ones were released (kept, they would make 32 MiB).
+    aq.enable(backend="sim", sim_devices=2, sim_device_bytes=128 * MiB, sim_host_bytes=256 * MiB, chunk=4 * MiB,
+              local_budget=12 * MiB, lend=0, host_budget=64 * MiB, host_reserve=12 * MiB, lend_poll_ms=0)
+    host = aq.stats()["tiers"]["host"]
+    assert host["pool_total"] == host["pool_free"] == 12 * MiB
+    a = make_segments("a", 6, 2 * MiB, 1)
+    aq.park("a")
+    with pytest.raises(aq.CoreError, match="host has no room"):
+        aq.evict("a", "host")  # nothing moved
+    assert aq.where("a")["gpu0"] == 12 * MiB
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert aq.evict("a", "host") == 12 * MiB
+            break
+        except aq.CoreError:
+            assert time.monotonic() < deadline, "the pool thread never made the 2 MiB handles asked for"
+            time.sleep(0.01)
+    while (host := aq.stats()["tiers"]["host"])["pool_total"] != 24 * MiB or host["pool_free"] != 12 * MiB:
+        assert time.monotonic() < deadline, f"the pool did not settle at 24 MiB, 12 MiB idle: {host}"
+        time.sleep(0.01)
+    for ptr, data in a:
         assert sim.read(ptr, len(data)) == data
