@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
-# Steps: build gpu_tests demo long_prompt long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
+# Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
 #        serve_long serve_long_static coordinator
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -21,7 +21,9 @@ for step in "$@"; do
   case $step in
     build) run build 240 python3 -m pip install --no-build-isolation --no-deps -e . ;;
     gpu_tests) run gpu_tests 240 bash -c "cd tests && python3 -m pytest -m gpu -v -p no:cacheprovider" ;;
-    long_prompt) run bench_long_prompt 300 python3 benchmarks/bench_long_prompt.py --out "$OUT" ;;
+    long_prompt) run bench_long_prompt 480 python3 benchmarks/bench_long_prompt.py --out "$OUT" ;;
+    long_prompt_static)  # the aqua systems with a static cache and a compiled step, against transformers' own
+      run bench_long_prompt-static 590 python3 benchmarks/bench_long_prompt.py --cache static --name static --out "$OUT" ;;
     long_prompt_window)  # aqua-host with another read-ahead window (READ_AHEAD, default 2GiB)
       run "bench_long_prompt-ra${READ_AHEAD:-2GiB}" 200 python3 benchmarks/bench_long_prompt.py \
         --read-ahead "${READ_AHEAD:-2GiB}" --systems local,aqua-host,offloaded --name "ra${READ_AHEAD:-2GiB}" --out "$OUT" ;;

@@ -1,0 +1,51 @@
+"""The long-prompt benchmark's choices on CPU: which systems run for each --cache, and every
+wrong combination named in its error. (The benchmark itself needs a GPU.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_long_prompt as blp  # noqa: E402
+
+ONE_WINDOW = [("2GiB", 2 << 30)]
+
+
+def test_each_cache_runs_plain_transformers_eager_and_static_beside_the_aqua_systems():
+    dynamic = blp.choose_systems(None, "dynamic", ONE_WINDOW)
+    static = blp.choose_systems(None, "static", ONE_WINDOW)
+    for systems in (dynamic, static):
+        assert {"local", "static", "offloaded", "aqua-local", "aqua-host", "aqua-peer"} <= set(systems)
+    assert "aqua-host-in-place" in dynamic and "aqua-host-in-place" not in static
+    assert "offloaded-static" in static
+    assert blp.reference_system("dynamic") == "local" and blp.reference_system("static") == "static"
+
+
+def test_further_read_ahead_windows_run_as_their_own_systems_after_aqua_host():
+    systems = blp.choose_systems("local,aqua-host,offloaded", "dynamic", ONE_WINDOW + [("512MiB", 512 << 20)])
+    assert systems == ["local", "aqua-host", "aqua-host-ra512MiB", "offloaded"]
+
+
+@pytest.mark.parametrize("systems, cache, windows, message", [
+    ("local,warp", "dynamic", ONE_WINDOW, "--systems: unknown warp"),
+    (" , ", "dynamic", ONE_WINDOW, "--systems: give at least one"),
+    ("aqua-host-in-place", "static", ONE_WINDOW, "--systems aqua-host-in-place: with --cache static"),
+    ("aqua-host", "static", ONE_WINDOW + [("1GiB", 1 << 30)], "--read-ahead: one size only with --cache static"),
+    (None, "paged", ONE_WINDOW, "--cache 'paged': expected one of dynamic, static"),
+])
+def test_a_wrong_choice_is_named(systems, cache, windows, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", "'")):
+        blp.choose_systems(systems, cache, windows)
+
+
+def test_the_command_line_names_a_wrong_choice_before_it_needs_a_gpu():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_long_prompt.py"), "--cache", "static",
+                           "--systems", "aqua-host-in-place"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "--systems aqua-host-in-place: with --cache static" in done.stderr
