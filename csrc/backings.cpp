@@ -163,7 +163,7 @@ void Backings::release_host_mapping(Handle handle, uintptr_t va, uint64_t size) 
 }
 
 int Backings::reserve_host(uint64_t bytes, bool background, std::unique_lock<std::mutex>& lock) {
-  host_reserve_ = bytes;
+  host_reserve_ = std::min(bytes, ledger_.host_budget);  // more could never be made
   host_maintained_ = background;
   // Blocking fill, creating outside the lock so that allocations proceed meanwhile.
   int r = 0;
@@ -202,11 +202,11 @@ bool Backings::grow_pool_once(std::unique_lock<std::mutex>& lock, int* error) {
   return true;
 }
 
-// Releases one idle host backing of a class held beyond its share of the reserve
-// (HostPool::surplus_class), with `lock` released for the driver calls. False when there
-// is none.
+// Releases one idle host backing of a class that nobody has asked for lately
+// (HostPool::unwanted_class), with `lock` released for the driver calls. False when there is
+// none.
 bool Backings::shrink_pool_once(std::unique_lock<std::mutex>& lock) {
-  uint64_t cls = host_pool_.surplus_class(host_reserve_);
+  uint64_t cls = host_pool_.unwanted_class();
   Handle h = 0;
   uint64_t bytes = 0;
   if (cls == 0 || !host_pool_.take(cls, &h, &bytes)) return false;
@@ -251,7 +251,8 @@ void Backings::thread_main() {
       }
     }
     int r = 0;
-    if (host_maintained_ && (grow_pool_once(lock, &r) || shrink_pool_once(lock))) continue;
+    // Release first: an unwanted handle may hold the budget a wanted class needs.
+    if (host_maintained_ && (shrink_pool_once(lock) || grow_pool_once(lock, &r))) continue;
     // At the reserve or the budget (wait for a change), or a failure (back off and retry).
     cv_.wait_for(lock, std::chrono::milliseconds(r != 0 ? 200 : 50));
   }

@@ -15,11 +15,12 @@
 // level set by aqua_host_pool_reserve.
 //
 // The reserve is split among the classes by demand: the bytes of host backing asked for per
-// class (taken or missed), over about the last kDemandWindowBytes. A fixed split does not
-// fit: on the H200 (bench_serve mooncake, 8B) every KV piece was 16 or 2 MiB, the fixed
-// split kept three 16 MiB handles and 768 MiB in 64 MiB handles that no piece could use,
-// and once the few had gone no resume could evict anyone to bring its context home. Before
-// any demand, the split is fixed: a few handles per smaller class, the rest in the largest.
+// class (taken or missed), over about the last kDemandWindowBytes; idle handles of classes
+// nobody asks for are released. A fixed split does not fit: on the H200 (bench_serve
+// mooncake, 8B) every KV piece was 16 or 2 MiB, the fixed split kept three 16 MiB handles
+// and 768 MiB in 64 MiB handles that no piece could use, and once the few had gone no
+// resume could evict anyone to bring its context home. Before any demand, the split is
+// fixed: a few handles per smaller class, the rest in the largest.
 //
 // Not thread-safe by itself: Backings calls it under the core's mutex, and hands it host
 // backing made with that mutex released through add_idle().
@@ -44,6 +45,8 @@ class HostPool {
   // Size classes: granularity * 2^k up to chunk_bytes (a multiple of the granularity).
   void configure(uint64_t granularity, uint64_t chunk_bytes) {
     classes_.clear();
+    demand_.clear();
+    demand_total_ = 0;
     for (uint64_t c = granularity; c < chunk_bytes; c *= 2) classes_.push_back(c);
     classes_.push_back(chunk_bytes);
   }
@@ -99,57 +102,49 @@ class HostPool {
     for (auto& [c, bytes] : demand_) demand_total_ += (bytes /= 2);
   }
 
-  // The idle bytes each class should hold for a pool of `reserve` idle bytes: its share of
-  // the demand, rounded up to whole handles; before any demand, each smaller class keeps a
-  // few handles (the tail piece of a segment, PyTorch's 2 MiB small-pool segments) and the
-  // largest class the rest.
-  std::map<uint64_t, uint64_t> idle_targets(uint64_t reserve) const {
-    std::map<uint64_t, uint64_t> targets;
-    if (classes_.empty()) return targets;
+  // The class to create next so that the idle pool approaches `reserve` bytes; 0 when it
+  // is there.
+  // - Before any demand: each smaller class, smallest first, up to a few handles (the tail
+  //   piece of a segment, PyTorch's 2 MiB small-pool segments), then the largest class,
+  //   until the idle bytes make the reserve.
+  // - After: the reserve is split among the classes asked for, in proportion to demand,
+  //   each share rounded up to whole handles; the class furthest below its share comes
+  //   next, until the idle handles that count towards their shares make the reserve.
+  uint64_t next_class_to_create(uint64_t reserve) const {
+    if (classes_.empty()) return 0;
     if (demand_total_ == 0) {
+      if (idle_bytes_ >= reserve) return 0;
       uint64_t small_share = classes_.size() > 1 ? reserve / 4 / (classes_.size() - 1) : 0;
-      uint64_t small_total = 0;
       for (size_t i = 0; i + 1 < classes_.size(); ++i) {
-        uint64_t c = classes_[i], share = std::min<uint64_t>(small_share, kSmallClassHandles * c);
-        small_total += targets[c] = (share + c - 1) / c * c;
+        uint64_t c = classes_[i];
+        if (idle_of(c) < std::min<uint64_t>(small_share, kSmallClassHandles * c)) return c;
       }
-      targets[classes_.back()] = reserve > small_total ? reserve - small_total : 0;
-      return targets;
+      return classes_.back();
     }
+    uint64_t counted = 0, best = 0, best_gap = 0;
     for (uint64_t c : classes_) {
       auto it = demand_.find(c);
       if (it == demand_.end() || it->second == 0) continue;
+      // reserve <= the host budget (Backings::reserve_host), so the product fits a double exactly enough.
       uint64_t share = static_cast<uint64_t>(static_cast<double>(reserve) * it->second / demand_total_);
-      targets[c] = (share + c - 1) / c * c;
-    }
-    return targets;
-  }
-
-  // The class to create next so that the idle pool approaches `reserve` bytes in the split
-  // of idle_targets (the class furthest below its target); 0 when the idle handles that
-  // count towards their targets already make the reserve.
-  uint64_t next_class_to_create(uint64_t reserve) const {
-    uint64_t counted = 0, best = 0, best_gap = 0;
-    for (auto [c, target] : idle_targets(reserve)) {
-      uint64_t have = idle_of(c);
+      uint64_t target = (share + c - 1) / c * c, have = idle_of(c);
       counted += std::min(have, target);
       if (have < target && target - have > best_gap) best = c, best_gap = target - have;
     }
     return counted >= reserve ? 0 : best;
   }
 
-  // A class holding at least one idle handle beyond its target while the pool's idle bytes
-  // exceed `reserve` (the handle is better released: it holds pinned memory that no recent
-  // demand asked for); 0 when there is none.
-  uint64_t surplus_class(uint64_t reserve) const {
-    if (idle_bytes_ <= reserve) return 0;
-    std::map<uint64_t, uint64_t> targets = idle_targets(reserve);
-    uint64_t best = 0, best_over = 0;
+  // A class holding an idle handle that no recent demand asked for (its handles hold pinned
+  // memory that only budget and reserve room for other classes would use); 0 when there is
+  // none, and always before any demand. Classes that are asked for keep every idle handle:
+  // what a burst made is what the next one needs, and making it again costs ten copies.
+  uint64_t unwanted_class() const {
+    if (demand_total_ == 0) return 0;
     for (auto& [c, handles] : idle_) {
-      uint64_t have = handles.size() * c, target = targets.count(c) ? targets.at(c) : 0;
-      if (have >= target + c && have - target > best_over) best = c, best_over = have - target;
+      auto it = demand_.find(c);
+      if (!handles.empty() && (it == demand_.end() || it->second == 0)) return c;
     }
-    return best;
+    return 0;
   }
 
   // Idle handles beyond keep_bytes, removed from the pool (the caller releases them).

@@ -268,6 +268,9 @@ int Placement::bring_home(Context& ctx, uint64_t* bytes_moved, uint64_t* bytes_e
       break;
     }
     if (moved == 0) break;  // no room could be made, or no backing had
+    if (round + 1 == kMaxResumeRounds && bytes_away(ctx) > 0)
+      std::fprintf(stderr, "[aqua_alloc] resume of '%s': %d rounds brought it partly home; the rest stays in place "
+                   "until its next resume\n", ctx.tag.c_str(), kMaxResumeRounds);
   }
   if (status == AQUA_OK) note_lender_moves(ctx, "resume");
   *bytes_elsewhere = bytes_away(ctx);

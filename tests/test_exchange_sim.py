@@ -214,3 +214,48 @@ def test_the_pool_thread_trades_handles_nobody_asks_for_for_ones_they_do():
         time.sleep(0.01)
     for ptr, data in a:
         assert sim.read(ptr, len(data)) == data
+
+
+def test_host_backing_made_for_a_burst_stays_for_the_next_one():
+    # Host backing made at allocation for a parked context's eviction is idle again once
+    # that context is home. Its class is asked for: the pool keeps it (making it again
+    # costs ten copies), beyond a reserve smaller than it, and the next park uses it.
+    aq.enable(backend="sim", sim_devices=2, sim_device_bytes=128 * MiB, sim_host_bytes=256 * MiB, chunk=4 * MiB,
+              local_budget=12 * MiB, lend=0, host_budget=64 * MiB, host_reserve=4 * MiB, lend_poll_ms=0)
+    ctxs = park_a_for_b(3, 4 * MiB)  # A's 12 MiB went to host backing made for it
+    aq.release("b")
+    for ptr, _ in ctxs.pop("b"):
+        sim.free(ptr)
+    assert aq.resume("a") == aq.MoveResult(bytes_moved=12 * MiB, bytes_elsewhere=0)
+    total = aq.stats()["tiers"]["host"]["pool_total"]
+    assert aq.stats()["tiers"]["host"]["pool_free"] >= 12 * MiB  # A's old backing, idle
+    time.sleep(0.5)  # the pool thread wakes every 50 ms
+    assert aq.stats()["tiers"]["host"]["pool_total"] == total, "the pool released backing its workload asks for"
+    aq.park("a")
+    assert aq.evict("a", "host") == 12 * MiB  # from the pool only: the backing is still there
+    for ptr, data in ctxs["a"]:
+        assert sim.read(ptr, len(data)) == data
+
+
+def test_a_handle_nobody_asks_for_gives_its_budget_to_one_they_do():
+    # Host budget 16 MiB, all made ahead before any demand: 2 MiB and 4 MiB handles. A
+    # context of 2 MiB pieces needs 12 MiB of 2 MiB handles: the 4 MiB ones are released
+    # (nobody asks for them) so that the budget can make 2 MiB ones, even though the idle
+    # bytes never exceed the reserve.
+    aq.enable(backend="sim", sim_devices=2, sim_device_bytes=128 * MiB, sim_host_bytes=256 * MiB, chunk=4 * MiB,
+              local_budget=12 * MiB, lend=0, host_budget=16 * MiB, host_reserve=16 * MiB, lend_poll_ms=0)
+    assert aq.stats()["tiers"]["host"]["pool_total"] == 16 * MiB
+    a = make_segments("a", 6, 2 * MiB, 1)
+    aq.park("a")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert aq.evict("a", "host") == 12 * MiB
+            break
+        except aq.CoreError as e:
+            assert "host has no room" in str(e)
+            assert time.monotonic() < deadline, f"no 2 MiB handles were made: {aq.stats()['tiers']['host']}"
+            time.sleep(0.01)
+    assert aq.stats()["tiers"]["host"]["pool_total"] <= 16 * MiB
+    for ptr, data in a:
+        assert sim.read(ptr, len(data)) == data
