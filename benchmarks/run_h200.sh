@@ -2,7 +2,7 @@
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
 # Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
-#        serve_long serve_long_static coordinator
+#        serve_long serve_long_static coordinator reclaim_load
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -36,6 +36,8 @@ for step in "$@"; do
     soak) run soak_gpu 200 python3 benchmarks/soak_gpu.py --seconds "${SOAK_SECONDS:-120}" --out "$OUT/soak_gpu-$tag.json" ;;
     sanitizer) run sanitizer_memcheck 300 compute-sanitizer --tool memcheck --target-processes all \
                  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${SANITIZER_K:+-k "$SANITIZER_K"} ;;
+    reclaim_load)  # two GPUs: GPU 1 takes back the memory it lends while a scheduler on GPU 0 serves
+      run reclaim_under_load 300 python3 benchmarks/reclaim_under_load.py --out "$OUT/reclaim_under_load-$tag.json" ;;
     coordinator) run coordinator_gpu 120 python3 benchmarks/coordinator_gpu_check.py --out "$OUT/coordinator_gpu-$tag.json" ;;
     demo) run demo 240 python3 -m aqua_alloc demo --out "$OUT/demo-$tag" ;;
     serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
