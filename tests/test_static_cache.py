@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import inspect
 
 import pytest
 import torch
@@ -223,3 +224,35 @@ def test_a_passed_generation_config_gets_the_cache_implementation_not_a_keyword(
     # transformers logs (to stderr) "Passing `generation_config` together with generation-related
     # arguments=({'cache_implementation'}) is deprecated" for a keyword beside the config.
     assert "Passing `generation_config` together" not in capfd.readouterr().err
+
+
+def test_the_decode_step_on_a_context_cache_traces_as_one_graph(models, fake):
+    """transformers compiles the decode step on a static cache as one graph (CUDA graphs on
+    a GPU); the context cache's update must not break it. Traced here with dynamo's eager
+    backend and fullgraph=True (a graph break raises), after an eager prefill that made the
+    layers' tensors in the context; the compiled steps pick the eager steps' tokens (their
+    logits agree to float rounding: the traced graph may order a reduction differently)."""
+    model = models["llama"]
+    ids = prompt_ids(16, 3)
+    # transformers 5.2x names forward's cache argument `cache` (`past_key_values` deprecated).
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        results = {}
+        for compiled in (False, True):
+            cache = ContextStaticCache(model.config, max_cache_len=64, tag=f"graph-{compiled}")
+            out = model(ids, **{cache_kw: cache}, use_cache=True)
+            assert fake.inside[f"graph-{compiled}"] > 0  # the layers' tensors are in the context
+            logits = []
+            token = out.logits[:, -1:].argmax(-1)
+            for k in range(3):
+                forward = step if compiled else model.forward
+                out = forward(token, **{cache_kw: cache}, use_cache=True, cache_position=torch.tensor([16 + k]))
+                logits.append(out.logits)
+                token = out.logits[:, -1:].argmax(-1)
+            results[compiled] = torch.cat(logits)
+            cache.release()
+    torch._dynamo.reset()
+    assert torch.equal(results[True].argmax(-1), results[False].argmax(-1))
+    torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-4)
