@@ -277,11 +277,12 @@ def test_reclaim_while_owners_write_park_and_resume():
                     aq.evict(c.tag)
                 except aq.CoreOutOfMemory:
                     pass
-            if not c.intact():
-                errors.append(f"{c.tag} corrupt after park/evict {n}")
+            # Checked only once running again: a parked context may be moved by any thread
+            # (another's resume evicts it, a reclaim moves it off a lender), and a read during
+            # a move's remap faults on the simulated backend, as a kernel would on a GPU.
             aq.resume(c.tag)
             if not c.intact():
-                errors.append(f"{c.tag} corrupt after resume {n}")
+                errors.append(f"{c.tag} corrupt after park, evict and resume {n}")
 
     threads = [threading.Thread(target=owner, args=(k,)) for k in range(4)]
     for t in threads:
