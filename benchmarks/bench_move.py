@@ -7,10 +7,12 @@ when a second GPU exists) it times:
 - raw: the same bytes copied by cudaMemcpyAsync between a device buffer and pinned host
   memory (host) or a peer device buffer (peer), measured in the same run, GiB/s;
 and their ratio. Then the latency of a context switch between two contexts of 1 GiB and of
-2 MiB, two ways: explicit (park and evict one, then resume the other) and under a budget
+2 MiB over each tier, two ways: explicit (park and evict one, then resume the other) and under a budget
 that holds one context (park one, resume the other: the core evicts the first in the same
 move, both link directions at once). Every move is checked: the context's
-checksum after the moves equals the one before.
+checksum after the moves equals the one before. With ``--device-keep 0,4GiB`` everything
+is measured once per value in the same run (AQUA_DEVICE_KEEP: move backings kept mapped
+and reused, against released after each move).
 
 Writes benchmarks/results/bench_move-<gpu-name>-<n>gpu.json (rows as issue 3 specifies)
 and prints a table. For the sizes in --timeline (default 256 MiB) it also prints one park's
@@ -204,12 +206,18 @@ def main() -> int:
     parser.add_argument("--timeline", default="256MiB",
                         help="sizes whose park and resume timelines (the core's phase spans) are printed; "
                              "'' for none")
+    parser.add_argument("--device-keep", default="0",
+                        help="AQUA_DEVICE_KEEP values, comma-separated (e.g. '0,4GiB'): every row and switch is "
+                             "measured once per value, in the same run, each tagged with it")
     parser.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_move: needs a CUDA GPU; none here", file=sys.stderr)
         return 2
     sizes = [parse_size(s, "--sizes", allow_percent=False) for s in args.sizes.split(",")]
+    keeps = [parse_size(s, "--device-keep", allow_percent=False) for s in args.device_keep.split(",") if s.strip()]
+    if not keeps:
+        parser.error("--device-keep: give at least one size (0: backings released after each move)")
     timeline_sizes = {parse_size(s, "--timeline", allow_percent=False) for s in args.timeline.split(",") if s}
     n = torch.cuda.device_count()
     name = torch.cuda.get_device_name(0)
@@ -230,19 +238,27 @@ def main() -> int:
     if n < 2:
         log("peer tier: skipped (one GPU on this machine)")
     rows, switches = [], []
-    for tier in tiers:
-        # Warm up the mover stream, events and the driver's paths.
-        bench_pair(tier, 64 * MiB, 2, lambda _line: None)
-        aq.allocator.move_profile(reset=True)
-        for nbytes in sizes:
-            rows += bench_pair(tier, nbytes, args.repeat, log, timeline_sizes)
-        for method in ("evict+resume", "resume"):
-            switches.append(bench_switch(tier, GiB, args.repeat * 2, log, method))
-    for method in ("evict+resume", "resume"):
-        switches.append(bench_switch("host", 2 * MiB, args.repeat * 4, log, method))
+    for keep in keeps:
+        # Device keep: idle move backings each GPU keeps mapped for reuse (csrc/backings.h).
+        _native.check(_native.lib().aqua_set_device_keep(keep), "--device-keep")
+        log(f"device keep {keep / MiB:.0f} MiB")
+        first_row, first_switch = len(rows), len(switches)
+        for tier in tiers:
+            # Warm up the mover stream, events and the driver's paths.
+            bench_pair(tier, 64 * MiB, 2, lambda _line: None)
+            aq.allocator.move_profile(reset=True)
+            for nbytes in sizes:
+                rows += bench_pair(tier, nbytes, args.repeat, log, timeline_sizes)
+            for method in ("evict+resume", "resume"):
+                switches.append(bench_switch(tier, GiB, args.repeat * 2, log, method))
+        for tier in tiers:
+            for method in ("evict+resume", "resume"):
+                switches.append(bench_switch(tier, 2 * MiB, args.repeat * 4, log, method))
+        for item in rows[first_row:] + switches[first_switch:]:
+            item["device_keep"] = keep
 
-    result = {"gpu": name, "num_gpus": n, "torch": torch.__version__, "chunk": args.chunk, "rows": rows,
-              "switches": switches}
+    result = {"gpu": name, "num_gpus": n, "torch": torch.__version__, "chunk": args.chunk,
+              "device_keep": keeps, "rows": rows, "switches": switches}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_move-{name.replace(' ', '_')}-{n}gpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -250,13 +266,13 @@ def main() -> int:
         json.dump(result, f, indent=1)
     log(f"wrote {out}")
     log("")
-    log(f"{'tier pair':13s} {'dir':6s} {'size':>9s} {'GiB/s':>7s} {'raw':>7s} {'ratio':>6s}")
+    log(f"{'keep':>6s} {'tier pair':13s} {'dir':6s} {'size':>9s} {'GiB/s':>7s} {'raw':>7s} {'ratio':>6s}")
     for r in rows:
-        log(f"{r['tier_pair']:13s} {r['direction']:6s} {r['bytes'] / MiB:7.0f}Mi {r['gib_s']:7.2f} "
-            f"{r['raw_gib_s']:7.2f} {r['ratio']:6.3f}")
+        log(f"{r['device_keep'] / MiB:5.0f}M {r['tier_pair']:13s} {r['direction']:6s} {r['bytes'] / MiB:7.0f}Mi "
+            f"{r['gib_s']:7.2f} {r['raw_gib_s']:7.2f} {r['ratio']:6.3f}")
     for s in switches:
-        log(f"switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']} ({s['method']}; evicted to "
-            f"{', '.join(s['tiers_used'])}): {s['ms']:.2f} ms")
+        log(f"keep {s['device_keep'] / MiB:.0f} MiB: switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']} "
+            f"({s['method']}; evicted to {', '.join(s['tiers_used'])}): {s['ms']:.2f} ms")
     _native.lib().aqua_shutdown(1)
     return 0
 

@@ -31,8 +31,9 @@ for step in "$@"; do
                   --out "$OUT/probe_park_copy-$tag.json" ;;
     probe_host) run probe_host_access 120 python3 benchmarks/probe_host_access.py --out "$OUT/probe_host_access-$tag.json" ;;
     probe_sched) run probe_sched_paired 400 python3 benchmarks/probe_sched_paired.py --rounds "${PROBE_ROUNDS:-6}" ;;
-    move) run bench_move 240 python3 benchmarks/bench_move.py --sizes "${MOVE_SIZES:-64MiB,256MiB,1GiB,4GiB,8GiB}" \
-            --out "$OUT/bench_move-$tag.json" ;;
+    move)  # DEVICE_KEEP=0,4GiB measures kept device backings against released ones in the same run
+      run bench_move 400 python3 benchmarks/bench_move.py --sizes "${MOVE_SIZES:-64MiB,256MiB,1GiB,4GiB,8GiB}" \
+            --device-keep "${DEVICE_KEEP:-0}" --out "$OUT/bench_move-$tag.json" ;;
     soak) run soak_gpu 200 python3 benchmarks/soak_gpu.py --seconds "${SOAK_SECONDS:-120}" --out "$OUT/soak_gpu-$tag.json" ;;
     sanitizer) run sanitizer_memcheck 300 compute-sanitizer --tool memcheck --target-processes all \
                  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${SANITIZER_K:+-k "$SANITIZER_K"} ;;

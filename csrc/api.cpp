@@ -186,6 +186,10 @@ int aqua_host_pool_trim(uint64_t keep_bytes) {
   WITH_CORE(core);
   return guarded([&] { return core->host_pool_trim(keep_bytes); });
 }
+int aqua_set_device_keep(uint64_t bytes) {
+  WITH_CORE(core);
+  return guarded([&] { return core->set_device_keep(bytes); });
+}
 
 int aqua_context_create(int device, const char* tag, int* out_id) {
   WITH_CORE(core);

@@ -11,18 +11,26 @@
 namespace aqua {
 
 Backings::Backings(Backend& backend, std::mutex& mutex, const Ledger& ledger, Profiler& profiler, int num_devices)
-    : backend_(backend), mutex_(mutex), ledger_(ledger), profiler_(profiler), num_devices_(num_devices) {}
+    : backend_(backend),
+      mutex_(mutex),
+      ledger_(ledger),
+      profiler_(profiler),
+      num_devices_(num_devices),
+      kept_idle_(num_devices),
+      kept_idle_bytes_(num_devices, 0) {}
 
 // --- taking and giving back -------------------------------------------------------------
 
-int Backings::acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes) {
+int Backings::acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes,
+                      int access_device) {
   uint64_t t0 = now_ns();
-  int r = acquire_untimed(tier, size, pool_only, handle, handle_bytes);
+  int r = acquire_untimed(tier, size, pool_only, handle, handle_bytes, access_device);
   profiler_.add(AQUA_PHASE_ACQUIRE, t0, now_ns());
   return r;
 }
 
-int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes) {
+int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes,
+                              int access_device) {
   if (tier == AQUA_TIER_HOST) {
     uint64_t cls = host_pool_.class_for(size);
     host_pool_.note_demand(cls);
@@ -37,13 +45,58 @@ int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* h
     return 0;
   }
   *handle_bytes = size;
+  if (access_device >= 0 && device_keep_ > 0) return acquire_kept(tier, size, access_device, handle);
   if (reuse_deferred(tier, size, handle)) return 0;
   int r = backend_.create(tier, size, handle);
-  if (r != 0 && backend_.is_out_of_memory(r) && !deferred_.empty()) {
-    release_deferred(tier, 0);  // memory still held by deferred releases
+  if (r != 0 && backend_.is_out_of_memory(r) && (!deferred_.empty() || kept_idle_bytes_[tier] > 0)) {
+    release_deferred(tier, 0);  // memory still held by deferred releases and kept backings
+    release_kept(tier);
     r = backend_.create(tier, size, handle);
   }
   return r;
+}
+
+// A kept backing of `size` bytes on GPU `tier` with access for `access_device` at its own
+// mapping: an idle one (granting the access if it lacks it), else a new one, created and
+// mapped once. 0 or the driver's code (nothing kept then).
+int Backings::acquire_kept(int tier, uint64_t size, int access_device, Handle* handle) {
+  Handle h = 0;
+  std::vector<Handle>& idle = kept_idle_[tier][size];
+  if (!idle.empty()) {
+    h = idle.back();
+    idle.pop_back();
+    kept_idle_bytes_[tier] -= size;
+  } else {
+    int r = backend_.create(tier, size, &h);
+    if (r != 0 && backend_.is_out_of_memory(r)) {
+      release_deferred(tier, 0);
+      release_kept(tier);
+      r = backend_.create(tier, size, &h);
+    }
+    if (r != 0) return r;
+    uintptr_t va = 0;
+    if ((r = backend_.reserve(size, &va)) != 0) {
+      release_retried(h, "undoing a failed kept backing");
+      return r;
+    }
+    if ((r = backend_.map(va, size, h)) != 0) {
+      retry(backend_, &Backend::free_va, va, size);
+      release_retried(h, "undoing a failed kept backing");
+      return r;
+    }
+    kept_mappings_[h] = KeptMapping{tier, va, size, 0};
+  }
+  KeptMapping& m = kept_mappings_.at(h);
+  const uint64_t bit = uint64_t{1} << access_device;
+  if (!(m.access_mask & bit)) {
+    if (int r = backend_.set_access(m.va, size, access_device)) {
+      give_back(tier, h, size);  // mapped at its own address only: idle again (or released)
+      return r;
+    }
+    m.access_mask |= bit;
+  }
+  *handle = h;
+  return 0;
 }
 
 bool Backings::host_backing_available(uint64_t size, bool pool_only) {
@@ -60,6 +113,15 @@ void Backings::give_back(int tier, Handle handle, uint64_t handle_bytes) {
     host_pool_.give_back(handle, handle_bytes);
     return;
   }
+  if (kept_mappings_.count(handle)) {
+    if (kept_idle_bytes_[tier] + handle_bytes <= device_keep_) {
+      kept_idle_[tier][handle_bytes].push_back(handle);
+      kept_idle_bytes_[tier] += handle_bytes;
+    } else {
+      release_kept_handle(handle);
+    }
+    return;
+  }
   deferred_.push_back(DeferredRelease{tier, handle, handle_bytes, now_ns()});
   start_thread();
   cv_.notify_all();
@@ -70,6 +132,42 @@ bool Backings::host_mapping(Handle handle, uintptr_t* va) const {
   if (it == host_mappings_.end()) return false;
   *va = it->second;
   return true;
+}
+
+bool Backings::own_mapping(Handle handle, uintptr_t* va) const {
+  if (host_mapping(handle, va)) return true;
+  auto it = kept_mappings_.find(handle);
+  if (it == kept_mappings_.end()) return false;
+  *va = it->second.va;
+  return true;
+}
+
+// --- kept device backings -----------------------------------------------------------------
+
+void Backings::release_kept(int tier) {
+  for (int t = 0; t < num_devices_; ++t) {
+    if (tier >= 0 && t != tier) continue;
+    for (auto& [bytes, handles] : kept_idle_[t]) {
+      (void)bytes;
+      for (Handle h : handles) release_kept_handle(h);
+      handles.clear();
+    }
+    kept_idle_bytes_[t] = 0;
+  }
+}
+
+// Unmaps a kept backing from its own address and releases it (it is mapped nowhere else).
+void Backings::release_kept_handle(Handle handle) {
+  auto it = kept_mappings_.find(handle);
+  if (it == kept_mappings_.end()) return;
+  const KeptMapping m = it->second;
+  kept_mappings_.erase(it);
+  if (!retry(backend_, &Backend::unmap, m.va, m.bytes)) {
+    std::fprintf(stderr, "[aqua_alloc] unmapping a kept %s backing failed; it is leaked\n", tier_name(m.tier).c_str());
+    return;  // still mapped: never released for reuse
+  }
+  retry(backend_, &Backend::free_va, m.va, m.bytes);
+  release_retried(handle, "releasing a kept device backing");
 }
 
 // --- deferred device releases -----------------------------------------------------------

@@ -44,7 +44,11 @@ class Backings {
   // pinned memory to be made, except the evictions of placement.h's HostBacking); a device
   // backing given back is reused before one is created. 0, -1 (no host backing to be had)
   // or the driver's code. Timed as AQUA_PHASE_ACQUIRE. The device binding is kept.
-  int acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes);
+  // `access_device` >= 0: a move's backing, which copies of that device write or read; with
+  // a device keep set (set_device_keep), a device tier's backing is then kept mapped at an
+  // address of its own, like host backing, and reused.
+  int acquire(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes,
+              int access_device = -1);
   // Whether host backing of `cls` bytes (a pool size class; 0: none fits) may be created:
   // the pool, what is being created for it or released from it outside the lock, and `cls`
   // within the budget.
@@ -60,6 +64,19 @@ class Backings {
   void give_back(int tier, Handle handle, uint64_t handle_bytes);
   // The address where host backing `handle` is mapped for good; false for any other handle.
   bool host_mapping(Handle handle, uintptr_t* va) const;
+  // The address of `handle`'s own mapping (host backing, or a kept device backing), where a
+  // copy may read or write it without mapping anything; false when it has none.
+  bool own_mapping(Handle handle, uintptr_t* va) const;
+
+  // Device keep: idle bytes of move backings each GPU keeps mapped at their own address for
+  // the next move (0, the default: a backing given back is released kReleaseDelayNs later
+  // unless a move of its size takes it first). A kept backing costs no create, no staging
+  // map and no access grant when a move takes it again: the per-call costs that weigh most
+  // at NVLink speed (issue: parks to a peer at 0.54 to 0.61 of the raw copy). Kept idle bytes
+  // are GPU memory the ledger does not count: a GPU short of memory releases them first.
+  void set_device_keep(uint64_t bytes) { device_keep_ = bytes; }
+  // Releases the idle kept backings of `tier` (-1: every GPU).
+  void release_kept(int tier);
 
   // Fills the host pool to `bytes` now (creating with `lock`, on the owner's mutex, released)
   // and, if `background`, keeps it there from the thread. Running out of memory is not an
@@ -73,7 +90,10 @@ class Backings {
   void stop_thread();
 
  private:
-  int acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes);
+  int acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes,
+                      int access_device);
+  int acquire_kept(int tier, uint64_t size, int access_device, Handle* handle);
+  void release_kept_handle(Handle handle);
   bool reuse_deferred(int tier, uint64_t size, Handle* handle);
   int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);
   void release_host_backing(Handle handle, uint64_t size);
@@ -100,6 +120,17 @@ class Backings {
     uint64_t since_ns;  // when it was given back (now_ns())
   };
   std::vector<DeferredRelease> deferred_;
+
+  struct KeptMapping {
+    int tier;
+    uintptr_t va;           // its own mapping
+    uint64_t bytes;
+    uint64_t access_mask;   // bit d: access granted to device d at va
+  };
+  std::map<Handle, KeptMapping> kept_mappings_;                      // every kept backing, idle or in use
+  std::vector<std::map<uint64_t, std::vector<Handle>>> kept_idle_;  // per GPU: bytes -> idle kept backings
+  std::vector<uint64_t> kept_idle_bytes_;                           // per GPU
+  uint64_t device_keep_ = 0;
 
   uint64_t host_reserve_ = 0;          // bytes of idle host backing to keep ready
   bool host_maintained_ = false;       // the thread grows and shrinks the pool towards the reserve

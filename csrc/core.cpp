@@ -42,6 +42,7 @@ Core::~Core() {
   backings_.stop_thread();
   std::lock_guard<std::mutex> lock(mutex_);
   backings_.release_deferred(-1, 0);
+  backings_.release_kept(-1);
 }
 
 // --- errors and events ------------------------------------------------------------------
@@ -66,6 +67,7 @@ int Core::set_lend_budget(int device, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "lend budget: unknown device " + std::to_string(device));
+  if (bytes < ledger_.lend_budget[device]) backings_.release_kept(device);  // the lender wants memory back
   ledger_.lend_budget[device] = bytes;
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 1, 0);
   return AQUA_OK;
@@ -108,6 +110,13 @@ int Core::set_chunk_bytes(uint64_t bytes) {
 int Core::host_pool_reserve(uint64_t bytes, bool background) {
   std::unique_lock<std::mutex> lock(mutex_);
   return backings_.reserve_host(bytes, background, lock);
+}
+
+int Core::set_device_keep(uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  backings_.set_device_keep(bytes);
+  backings_.release_kept(-1);  // idle ones made under the old setting
+  return AQUA_OK;
 }
 
 int Core::host_pool_trim(uint64_t keep_bytes) {
@@ -303,7 +312,7 @@ void Core::profile_reset() {
 
 void Core::flush_releases() {
   std::lock_guard<std::mutex> lock(mutex_);
-  backings_.release_deferred(-1, 0);
+  backings_.release_deferred(-1, 0);  // kept device backings stay: they are kept on purpose
 }
 
 // --- reclaim ----------------------------------------------------------------
@@ -315,6 +324,7 @@ int Core::reclaim(int device, uint64_t* moved, uint64_t* pending) {
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "reclaim: unknown device " + std::to_string(device));
   *moved = placement_.reclaim(device);
+  backings_.release_kept(device);  // what the moves gave back there, and what was idle
   *pending = ledger_.lent_excess(device);
   return AQUA_OK;
 }
@@ -641,6 +651,7 @@ int Core::shutdown(bool force) {
   for (void* ptr : live) free(ptr);
   std::lock_guard<std::mutex> lock(mutex_);
   backings_.release_deferred(-1, 0);
+  backings_.release_kept(-1);
   backings_.trim_host(0);
   mover_.destroy_idle_events();
   return AQUA_OK;

@@ -64,6 +64,7 @@ class Core {
   int set_chunk_bytes(uint64_t bytes);
   int host_pool_reserve(uint64_t bytes, bool background);
   int host_pool_trim(uint64_t keep_bytes);
+  int set_device_keep(uint64_t bytes);
 
   int context_create(int device, const char* tag, int* out_id);
   int context_release(int id);

@@ -210,7 +210,7 @@ int Mover::stage(Move& move, size_t k) {
   MoveStep& s = move.steps[k];
   Piece& p = piece_of(s);
   uint64_t t0 = now_ns();
-  if (s.dst == AQUA_TIER_HOST && backings_.host_mapping(s.handle, &s.target)) {
+  if (backings_.own_mapping(s.handle, &s.target)) {  // host backing, or a kept device backing
     s.prestaged = true;
   } else {
     s.target = s.segment->shadow + p.offset;
@@ -220,10 +220,10 @@ int Mover::stage(Move& move, size_t k) {
       return abort_move(move, "staging set-access", r);
   }
   s.source = s.segment->va + p.offset;
-  if (!move.copies_out && into_device(s) && p.tier == AQUA_TIER_HOST && s.ctx->park_recorded) {
-    // A resume from a pre-mapped host backing reads it at its own mapping, so that home
-    // can be remapped while the copy is in flight (see above).
-    if (backings_.host_mapping(p.handle, &s.source)) s.early = true;
+  if (!move.copies_out && into_device(s) && s.ctx->park_recorded) {
+    // A resume from a backing mapped at its own address (host, or a kept peer backing)
+    // reads it there, so that home can be remapped while the copy is in flight (see above).
+    if (backings_.own_mapping(p.handle, &s.source)) s.early = true;
   }
   if (move.read_through_shadow[k]) {
     s.early = true;

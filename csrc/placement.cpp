@@ -66,7 +66,7 @@ bool Placement::take_backing(const std::vector<int>& order, int home, MoveStep& 
   const bool pool_only = host == HostBacking::kPoolOnly;
   for (int t : order) {
     if (t == p.tier || !room_on(t, home, p.size, pool_only)) continue;
-    if (int r = backings_.acquire(t, p.size, pool_only, &step.handle, &step.handle_bytes)) {
+    if (int r = backings_.acquire(t, p.size, pool_only, &step.handle, &step.handle_bytes, home)) {
       if (driver_error && r > 0 && !backend_.is_out_of_memory(r)) *driver_error = r;
       continue;
     }
@@ -356,7 +356,7 @@ void Placement::plan_homecoming(Context& ctx, const std::vector<PieceRef>& away,
     if (p.tier == device || ledger_.own_used[device] + p.size > ledger_.local_budget[device] + extra_room) continue;
     MoveStep step{seg, i, p.tier, device};
     step.ctx = &ctx;
-    if (backings_.acquire(device, p.size, true, &step.handle, &step.handle_bytes) != 0) continue;
+    if (backings_.acquire(device, p.size, true, &step.handle, &step.handle_bytes, device) != 0) continue;
     ledger_.reserve(device, device, p.size);
     out.push_back(step);
   }

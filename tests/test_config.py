@@ -194,6 +194,7 @@ def test_from_env_parses_every_variable():
         "AQUA_HOST_MARGIN": "4GiB",
         "AQUA_HOST_RESERVE": "2GiB",
         "AQUA_CHUNK": "32MiB",
+        "AQUA_DEVICE_KEEP": "4GiB",
         "AQUA_TRACE": "/tmp/t.json",
         "AQUA_TRACE_SNAPSHOT": "yes",
         "AQUA_TRACE_EVENTS": "1000",
@@ -205,7 +206,7 @@ def test_from_env_parses_every_variable():
     s = Settings.from_env(env)
     assert s == Settings(backend="sim", local_budget={0: 8 * GiB, 1: Percent(50)}, lend=GiB, lend_margin=2 * GiB,
                          host_budget=Percent(80), host_margin=4 * GiB, host_reserve=2 * GiB, chunk=32 * MiB,
-                         trace="/tmp/t.json", trace_snapshot=True, trace_events=1000, sim_devices=2,
+                         device_keep=4 * GiB, trace="/tmp/t.json", trace_snapshot=True, trace_events=1000, sim_devices=2,
                          sim_device_bytes=64 * MiB, sim_host_bytes=GiB)
     assert s.describe()["AQUA_LOCAL_BUDGET"] == {0: 8 * GiB, 1: "50%"}
     assert s.describe()["AQUA_HOST_BUDGET"] == "80%"
@@ -267,6 +268,8 @@ def test_trace_path_is_checked_when_given_not_at_exit(tmp_path, monkeypatch):
     ("AQUA_TRACE_EVENTS", "0", "must be in 1..67108864"),
     ("AQUA_TRACE_EVENTS", str(1 << 27), "must be in 1..67108864"),
     ("AQUA_TRACE_EVENTS", "many", "not an integer"),
+    ("AQUA_DEVICE_KEEP", "10%", "percentage is not allowed"),
+    ("AQUA_DEVICE_KEEP", "lots", "not a size"),
     ("AQUA_SIM_DEVICES", "0", "must be in 1..64"),
     ("AQUA_SIM_DEVICES", "65", "must be in 1..64"),
     ("AQUA_SIM_DEVICE_BYTES", "3MiB", "multiple of 2MiB"),

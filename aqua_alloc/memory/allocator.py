@@ -203,6 +203,7 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
         nvlink = topo.nvlink if len(topo.nvlink) == num_devices else [[False] * num_devices] * num_devices
     plan = config.resolve(settings, total, free, host_total, host_available)
     check(lib.aqua_set_chunk_bytes(settings.chunk), "AQUA_CHUNK")
+    check(lib.aqua_set_device_keep(settings.device_keep), "AQUA_DEVICE_KEEP")
     for d in range(num_devices):
         check(lib.aqua_set_local_budget(d, plan.local_budget[d]), f"AQUA_LOCAL_BUDGET for GPU {d}")
         check(lib.aqua_set_lend_budget(d, plan.lend[d]), f"AQUA_LEND for GPU {d}")

@@ -198,6 +198,8 @@ class Settings:
                                                    #   at enable() and kept topped up (bytes)
     chunk: int = 64 * MiB                          # AQUA_CHUNK: largest piece a segment moves in (bytes;
                                                    #   2MiB times a power of two)
+    device_keep: int = 0                           # AQUA_DEVICE_KEEP: idle bytes of move backings each GPU
+                                                   #   keeps mapped for the next move (0: released after use)
     trace: str | None = None                       # AQUA_TRACE: write a trace here at exit (its directory
                                                    #   must exist and be writable: checked at parse)
     trace_snapshot: bool = False                   # AQUA_TRACE_SNAPSHOT: also PyTorch's memory snapshot
@@ -258,6 +260,7 @@ _ENV_TO_FIELD = {
     "AQUA_HOST_MARGIN": "host_margin",
     "AQUA_HOST_RESERVE": "host_reserve",
     "AQUA_CHUNK": "chunk",
+    "AQUA_DEVICE_KEEP": "device_keep",
     "AQUA_TRACE": "trace",
     "AQUA_TRACE_SNAPSHOT": "trace_snapshot",
     "AQUA_TRACE_EVENTS": "trace_events",
@@ -395,7 +398,7 @@ def _parse_field(name: str, value: Any, label: str) -> Any:
         return None if value is None else parse_size(value, label)
     if name in ("lend_margin", "host_margin", "host_reserve"):
         return parse_size(value, label)
-    if name in ("chunk", "sim_device_bytes", "sim_host_bytes"):
+    if name in ("chunk", "device_keep", "sim_device_bytes", "sim_host_bytes"):
         size = parse_size(value, label, allow_percent=False)
         if name == "chunk" and (size < 2 * MiB or size % (2 * MiB) or (size // (2 * MiB)) & (size // (2 * MiB) - 1)):
             raise ConfigError(f"{label}={value!r}: must be 2MiB times a power of two (2MiB, 4MiB, ... 64MiB, ...)")

@@ -115,6 +115,7 @@ _SIGNATURES = {
     "aqua_set_host_budget": (_i, [_u64]),
     "aqua_set_peer_rank": (_i, [_i, _i, _i]),
     "aqua_set_chunk_bytes": (_i, [_u64]),
+    "aqua_set_device_keep": (_i, [_u64]),
     "aqua_host_pool_reserve": (_i, [_u64, _i]),
     "aqua_host_pool_trim": (_i, [_u64]),
     "aqua_context_create": (_i, [_i, ctypes.c_char_p, _pi]),
