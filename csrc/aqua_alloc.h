@@ -132,9 +132,9 @@ AQUA_EXPORT int aqua_set_chunk_bytes(uint64_t bytes);
 AQUA_EXPORT int aqua_host_pool_reserve(uint64_t bytes, int background);
 /* Release idle host backing beyond `keep_bytes`. */
 AQUA_EXPORT int aqua_host_pool_trim(uint64_t keep_bytes);
-/* Idle bytes of move backings each GPU keeps mapped at their own address for reuse by the
- * next move (0, the default: released a few ms after use). Lowering it releases the idle
- * ones now. */
+/* Idle bytes of borrowed pieces' backings each lending GPU keeps mapped at their own
+ * address for reuse by the next park there, within its lend budget (0, the default:
+ * released a few ms after use). Setting it releases the idle ones now. */
 AQUA_EXPORT int aqua_set_device_keep(uint64_t bytes);
 
 /* --- contexts ------------------------------------------------------------------------ */

@@ -45,7 +45,10 @@ int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* h
     return 0;
   }
   *handle_bytes = size;
-  if (access_device >= 0 && device_keep_ > 0) return acquire_kept(tier, size, access_device, handle);
+  // Kept: a lender's backings of other GPUs' pieces (a context's own GPU maps its backings
+  // at home; keeping those would only add an address range to each).
+  if (access_device >= 0 && access_device != tier && device_keep_ > 0)
+    return acquire_kept(tier, size, access_device, handle);
   if (reuse_deferred(tier, size, handle)) return 0;
   int r = backend_.create(tier, size, handle);
   if (r != 0 && backend_.is_out_of_memory(r) && (!deferred_.empty() || kept_idle_bytes_[tier] > 0)) {
@@ -114,7 +117,10 @@ void Backings::give_back(int tier, Handle handle, uint64_t handle_bytes) {
     return;
   }
   if (kept_mappings_.count(handle)) {
-    if (kept_idle_bytes_[tier] + handle_bytes <= device_keep_) {
+    // Kept idle within device_keep and within what the GPU lends (its lend budget less what
+    // other GPUs' pieces use there now): kept memory is lent memory waiting for a borrower.
+    if (kept_idle_bytes_[tier] + handle_bytes <= device_keep_ &&
+        ledger_.lent_used[tier] + kept_idle_bytes_[tier] + handle_bytes <= ledger_.lend_budget[tier]) {
       kept_idle_[tier][handle_bytes].push_back(handle);
       kept_idle_bytes_[tier] += handle_bytes;
     } else {
@@ -143,6 +149,16 @@ bool Backings::own_mapping(Handle handle, uintptr_t* va) const {
 }
 
 // --- kept device backings -----------------------------------------------------------------
+
+void Backings::release_kept_over_budget(int tier) {
+  for (auto& [bytes, handles] : kept_idle_[tier]) {
+    while (!handles.empty() && ledger_.lent_used[tier] + kept_idle_bytes_[tier] > ledger_.lend_budget[tier]) {
+      release_kept_handle(handles.back());
+      handles.pop_back();
+      kept_idle_bytes_[tier] -= bytes;
+    }
+  }
+}
 
 void Backings::release_kept(int tier) {
   for (int t = 0; t < num_devices_; ++t) {

@@ -68,15 +68,19 @@ class Backings {
   // copy may read or write it without mapping anything; false when it has none.
   bool own_mapping(Handle handle, uintptr_t* va) const;
 
-  // Device keep: idle bytes of move backings each GPU keeps mapped at their own address for
-  // the next move (0, the default: a backing given back is released kReleaseDelayNs later
-  // unless a move of its size takes it first). A kept backing costs no create, no staging
+  // Device keep: idle bytes of move backings each lending GPU keeps mapped at their own
+  // address for the next move that parks another GPU's context there (0, the default: a
+  // backing given back is released kReleaseDelayNs later unless a move of its size takes it
+  // first); within the GPU's lend budget less what other GPUs' pieces use there. A kept backing costs no create, no staging
   // map and no access grant when a move takes it again: the per-call costs that weigh most
   // at NVLink speed (issue: parks to a peer at 0.54 to 0.61 of the raw copy). Kept idle bytes
   // are GPU memory the ledger does not count: a GPU short of memory releases them first.
   void set_device_keep(uint64_t bytes) { device_keep_ = bytes; }
   // Releases the idle kept backings of `tier` (-1: every GPU).
   void release_kept(int tier);
+  // Releases idle kept backings of GPU `tier` until, with what other GPUs' pieces use there,
+  // they fit its lend budget (after the budget was lowered, or a reclaim).
+  void release_kept_over_budget(int tier);
 
   // Fills the host pool to `bytes` now (creating with `lock`, on the owner's mutex, released)
   // and, if `background`, keeps it there from the thread. Running out of memory is not an

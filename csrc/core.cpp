@@ -67,8 +67,8 @@ int Core::set_lend_budget(int device, uint64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "lend budget: unknown device " + std::to_string(device));
-  if (bytes < ledger_.lend_budget[device]) backings_.release_kept(device);  // the lender wants memory back
   ledger_.lend_budget[device] = bytes;
+  backings_.release_kept_over_budget(device);  // a lower budget: kept memory goes back first
   record(AQUA_EV_BUDGET, -1, AQUA_TIER_NONE, device, bytes, 0, 1, 0);
   return AQUA_OK;
 }
@@ -324,7 +324,7 @@ int Core::reclaim(int device, uint64_t* moved, uint64_t* pending) {
   if (device < 0 || device >= num_devices_)
     return fail(AQUA_ERR_INVALID, "reclaim: unknown device " + std::to_string(device));
   *moved = placement_.reclaim(device);
-  backings_.release_kept(device);  // what the moves gave back there, and what was idle
+  backings_.release_kept_over_budget(device);  // what the moves gave back there beyond the budget
   *pending = ledger_.lent_excess(device);
   return AQUA_OK;
 }

@@ -7,7 +7,9 @@ kept memory given back when the lender or the GPU needs it.
 
 from __future__ import annotations
 
+import ctypes
 import random
+import time
 
 import pytest
 
@@ -63,24 +65,26 @@ def test_a_kept_backing_costs_no_create_no_staging_and_no_grant(keep):
     enable(keep)
     ptr, data = make_a()
     round_trip()
-    park = calls_of(lambda: aq.evict("a", "gpu1"), flush=not keep)
+    park = calls_of(lambda: aq.evict("a", "gpu1"), flush=True)
     assert sim.read(ptr, len(data)) == data and aq.where("a")["gpu1"] == 16 * MiB
-    resume = calls_of(lambda: aq.resume("a"), flush=not keep)
+    resume = calls_of(lambda: aq.resume("a"), flush=True)
     assert sim.read(ptr, len(data)) == data and aq.where("a")["gpu0"] == 16 * MiB
     for calls in (park, resume):
         assert calls[sim.Op.COPY] == 4, calls
+    # A resume makes its home backings, stages each (map and grant at the shadow), unstages
+    # it and remaps home; it keeps the staging of the context's last 2 pieces, which the
+    # park after it drops (2 unmaps). Kept or not, the same calls: a kept source only lets
+    # the home remaps run while the copies do.
+    assert resume[sim.Op.CREATE] == 4
+    assert resume[sim.Op.MAP] == resume[sim.Op.SET_ACCESS] == 8 and resume[sim.Op.UNMAP] == 6, resume
     if keep:
-        # Per piece only the home remap: unmap the old backing, map the kept one, grant access.
-        for calls in (park, resume):
-            assert calls[sim.Op.CREATE] == 0, calls
-            assert calls[sim.Op.MAP] == calls[sim.Op.SET_ACCESS] == calls[sim.Op.UNMAP] == 4, calls
+        # The park into kept peer backings: per piece only the home remap (unmap, map, grant).
+        assert park[sim.Op.CREATE] == 0, park
+        assert park[sim.Op.MAP] == park[sim.Op.SET_ACCESS] == 4 and park[sim.Op.UNMAP] == 4 + 2, park
     else:
-        # Per piece: a backing made, staged (map and grant at the shadow), unstaged, and the
-        # home remap; a resume keeps the staging of the context's last 2 pieces, which the
-        # park after it drops (2 unmaps more).
-        assert park[sim.Op.CREATE] == resume[sim.Op.CREATE] == 4
-        assert park[sim.Op.MAP] == park[sim.Op.SET_ACCESS] == 8 and park[sim.Op.UNMAP] == 10, park
-        assert resume[sim.Op.MAP] == resume[sim.Op.SET_ACCESS] == 8 and resume[sim.Op.UNMAP] == 6, resume
+        # Per piece: a backing made on the peer, staged, unstaged, and the home remap.
+        assert park[sim.Op.CREATE] == 4, park
+        assert park[sim.Op.MAP] == park[sim.Op.SET_ACCESS] == 8 and park[sim.Op.UNMAP] == 8 + 2, park
 
 
 @pytest.mark.parametrize("direction", ["park", "resume"])
@@ -125,24 +129,59 @@ def test_a_failure_at_each_driver_call_of_a_kept_move_rolls_back(direction):
                                                        sim.Op.SYNC)) > 0
 
 
-def test_kept_memory_goes_back_when_the_lender_or_the_setting_asks():
+def test_kept_memory_stays_within_the_lend_budget_and_goes_back_when_asked():
     enable(KEEP)
     ptr, data = make_a()
     round_trip()  # GPU 1 keeps the 16 MiB of backings the resume gave back, mapped and idle
     assert aq.stats()["tiers"]["gpu1"]["lent"] == 0
     assert sim.usage("gpu1")[0] == 16 * MiB
+    assert sim.usage("gpu0")[0] == 16 * MiB, "GPU 0 keeps nothing: it lends nothing"
     assert aq.reclaim(1).pending_bytes == 0
     assert sim.usage("gpu1")[0] == 0, "a reclaim releases what the lender keeps idle"
     aq.lend(1, 64 * MiB)
     round_trip()
     assert sim.usage("gpu1")[0] == 16 * MiB
-    aq.lend(1, 32 * MiB)  # a lower lend budget: the lender wants memory back
-    assert sim.usage("gpu1")[0] == 0
+    aq.lend(1, 8 * MiB)  # a lower lend budget: kept memory beyond it goes back
+    assert sim.usage("gpu1")[0] == 8 * MiB
+    aq.lend(1, 64 * MiB)
+    aq.evict("a", "gpu1")  # 8 MiB kept, 8 MiB made
+    aq.lend(1, 0)  # the borrower is parked there: it moves to host, nothing is kept
+    assert aq.where("a")["host"] == 16 * MiB and sim.usage("gpu1")[0] == 0
+    aq.lend(1, 64 * MiB)
+    aq.resume("a")
     round_trip()
-    used_gpu0 = sim.usage("gpu0")[0]
+    assert sim.usage("gpu1")[0] == 16 * MiB
     native.check(native.lib().aqua_set_device_keep(0), "device keep off")
-    assert sim.usage("gpu1")[0] == 0 and sim.usage("gpu0")[0] <= used_gpu0
+    assert sim.usage("gpu1")[0] == 0
     assert sim.read(ptr, len(data)) == data
+
+
+def test_an_elastic_lender_keeps_what_its_free_memory_allows():
+    # Elastic lending (the default with two GPUs): the budget is the lender's free memory
+    # less its margin, re-read every 10 ms here. Kept backings count as used memory, so the
+    # budget drops by what the lender keeps, but stays above lent plus kept: nothing goes.
+    aq.enable(backend="sim", sim_devices=2, sim_device_bytes=128 * MiB, sim_host_bytes=256 * MiB, chunk=4 * MiB,
+              local_budget={0: 64 * MiB, 1: 128 * MiB}, lend={0: 0}, lend_margin=16 * MiB, host_budget=128 * MiB,
+              host_reserve=64 * MiB, lend_poll_ms=10, device_keep=KEEP)
+    ptr, data = make_a()
+    round_trip()
+    time.sleep(0.2)
+    assert sim.usage("gpu1")[0] == 16 * MiB
+    park = calls_of(lambda: aq.evict("a", "gpu1"), flush=True)
+    assert park[sim.Op.CREATE] == 0, park
+    assert sim.read(ptr, len(data)) == data
+
+
+def test_disable_with_live_tensors_gives_kept_memory_back():
+    enable(KEEP)
+    ptr, data = make_a()
+    round_trip()
+    assert sim.usage("gpu1")[0] == 16 * MiB
+    aq.disable()  # the tensor stays alive: the core stays up to serve its free later
+    held, num_maps = ctypes.c_uint64(), ctypes.c_uint64()
+    native.check(native.lib().aqua_sim_usage(1, ctypes.byref(held), ctypes.byref(num_maps)), "GPU 1's usage")
+    assert held.value == 0, "kept backings outlived disable()"
+    assert ctypes.string_at(ptr, len(data)) == data  # home, intact
 
 
 def test_a_gpu_short_of_memory_releases_what_it_keeps_before_failing():

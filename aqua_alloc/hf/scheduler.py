@@ -182,20 +182,25 @@ def _release_interrupts(held: _HeldInterrupt | None, interrupted: bool) -> None:
         held.deliver()
 
 
-def run_threads(threads: Sequence[threading.Thread], on_interrupt: Callable[[], None]) -> bool:
+def run_threads(threads: Sequence[threading.Thread], on_interrupt: Callable[[], None],
+                on_start: Callable[[], None] | None = None) -> bool:
     """Start ``threads`` (callers of a scheduler) and wait for every one. In the main thread,
     Ctrl-C meanwhile raises nothing: a KeyboardInterrupt inside ``Thread.join`` marks the
     running thread stopped (CPython 3.11, ``threading._wait_for_tstate_lock``), so it is never
     joined and the interpreter exits under it while it runs torch ("terminate called without
     an active exception"). Instead ``on_interrupt`` is called (stop the work, e.g.
-    ``Scheduler.shutdown(wait=False)``) and every thread is still joined. Returns whether
-    Ctrl-C came: the caller then raises KeyboardInterrupt or exits 130."""
+    ``Scheduler.shutdown(wait=False)``) and every thread is still joined. ``on_start`` is
+    called once the threads are started, with Ctrl-C already held (say "serving" there: a
+    Ctrl-C prompted by that line is then never raised outside). Returns whether Ctrl-C
+    came: the caller then raises KeyboardInterrupt or exits 130."""
     interrupted: list[int] = []
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main else None
     try:
         for thread in threads:
             thread.start()
+        if on_start is not None:
+            on_start()
         for thread in threads:
             while thread.is_alive() and not interrupted:
                 thread.join(timeout=0.05)   # s: how soon a Ctrl-C is seen

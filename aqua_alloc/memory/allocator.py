@@ -251,6 +251,9 @@ def stop() -> None:
             if elsewhere.value:
                 raise ContextError(f"disable(): context {ctx.tag!r} still has {config.format_size(elsewhere.value)} "
                                    "off its GPU (no room to bring them home); release contexts or free memory first")
+        # Kept device backings go back now: the core may outlive this state (live tensors)
+        # and nothing would release them until it shuts down.
+        check(lib.aqua_set_device_keep(0), "releasing kept device backings")
         if state.lending:
             state.lending.stop()
         if state.prefetcher:
@@ -659,7 +662,9 @@ def placement(tensor_or_ptr: Any, nbytes: int | None = None) -> dict[str, int]:
 
 def flush_releases() -> None:
     """Give the GPU back, now, the memory of backings that moves and frees returned
-    (normally released a few ms later, or reused by the next resume)."""
+    (normally released a few ms later, or reused by the next resume). Backings a lender
+    keeps for reuse (``device_keep``) stay: they go back when the lender lowers its budget,
+    reclaims, runs short of memory, or ``device_keep`` is set to 0."""
     with _lock:
         state = _require()
         _sweep_released_pools(state)

@@ -198,8 +198,9 @@ class Settings:
                                                    #   at enable() and kept topped up (bytes)
     chunk: int = 64 * MiB                          # AQUA_CHUNK: largest piece a segment moves in (bytes;
                                                    #   2MiB times a power of two)
-    device_keep: int = 0                           # AQUA_DEVICE_KEEP: idle bytes of move backings each GPU
-                                                   #   keeps mapped for the next move (0: released after use)
+    device_keep: int = 0                           # AQUA_DEVICE_KEEP: idle bytes of borrowed pieces' backings a
+                                                   #   lending GPU keeps mapped for the next park there, within
+                                                   #   its lend budget (bytes; 0: released after use)
     trace: str | None = None                       # AQUA_TRACE: write a trace here at exit (its directory
                                                    #   must exist and be writable: checked at parse)
     trace_snapshot: bool = False                   # AQUA_TRACE_SNAPSHOT: also PyTorch's memory snapshot
