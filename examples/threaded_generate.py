@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Ctrl-C while the threads serve: the scheduler is shut down and every thread joined
     # (run_threads says why a plain join could abort the process).
-    print(f"serving {len(inputs)} prompts from {len(inputs)} threads", flush=True)
     threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(inputs))]
-    interrupted = run_threads(threads, lambda: scheduler.shutdown(wait=False))
+    interrupted = run_threads(threads, lambda: scheduler.shutdown(wait=False), on_start=lambda: print(
+        f"serving {len(inputs)} prompts from {len(inputs)} threads", flush=True))
     if interrupted:
         print("interrupted: every thread stopped", file=sys.stderr)
         return 130
