@@ -168,14 +168,13 @@ def main(argv: list[str] | None = None) -> int:
               lend_margin=args.lend_margin_bytes)
     try:
         with torch.inference_mode():
-            solo = serve(model, prompts[:1], args)  # warm-up; then each prompt alone
+            serve(model, prompts[:1], args)  # warm-up; then each prompt alone
             solo_tokens = []
             for i in range(args.prompts):
                 r = serve(model, prompts[i:i + 1], args)
                 if r["errors"] or r["hung"]:
                     raise RuntimeError(f"solo run of prompt {i} failed: {r['errors'] or r['hung']}")
                 solo_tokens.append(r["tokens"][0])
-            del solo
             failures = 0
             for phase in args.phase_list:
                 aq.lend(1, args.lend_bytes)  # back to lending before each phase

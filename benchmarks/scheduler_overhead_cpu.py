@@ -7,7 +7,7 @@ scheduler's own CPU time per step, one prompt alone and four at once.
 import os, sys, time
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from tiny_models import llama_config, build, prompt_ids, GREEDY
+from tiny_models import prompt_ids, GREEDY
 from transformers import LlamaConfig, AutoModelForCausalLM
 from aqua_alloc.hf.generate_hook import cache_argument
 from aqua_alloc.hf.kv_cache import ContextKVCache

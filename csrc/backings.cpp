@@ -33,8 +33,7 @@ int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* h
                               int access_device) {
   if (tier == AQUA_TIER_HOST) {
     uint64_t cls = host_pool_.class_for(size);
-    host_pool_.note_demand(cls);
-    cv_.notify_all();  // the background thread tops the pool up
+    note_host_demand(cls);
     if (host_pool_.take(size, handle, handle_bytes)) return 0;
     if (pool_only || !host_class_fits(cls)) return -1;
     uintptr_t va = 0;
@@ -50,13 +49,30 @@ int Backings::acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* h
   if (access_device >= 0 && access_device != tier && device_keep_ > 0)
     return acquire_kept(tier, size, access_device, handle);
   if (reuse_deferred(tier, size, handle)) return 0;
+  return create_device(tier, size, handle);
+}
+
+// Creates device backing on GPU `tier`; out of memory, it releases what the GPU holds for
+// reuse (deferred releases, kept backings) and tries once more.
+int Backings::create_device(int tier, uint64_t size, Handle* handle) {
   int r = backend_.create(tier, size, handle);
   if (r != 0 && backend_.is_out_of_memory(r) && (!deferred_.empty() || kept_idle_bytes_[tier] > 0)) {
-    release_deferred(tier, 0);  // memory still held by deferred releases and kept backings
+    release_deferred(tier, 0);
     release_kept(tier);
     r = backend_.create(tier, size, handle);
   }
   return r;
+}
+
+// Reserves an address range of its own for `handle` and maps it there (no access granted
+// yet). On failure nothing is left reserved or mapped; the handle is the caller's.
+int Backings::map_at_own_address(Handle handle, uint64_t size, uintptr_t* va) {
+  if (int r = backend_.reserve(size, va)) return r;
+  if (int r = backend_.map(*va, size, handle)) {
+    retry(backend_, &Backend::free_va, *va, size);
+    return r;
+  }
+  return 0;
 }
 
 // A kept backing of `size` bytes on GPU `tier` with access for `access_device` at its own
@@ -70,20 +86,9 @@ int Backings::acquire_kept(int tier, uint64_t size, int access_device, Handle* h
     idle.pop_back();
     kept_idle_bytes_[tier] -= size;
   } else {
-    int r = backend_.create(tier, size, &h);
-    if (r != 0 && backend_.is_out_of_memory(r)) {
-      release_deferred(tier, 0);
-      release_kept(tier);
-      r = backend_.create(tier, size, &h);
-    }
-    if (r != 0) return r;
+    if (int r = create_device(tier, size, &h)) return r;
     uintptr_t va = 0;
-    if ((r = backend_.reserve(size, &va)) != 0) {
-      release_retried(h, "undoing a failed kept backing");
-      return r;
-    }
-    if ((r = backend_.map(va, size, h)) != 0) {
-      retry(backend_, &Backend::free_va, va, size);
+    if (int r = map_at_own_address(h, size, &va)) {
       release_retried(h, "undoing a failed kept backing");
       return r;
     }
@@ -106,9 +111,15 @@ bool Backings::host_backing_available(uint64_t size, bool pool_only) {
   if (host_pool_.can_take(size)) return true;
   uint64_t cls = host_pool_.class_for(size);
   if (!pool_only && host_class_fits(cls)) return true;
+  note_host_demand(cls);
+  return false;
+}
+
+// Counts a request for host backing of class `cls` and wakes the background thread, which
+// tops the pool up in the classes asked for.
+void Backings::note_host_demand(uint64_t cls) {
   host_pool_.note_demand(cls);
   cv_.notify_all();
-  return false;
 }
 
 void Backings::give_back(int tier, Handle handle, uint64_t handle_bytes) {
@@ -228,16 +239,14 @@ int Backings::create_host_backing(uint64_t size, Handle* handle, uintptr_t* va) 
   int r = backend_.bind(0);
   if (r == 0) r = backend_.create(AQUA_TIER_HOST, size, handle);
   if (r != 0) return r;
-  if ((r = backend_.reserve(size, va)) != 0) {
+  if ((r = map_at_own_address(*handle, size, va)) != 0) {
     release_retried(*handle, "undoing a failed host backing");
     return r;
   }
-  if ((r = backend_.map(*va, size, *handle)) == 0) {
-    for (int d = 0; d < num_devices_ && r == 0; ++d) r = backend_.set_access(*va, size, d);
-    if (r != 0 && !retry(backend_, &Backend::unmap, *va, size))
-      std::fprintf(stderr, "[aqua_alloc] undoing a failed host backing: unmap failed; its address range is leaked\n");
-  }
+  for (int d = 0; d < num_devices_ && r == 0; ++d) r = backend_.set_access(*va, size, d);
   if (r != 0) {
+    if (!retry(backend_, &Backend::unmap, *va, size))
+      std::fprintf(stderr, "[aqua_alloc] undoing a failed host backing: unmap failed; its address range is leaked\n");
     retry(backend_, &Backend::free_va, *va, size);
     release_retried(*handle, "undoing a failed host backing");
   }
@@ -254,13 +263,16 @@ void Backings::release_retried(Handle handle, const char* what) {
 }
 
 void Backings::release_host_backing(Handle handle, uint64_t size) {
-  uintptr_t va = 0;
+  release_host_mapping(handle, take_host_mapping(handle), size);
+}
+
+// Forgets host backing `handle`'s own mapping and returns its address (0: none recorded).
+uintptr_t Backings::take_host_mapping(Handle handle) {
   auto it = host_mappings_.find(handle);
-  if (it != host_mappings_.end()) {
-    va = it->second;
-    host_mappings_.erase(it);
-  }
-  release_host_mapping(handle, va, size);
+  if (it == host_mappings_.end()) return 0;
+  uintptr_t va = it->second;
+  host_mappings_.erase(it);
+  return va;
 }
 
 // Unmaps host backing from its own address (va; 0: not mapped) and releases it. Driver
@@ -325,12 +337,7 @@ bool Backings::shrink_pool_once(std::unique_lock<std::mutex>& lock) {
   uint64_t bytes = 0;
   if (cls == 0 || !host_pool_.take(cls, &h, &bytes)) return false;
   host_pool_.forget(bytes);
-  uintptr_t va = 0;
-  auto it = host_mappings_.find(h);
-  if (it != host_mappings_.end()) {
-    va = it->second;
-    host_mappings_.erase(it);
-  }
+  uintptr_t va = take_host_mapping(h);
   host_releasing_bytes_ += bytes;  // still pinned until released: counted against the budget
   lock.unlock();
   release_host_mapping(h, va, bytes);

@@ -71,10 +71,11 @@ class Backings {
   // Device keep: idle bytes of move backings each lending GPU keeps mapped at their own
   // address for the next move that parks another GPU's context there (0, the default: a
   // backing given back is released kReleaseDelayNs later unless a move of its size takes it
-  // first); within the GPU's lend budget less what other GPUs' pieces use there. A kept backing costs no create, no staging
-  // map and no access grant when a move takes it again: the per-call costs that weigh most
-  // at NVLink speed (issue: parks to a peer at 0.54 to 0.61 of the raw copy). Kept idle bytes
-  // are GPU memory the ledger does not count: a GPU short of memory releases them first.
+  // first); within the GPU's lend budget less what other GPUs' pieces use there. A kept
+  // backing costs no create, no staging map and no access grant when a move takes it again:
+  // the per-call costs that weigh most at NVLink speed (issue: parks to a peer at 0.54 to
+  // 0.61 of the raw copy). Kept idle bytes are GPU memory the ledger does not count: a GPU
+  // short of memory releases them first.
   void set_device_keep(uint64_t bytes) { device_keep_ = bytes; }
   // Releases the idle kept backings of `tier` (-1: every GPU).
   void release_kept(int tier);
@@ -97,6 +98,10 @@ class Backings {
   int acquire_untimed(int tier, uint64_t size, bool pool_only, Handle* handle, uint64_t* handle_bytes,
                       int access_device);
   int acquire_kept(int tier, uint64_t size, int access_device, Handle* handle);
+  int create_device(int tier, uint64_t size, Handle* handle);
+  int map_at_own_address(Handle handle, uint64_t size, uintptr_t* va);
+  void note_host_demand(uint64_t cls);
+  uintptr_t take_host_mapping(Handle handle);
   void release_kept_handle(Handle handle);
   bool reuse_deferred(int tier, uint64_t size, Handle* handle);
   int create_host_backing(uint64_t size, Handle* handle, uintptr_t* va);

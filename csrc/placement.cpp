@@ -107,7 +107,7 @@ int Placement::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
   for (int t : spill_order(home)) order.push_back(t);
   int last_error_code = 0;
   for (int tier : order) {
-    if (tier == home) make_local_room(home, piece->size, ctx.id, HostBacking::kMayCreate);
+    if (tier == home) make_local_room(home, piece->size, ctx.id);
     if (!room_on(tier, home, piece->size, false)) continue;
     int r = backings_.acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     if (r != 0 && tier == home && backend_.is_out_of_memory(r) && ledger_.lent_used[home] > 0) {
@@ -123,8 +123,7 @@ int Placement::place_new_piece(Context& ctx, uintptr_t va, Piece* piece) {
     if (r != 0 && tier == home && backend_.is_out_of_memory(r)) {
       // The budget had room but the device did not (other users of the GPU): evict the
       // least recently run parked context's local pieces, then try once more.
-      if (Context* victim = lru_parked_victim(home, ctx.id))
-        evict_pieces_of(*victim, piece->size, HostBacking::kMayCreate);
+      if (Context* victim = lru_parked_victim(home, ctx.id)) evict_pieces_of(*victim, piece->size);
       backend_.bind(home);
       r = backings_.acquire(tier, piece->size, false, &piece->handle, &piece->handle_bytes);
     }
@@ -170,14 +169,15 @@ Context* Placement::lru_parked_victim(int device, int exclude_context) {
   return victim;
 }
 
-// Frees local room for `need` bytes by evicting pieces of parked contexts of `device`,
-// least recently run first. Returns whether the budget now has the room.
-bool Placement::make_local_room(int device, uint64_t need, int exclude_context, HostBacking host) {
+// Frees local room for `need` bytes of a running context's new memory by evicting pieces of
+// parked contexts of `device`, least recently run first. Returns whether the budget now has
+// the room.
+bool Placement::make_local_room(int device, uint64_t need, int exclude_context) {
   while (ledger_.own_used[device] + need > ledger_.local_budget[device]) {
     Context* victim = lru_parked_victim(device, exclude_context);
     if (!victim) return false;
     uint64_t deficit = ledger_.own_used[device] + need - ledger_.local_budget[device];
-    if (evict_pieces_of(*victim, std::max(deficit, kEvictBatchBytes), host) == 0) return false;
+    if (evict_pieces_of(*victim, std::max(deficit, kEvictBatchBytes)) == 0) return false;
   }
   return true;
 }
@@ -204,11 +204,12 @@ uint64_t Placement::plan_eviction(Context& victim, uint64_t need, std::vector<Mo
   return planned;
 }
 
-// Moves local pieces of `victim` to the best spill tiers until `need` bytes left its
-// device. Returns the bytes moved (0 when nothing could move).
-uint64_t Placement::evict_pieces_of(Context& victim, uint64_t need, HostBacking host) {
+// Moves local pieces of `victim` to the best spill tiers until `need` bytes left its device,
+// to make room for a running context's new memory (host backing may be created for them:
+// HostBacking). Returns the bytes moved (0 when nothing could move).
+uint64_t Placement::evict_pieces_of(Context& victim, uint64_t need) {
   std::vector<MoveStep> steps;
-  plan_eviction(victim, need, steps, host);
+  plan_eviction(victim, need, steps, HostBacking::kMayCreate);
   if (steps.empty()) return 0;
   uint64_t moved = 0;
   if (mover_.execute(victim, steps, &moved) != AQUA_OK) {

@@ -91,9 +91,9 @@ class Placement {
   static constexpr uint64_t kEvictBatchBytes = 256ull << 20;
 
   Context* lru_parked_victim(int device, int exclude_context);
-  bool make_local_room(int device, uint64_t need, int exclude_context, HostBacking host);
+  bool make_local_room(int device, uint64_t need, int exclude_context);
   uint64_t plan_eviction(Context& victim, uint64_t need, std::vector<MoveStep>& steps, HostBacking host);
-  uint64_t evict_pieces_of(Context& victim, uint64_t need, HostBacking host);
+  uint64_t evict_pieces_of(Context& victim, uint64_t need);
 
   // A resume runs at most this many rounds (resume_round): each brings at least one piece
   // home, so this only bounds a context of very many pieces through a very small pool.

@@ -56,6 +56,23 @@ def reset_aqua() -> None:
     native.lib().aqua_shutdown(1)
 
 
+def flush_releases() -> None:
+    """Release now the device backings that moves and frees gave back (the core keeps them
+    a few ms for reuse), so that the next move creates its backings: exact op counts."""
+    from aqua_alloc.memory import native
+
+    native.check(native.lib().aqua_flush_releases(), "flushing deferred releases")
+
+
+def freeze_host_pool(reserve: int = 0) -> None:
+    """Fill the pinned host pool to `reserve` bytes now (0: make nothing), then stop the
+    background thread that keeps it there, so that op counts and host usage change only
+    through the calls a test makes. The backing already made stays."""
+    from aqua_alloc.memory import native
+
+    native.check(native.lib().aqua_host_pool_reserve(reserve, 0), "freezing the host pool")
+
+
 @pytest.fixture(autouse=True)
 def _no_soak_variables(monkeypatch):
     """AQUA_SOAK_* set the soak up (tests/test_soak_sim.py reads them when it is imported);

@@ -32,7 +32,7 @@ import aqua_alloc as aq
 import aqua_alloc.memory.sim as sim
 from aqua_alloc.memory import native as _native
 from aqua_alloc.memory.allocator import drain_core_events, num_core_events_dropped
-from conftest import reset_aqua
+from conftest import flush_releases, freeze_host_pool, reset_aqua
 
 MiB = 1 << 20
 GRANULARITY = 2 * MiB  # the simulated mapping granularity (sizes round up to it)
@@ -51,18 +51,6 @@ def enable_sim(**overrides) -> None:
                     local_budget=16 * MiB, lend=8 * MiB, host_budget=64 * MiB, host_reserve=64 * MiB)
     settings.update(overrides)
     aq.enable(**settings)
-
-
-def flush_releases() -> None:
-    """Release now the device backings that moves and frees gave back (the core keeps them
-    a few ms for reuse), so that the next move creates its backings: exact op counts."""
-    _native.check(_native.lib().aqua_flush_releases(), "flushing deferred releases")
-
-
-def freeze_host_pool() -> None:
-    """Stop the background thread topping the host pool up, so that op counts and host
-    usage change only through the calls a test makes. The backing already made stays."""
-    _native.check(_native.lib().aqua_host_pool_reserve(0, 0), "freezing the host pool")
 
 
 def rounded(nbytes: int) -> int:

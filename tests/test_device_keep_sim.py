@@ -16,6 +16,7 @@ import pytest
 import aqua_alloc as aq
 import aqua_alloc.memory.sim as sim
 from aqua_alloc.memory import native
+from conftest import flush_releases
 
 MiB = 1 << 20
 KEEP = 64 * MiB
@@ -37,10 +38,6 @@ def make_a() -> tuple[int, bytes]:
     sim.write(ptr, data)
     aq.park("a")
     return ptr, data
-
-
-def flush_releases() -> None:
-    native.check(native.lib().aqua_flush_releases(), "flushing deferred releases")
 
 
 def calls_of(fn, flush: bool) -> dict[sim.Op, int]:

@@ -17,7 +17,7 @@ import aqua_alloc as aq
 import aqua_alloc.memory.sim as sim
 from aqua_alloc.obs import events
 from aqua_alloc.memory.allocator import drain_core_events
-from conftest import reset_aqua
+from conftest import freeze_host_pool
 
 MiB = 1 << 20
 
@@ -121,12 +121,6 @@ def enable_small_pool(chunk: int) -> None:
     aq.enable(backend="sim", sim_devices=2, sim_device_bytes=128 * MiB, sim_host_bytes=256 * MiB, chunk=chunk,
               local_budget=12 * MiB, lend=0, host_budget=64 * MiB, host_reserve=0, lend_poll_ms=0)
     freeze_host_pool()
-
-
-def freeze_host_pool(reserve: int = 0) -> None:
-    """Fill the pinned pool to `reserve` now, then stop the thread that keeps it there."""
-    from aqua_alloc.memory import native
-    native.check(native.lib().aqua_host_pool_reserve(reserve, 0), "filling the host pool")
 
 
 def make_segments(tag: str, num: int, size: int, seed: int) -> list[tuple[int, bytes]]:

@@ -217,11 +217,9 @@ def test_only_chunks_are_allocated_in_the_context(models, monkeypatch):
     assert fake.released == ["ctx"]  # released once
 
 
-def test_release_when_collected(models, monkeypatch):
-    model = models["gpt2"]
-    fake = FakeAllocator()
-    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
-    cache = ContextKVCache(model.config, tag="kept", chunk_tokens=8)
+def assert_released_when_collected(model, cache, fake) -> None:
+    """A cache handed to its caller (``release_when_collected``, context tag "kept") releases
+    its context when collected, not before (the mixin both context caches share)."""
     model.generate(prompt_ids(6, seed=1), max_new_tokens=3, **cache_argument(cache), **GREEDY)
     cache.release_when_collected()
     cache.release()  # the caller holds it: no early release
@@ -229,3 +227,10 @@ def test_release_when_collected(models, monkeypatch):
     del cache
     gc.collect()
     assert fake.released == ["kept"]
+
+
+def test_release_when_collected(models, monkeypatch):
+    model = models["gpt2"]
+    fake = FakeAllocator()
+    monkeypatch.setattr(kv_cache, "memory_for", lambda device: fake)
+    assert_released_when_collected(model, ContextKVCache(model.config, tag="kept", chunk_tokens=8), fake)

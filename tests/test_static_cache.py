@@ -8,7 +8,6 @@ layers' tensors), release (once, and the tensors dropped), the length buckets.
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 import inspect
 
 import pytest
@@ -18,7 +17,7 @@ from aqua_alloc.hf import generate_hook, kv_cache, scheduler as scheduler_module
 from aqua_alloc.hf.generate_hook import cache_argument, install_generate_hook, uninstall_generate_hook
 from aqua_alloc.hf.scheduler import Scheduler
 from aqua_alloc.hf.static_cache import MIN_BUCKET_TOKENS, ContextStaticCache, static_cache_length
-from test_kv_cache import FakeAllocator
+from test_kv_cache import FakeAllocator, assert_released_when_collected
 from tiny_models import GREEDY, Caller, build, llama_config, mistral_config, prompt_ids
 
 MODELS = {"llama": llama_config, "mistral-sliding": lambda: mistral_config(sliding_window=8)}
@@ -116,14 +115,7 @@ def test_only_the_layers_tensors_are_made_in_the_context_and_release_is_exact(mo
 
 def test_release_when_collected(models, fake):
     model = models["llama"]
-    cache = ContextStaticCache(model.config, max_cache_len=256, tag="kept")
-    model.generate(prompt_ids(6, 1), max_new_tokens=3, **cache_argument(cache), **GREEDY)
-    cache.release_when_collected()
-    cache.release()  # the caller holds it: no early release
-    assert fake.released == []
-    del cache
-    gc.collect()
-    assert fake.released == ["kept"]
+    assert_released_when_collected(model, ContextStaticCache(model.config, max_cache_len=256, tag="kept"), fake)
 
 
 def test_generate_hook_keeps_a_static_call_in_a_context(models, fake):
