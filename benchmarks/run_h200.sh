@@ -2,7 +2,7 @@
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
 # Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
-#        serve_long serve_long_static coordinator reclaim_load
+#        serve_long serve_long_static coordinator reclaim_load cluster
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -53,6 +53,11 @@ for step in "$@"; do
         --trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB --max-requests 16 \
         --loads 0.8 --systems "${SERVE_SYSTEMS:-fcfs,aqua-host}" --cache static --budget-s 300 \
         --name "bench_serve-mooncake-8b-static-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
+    cluster)  # 4 to 8 GPUs (issue 23): a coordinator, lenders holding a model, servers running bench_serve's
+      # fcfs and aqua-peer; each lender takes memory back mid-run (reclaim, then its own allocations growing)
+      run cluster_serve 590 python3 benchmarks/cluster_serve.py --servers "${CLUSTER_SERVERS:-0,1}" \
+        --lenders "${CLUSTER_LENDERS:-2,3}" --timeout-s 500 --name "cluster_serve-$tag" --out "$OUT" \
+        --serve-args "--trace conv ${TRACES_DIR:+--traces-dir $TRACES_DIR} --systems fcfs,aqua-peer --loads 0.8 --budget-s 300" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
