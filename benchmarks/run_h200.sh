@@ -2,7 +2,7 @@
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
 # Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
-#        serve_long serve_long_static coordinator reclaim_load cluster
+#        serve_long serve_long_static coordinator reclaim_load cluster topology
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -39,6 +39,7 @@ for step in "$@"; do
                  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${SANITIZER_K:+-k "$SANITIZER_K"} ;;
     reclaim_load)  # two GPUs: GPU 1 takes back the memory it lends while a scheduler on GPU 0 serves
       run reclaim_under_load 300 python3 benchmarks/reclaim_under_load.py --out "$OUT/reclaim_under_load-$tag.json" ;;
+    topology) run topology_check 120 python3 benchmarks/topology_check.py --out "$OUT/topology_check-$tag.json" ;;
     coordinator) run coordinator_gpu 120 python3 benchmarks/coordinator_gpu_check.py --out "$OUT/coordinator_gpu-$tag.json" ;;
     demo) run demo 240 python3 -m aqua_alloc demo --out "$OUT/demo-$tag" ;;
     serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
