@@ -1,4 +1,4 @@
-"""Move benchmark: park/resume bandwidth of a context against the raw copy of the same link.
+r"""Move benchmark: park/resume bandwidth of a context against the raw copy of the same link.
 
 For contexts of 64 MiB .. 8 GiB and each available tier pair (local->host; local->peer
 when a second GPU exists) it times:
@@ -17,6 +17,22 @@ and reused, against released after each move).
 Writes benchmarks/results/bench_move-<gpu-name>-<n>gpu.json (rows as issue 3 specifies)
 and prints a table. For the sizes in --timeline (default 256 MiB) it also prints one park's
 and one resume's phases from the core's spans (aq.allocator.move_spans), in ms from the call. Run: python benchmarks/bench_move.py [--sizes 64M,256M,1G,4G,8G]
+
+Contexts live on GPU 0 (CUDA ordinal 0). --peers first (the default) measures host and the
+first peer that lends (lend_budget > 0); --peers all measures host and every peer that lends,
+while the switches run over host and the nearest peer only (the one the core spills to first:
+the first lending peer with NVLink from GPU 0 as NVML reports it, else the first lending peer).
+Every row and switch names physical GPUs: src_gpu (the context's GPU) and dst_gpu (where it
+is parked: a GPU, or "host"), taken from CUDA_VISIBLE_DEVICES when that is a list of integers
+(the ordinal otherwise); the file records visible_devices. So runs with the source GPU put
+first in CUDA_VISIBLE_DEVICES merge into every pair of a machine (issue 23):
+
+    N=$(nvidia-smi -L | wc -l)
+    for s in $(seq 0 $((N - 1))); do
+      vis=$s; for d in $(seq 0 $((N - 1))); do [ "$d" = "$s" ] || vis="$vis,$d"; done  # e.g. 3,0,1,2
+      CUDA_VISIBLE_DEVICES=$vis python benchmarks/bench_move.py --peers all \
+        --out benchmarks/results/bench_move-pairs-src$s-${N}gpu.json
+    done
 """
 
 from __future__ import annotations
@@ -198,6 +214,64 @@ def _switches(tier: str, nbytes: int, repeat: int, log, method: str) -> dict:
     return dict(switch_bytes=context_bytes, tier=tier, method=method, tiers_used=sorted(used), ms=round(ms, 3))
 
 
+PEERS = ("first", "all")  # --peers: the first lending peer (as before issue 23), or every lending peer
+
+
+def check_peers(peers: str) -> str:
+    """`peers` when --peers accepts it; ValueError naming the option and what it accepts."""
+    if peers not in PEERS:
+        raise ValueError(f"--peers {peers!r}: expected one of {', '.join(PEERS)}")
+    return peers
+
+
+def physical_gpus(visible_devices: str | None, num_gpus: int) -> list[int]:
+    """The physical index of each CUDA ordinal 0 .. num_gpus-1: its entry in CUDA_VISIBLE_DEVICES
+    when that is a list of integers ("3,0,1,2": ordinal 0 is GPU 3), else the ordinal itself
+    (unset, GPU UUIDs, MIG instances)."""
+    entries = [e.strip() for e in (visible_devices or "").split(",")]
+    if len(entries) >= num_gpus and all(e.isdecimal() for e in entries):
+        return [int(e) for e in entries[:num_gpus]]
+    return list(range(num_gpus))
+
+
+def gpu_label(tier: str, physical: list[int]) -> int | str:
+    """A row's name of tier "host" or "gpu<ordinal>": "host", or the physical GPU index."""
+    return "host" if tier == "host" else physical[int(tier[3:])]
+
+
+def lending_peers(lend_budgets: list[int]) -> list[int]:
+    """Ordinals of GPU 0's peers that lend (lend_budget > 0, bytes; indexed by ordinal), lowest first."""
+    return [p for p in range(1, len(lend_budgets)) if lend_budgets[p] > 0]
+
+
+def nvlinked(nvlink: list[list[bool]], src: int, dst: int) -> bool:
+    """NVLink from physical GPU src to dst in NVML's matrix; a matrix too small for them: no."""
+    return src < len(nvlink) and dst < len(nvlink[src]) and bool(nvlink[src][dst])
+
+
+def nearest_peer(lend_budgets: list[int], nvlink: list[list[bool]], physical: list[int]) -> int | None:
+    """The lending peer a context of GPU 0 spills to first, as the core ranks peers (NVLink peers
+    first, then the lowest ordinal): the first lending peer with NVLink from GPU 0, else the first
+    lending peer; None when none lends. `nvlink` is NVML's matrix (topology.discover()), indexed by
+    physical GPU, hence `physical` (from physical_gpus)."""
+    lending = lending_peers(lend_budgets)
+    linked = [p for p in lending if nvlinked(nvlink, physical[0], physical[p])]
+    return (linked + lending + [None])[0]
+
+
+def choose_tiers(peers: str, lend_budgets: list[int], nvlink: list[list[bool]],
+                 physical: list[int]) -> tuple[list[str], list[str]]:
+    """(tiers with park/resume rows, tiers the switches run over), host first. --peers first: host
+    and the first lending peer for both (nvlink unused); --peers all: rows for host and every
+    lending peer, switches over host and the nearest peer."""
+    lending = lending_peers(lend_budgets)
+    if check_peers(peers) == "first":
+        tiers = ["host"] + [f"gpu{p}" for p in lending[:1]]
+        return tiers, tiers
+    nearest = nearest_peer(lend_budgets, nvlink, physical)
+    return ["host"] + [f"gpu{p}" for p in lending], ["host"] + ([f"gpu{nearest}"] if nearest is not None else [])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="64MiB,256MiB,1GiB,4GiB,8GiB")
@@ -209,8 +283,15 @@ def main() -> int:
     parser.add_argument("--device-keep", default="0",
                         help="AQUA_DEVICE_KEEP values, comma-separated (e.g. '0,4GiB'): every row and switch is "
                              "measured once per value, in the same run, each tagged with it")
+    parser.add_argument("--peers", default="first",
+                        help="first: rows for host and the first lending peer; all: for host and every lending "
+                             "peer, switches over host and the nearest peer")
     parser.add_argument("--out", default=None, help="result JSON path (default: benchmarks/results/...)")
     args = parser.parse_args()
+    try:
+        check_peers(args.peers)
+    except ValueError as e:
+        parser.error(str(e))
     if not torch.cuda.is_available():
         print("bench_move: needs a CUDA GPU; none here", file=sys.stderr)
         return 2
@@ -234,9 +315,32 @@ def main() -> int:
     log(f"enable(): {time.perf_counter() - t0:.2f} s (pinned host backing made ahead: "
         f"{aq.stats()['tiers']['host']['pool_total'] / GiB:.1f} GiB)")
     torch.cuda.synchronize()
-    tiers = ["host"] + ([f"gpu{p}" for p in range(1, n) if aq.stats()["tiers"][f"gpu{p}"]["lend_budget"] > 0][:1])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    physical = physical_gpus(visible, n)
+    lend_budgets = [aq.stats()["tiers"][f"gpu{d}"]["lend_budget"] for d in range(n)]
+    nvlink: list[list[bool]] = []
+    if args.peers == "all":
+        from aqua_alloc.memory import topology  # NVML: which peer is nearest
+
+        topo = topology.discover()
+        nvlink = topo.nvlink
+        linked = [physical[p] for p in range(1, n) if nvlinked(nvlink, physical[0], physical[p])]
+        log(f"--peers all: ordinals 0..{n - 1} are GPUs {physical} (CUDA_VISIBLE_DEVICES={visible}); NVLink from "
+            f"GPU {physical[0]} to GPUs {linked}" + ("" if nvlink else f" (NVML: {'; '.join(topo.notes)})"))
+    tiers, switch_tiers = choose_tiers(args.peers, lend_budgets, nvlink, physical)
+    if args.peers == "all":
+        log(f"rows over {', '.join(tiers)}; switches over {', '.join(switch_tiers)}")
     if n < 2:
         log("peer tier: skipped (one GPU on this machine)")
+
+    def ends(tier: str) -> dict:
+        """The physical GPUs a row or switch of `tier` names."""
+        return {"src_gpu": physical[0], "dst_gpu": gpu_label(tier, physical)}
+
+    def pair_text(item: dict) -> str:
+        dst = item["dst_gpu"]
+        return f"GPU {item['src_gpu']} -> {'host' if dst == 'host' else f'GPU {dst}'}"
+
     rows, switches = [], []
     for keep in keeps:
         # Device keep: idle move backings each GPU keeps mapped for reuse (csrc/backings.h).
@@ -244,21 +348,25 @@ def main() -> int:
         log(f"device keep {keep / MiB:.0f} MiB")
         first_row, first_switch = len(rows), len(switches)
         for tier in tiers:
+            if args.peers == "all":
+                log(f"tier {tier}: {pair_text(ends(tier))}")
             # Warm up the mover stream, events and the driver's paths.
             bench_pair(tier, 64 * MiB, 2, lambda _line: None)
             aq.allocator.move_profile(reset=True)
             for nbytes in sizes:
-                rows += bench_pair(tier, nbytes, args.repeat, log, timeline_sizes)
+                rows += [dict(row, **ends(tier)) for row in bench_pair(tier, nbytes, args.repeat, log, timeline_sizes)]
+            if tier in switch_tiers:
+                for method in ("evict+resume", "resume"):
+                    switches.append(dict(bench_switch(tier, GiB, args.repeat * 2, log, method), **ends(tier)))
+        for tier in switch_tiers:
             for method in ("evict+resume", "resume"):
-                switches.append(bench_switch(tier, GiB, args.repeat * 2, log, method))
-        for tier in tiers:
-            for method in ("evict+resume", "resume"):
-                switches.append(bench_switch(tier, 2 * MiB, args.repeat * 4, log, method))
+                switches.append(dict(bench_switch(tier, 2 * MiB, args.repeat * 4, log, method), **ends(tier)))
         for item in rows[first_row:] + switches[first_switch:]:
             item["device_keep"] = keep
 
     result = {"gpu": name, "num_gpus": n, "torch": torch.__version__, "chunk": args.chunk,
-              "device_keep": keeps, "rows": rows, "switches": switches}
+              "device_keep": keeps, "rows": rows, "switches": switches, "peers": args.peers,
+              "visible_devices": visible}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"bench_move-{name.replace(' ', '_')}-{n}gpu.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -266,13 +374,15 @@ def main() -> int:
         json.dump(result, f, indent=1)
     log(f"wrote {out}")
     log("")
+    # With several peers the rows differ by GPU alone: name them (--peers first prints as before).
+    gpus = (lambda item: f"  {pair_text(item)}") if args.peers == "all" else (lambda _: "")
     log(f"{'keep':>6s} {'tier pair':13s} {'dir':6s} {'size':>9s} {'GiB/s':>7s} {'raw':>7s} {'ratio':>6s}")
     for r in rows:
         log(f"{r['device_keep'] / MiB:5.0f}M {r['tier_pair']:13s} {r['direction']:6s} {r['bytes'] / MiB:7.0f}Mi "
-            f"{r['gib_s']:7.2f} {r['raw_gib_s']:7.2f} {r['ratio']:6.3f}")
+            f"{r['gib_s']:7.2f} {r['raw_gib_s']:7.2f} {r['ratio']:6.3f}{gpus(r)}")
     for s in switches:
         log(f"keep {s['device_keep'] / MiB:.0f} MiB: switch {s['switch_bytes'] / MiB:.0f} MiB over {s['tier']} "
-            f"({s['method']}; evicted to {', '.join(s['tiers_used'])}): {s['ms']:.2f} ms")
+            f"({s['method']}; evicted to {', '.join(s['tiers_used'])}): {s['ms']:.2f} ms{gpus(s)}")
     _native.lib().aqua_shutdown(1)
     return 0
 

@@ -2,7 +2,7 @@
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
 # Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
-#        serve_long serve_long_static coordinator reclaim_load cluster topology
+#        serve_long serve_long_static coordinator reclaim_load cluster topology move_pairs
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -34,6 +34,14 @@ for step in "$@"; do
     move)  # DEVICE_KEEP=0,4GiB measures kept device backings against released ones in the same run
       run bench_move 400 python3 benchmarks/bench_move.py --sizes "${MOVE_SIZES:-64MiB,256MiB,1GiB,4GiB,8GiB}" \
             --device-keep "${DEVICE_KEEP:-0}" --out "$OUT/bench_move-$tag.json" ;;
+    move_pairs)  # 4 to 8 GPUs (issue 23): park/resume between every pair of GPUs, one run per source GPU, put
+      # first in CUDA_VISIBLE_DEVICES (e.g. 3,0,1,2); rows name physical GPUs (src_gpu, dst_gpu), so the files merge.
+      # PAIRS_SRC="0 1 2 3" runs some source GPUs only (to split the step over two calls)
+      for s in ${PAIRS_SRC:-$(seq 0 $((N - 1)))}; do
+        vis=$s; for d in $(seq 0 $((N - 1))); do [ "$d" = "$s" ] || vis="$vis,$d"; done
+        run "bench_move-pairs-src$s" 70 env CUDA_VISIBLE_DEVICES="$vis" python3 benchmarks/bench_move.py \
+          --peers all --sizes 256MiB,1GiB --repeat 3 --out "$OUT/bench_move-pairs-src$s-$tag.json"
+      done ;;
     soak) run soak_gpu 200 python3 benchmarks/soak_gpu.py --seconds "${SOAK_SECONDS:-120}" --out "$OUT/soak_gpu-$tag.json" ;;
     sanitizer) run sanitizer_memcheck 300 compute-sanitizer --tool memcheck --target-processes all \
                  python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py ${SANITIZER_K:+-k "$SANITIZER_K"} ;;
