@@ -245,22 +245,21 @@ def lending_peers(lend_budgets: list[int]) -> list[int]:
 
 
 def nvlinked(nvlink: list[list[bool]], src: int, dst: int) -> bool:
-    """NVLink from physical GPU src to dst in NVML's matrix; a matrix too small for them: no."""
+    """NVLink from ordinal src to dst (topology.discover()'s matrix, by CUDA ordinal); a matrix
+    too small for them: no."""
     return src < len(nvlink) and dst < len(nvlink[src]) and bool(nvlink[src][dst])
 
 
-def nearest_peer(lend_budgets: list[int], nvlink: list[list[bool]], physical: list[int]) -> int | None:
+def nearest_peer(lend_budgets: list[int], nvlink: list[list[bool]]) -> int | None:
     """The lending peer a context of GPU 0 spills to first, as the core ranks peers (NVLink peers
     first, then the lowest ordinal): the first lending peer with NVLink from GPU 0, else the first
-    lending peer; None when none lends. `nvlink` is NVML's matrix (topology.discover()), indexed by
-    physical GPU, hence `physical` (from physical_gpus)."""
+    lending peer; None when none lends. `nvlink`: topology.discover()'s matrix, by CUDA ordinal."""
     lending = lending_peers(lend_budgets)
-    linked = [p for p in lending if nvlinked(nvlink, physical[0], physical[p])]
+    linked = [p for p in lending if nvlinked(nvlink, 0, p)]
     return (linked + lending + [None])[0]
 
 
-def choose_tiers(peers: str, lend_budgets: list[int], nvlink: list[list[bool]],
-                 physical: list[int]) -> tuple[list[str], list[str]]:
+def choose_tiers(peers: str, lend_budgets: list[int], nvlink: list[list[bool]]) -> tuple[list[str], list[str]]:
     """(tiers with park/resume rows, tiers the switches run over), host first. --peers first: host
     and the first lending peer for both (nvlink unused); --peers all: rows for host and every
     lending peer, switches over host and the nearest peer."""
@@ -268,7 +267,7 @@ def choose_tiers(peers: str, lend_budgets: list[int], nvlink: list[list[bool]],
     if check_peers(peers) == "first":
         tiers = ["host"] + [f"gpu{p}" for p in lending[:1]]
         return tiers, tiers
-    nearest = nearest_peer(lend_budgets, nvlink, physical)
+    nearest = nearest_peer(lend_budgets, nvlink)
     return ["host"] + [f"gpu{p}" for p in lending], ["host"] + ([f"gpu{nearest}"] if nearest is not None else [])
 
 
@@ -324,10 +323,10 @@ def main() -> int:
 
         topo = topology.discover()
         nvlink = topo.nvlink
-        linked = [physical[p] for p in range(1, n) if nvlinked(nvlink, physical[0], physical[p])]
+        linked = [physical[p] for p in range(1, n) if nvlinked(nvlink, 0, p)]
         log(f"--peers all: ordinals 0..{n - 1} are GPUs {physical} (CUDA_VISIBLE_DEVICES={visible}); NVLink from "
             f"GPU {physical[0]} to GPUs {linked}" + ("" if nvlink else f" (NVML: {'; '.join(topo.notes)})"))
-    tiers, switch_tiers = choose_tiers(args.peers, lend_budgets, nvlink, physical)
+    tiers, switch_tiers = choose_tiers(args.peers, lend_budgets, nvlink)
     if args.peers == "all":
         log(f"rows over {', '.join(tiers)}; switches over {', '.join(switch_tiers)}")
     if n < 2:

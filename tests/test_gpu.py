@@ -410,3 +410,18 @@ def test_a_reset_with_live_tensors_in_a_context_that_cannot_come_home_leaves_the
     """) % str(Path(__file__).resolve().parent)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("alive"), (proc.returncode, proc.stderr[-2000:])
+
+
+def test_topology_is_indexed_by_cuda_ordinal():
+    """NVML's GPUs matched to CUDA's by UUID: names and memory per ordinal agree with torch's,
+    also when CUDA_VISIBLE_DEVICES leaves some GPUs out or reorders them."""
+    from aqua_alloc.memory import topology
+
+    topo = topology.discover()
+    n = torch.cuda.device_count()
+    assert [g.index for g in topo.gpus] == list(range(n)), topo.notes
+    for d, g in enumerate(topo.gpus):
+        assert g.name == torch.cuda.get_device_name(d)
+        assert g.total_bytes == torch.cuda.mem_get_info(d)[1]
+    assert len(topo.nvlink) == n and all(len(row) == n for row in topo.nvlink)
+    assert not [note for note in topo.notes if "PCI bus order" in note]

@@ -61,47 +61,43 @@ def test_lending_peers_are_the_other_gpus_with_a_lend_budget_lowest_first():
     assert bm.lending_peers([80 * GiB]) == []
 
 
-@pytest.mark.parametrize("lend_budgets, nvlink, physical, nearest", [
-    ([GiB, GiB, GiB, GiB], ALL_NVLINK_4, [0, 1, 2, 3], 1),                  # all linked: the lowest
-    ([GiB, GiB, GiB, GiB], nvlink_pairs(4, [(0, 2)]), [0, 1, 2, 3], 2),     # NVLink before a lower index
-    ([GiB, 0, GiB, GiB], nvlink_pairs(4, [(0, 1), (0, 3)]), [0, 1, 2, 3], 3),  # linked but not lending
-    ([GiB, GiB, GiB, GiB], NO_NVLINK_4, [0, 1, 2, 3], 1),                   # no NVLink: the first lending
-    ([GiB, GiB, 0, GiB], [], [0, 1, 2, 3], 1),                              # NVML unseen: the first lending
-    # rotated: ordinal 0 is GPU 3, linked to GPU 1 only, which is ordinal 2
-    ([GiB, GiB, GiB, GiB], nvlink_pairs(4, [(3, 1)]), [3, 0, 1, 2], 2),
-    # the same matrix read by ordinal would pick ordinal 3 (GPU 2): it must not
-    ([GiB, GiB, GiB, GiB], nvlink_pairs(4, [(0, 3)]), [3, 0, 1, 2], 1),
-    ([GiB, GiB, GiB], [[False, True], [True, False]], [0, 5, 1], 2),       # GPU 5 beyond the matrix: no NVLink
-    ([GiB, GiB, GiB], [[False, True], [True, False]], [2, 0, 1], 1),       # GPU 2 beyond it: none either
-    ([GiB, 0, 0, 0], ALL_NVLINK_4, [0, 1, 2, 3], None),                     # nobody lends
-    ([GiB], [], [0], None),                                                 # one GPU
+@pytest.mark.parametrize("lend_budgets, nvlink, nearest", [
+    ([GiB, GiB, GiB, GiB], ALL_NVLINK_4, 1),                    # all linked: the lowest
+    ([GiB, GiB, GiB, GiB], nvlink_pairs(4, [(0, 2)]), 2),       # NVLink before a lower index
+    ([GiB, 0, GiB, GiB], nvlink_pairs(4, [(0, 1), (0, 3)]), 3),  # linked but not lending
+    ([GiB, GiB, GiB, GiB], NO_NVLINK_4, 1),                     # no NVLink: the first lending
+    ([GiB, GiB, 0, GiB], [], 1),                                # NVML unseen: the first lending
+    ([GiB, GiB, GiB, GiB], nvlink_pairs(4, [(1, 3)]), 1),       # a link between two peers is not GPU 0's
+    ([GiB, GiB, GiB], [[False, True], [True, False]], 1),       # a matrix smaller than the GPUs: as far as it goes
+    ([GiB, GiB, GiB], [[False, False], [False, False]], 1),     # ... and no NVLink beyond it
+    ([GiB, 0, 0, 0], ALL_NVLINK_4, None),                       # nobody lends
+    ([GiB], [], None),                                          # one GPU
 ])
-def test_nearest_peer_is_the_first_lending_peer_with_nvlink_else_the_first_lending(lend_budgets, nvlink,
-                                                                                  physical, nearest):
-    assert bm.nearest_peer(lend_budgets, nvlink, physical) == nearest
+def test_nearest_peer_is_the_first_lending_peer_with_nvlink_else_the_first_lending(lend_budgets, nvlink, nearest):
+    assert bm.nearest_peer(lend_budgets, nvlink) == nearest
 
 
 # choose_tiers
 
 
 def test_peers_first_measures_host_and_the_first_lending_peer_as_before():
-    rows, switches = bm.choose_tiers("first", [GiB, 0, GiB, GiB], nvlink_pairs(4, [(0, 3)]), [0, 1, 2, 3])
+    rows, switches = bm.choose_tiers("first", [GiB, 0, GiB, GiB], nvlink_pairs(4, [(0, 3)]))
     assert rows == switches == ["host", "gpu2"]   # NVLink does not move --peers first off the first lender
-    assert bm.choose_tiers("first", [GiB], [], [0]) == (["host"], ["host"])
+    assert bm.choose_tiers("first", [GiB], []) == (["host"], ["host"])
 
 
 def test_peers_all_measures_every_lending_peer_and_switches_over_the_nearest():
     budgets = [GiB, GiB, 0, GiB, GiB, GiB, GiB, GiB]
-    nvlink = nvlink_pairs(8, [(6, 4), (6, 7)])
+    nvlink = nvlink_pairs(8, [(0, 5), (0, 7)])  # by ordinal, as topology.discover() gives it
     physical = [6, 0, 1, 2, 3, 4, 5, 7]       # source GPU 6 first; GPU 4 is ordinal 5
-    rows, switches = bm.choose_tiers("all", budgets, nvlink, physical)
+    rows, switches = bm.choose_tiers("all", budgets, nvlink)
     assert rows == ["host", "gpu1", "gpu3", "gpu4", "gpu5", "gpu6", "gpu7"]
     assert switches == ["host", "gpu5"]
     assert [bm.gpu_label(t, physical) for t in rows] == ["host", 0, 2, 3, 4, 5, 7]
 
 
 def test_peers_all_without_a_lending_peer_measures_host_alone():
-    assert bm.choose_tiers("all", [GiB, 0, 0, 0], ALL_NVLINK_4, [0, 1, 2, 3]) == (["host"], ["host"])
+    assert bm.choose_tiers("all", [GiB, 0, 0, 0], ALL_NVLINK_4) == (["host"], ["host"])
 
 
 @pytest.mark.parametrize("peers", ["nearest", "ALL", "", "first,all"])
@@ -111,7 +107,7 @@ def test_a_wrong_peers_choice_is_named_with_what_is_accepted(peers):
         bm.check_peers(peers)
     assert str(refused.value) == message
     with pytest.raises(ValueError) as refused:
-        bm.choose_tiers(peers, [GiB, GiB], ALL_NVLINK_4, [0, 1])
+        bm.choose_tiers(peers, [GiB, GiB], ALL_NVLINK_4)
     assert str(refused.value) == message
 
 

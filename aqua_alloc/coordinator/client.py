@@ -45,7 +45,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from aqua_alloc.coordinator import protocol as proto
 from aqua_alloc.coordinator.protocol import ProtocolError
-from aqua_alloc.memory import allocator, native
+from aqua_alloc.memory import allocator, native, topology
 from aqua_alloc.memory.config import ConfigError, MiB, Percent, parse_size
 from aqua_alloc.memory.lending import elastic_budget
 from aqua_alloc.obs import events
@@ -165,15 +165,10 @@ def gpu_keys(backend: str, num_devices: int) -> dict[int, str]:
     the GPU's UUID (``GPU-...``, as ``nvidia-smi -L`` prints it) on CUDA."""
     if backend == "sim":
         return {d: f"sim:{d}" for d in range(num_devices)}
-    import torch  # noqa: PLC0415 - only on CUDA
-
-    keys = {}
-    for d in range(num_devices):
-        uuid = str(getattr(torch.cuda.get_device_properties(d), "uuid", "") or "")
-        if not uuid:
-            raise CoordinatorError(f"cannot name GPU {d}: this torch does not report GPU UUIDs")
-        keys[d] = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
-    return keys
+    uuids = topology.cuda_uuids()
+    if uuids is None or len(uuids) < num_devices:
+        raise CoordinatorError(f"cannot name the {num_devices} GPU(s): this torch does not report their UUIDs")
+    return {d: uuids[d] for d in range(num_devices)}
 
 
 class LocalMemory(Protocol):
