@@ -347,6 +347,10 @@ def test_plan_borrow_and_release():
     assert cc.plan_borrow(p, 150, 1000, {"sim:0": 500}) is None
     assert cc.plan_borrow(p, 150, 0, {"sim:0": 30}) == ("sim:0", 30)
     assert cc.plan_borrow(cc.LendingPolicy(max_borrow=0), 150, 0, {"sim:0": 500}) is None
+    # Room borrowed and still unused counts against what host memory holds: no pile of grants.
+    assert cc.plan_borrow(p, 150, 200, {"sim:0": 500}, room=200) is None
+    assert cc.plan_borrow(p, 150, 200, {"sim:0": 500}, room=150) is None
+    assert cc.plan_borrow(p, 150, 200, {"sim:0": 500}, room=40) == ("sim:0", 200)   # 110 more: two steps
     assert cc.plan_release(p, 0, 1000, 700) == 200          # unused 300 > 2 steps: keep one step
     assert cc.plan_release(p, 0, 1000, 800) == 0
     assert cc.plan_release(p, 1, 1000, 0) == 0               # contexts in host memory could use it
@@ -763,6 +767,30 @@ def test_client_gives_everything_back_when_the_coordinator_dies(short_dir):
         client.close()
         d.proc.stdout.close()
         d.proc.stderr.close()
+
+
+def test_a_borrower_borrows_once_for_what_host_memory_holds(daemon):
+    # Bytes in host memory move to borrowed room only at their context's next park: while they
+    # wait there, more policy rounds must not borrow again (grants would pile up, taking the
+    # lender's memory from other borrowers).
+    lender = Raw(daemon.path)
+    lender.ask(type="hello", pid=os.getpid(), gpus=["sim:0"])
+    lender.ask(type="offer", gpu="sim:0", bytes=2 << 30)
+    local = FakeLocal()
+    local.host = 300 * MiB
+    with cc.join(daemon.path, gpus="1", local=local, start=False) as client:
+        for _ in range(4):
+            client.tick()
+        assert holdings(daemon.ledger(), "sim:0") == {client.client_id: (512 * MiB, 0)}  # 300 MiB in 256 MiB steps
+        local.place(0, 300 * MiB)    # the contexts parked there; host memory holds 200 MiB more now
+        local.host = 200 * MiB
+        for _ in range(4):
+            client.tick()
+        # 212 MiB of room is unused, more than the 200 MiB in host memory: nothing more borrowed.
+        assert holdings(daemon.ledger(), "sim:0") == {client.client_id: (512 * MiB, 0)}
+        local.host = 300 * MiB
+        client.tick()                # 88 MiB beyond the room: one step more
+        assert holdings(daemon.ledger(), "sim:0") == {client.client_id: (768 * MiB, 0)}
 
 
 def test_client_in_process_records_events(daemon):

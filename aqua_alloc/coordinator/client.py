@@ -128,15 +128,18 @@ def plan_offer(policy: LendingPolicy, free: int, total: int, borrowed: int, offe
     return None
 
 
-def plan_borrow(policy: LendingPolicy, host_bytes: int, kept: int, available: Mapping[str, int]) -> tuple[str, int] | None:
+def plan_borrow(policy: LendingPolicy, host_bytes: int, kept: int, available: Mapping[str, int],
+                room: int = 0) -> tuple[str, int] | None:
     """Whether to borrow: ``(gpu key, bytes)`` or None. A borrower wants room for the
-    bytes its contexts have in host memory (``host_bytes``), rounded up to
-    ``borrow_step``, within ``max_borrow`` less what it ``kept`` already; from the GPU
+    bytes its contexts have in host memory (``host_bytes``) beyond the ``room`` it holds
+    unused already (borrowed, nothing placed there yet: host bytes move there at their
+    context's next park, so borrowing more each round would only pile up grants), rounded
+    up to ``borrow_step``, within ``max_borrow`` less what it ``kept`` already; from the GPU
     with the most ``available`` (ties: the smallest key)."""
-    if host_bytes <= 0 or policy.max_borrow == 0:
+    if host_bytes <= room or policy.max_borrow == 0:
         return None
     step = policy.borrow_step
-    want = -(-host_bytes // step) * step
+    want = -(-(host_bytes - room) // step) * step
     if policy.max_borrow is not None:
         want = min(want, policy.max_borrow - kept)
     if want <= 0 or not available:
@@ -667,16 +670,18 @@ class Client:
         host_bytes = int(tiers.get("host", {}).get("current", 0))
         with self._lock:
             budgets = {key: b.budget for key, b in self._borrowed.items()}
+        room = 0  # borrowed bytes nothing is placed in yet
         for key, budget in budgets.items():
             placed = int(tiers.get(self._tier(key), {}).get("lent", 0))
             nbytes = plan_release(self.policy, host_bytes, budget, placed)
             if nbytes:
                 self.release(key, nbytes, timeout=0.0)
+            room += max(0, budget - nbytes - placed)
         with self._lock:
             kept = sum(b.held - b.asked for b in self._borrowed.values())
         available = {k: g["available"] for k, g in gpus.items()
                      if k not in self.owned and k in self._ordinals and g["owner"] is not None and g["available"]}
-        action = plan_borrow(self.policy, host_bytes, kept, available)
+        action = plan_borrow(self.policy, host_bytes, kept, available, room)
         if action is not None:
             self.borrow(*action)
 
