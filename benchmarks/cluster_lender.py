@@ -10,15 +10,18 @@ On CUDA it first builds ``--model`` (random weights) on its GPU. On the simulate
 
 It answers one JSON command per stdin line with one JSON line on stdout:
 
-- ``{"op": "state"}``: its GPU's ledger row (offer, borrowed, available) and its free memory.
+- ``{"op": "state"}``: its GPU's ledger row (offer, borrowed, available), its free memory,
+  and on CUDA the bytes other processes use there (``others``: from the driver's free
+  memory less what this process used when it joined).
 - ``{"op": "reclaim", "from_borrowers": N}``: ``Client.reclaim`` of everything nobody
-  borrowed plus N bytes, which the coordinator must ask of the borrowers; waits for the
-  outcome. Reports the reclaim and the seconds until every byte was back.
+  borrowed plus N bytes (none given: everything borrowed), which the coordinator must ask
+  of the borrowers; waits for the outcome. Reports the reclaim, the seconds until the
+  borrowers confirmed, and on CUDA until their bytes had left the GPU (``freed_after_s``).
 - ``{"op": "grow", "from_borrowers": N, "timeout_s": T}``: its own allocations grow: it
   allocates, outside any context, its free memory less the margin plus N bytes, so that the
-  elastic offer falls N bytes below what borrowers hold. Its client's next policy round
-  reclaims the difference. Reports the seconds from the allocation to the reclaim being
-  asked (one policy round at most) and to every byte being back, from the client's events.
+  elastic offer falls N bytes below what borrowers hold. Its client's policy rounds reclaim
+  until the margin is free again. Reports every reclaim of that window (from the client's
+  events), the seconds to the first, and to the margin being free (``back_after_s``).
 - ``{"op": "shrink"}``: frees what ``grow`` allocated (the next policy round offers it again).
 - ``{"op": "leave"}`` or the end of stdin: ``aqua_alloc.disable()`` (leaves the coordinator), exit.
 
@@ -39,6 +42,7 @@ from typing import Any
 
 import aqua_alloc as aq
 from aqua_alloc import lifecycle
+from aqua_alloc.coordinator.client import CoordinatorRefused
 from aqua_alloc.memory import native
 from aqua_alloc.obs import events, trace
 
@@ -68,6 +72,11 @@ class Lender:
         self.key = self.client.key(device)
         self._grown: Any = None
         self.grown_bytes = 0
+        free, self.total = native.mem_info(device)
+        # Bytes of the GPU in use before anyone borrows: this process's model, its CUDA context.
+        self.baseline_used = self.total - free
+        margin = self.client.policy.margin
+        self.margin = margin.of(self.total) if hasattr(margin, "of") else int(margin)
 
     def row(self) -> dict[str, Any]:
         ledger = self.client.ledger()
@@ -76,58 +85,104 @@ class Lender:
             raise RuntimeError(f"{self.key} is not in the coordinator's ledger (no offer yet?)")
         return row
 
+    def others(self) -> int | None:
+        """Bytes of this GPU other processes use now (their parked contexts, and their CUDA
+        contexts here, some hundreds of MiB each), from the driver's free memory; None on the
+        simulated backend, where other processes' devices are their own."""
+        if self.simulated:
+            return None
+        free, _ = native.mem_info(self.device)
+        return max(0, self.total - free - self.baseline_used - self.grown_bytes)
+
     def state(self) -> dict[str, Any]:
         free, total = native.mem_info(self.device)
         row = self.row()
         return {"gpu": self.key, "offer": row["offer"], "borrowed": row["borrowed"], "available": row["available"],
-                "free": free, "total": total, "grown": self.grown_bytes}
+                "free": free, "total": total, "grown": self.grown_bytes, "others": self.others()}
 
-    def reclaim(self, from_borrowers: int) -> dict[str, Any]:
-        row = self.row()
-        nbytes = row["available"] + from_borrowers
-        t0 = time.monotonic()
-        outcome = self.client.reclaim(self.device, nbytes, wait=True)
-        return {"borrowed_before": row["borrowed"], "nbytes": outcome.nbytes, "immediate": outcome.immediate,
-                "pending": outcome.pending, "state": outcome.state, "bytes_back": outcome.bytes_back,
-                "coordinator_seconds": outcome.seconds, "seconds": time.monotonic() - t0}
+    def reclaim(self, from_borrowers: int | None, timeout_s: float) -> dict[str, Any]:
+        """Everything nobody borrowed plus ``from_borrowers`` (None: everything borrowed).
+        Then, on CUDA, waits until the borrowers' bytes have left the GPU."""
+        others_before = self.others()
+        for attempt in range(2):
+            row = self.row()
+            nbytes = row["available"] + (row["borrowed"] if from_borrowers is None else from_borrowers)
+            t0 = time.monotonic()
+            try:
+                outcome = self.client.reclaim(self.device, nbytes, wait=True)
+                break
+            except CoordinatorRefused as e:  # this process's own policy round moved the offer meanwhile
+                if e.code != "over_reclaim" or attempt:
+                    raise
+        seconds = time.monotonic() - t0
+        out = {"borrowed_before": row["borrowed"], "nbytes": outcome.nbytes, "immediate": outcome.immediate,
+               "pending": outcome.pending, "state": outcome.state, "bytes_back": outcome.bytes_back,
+               "coordinator_seconds": outcome.seconds, "seconds": seconds, "others_before": others_before}
+        if others_before is not None:
+            # Borrowers confirm once their budget is lowered; their bytes leave the GPU as the
+            # pieces move (parked contexts at once, running ones at their next step).
+            target = others_before - min(outcome.pending, others_before) * 0.9
+            freed_after = self._wait(lambda: self.others() <= target, t0, timeout_s)
+            out.update(others_after=self.others(), freed_after_s=freed_after)
+        return out
 
     def grow(self, from_borrowers: int, timeout_s: float) -> dict[str, Any]:
+        """Allocate past the margin by ``from_borrowers`` bytes; the client's policy rounds
+        reclaim until the margin is free again (CUDA) or the borrowers gave back that much
+        (simulated). Reports every reclaim of the window, not only the first."""
         if self._grown is not None:
             raise RuntimeError("already grown: shrink first")
-        margin = self.client.policy.margin
-        free, total = native.mem_info(self.device)
-        margin_bytes = margin.of(total) if hasattr(margin, "of") else int(margin)
+        free, _ = native.mem_info(self.device)
         # Past the margin the offer falls below what is borrowed: by from_borrowers, at most
         # what is free less the slack (the allocation must fit; half the margin on a small
         # simulated GPU).
-        nbytes = min(free - margin_bytes + from_borrowers, free - min(GROW_SLACK, margin_bytes // 2))
+        nbytes = min(free - self.margin + from_borrowers, free - min(GROW_SLACK, self.margin // 2))
         if nbytes <= 0:
-            raise RuntimeError(f"nothing to grow into: {free} bytes free, margin {margin_bytes}")
-        borrowed_before = self.row()["borrowed"]
+            raise RuntimeError(f"nothing to grow into: {free} bytes free, margin {self.margin}")
+        into_margin = nbytes - (free - self.margin)  # what the borrowers must give back
+        row = self.row()
+        others_before = self.others()
         trace.collect()  # what came before is not this grow's
-        t0_ns = time.monotonic_ns()
+        t0_ns, t0 = time.monotonic_ns(), time.monotonic()
         self._grown = self._allocate(nbytes)
         self.grown_bytes = nbytes
-        asked = done = None
+
+        def reclaims() -> tuple[list[events.Event], list[events.Event]]:
+            seen = [e for e in trace.collect() if e.t_ns >= t0_ns]
+            asked = [e for e in seen if e.kind == events.EventKind.LEND_RECLAIM and e.args.get("role") == "lender"]
+            ended = [e for e in seen if e.kind in (events.EventKind.LEND_RECLAIMED,
+                                                   events.EventKind.LEND_RECLAIM_TIMEOUT)]
+            return asked, ended
+
+        def margin_back() -> bool:
+            if not self.simulated:
+                return native.mem_info(self.device)[0] >= self.margin - GROW_SLACK
+            asked, ended = reclaims()
+            done = {e.args.get("reclaim") for e in ended}
+            given = sum(int(e.args.get("pending") or 0) for e in asked if e.args.get("reclaim") in done)
+            return given >= into_margin or self.row()["borrowed"] == 0
+
+        back_after = self._wait(margin_back, t0, timeout_s)
+        asked, ended = reclaims()
+        return {"grown": nbytes, "free_before": free, "margin": self.margin, "into_margin": into_margin,
+                "borrowed_before": row["borrowed"], "others_before": others_before, "others_after": self.others(),
+                "num_reclaims": len(asked), "reclaim_bytes": sum(e.bytes for e in asked),
+                "pending": sum(int(e.args.get("pending") or 0) for e in asked),
+                "timed_out_reclaims": sum(e.kind == events.EventKind.LEND_RECLAIM_TIMEOUT for e in ended),
+                "state": "done" if back_after is not None else "timeout",
+                "asked_after_s": (asked[0].t_ns - t0_ns) / 1e9 if asked else None,
+                "back_after_s": back_after}
+
+    @staticmethod
+    def _wait(condition: Any, t0: float, timeout_s: float) -> float | None:
+        """Seconds from ``t0`` until ``condition()`` held (polled every 10 ms); None at the timeout."""
         deadline = time.monotonic() + timeout_s
-        seen: list[events.Event] = []
-        while done is None and time.monotonic() < deadline:
-            seen += [e for e in trace.collect() if e.t_ns >= t0_ns]
-            for e in seen:
-                if asked is None and e.kind == events.EventKind.LEND_RECLAIM and e.args.get("role") == "lender":
-                    asked = e
-                if (asked is not None and e.args.get("reclaim") == asked.args.get("reclaim")
-                        and e.kind in (events.EventKind.LEND_RECLAIMED, events.EventKind.LEND_RECLAIM_TIMEOUT)):
-                    done = e
+        while True:
+            if condition():
+                return time.monotonic() - t0
+            if time.monotonic() > deadline:
+                return None
             time.sleep(0.01)
-        return {"grown": nbytes, "free_before": free, "margin": margin_bytes, "borrowed_before": borrowed_before,
-                "reclaim_bytes": asked.bytes if asked else None,
-                "immediate": asked.args.get("immediate") if asked else None,
-                "pending": asked.args.get("pending") if asked else None,
-                "state": ("done" if done.kind == events.EventKind.LEND_RECLAIMED else "timeout") if done else
-                         ("pending" if asked else "not asked"),
-                "asked_after_s": (asked.t_ns - t0_ns) / 1e9 if asked else None,
-                "back_after_s": (done.t_ns - t0_ns) / 1e9 if done else None}
 
     def shrink(self) -> dict[str, Any]:
         freed, self.grown_bytes = self.grown_bytes, 0
@@ -161,7 +216,8 @@ def answer(lender: Lender, op: str, fields: dict[str, Any]) -> dict[str, Any]:
     if op == "state":
         return lender.state()
     if op == "reclaim":
-        return lender.reclaim(int(fields["from_borrowers"]))
+        nbytes = fields.get("from_borrowers")
+        return lender.reclaim(None if nbytes is None else int(nbytes), float(fields.get("timeout_s", 30.0)))
     if op == "grow":
         return lender.grow(int(fields["from_borrowers"]), float(fields.get("timeout_s", 30.0)))
     if op == "shrink":

@@ -3,8 +3,7 @@ coordinator, lenders (processes that hold a model and leave memory free) and ser
 park their paused contexts in the lenders' spare memory. Each lender takes memory back in
 the middle of the run, once by ``reclaim`` and once by its own allocations growing.
 
-    python benchmarks/cluster_serve.py --servers 0,1 --lenders 2,3 --out benchmarks/results \\
-        --serve-args "--trace conv --systems fcfs,aqua-peer --loads 0.8"
+    python benchmarks/cluster_serve.py --servers 0,1 --lenders 2,3 --out benchmarks/results
     python benchmarks/cluster_serve.py --sim --out /tmp/cluster      # CPU: simulated GPUs
 
 What it starts (every process sees the coordinator's socket in ``AQUA_COORDINATOR``):
@@ -21,12 +20,21 @@ What it starts (every process sees the coordinator's socket in ``AQUA_COORDINATO
    ``benchmarks/cluster_sim_server.py`` instead: contexts of random bytes on simulated GPUs
    (``AQUA_BACKEND=sim``), checked byte for byte at the end.
 
+The servers' default arguments are the long-context run of issue 20 (the Mooncake trace's
+first 16 requests, 8B shape, prompts up to 8,192 tokens, 3 GiB of KV on the server's GPU,
+load 0.8, ten requests checked against their solo runs): contexts of up to 1 GiB, several
+parked at once, so gigabytes go to the lenders.
+
 While the servers run, the ledger is read every ``--sample-s`` seconds, and one thread per
-lender waits until servers hold at least ``--trigger`` bytes of its GPU, then has it
-reclaim (everything nobody borrowed plus half of what is borrowed); after ``--gap-s``, and
-once servers hold its memory again, it grows its own allocations past its margin by half of
-what is borrowed (its client's next policy round reclaims that), holds them ``--hold-s``,
-and frees them. Each reclaim reports the seconds until every byte was back.
+lender waits until servers hold at least ``--trigger`` bytes of its GPU (on CUDA, bytes
+their contexts use there, from the lender's free memory; on the simulated backend, where a
+lender cannot see other processes' memory, bytes granted), then has it reclaim everything
+borrowed; after ``--gap-s``, and once servers hold its memory again, it grows its own
+allocations past its margin by what servers hold there (its client's policy rounds reclaim
+until the margin is free again), holds them ``--hold-s``, and frees them. A reclaim
+reports the seconds until the borrowers confirmed and, on CUDA, until their bytes had left
+the GPU; a growth, every reclaim it caused and the seconds until the margin was free. The
+coordinator's log shows whether each server gave everything back before it left.
 
 Writes ``<name>.json`` under ``--out`` (default name ``cluster_serve-<n>gpu-<gpu>``): the
 roles and the commands, the ledger before the servers start, every sample during the run,
@@ -41,7 +49,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,7 +65,8 @@ from aqua_alloc.memory.config import ConfigError, parse_size
 
 HERE = Path(__file__).resolve().parent
 MiB, GiB = 1 << 20, 1 << 30
-DEFAULT_SERVE_ARGS = "--trace conv --systems fcfs,aqua-peer --loads 0.8 --budget-s 300"
+DEFAULT_SERVE_ARGS = ("--trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB "
+                      "--max-requests 16 --loads 0.8 --check 10 --systems fcfs,aqua-peer --budget-s 240")
 
 
 class ClusterError(Exception):
@@ -130,15 +141,6 @@ def summarize_server(rows: list[dict[str, Any]], names: dict[str, str]) -> list[
     return out
 
 
-def gpu_row(ledger: dict[str, Any], key: str) -> dict[str, Any] | None:
-    return next((g for g in ledger.get("gpus", []) if g["gpu"] == key), None)
-
-
-def borrowed_on(ledger: dict[str, Any] | None, key: str) -> int:
-    row = gpu_row(ledger, key) if ledger else None
-    return int(row["borrowed"]) if row else 0
-
-
 # --------------------------------------------------------------------------------------
 # Processes.
 
@@ -194,54 +196,71 @@ def wait_for_socket(path: str, daemon: subprocess.Popen, timeout: float = 30.0) 
         time.sleep(0.05)
 
 
+def compact(t: float, ledger: dict[str, Any]) -> dict[str, Any]:
+    """One ledger sample as the result keeps it: per GPU [offer, borrowed, available] bytes."""
+    return {"t": t, "clients": len(ledger["clients"]), "reclaims": len(ledger["reclaims"]),
+            "gpus": {g["gpu"]: [g["offer"], g["borrowed"], g["available"]] for g in ledger["gpus"]}}
+
+
 class Sampler(threading.Thread):
-    """Reads the ledger every ``period`` seconds until stopped: (seconds since start, ledger)."""
+    """Reads the ledger every ``period`` seconds until stopped: a compact sample of each
+    (seconds since ``t0``), and the broken invariants of any (proto.check_ledger)."""
 
     def __init__(self, socket_path: str, period: float, t0: float) -> None:
         super().__init__(name="ledger-sampler", daemon=True)
         self.socket_path, self.period, self.t0 = socket_path, period, t0
-        self.samples: list[tuple[float, dict[str, Any]]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.problems: list[tuple[float, list[str]]] = []
         self.errors: list[str] = []
         self.stop = threading.Event()
 
-    def latest(self) -> dict[str, Any] | None:
-        return self.samples[-1][1] if self.samples else None
-
     def run(self) -> None:
         while not self.stop.is_set():
+            t = round(time.monotonic() - self.t0, 3)
             try:
-                self.samples.append((round(time.monotonic() - self.t0, 3), proto.query_ledger(self.socket_path)))
+                ledger = proto.query_ledger(self.socket_path)
             except (OSError, proto.ProtocolError) as e:
                 self.errors.append(f"{type(e).__name__}: {e}")
+            else:
+                self.samples.append(compact(t, ledger))
+                if problems := proto.check_ledger(ledger):
+                    self.problems.append((t, problems))
             self.stop.wait(self.period)
 
 
-def drive_lender(lender: Member, key: str, sampler: Sampler, servers_done: threading.Event,
+def drive_lender(lender: Member, key: str, t0: float, servers_done: threading.Event,
                  args: argparse.Namespace, actions: list[dict[str, Any]]) -> None:
-    """A lender's part of the run: reclaim, then grow, each once servers hold its memory."""
-    t0 = sampler.t0
+    """A lender's part of the run: reclaim everything borrowed, then grow past its margin by
+    what servers hold, each once servers hold at least the trigger of its GPU: bytes their
+    contexts use there on CUDA (the lender's ``others``), bytes granted on the simulated
+    backend (where a lender cannot see other processes' bytes)."""
 
-    def held_enough() -> int | None:
+    def held_enough() -> tuple[int, dict[str, Any]] | None:
         while not servers_done.is_set():
-            borrowed = borrowed_on(sampler.latest(), key)
-            if borrowed >= args.trigger_bytes:
-                return borrowed
-            time.sleep(args.sample_s / 2)
+            state = lender.ask("state")
+            if not state.get("ok", False):
+                raise ClusterError(f"state of {key}: {state.get('error')}")
+            held = state["others"] if state["others"] is not None else state["borrowed"]
+            if held >= args.trigger_bytes and state["borrowed"] > 0:
+                return held, state
+            time.sleep(args.sample_s)
         return None
 
     try:
         for step in ("reclaim", "grow"):
-            borrowed = held_enough()
-            if borrowed is None:
+            found = held_enough()
+            if found is None:
                 actions.append({"action": step, "gpu": key, "state": "not run: servers finished before they "
                                 f"held {args.trigger_bytes} bytes of {key}"})
                 return
+            held, state = found
             at = round(time.monotonic() - t0, 3)
             if step == "reclaim":
-                reply = lender.ask("reclaim", from_borrowers=borrowed // 2)
+                reply = lender.ask("reclaim", timeout_s=args.reclaim_wait_s)   # everything borrowed
             else:
-                reply = lender.ask("grow", from_borrowers=borrowed // 2, timeout_s=args.reclaim_wait_s)
-            actions.append({"action": step, "gpu": key, "at_s": at, "borrowed_at_trigger": borrowed, **reply})
+                reply = lender.ask("grow", from_borrowers=held, timeout_s=args.reclaim_wait_s)
+            actions.append({"action": step, "gpu": key, "at_s": at, "held_at_trigger": held,
+                            "borrowed_at_trigger": state["borrowed"], **reply})
             if step == "grow":
                 time.sleep(args.hold_s)
                 actions.append({"action": "shrink", "gpu": key, "at_s": round(time.monotonic() - t0, 3),
@@ -256,29 +275,66 @@ def drive_lender(lender: Member, key: str, sampler: Sampler, servers_done: threa
 # The run.
 
 
+def placed_on(servers: dict[str, Any], tier: str, simulated: bool) -> int:
+    """The most bytes any server's contexts had on ``tier`` at once (its aqua runs only)."""
+    peaks = []
+    for server in servers.values():
+        if server is None:
+            continue
+        rows = [server] if simulated else [r for r in server if str(r["system"]).startswith("aqua")]
+        peaks += [int((r.get("peak_bytes") or {}).get(tier, 0)) for r in rows]
+    return max(peaks, default=0)
+
+
+JOINED = re.compile(r"joined: pid (\d+) ")
+LEFT_HOLDING = re.compile(r"left: pid (\d+) \(client \d+\) held (\d+) bytes of (\S+);")
+
+
+def departures(coordinator_log: str, pids: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """For each server (name -> pid): how often it joined the coordinator, and what it still
+    held of each GPU when it left (the daemon logs that; a server that disabled aqua_alloc
+    cleanly gave everything back first)."""
+    out: dict[str, dict[str, Any]] = {name: {"joined": 0, "left_holding": []} for name in pids}
+    by_pid = {pid: name for name, pid in pids.items()}
+    for line in coordinator_log.splitlines():
+        if (m := JOINED.search(line)) and int(m.group(1)) in by_pid:
+            out[by_pid[int(m.group(1))]]["joined"] += 1
+        elif (m := LEFT_HOLDING.search(line)) and int(m.group(1)) in by_pid:
+            out[by_pid[int(m.group(1))]]["left_holding"].append((int(m.group(2)), m.group(3)))
+    return out
+
+
 def check_run(result: dict[str, Any], simulated: bool) -> list[str]:
     """What failed, as sentences (empty: every check passed)."""
     failures = []
     for name, rc in result["exit_codes"].items():
         if rc != 0:
             failures.append(f"{name} exited with {rc}")
-    for key in result["lender_gpus"].values():
-        most = max((borrowed_on(ledger, key) for _, ledger in result["ledger_during"]), default=0)
-        if most == 0:
-            failures.append(f"no server ever borrowed from {key}: parked contexts did not spread over the lenders")
+    for label, key in result["lender_gpus"].items():
+        tier = f"gpu{label.removeprefix('lender')}"   # a lender's GPU as the servers' rows name it
+        if not placed_on(result["servers"], tier, simulated):
+            failures.append(f"no server placed bytes on {key} ({tier}): parked contexts did not spread over "
+                            "the lenders")
+    for name, seen in result["departures"].items():
+        if not seen["joined"]:
+            failures.append(f"{name} never joined the coordinator")
+        for nbytes, key in seen["left_holding"]:
+            failures.append(f"{name} left the coordinator still holding {nbytes} bytes of {key} (not given back "
+                            "when it disabled aqua_alloc)")
     for action in result["lender_actions"]:
         if action["action"] in ("reclaim", "grow") and action.get("state") != "done":
             failures.append(f"{action['action']} on {action['gpu']}: {action.get('state') or action.get('error')}")
         if action["action"] == "failed":
             failures.append(f"lender of {action['gpu']}: {action['error']}")
-    for step, ledger in [("before", result["ledger_before"]), ("after", result["ledger_after"])] + [
-            (f"during at {t} s", ledger) for t, ledger in result["ledger_during"]]:
+    if result.get("error"):
+        failures.append(f"the run stopped: {result['error']}")
+    for step, ledger in [("before", result["ledger_before"]), ("after", result["ledger_after"])]:
         if ledger is None:
             failures.append(f"ledger {step}: not read")
-            continue
-        problems = proto.check_ledger(ledger)
-        if problems:
+        elif problems := proto.check_ledger(ledger):
             failures.append(f"ledger {step}: invariants broken: {problems}")
+    for t, problems in result["ledger_problems"]:
+        failures.append(f"ledger during at {t} s: invariants broken: {problems}")
     after = result["ledger_after"]
     if after is not None and any(g["borrows"] for g in after["gpus"]):
         failures.append(f"ledger after: servers left but borrows remain: {after['gpus']}")
@@ -311,24 +367,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="bench_serve.py's arguments for each server (default: %(default)s)")
     p.add_argument("--sim-seconds", type=float, default=12.0, help="--sim: how long each server serves")
     p.add_argument("--interval", type=float, default=0.2, help="AQUA_COORDINATOR_INTERVAL of every process (s)")
-    p.add_argument("--trigger", default=None, help="bytes servers hold of a lender's GPU that start its "
-                                                  "reclaim (default 256MiB; --sim 32MiB)")
+    p.add_argument("--trigger", default=None,
+                   help="bytes servers hold of a lender's GPU that start its reclaim (default 2GiB, above the "
+                        "servers' own CUDA contexts there; --sim 32MiB)")
     p.add_argument("--gap-s", type=float, default=3.0, help="seconds between a lender's reclaim and its growth")
     p.add_argument("--hold-s", type=float, default=3.0, help="seconds a lender holds its grown allocation")
     p.add_argument("--reclaim-wait-s", type=float, default=30.0, help="how long a grow waits for its reclaim")
     p.add_argument("--sample-s", type=float, default=0.25, help="seconds between ledger reads")
-    p.add_argument("--timeout-s", type=float, default=560.0, help="the servers are stopped after this")
+    p.add_argument("--join-timeout-s", type=float, default=240.0, help="a lender that has not joined by then "
+                                                                      "(building its model) is stopped")
+    p.add_argument("--timeout-s", type=float, default=450.0, help="the servers are stopped after this")
     p.add_argument("--name", default=None, help="result name (default cluster_serve-<n>gpu-<gpu>)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     try:
         args.server_gpus = parse_gpus(args.servers, "--servers")
         args.lender_gpus = parse_gpus(args.lenders, "--lenders")
-        args.trigger_bytes = parse_size(args.trigger or ("32MiB" if args.sim else "256MiB"), "--trigger",
+        args.trigger_bytes = parse_size(args.trigger or ("32MiB" if args.sim else "2GiB"), "--trigger",
                                         allow_percent=False)
     except (ValueError, ConfigError) as e:
         p.error(str(e))
-    for name in ("interval", "sample_s", "timeout_s", "sim_seconds", "reclaim_wait_s"):
+    for name in ("interval", "sample_s", "timeout_s", "sim_seconds", "reclaim_wait_s", "join_timeout_s"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')}: expected a number of seconds above 0")
     for name in ("gap_s", "hold_s"):
@@ -359,8 +418,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     result: dict[str, Any] = {"backend": "sim" if simulated else "cuda", "num_gpus": num_gpus, "gpu": gpu_name,
                               "servers_gpus": args.server_gpus, "lenders_gpus": args.lender_gpus,
                               "serve_args": None if simulated else args.serve_args, "commands": {},
-                              "lender_gpus": {}, "ledger_before": None, "ledger_during": [], "ledger_after": None,
-                              "lender_actions": [], "servers": {}, "exit_codes": {}}
+                              "lender_gpus": {}, "ledger_before": None, "ledger_during": [], "ledger_problems": [],
+                              "ledger_after": None, "lender_actions": [], "servers": {}, "exit_codes": {},
+                              "departures": {}, "error": None}
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="aqua-cluster-") as tmp:
         os.chmod(tmp, 0o700)
@@ -380,7 +440,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                 result["commands"][f"lender{g}"] = {"argv": argv[1:], "env": env}
                 lenders[g] = Member(f"lender{g}", argv, env, logs / f"lender{g}.log")
             for g, lender in lenders.items():
-                joined = lender.read("joining")
+                # A lender that never joins (a hung build) is killed: its read then ends.
+                watchdog = threading.Timer(args.join_timeout_s, lender.proc.kill)
+                watchdog.start()
+                try:
+                    joined = lender.read("joining")
+                finally:
+                    watchdog.cancel()
                 result["lender_gpus"][f"lender{g}"] = joined["gpu"]
                 print(f"lender on GPU {g}: joined as {joined['gpu']} (pid {joined['joined']})", flush=True)
             time.sleep(3 * args.interval)  # a policy round or more: each lender has offered its spare
@@ -402,7 +468,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             servers_done = threading.Event()
             drivers = [threading.Thread(target=drive_lender, name=f"lender{g}",
-                                        args=(lenders[g], result["lender_gpus"][f"lender{g}"], sampler, servers_done,
+                                        args=(lenders[g], result["lender_gpus"][f"lender{g}"], t0, servers_done,
                                               args, result["lender_actions"]))
                        for g in args.lender_gpus]
             for d in drivers:
@@ -412,20 +478,26 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                 try:
                     result["exit_codes"][f"server{g}"] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
-                    proc.terminate()  # bench_serve stops its run and keeps what finished
-                    result["exit_codes"][f"server{g}"] = f"stopped after {args.timeout_s:g} s: {proc.wait()}"
+                    proc.send_signal(signal.SIGINT)  # bench_serve stops its run and writes what finished
+                    try:
+                        code = proc.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        code = proc.wait()
+                    result["exit_codes"][f"server{g}"] = f"stopped after {args.timeout_s:g} s: {code}"
             servers_done.set()
             for d in drivers:
                 d.join()
             time.sleep(3 * args.interval)
-            sampler.stop.set()
-            sampler.join()
-            result["ledger_during"] = sampler.samples
-            result["ledger_sample_errors"] = sampler.errors
             result["ledger_after"] = proto.query_ledger(sock)
+        except (ClusterError, OSError, proto.ProtocolError) as e:
+            result["error"] = f"{type(e).__name__}: {e}"
         finally:
             if sampler is not None:
                 sampler.stop.set()
+                sampler.join()
+                result["ledger_during"], result["ledger_problems"] = sampler.samples, sampler.problems
+                result["ledger_sample_errors"] = sampler.errors
             for proc in servers.values():
                 if proc.poll() is None:
                     proc.kill()
@@ -434,8 +506,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                 lender.leave()
                 result["exit_codes"].setdefault(f"lender{g}", lender.proc.returncode)
             daemon.terminate()
-            daemon.wait(timeout=30)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
             coordinator_log.close()
+    result["departures"] = departures((logs / "coordinator.log").read_text(),
+                                      {f"server{g}": p.pid for g, p in servers.items()})
     for g in args.server_gpus:
         if simulated:
             path = logs / f"server{g}.json"
@@ -454,27 +532,38 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
     return result, failures
 
 
+def _mib(n: Any) -> str:
+    return "?" if n is None else f"{n / MiB:.0f} MiB"
+
+
+def _s(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f} s"
+
+
 def report(result: dict[str, Any], failures: list[str]) -> None:
-    during = result["ledger_during"]
+    simulated = result["backend"] == "sim"
     for label, key in result["lender_gpus"].items():
-        most = max((borrowed_on(ledger, key) for _, ledger in during), default=0)
-        print(f"{label} ({key}): servers were granted at most {most / MiB:.0f} MiB of it at once", flush=True)
+        tier = f"gpu{label.removeprefix('lender')}"
+        most = max((s["gpus"].get(key, [0, 0, 0])[1] for s in result["ledger_during"]), default=0)
+        print(f"{label} ({key}): servers were granted at most {_mib(most)} of it, placed at most "
+              f"{_mib(placed_on(result['servers'], tier, simulated))}", flush=True)
     for a in result["lender_actions"]:
-        if a["action"] == "reclaim":
-            print(f"  {a['gpu']} reclaim at {a['at_s']} s: {a['nbytes'] / MiB:.0f} MiB ({a['pending'] / MiB:.0f} MiB "
-                  f"from borrowers): {a['state']} after {a['seconds']:.3f} s")
+        where = f"  {a.get('gpu')} {a.get('action')}"
+        if not a.get("ok", True) or a.get("action") == "failed" or "at_s" not in a:
+            print(f"{where}: {a.get('state') or a.get('error')}")
+        elif a["action"] == "reclaim":
+            print(f"{where} at {a['at_s']} s, servers holding {_mib(a.get('held_at_trigger'))}: "
+                  f"{_mib(a.get('nbytes'))} ({_mib(a.get('pending'))} from borrowers) {a.get('state')}: "
+                  f"confirmed after {_s(a.get('seconds'))}, off the GPU after {_s(a.get('freed_after_s'))}")
         elif a["action"] == "grow":
-            back = "-" if a["back_after_s"] is None else f"{a['back_after_s']:.3f} s"
-            asked = "-" if a["asked_after_s"] is None else f"{a['asked_after_s']:.3f} s"
-            print(f"  {a['gpu']} own allocation of {a['grown'] / MiB:.0f} MiB at {a['at_s']} s: reclaim of "
-                  f"{(a['reclaim_bytes'] or 0) / MiB:.0f} MiB ({(a['pending'] or 0) / MiB:.0f} MiB from borrowers) "
-                  f"asked after {asked}, {a['state']}, every byte back after {back}")
-        elif a["action"] != "shrink":
-            print(f"  {a['gpu']} {a['action']}: {a.get('state') or a.get('error')}")
+            print(f"{where} at {a['at_s']} s: {_mib(a.get('grown'))}, {_mib(a.get('into_margin'))} into the margin; "
+                  f"{a.get('num_reclaims')} reclaims ({_mib(a.get('pending'))} from borrowers), the first after "
+                  f"{_s(a.get('asked_after_s'))}; margin free again after {_s(a.get('back_after_s'))} "
+                  f"({a.get('state')})")
     for name, server in result["servers"].items():
         if server is None:
             print(f"{name}: no result")
-        elif result["backend"] == "sim":
+        elif simulated:
             print(f"{name}: {server['rounds']} rounds, {server['num_moves']} moves, intact {server['intact']}, "
                   f"peak bytes {server['peak_bytes']}")
         else:

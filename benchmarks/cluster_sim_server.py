@@ -37,8 +37,9 @@ from aqua_alloc.memory.config import parse_size
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", type=int, default=0, help="this server's simulated GPU (ordinal)")
-    p.add_argument("--contexts", type=int, default=6)
-    p.add_argument("--context-bytes", default="16MiB")
+    p.add_argument("--contexts", type=int, default=10)
+    p.add_argument("--context-bytes", default="40MiB",
+                   help="bytes of each context (default: what its host bytes need more than one 256 MiB borrow)")
     p.add_argument("--local-contexts", type=int, default=2, help="contexts the GPU's local budget holds")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--slice-ms", type=float, default=5.0)

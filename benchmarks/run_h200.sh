@@ -64,9 +64,11 @@ for step in "$@"; do
         --name "bench_serve-mooncake-8b-static-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
     cluster)  # 4 to 8 GPUs (issue 23): a coordinator, lenders holding a model, servers running bench_serve's
       # fcfs and aqua-peer; each lender takes memory back mid-run (reclaim, then its own allocations growing)
+      # (the servers run issue 20's long-context serving: Mooncake trace, 8B; traces from $TRACES_DIR)
       run cluster_serve 590 python3 benchmarks/cluster_serve.py --servers "${CLUSTER_SERVERS:-0,1}" \
-        --lenders "${CLUSTER_LENDERS:-2,3}" --timeout-s 500 --name "cluster_serve-$tag" --out "$OUT" \
-        --serve-args "--trace conv ${TRACES_DIR:+--traces-dir $TRACES_DIR} --systems fcfs,aqua-peer --loads 0.8 --budget-s 300" ;;
+        --lenders "${CLUSTER_LENDERS:-2,3}" --timeout-s 450 --name "cluster_serve-$tag" --out "$OUT" \
+        --serve-args "${TRACES_DIR:+--traces-dir $TRACES_DIR} --trace mooncake --model llama-8b --max-prompt 8192 \
+          --max-output 128 --kv-budget 3GiB --max-requests 16 --loads 0.8 --check 10 --systems fcfs,aqua-peer --budget-s 240" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
