@@ -422,6 +422,7 @@ def test_topology_is_indexed_by_cuda_ordinal():
     assert [g.index for g in topo.gpus] == list(range(n)), topo.notes
     for d, g in enumerate(topo.gpus):
         assert g.name == torch.cuda.get_device_name(d)
-        assert g.total_bytes == torch.cuda.mem_get_info(d)[1]
+        cuda_total = torch.cuda.mem_get_info(d)[1]   # the driver keeps some of NVML's total for itself
+        assert cuda_total <= g.total_bytes <= cuda_total * 1.02
     assert len(topo.nvlink) == n and all(len(row) == n for row in topo.nvlink)
     assert not [note for note in topo.notes if "PCI bus order" in note]
