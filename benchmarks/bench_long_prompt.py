@@ -75,7 +75,10 @@ SYSTEMS = ("local", "static", "aqua-local", "aqua-host", "aqua-host-in-place", "
 # What runs when --systems is not given, per --cache.
 DEFAULT_SYSTEMS = {
     "dynamic": ("local", "static", "aqua-local", "aqua-host", "aqua-host-in-place", "aqua-peer", "offloaded"),
-    "static": ("local", "static", "aqua-local", "aqua-host", "aqua-peer", "offloaded", "offloaded-static"),
+    # offloaded-static only when asked for (--systems): in its first round on an H200 (torch
+    # 2.11, transformers 5.17) it killed the process with SIGSEGV, and every result with it
+    # (benchmarks/results/bench_long_prompt-static-segfault-1gpu-h200.log).
+    "static": ("local", "static", "aqua-local", "aqua-host", "aqua-peer", "offloaded"),
 }
 CAPPED = ("aqua-host", "aqua-host-in-place", "aqua-peer")
 # Plain transformers, no aqua_alloc: cache_implementation per system (None: its default).
