@@ -53,12 +53,12 @@ for step in "$@"; do
     serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
     serve_long)  # long contexts in bursts: Mooncake's first 16 requests (10 at one instant), 8B, prompts up to 8192
       # tokens, a KV budget of about three contexts; traces from $TRACES_DIR (default shared/traces near the repo)
-      run bench_serve-mooncake-8b 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
+      run bench_serve-mooncake-8b-run 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
         --trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB --max-requests 16 \
         --loads 0.8 --systems "${SERVE_SYSTEMS:-fcfs,aqua-host,hf-cb}" --switch-overhead 0.1 --budget-s 300 \
         --name "bench_serve-mooncake-8b-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
     serve_long_static)  # the same with a static cache and a compiled step for fcfs and aqua-host
-      run bench_serve-mooncake-8b-static 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
+      run bench_serve-mooncake-8b-static-run 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
         --trace mooncake --model llama-8b --max-prompt 8192 --max-output 128 --kv-budget 3GiB --max-requests 16 \
         --loads 0.8 --systems "${SERVE_SYSTEMS:-fcfs,aqua-host}" --cache static --budget-s 300 \
         --name "bench_serve-mooncake-8b-static-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
