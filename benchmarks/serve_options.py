@@ -72,7 +72,7 @@ class BenchOptions:
     check: int = 3                           # requests run alone first: calibration and references
     slice_steps: int = 5                     # aqua scheduler: decode steps per slice
     switch_overhead: float | None = None     # aqua scheduler: longer slices where a switch costs more than this share
-    newcomer_order: str = "arrival"          # aqua scheduler: which waiting prefill first: arrival or shortest
+    newcomer_order: str = "shortest"         # aqua scheduler: which waiting prefill first: shortest or arrival
     chunk_tokens: int = 256                  # aqua scheduler: tokens per KV chunk of a context
     budget_s: float | None = 300.0           # replay phase target (s): fewer requests if the estimate is over
     min_requests: int = 8                    # the budget never trims below this

@@ -480,7 +480,7 @@ def test_a_newcomers_first_token_reaches_its_caller_before_the_next_newcomers_pr
     to its streamer, and seen by its own stopping criterion, before the next one's prefill
     starts: the prompt yields after its caller's hooks, not before them."""
     log: list[tuple[str, str]] = []
-    sched = Scheduler(policy="fair", slice_steps=4)
+    sched = Scheduler(policy="fair", slice_steps=4, newcomer_order="arrival")   # a, b, c in turn
     prompts = {"a": prompt_ids(9, 11), "b": prompt_ids(7, 12), "c": prompt_ids(8, 13)}
 
     def hooks(name):
@@ -1029,9 +1029,9 @@ def prefill_order(llama, sched, prompts: dict[str, torch.Tensor]) -> list[str]:
 
 def test_shortest_newcomer_first_orders_a_burst_by_prefill_work(llama):
     prompts = {"long": prompt_ids(30, 41), "short": prompt_ids(5, 42), "mid": prompt_ids(12, 43)}
-    arrival = prefill_order(llama, Scheduler(slice_steps=4), prompts)
+    arrival = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="arrival"), prompts)
     assert arrival == ["long", "short", "mid"]
-    shortest = prefill_order(llama, Scheduler(slice_steps=4, newcomer_order="shortest"), prompts)
+    shortest = prefill_order(llama, Scheduler(slice_steps=4), prompts)   # the default
     assert shortest == ["short", "mid", "long"]
 
 
