@@ -25,7 +25,8 @@ the same run, on the same prompt:
   a reason otherwise);
 - ``offloaded``, ``offloaded-static``: transformers' ``cache_implementation="offloaded"``
   and ``"offloaded_static"`` (each layer's KV streamed from host before use and sent back
-  after; the static one with a compiled step).
+  after; the static one with a compiled step, run only when ``--systems`` names it: it
+  crashed the process on the H200).
 
 ``--cache`` chooses the aqua systems' cache: ``dynamic`` (ContextKVCache, eager, the
 default) or ``static`` (ContextStaticCache of the exact length, the step compiled by

@@ -49,6 +49,7 @@ import torch
 
 import aqua_alloc as aq
 from aqua_alloc.memory import native as _native
+from aqua_alloc.memory import topology
 from aqua_alloc.memory.config import parse_size
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -255,8 +256,7 @@ def nearest_peer(lend_budgets: list[int], nvlink: list[list[bool]]) -> int | Non
     first, then the lowest ordinal): the first lending peer with NVLink from GPU 0, else the first
     lending peer; None when none lends. `nvlink`: topology.discover()'s matrix, by CUDA ordinal."""
     lending = lending_peers(lend_budgets)
-    linked = [p for p in lending if nvlinked(nvlink, 0, p)]
-    return (linked + lending + [None])[0]
+    return min(lending, key=lambda p: (topology.peer_rank(True, nvlinked(nvlink, 0, p)), p), default=None)
 
 
 def choose_tiers(peers: str, lend_budgets: list[int], nvlink: list[list[bool]]) -> tuple[list[str], list[str]]:
@@ -319,9 +319,7 @@ def main() -> int:
     lend_budgets = [aq.stats()["tiers"][f"gpu{d}"]["lend_budget"] for d in range(n)]
     nvlink: list[list[bool]] = []
     if args.peers == "all":
-        from aqua_alloc.memory import topology  # NVML: which peer is nearest
-
-        topo = topology.discover()
+        topo = topology.discover()   # NVML: which peer is nearest
         nvlink = topo.nvlink
         linked = [physical[p] for p in range(1, n) if nvlinked(nvlink, 0, p)]
         log(f"--peers all: ordinals 0..{n - 1} are GPUs {physical} (CUDA_VISIBLE_DEVICES={visible}); NVLink from "

@@ -117,11 +117,15 @@ def member_env(role: str, gpu: int, lenders: Sequence[int], socket_path: str, in
     return env
 
 
-def physical_tiers(server: int, lenders: Sequence[int], simulated: bool) -> dict[str, str]:
-    """A server's tier names (its device ordinals) -> physical GPU names."""
-    if simulated:
-        return {}
+def physical_tiers(server: int, lenders: Sequence[int]) -> dict[str, str]:
+    """A CUDA server's tier names (its device ordinals) -> physical GPU names."""
     return {f"gpu{i}": f"gpu{g}" for i, g in enumerate([server, *lenders])}
+
+
+def lender_tier(label: str) -> str:
+    """A lender's GPU (``lender<N>``) as the servers' stats name it: ``gpu<N>`` (physical on
+    CUDA, the simulated device's index on the simulated backend)."""
+    return f"gpu{label.removeprefix('lender')}"
 
 
 def rename_tiers(by_tier: dict[str, Any] | None, names: dict[str, str]) -> dict[str, Any] | None:
@@ -179,11 +183,19 @@ class Member:
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()  # end of stdin: it leaves
-                self.proc.wait(timeout=timeout)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+            except OSError:          # it is gone already
+                pass
+            end(self.proc, timeout)
         self.log.close()
+
+
+def end(proc: subprocess.Popen, timeout: float) -> int:
+    """Wait up to ``timeout`` s for ``proc`` (already told to stop), then kill it; its exit status."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def wait_for_socket(path: str, daemon: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -311,7 +323,7 @@ def check_run(result: dict[str, Any], simulated: bool) -> list[str]:
         if rc != 0:
             failures.append(f"{name} exited with {rc}")
     for label, key in result["lender_gpus"].items():
-        tier = f"gpu{label.removeprefix('lender')}"   # a lender's GPU as the servers' rows name it
+        tier = lender_tier(label)
         if not placed_on(result["servers"], tier, simulated):
             failures.append(f"no server placed bytes on {key} ({tier}): parked contexts did not spread over "
                             "the lenders")
@@ -479,12 +491,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                     result["exit_codes"][f"server{g}"] = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     proc.send_signal(signal.SIGINT)  # bench_serve stops its run and writes what finished
-                    try:
-                        code = proc.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        code = proc.wait()
-                    result["exit_codes"][f"server{g}"] = f"stopped after {args.timeout_s:g} s: {code}"
+                    result["exit_codes"][f"server{g}"] = f"stopped after {args.timeout_s:g} s: {end(proc, 60)}"
             servers_done.set()
             for d in drivers:
                 d.join()
@@ -506,11 +513,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
                 lender.leave()
                 result["exit_codes"].setdefault(f"lender{g}", lender.proc.returncode)
             daemon.terminate()
-            try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            end(daemon, 30)
             coordinator_log.close()
     result["departures"] = departures((logs / "coordinator.log").read_text(),
                                       {f"server{g}": p.pid for g, p in servers.items()})
@@ -522,7 +525,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
             path = logs / f"bench_serve-server{g}.json"  # beside its .meta.json, .log and traces
             rows = json.loads(path.read_text()) if path.exists() else None
             result["servers"][f"server{g}"] = (None if rows is None else
-                                               summarize_server(rows, physical_tiers(g, args.lender_gpus, False)))
+                                               summarize_server(rows, physical_tiers(g, args.lender_gpus)))
     failures = check_run(result, simulated)
     result["failures"] = failures
     result["ok"] = not failures
@@ -543,7 +546,7 @@ def _s(x: Any) -> str:
 def report(result: dict[str, Any], failures: list[str]) -> None:
     simulated = result["backend"] == "sim"
     for label, key in result["lender_gpus"].items():
-        tier = f"gpu{label.removeprefix('lender')}"
+        tier = lender_tier(label)
         most = max((s["gpus"].get(key, [0, 0, 0])[1] for s in result["ledger_during"]), default=0)
         print(f"{label} ({key}): servers were granted at most {_mib(most)} of it, placed at most "
               f"{_mib(placed_on(result['servers'], tier, simulated))}", flush=True)

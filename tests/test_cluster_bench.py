@@ -65,7 +65,7 @@ def test_each_process_gets_its_gpu_and_role():
 
 
 def test_a_servers_tiers_are_named_by_physical_gpu():
-    names = cs.physical_tiers(1, [2, 3], simulated=False)
+    names = cs.physical_tiers(1, [2, 3])
     assert names == {"gpu0": "gpu1", "gpu1": "gpu2", "gpu2": "gpu3"}
     rows = [{"system": "aqua-peer", "failed": 0, "peak_bytes": {"gpu0": 5, "gpu2": 7, "host": 1}, "extra": 1}]
     summary = cs.summarize_server(rows, names)
@@ -182,7 +182,7 @@ def test_a_whole_run_on_simulated_gpus(tmp_path):
     assert result["exit_codes"] == {"server0": 0, "server1": 0, "lender2": 0, "lender3": 0}
     # Both lenders lent, and each took memory back both ways, every byte back.
     for label, key in result["lender_gpus"].items():
-        assert cs.placed_on(result["servers"], f"gpu{label.removeprefix('lender')}", simulated=True) > 0
+        assert cs.placed_on(result["servers"], cs.lender_tier(label), simulated=True) > 0
         mine = {a["action"]: a for a in result["lender_actions"] if a["gpu"] == key}
         assert set(mine) == {"reclaim", "grow", "shrink"}
         assert mine["reclaim"]["state"] == "done" and mine["reclaim"]["pending"] > 0

@@ -192,12 +192,12 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
     total, free = {}, {}
     for d in range(num_devices):
         free[d], total[d] = _native.mem_info(d)
+    from aqua_alloc.memory import topology  # noqa: PLC0415 - psutil (and pynvml on CUDA): at enable(), not import
+
     if backend == Backend.SIM:
         host_total = host_available = settings.sim_host_bytes
         nvlink = peer
     else:
-        from aqua_alloc.memory import topology  # noqa: PLC0415 - pynvml, psutil: CUDA only
-
         topo = topology.discover(peer)
         host_total, host_available = topo.host_total_bytes, topo.host_available_bytes
         nvlink = topo.nvlink if len(topo.nvlink) == num_devices else [[False] * num_devices] * num_devices
@@ -209,8 +209,7 @@ def _configure(lib: ctypes.CDLL, settings: config.Settings, backend: Backend) ->
         check(lib.aqua_set_lend_budget(d, plan.lend[d]), f"AQUA_LEND for GPU {d}")
         for p in range(num_devices):
             if p != d:
-                # NVLink peers first; PCIe peers after; no access: never.
-                rank = -1 if not peer[d][p] else (0 if nvlink[d][p] else 1)
+                rank = topology.peer_rank(peer[d][p], nvlink[d][p])
                 check(lib.aqua_set_peer_rank(d, p, rank), f"peer rank {d}->{p}")
     check(lib.aqua_set_host_budget(plan.host_budget), "AQUA_HOST_BUDGET")
     check(lib.aqua_host_pool_reserve(plan.host_reserve, 1), "AQUA_HOST_RESERVE (creating pinned host backing)")

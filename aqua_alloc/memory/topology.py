@@ -83,6 +83,12 @@ def _nvml_gpus(notes: list[str]) -> tuple[list[GpuInfo], list[list[bool]], list[
             pass
 
 
+def peer_rank(can_access: bool, nvlinked: bool) -> int:
+    """How much a GPU prefers a peer as the tier for its parked contexts (lower first; -1:
+    never): NVLink peers, then peers over PCIe; a peer it cannot map, never."""
+    return -1 if not can_access else (0 if nvlinked else 1)
+
+
 def cuda_uuids() -> list[str] | None:
     """Each CUDA ordinal's GPU UUID as NVML and ``nvidia-smi -L`` write it (``GPU-...``);
     None when torch or CUDA cannot say."""
