@@ -186,9 +186,16 @@ class Lender:
 
     def shrink(self) -> dict[str, Any]:
         freed, self.grown_bytes = self.grown_bytes, 0
-        if self._grown is not None:
-            self._free(self._grown)
-            self._grown = None
+        grown, self._grown = self._grown, None
+        if grown is not None and self.simulated:
+            from aqua_alloc.memory import sim  # noqa: PLC0415 - the simulated backend only
+
+            sim.free(grown)
+        elif grown is not None:
+            import torch  # noqa: PLC0415
+
+            del grown                 # the last reference: the tensor's memory goes back to torch's cache,
+            torch.cuda.empty_cache()  # and from there to the driver, whose free memory the offer reads
         return {"freed": freed}
 
     def _allocate(self, nbytes: int) -> Any:
@@ -199,17 +206,6 @@ class Lender:
         import torch  # noqa: PLC0415
 
         return torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{self.device}")
-
-    def _free(self, grown: Any) -> None:
-        if self.simulated:
-            from aqua_alloc.memory import sim  # noqa: PLC0415
-
-            sim.free(grown)
-            return
-        import torch  # noqa: PLC0415
-
-        del grown
-        torch.cuda.empty_cache()  # back to the driver: the free memory the offer reads
 
 
 def answer(lender: Lender, op: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -205,3 +205,24 @@ def test_a_whole_run_on_simulated_gpus(tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["coordinator.log", "lender2.log", "lender3.log", "server0.json",
                                                     "server0.log", "server1.json", "server1.log"]
     assert "PASS" in done.stdout
+
+
+def test_a_lender_gives_its_grown_memory_to_the_driver_when_it_shrinks(monkeypatch):
+    """On CUDA, shrink must drop the last reference to the grown tensor before
+    torch.cuda.empty_cache(): otherwise the memory stays in torch's cache, the driver's free
+    memory does not rise, and the lender's elastic offer never grows back."""
+    import weakref
+
+    import torch
+
+    import cluster_lender
+
+    lender = object.__new__(cluster_lender.Lender)   # no coordinator needed for this
+    lender.simulated, lender.grown_bytes = False, 4096
+    lender._grown = torch.empty(4096, dtype=torch.uint8)
+    alive_at_empty_cache = []
+    ref = weakref.ref(lender._grown)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: alive_at_empty_cache.append(ref() is not None))
+    assert lender.shrink() == {"freed": 4096}
+    assert alive_at_empty_cache == [False]
+    assert lender._grown is None and lender.grown_bytes == 0
