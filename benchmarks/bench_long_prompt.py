@@ -10,6 +10,8 @@ the same run, on the same prompt:
   transformers get by default (everything on the GPU);
 - ``static``: transformers' ``cache_implementation="static"`` with no cap; ``generate``
   compiles its decode step (CUDA graphs): the fastest plain transformers offers;
+- ``static-sdpa`` (``--cache static``, when ``--attn`` is not ``sdpa``): the same with
+  transformers' default attention, what a user gets without choosing one;
 - ``aqua-local``: aqua_alloc's cache with no cap (the cache's own cost, no spill);
 - ``aqua-host``: that cache in an aqua_alloc context whose local budget is the cap: what
   does not fit is placed in pinned host memory at allocation. With ``--cache dynamic``
@@ -31,7 +33,10 @@ the same run, on the same prompt:
 ``--cache`` chooses the aqua systems' cache: ``dynamic`` (ContextKVCache, eager, the
 default) or ``static`` (ContextStaticCache of the exact length, the step compiled by
 ``generate`` as for ``static``). Tokens are compared with ``local`` (dynamic) or ``static``
-(static), and speeds with the faster of the offloaded systems run. A compiled system's
+(static), and speeds with the faster of the offloaded systems run. ``--attn`` is every
+system's attention (default ``aqua_sdpa``, aqua_alloc/hf/grouped_attention.py: transformers'
+``sdpa`` except a one-token step over a static cache, which reads each KV head once instead
+of repeating it; the dynamic-cache systems' steps are ``sdpa``'s either way). A compiled system's
 first call compiles: its first decode step of the first round is reported
 (``first_step_s``); the median step is the figure.
 
@@ -63,6 +68,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import aqua_alloc as aq
+from aqua_alloc.hf import grouped_attention
 from aqua_alloc.hf.attention import use_decode_friendly_attention
 from aqua_alloc.memory.config import parse_size
 from aqua_alloc.hf.generate_hook import cache_argument
@@ -71,7 +77,7 @@ from aqua_alloc.hf.read_ahead import DEFAULT_READ_AHEAD_BYTES
 from aqua_alloc.hf.static_cache import ContextStaticCache
 
 MiB, GiB = 1 << 20, 1 << 30
-SYSTEMS = ("local", "static", "aqua-local", "aqua-host", "aqua-host-in-place", "aqua-peer", "offloaded",
+SYSTEMS = ("local", "static", "static-sdpa", "aqua-local", "aqua-host", "aqua-host-in-place", "aqua-peer", "offloaded",
            "offloaded-static")
 # What runs when --systems is not given, per --cache.
 DEFAULT_SYSTEMS = {
@@ -79,11 +85,12 @@ DEFAULT_SYSTEMS = {
     # offloaded-static only when asked for (--systems): in its first round on an H200 (torch
     # 2.11, transformers 5.17) it killed the process with SIGSEGV, and every result with it
     # (benchmarks/results/bench_long_prompt-static-segfault-1gpu-h200.log).
-    "static": ("local", "static", "aqua-local", "aqua-host", "aqua-peer", "offloaded"),
+    "static": ("local", "static", "static-sdpa", "aqua-local", "aqua-host", "aqua-peer", "offloaded"),
 }
 CAPPED = ("aqua-host", "aqua-host-in-place", "aqua-peer")
 # Plain transformers, no aqua_alloc: cache_implementation per system (None: its default).
-PLAIN = {"local": None, "static": "static", "offloaded": "offloaded", "offloaded-static": "offloaded_static"}
+PLAIN = {"local": None, "static": "static", "static-sdpa": "static", "offloaded": "offloaded",
+         "offloaded-static": "offloaded_static"}
 OFFLOADED = ("offloaded", "offloaded-static")
 
 
@@ -186,6 +193,9 @@ def run_once(model: Any, prompt: torch.Tensor, new_tokens: int, cache: Any, tag:
 def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Namespace, kv_bytes: int,
                local_kv: int) -> dict[str, Any]:
     num_gpus = torch.cuda.device_count()
+    attention = "sdpa" if system == "static-sdpa" else args.attn
+    if model.config._attn_implementation != attention:
+        model.set_attn_implementation(attention)  # a compiled step is compiled again for it (once: dynamo keeps both)
     if system == "aqua-peer" and num_gpus < 2:
         return {"skipped": f"needs a second GPU for the peer tier; this machine has {num_gpus}"}
     if system in PLAIN:
@@ -255,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="dynamic", choices=tuple(DEFAULT_SYSTEMS),
                         help="the aqua systems' KV cache: dynamic (ContextKVCache, eager) or static "
                              "(ContextStaticCache, compiled step)")
+    parser.add_argument("--attn", default=grouped_attention.NAME, choices=(grouped_attention.NAME, "sdpa"),
+                        help="every system's attention (static-sdpa's excepted): aqua_sdpa (default; reads each KV "
+                             "head once in a one-token step over a static cache) or transformers' sdpa")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="runs of every system, in turn; the best counts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -265,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         if not windows:
             raise ValueError("--read-ahead: give at least one size")
         systems = choose_systems(args.systems, args.cache, windows)
+        if args.attn == "sdpa" and "static-sdpa" in systems:
+            systems.remove("static-sdpa")  # it would be `static` again
     except ValueError as e:
         parser.error(str(e))
     if args.prompt_tokens <= 0 or args.new_tokens < 2:
@@ -286,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
     print(f"kernels: {'deterministic (--deterministic)' if args.deterministic else 'as users run them'}; "
-          f"aqua systems' cache: {args.cache}")
+          f"aqua systems' cache: {args.cache}; attention: {args.attn}"
+          + (" (static-sdpa: transformers' sdpa)" if "static-sdpa" in systems else ""))
+    grouped_attention.register()
     if any(PLAIN.get(s) in ("static", "offloaded_static") for s in systems) or args.cache == "static":
         # Each static system compiles the step for its own cache class and length: more
         # variants than dynamo's default limit of recompiles per function.
@@ -382,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             "offloaded_baseline": offloaded_best,
             "first_step_s": r["first_step_s"],
             "cache": args.cache if plain not in PLAIN else PLAIN[plain] or "dynamic",
+            "attention": "sdpa" if plain == "static-sdpa" else args.attn,
             "deterministic": args.deterministic,
             **({"read_ahead": r["read_ahead"]} if "read_ahead" in r else {}),
         })

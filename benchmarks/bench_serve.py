@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache of every generate call: dynamic (transformers' default) or static (transformers' static "
              "cache, its decode step compiled on a GPU; aqua: a static cache in each prompt's context) "
              "(default %(default)s)")
+    add("--attn", default=d.attn, choices=["aqua_sdpa", "sdpa"],
+        help="every system's attention: aqua_sdpa (transformers' sdpa, except that a one-token step over a static "
+             "cache reads each KV head once: aqua_alloc/hf/grouped_attention.py) or sdpa (default %(default)s)")
     add("--deterministic", action="store_true",
         help="deterministic algorithms and cuBLAS (torch.use_deterministic_algorithms): slower steps, for "
              "runs made to check outputs rather than to time them")
@@ -121,7 +124,7 @@ def _bench(argv: list[str] | None) -> int:
             loads=parse_loads(args.loads), seed=args.seed, check=args.check, slice_steps=args.slice_steps,
             switch_overhead=args.switch_overhead, newcomer_order=args.newcomer_order,
             chunk_tokens=args.chunk_tokens, budget_s=args.budget_s or None, min_requests=args.min_requests,
-            rounds=args.rounds, cache=args.cache, deterministic=args.deterministic,
+            rounds=args.rounds, cache=args.cache, attn=args.attn, deterministic=args.deterministic,
             out_dir=args.out, name=args.name, plots=not args.no_plots, verbose=args.verbose)
         check_arguments(options)  # before torch is imported (seconds): a bad argument is refused at once
     except BenchInputError as e:

@@ -84,13 +84,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
-from transformers.cache_utils import StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
 from aqua_alloc.hf.generate_hook import cache_argument
-from aqua_alloc.hf.static_cache import static_cache_length
+from aqua_alloc.hf.grouped_attention import use_grouped_attention
+from aqua_alloc.hf.static_cache import ContextStaticCache, static_cache_length
 from serve_options import EXACT_SYSTEMS, MODEL_DEFAULTS, BenchOptions, System, check_options
 from serve_trace import (
     ATTRIBUTION,
@@ -292,8 +292,10 @@ def _generate_kwargs(prompt: torch.Tensor, new_tokens: int, clock: _TokenClock, 
     """Greedy, exactly ``new_tokens`` tokens (min = max), our clock as a stopping criterion and
     its streamer. ``cache="static"``: a static cache (a compiled step on a GPU) whose length is
     bucketed as aqua_alloc buckets it, so that every system runs the same shapes: with the
-    model's ``config``, a plain transformers ``StaticCache`` of that length made here (plain
-    generate calls); without, ``cache_implementation="static"`` (the aqua scheduler then makes
+    model's ``config``, a ``ContextStaticCache`` of that length with no context made here (plain
+    generate calls: transformers' ``StaticCache`` in ordinary memory, the class the aqua
+    scheduler's caches have, so that every system runs the same compiled step and each length
+    compiles once); without, ``cache_implementation="static"`` (the aqua scheduler then makes
     each prompt's cache, in its context)."""
     kwargs = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=PAD_ID,
@@ -302,7 +304,7 @@ def _generate_kwargs(prompt: torch.Tensor, new_tokens: int, clock: _TokenClock, 
         kwargs["cache_implementation"] = "static"
     elif cache == "static":
         length = static_cache_length(int(prompt.shape[-1]) + new_tokens)
-        kwargs.update(cache_argument(StaticCache(config=config, max_cache_len=length)))
+        kwargs.update(cache_argument(ContextStaticCache(config, max_cache_len=length)))
     return kwargs
 
 
@@ -1103,24 +1105,36 @@ class _StepTimes(StoppingCriteria):
 
 def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKENS) -> dict[str, Any]:
     """What a user of plain transformers gets for the same model and prompt (request ``i``),
-    aqua_alloc off: ms per decode step with the default (dynamic) cache and with a static
-    cache of the length aqua_alloc would give it (compiled on a GPU; the second call is timed)."""
+    aqua_alloc off: ms per decode step with the default (dynamic) cache, and with
+    transformers' own static cache (``cache_implementation="static"``, compiled on a GPU; the
+    second call is timed) under its default attention (sdpa) and, if the run uses another
+    (``--attn``), under that one too."""
     prompt = bench.prompts[i]
+    attn = bench.options.attn
     result: dict[str, Any] = {"request": bench.requests[i].id, "prompt_tokens": int(prompt.shape[-1]),
-                              "new_tokens": new_tokens}
-    length = static_cache_length(int(prompt.shape[-1]) + new_tokens)
-    for cache, name in (("dynamic", "eager"), ("static", "static")):
-        for _ in range(2 if cache == "static" else 1):  # static: compiled and recorded by the second call
-            times = _StepTimes()
-            kwargs = _generate_kwargs(prompt, new_tokens, _TokenClock(threading.Event()), cache, bench.model.config)
-            kwargs["stopping_criteria"].append(times)
-            bench.model.generate(**kwargs)
-        result[f"{name}_ms_per_step"] = times.median_ms()
+                              "new_tokens": new_tokens, "attn": attn}
+    variants = [("dynamic", "eager", attn), ("static", "static", "sdpa")]
+    if attn != "sdpa":
+        variants.append(("static", f"static_{attn}", attn))
+    try:
+        for cache, name, attention in variants:
+            if bench.model.config._attn_implementation != attention:
+                bench.model.set_attn_implementation(attention)
+            for _ in range(2 if cache == "static" else 1):  # static: compiled and recorded by the second call
+                times = _StepTimes()
+                kwargs = _generate_kwargs(prompt, new_tokens, _TokenClock(threading.Event()), cache)
+                kwargs["stopping_criteria"].append(times)
+                bench.model.generate(**kwargs)
+            result[f"{name}_ms_per_step"] = times.median_ms()
+    finally:
+        if bench.model.config._attn_implementation != attn:
+            bench.model.set_attn_implementation(attn)
     mode = "deterministic mode" if bench.options.deterministic else "no deterministic mode"
+    compiled = " (compiled step)" if bench.cuda else " (not compiled on CPU)"
     bench.log(f"plain transformers, same model, r{bench.requests[i].id}'s prompt ({prompt.shape[-1]} tokens), "
               f"aqua_alloc off, {mode}: {result['eager_ms_per_step']} ms per step eager (dynamic cache), "
-              f"{result['static_ms_per_step']} ms with a static cache of {length} tokens"
-              + (" (compiled step)" if bench.cuda else " (not compiled on CPU)"))
+              f"{result['static_ms_per_step']} ms with its static cache and sdpa attention{compiled}"
+              + (f", {result[f'static_{attn}_ms_per_step']} ms with {attn}" if attn != "sdpa" else ""))
     return result
 
 
@@ -1193,6 +1207,8 @@ def _run_benchmark(options: BenchOptions, log: Log) -> BenchResult:
     # The model and the prompts.
     t_build = time.perf_counter()
     model = build_model(plan.model, device, options.seed)
+    if options.attn != "sdpa":
+        use_grouped_attention(model)
     per_token = kv_bytes_per_token(model)
     if device.type == "cuda":
         log(f"device: {torch.cuda.get_device_name(device)} "
@@ -1206,7 +1222,9 @@ def _run_benchmark(options: BenchOptions, log: Log) -> BenchResult:
         log(f"device: CPU (no CUDA GPU); torch {torch.__version__}")
     log(f"model {plan.model}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
         f"{model.dtype}, weights {_fmt_bytes(weights_bytes(model))}, KV {per_token / 1024:g} KiB per token; "
-        f"built in {time.perf_counter() - t_build:.1f} s")
+        f"built in {time.perf_counter() - t_build:.1f} s; attention {options.attn} for every system"
+        + (" (transformers' sdpa except a one-token step over a static cache: each KV head read once)"
+           if options.attn != "sdpa" else ""))
     if plan.model_is_default and device.type == "cpu":
         log(f"model {plan.model}: the default on CPU, where llama-1b takes seconds per request (--model to choose)")
     generator = torch.Generator().manual_seed(options.seed)
@@ -1334,6 +1352,22 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+@contextmanager
+def _attention_of(bench: _Bench, system: System) -> Iterator[None]:
+    """The model's attention while ``system`` runs: --attn, except hf-cb's transformers' sdpa
+    (continuous batching takes only its own implementations; aqua_sdpa is sdpa anyway outside
+    a one-token step over a static cache, which continuous batching never runs)."""
+    wanted = "sdpa" if system is System.HF_CB else bench.options.attn
+    before = bench.model.config._attn_implementation
+    if before != wanted:
+        bench.model.set_attn_implementation(wanted)
+    try:
+        yield
+    finally:
+        if bench.model.config._attn_implementation != before:
+            bench.model.set_attn_implementation(before)
+
+
 def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], deadline: float, scale: float,
              references: dict[int, list[int]], mismatches: list[str], round_no: int = 1
              ) -> tuple[dict[str, Any], list[RequestRecord] | None]:
@@ -1344,7 +1378,7 @@ def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], 
     t_start = time.perf_counter()
     extra: dict[str, Any] = {}
     failed_row = None
-    with _ctrl_c_sets(bench.interrupt):  # until every thread of the run is joined (module docstring)
+    with _ctrl_c_sets(bench.interrupt), _attention_of(bench, system):  # until every thread is joined (module doc)
         try:
             run.setup()
             if bench.options.verbose:

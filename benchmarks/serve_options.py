@@ -78,6 +78,7 @@ class BenchOptions:
     min_requests: int = 8                    # the budget never trims below this
     rounds: int = 1                          # each load: every system in turn, this many times (paired rounds)
     cache: str = "dynamic"                   # KV cache of generate calls: "dynamic" or "static" (compiled step)
+    attn: str = "aqua_sdpa"                  # every system's attention: "aqua_sdpa" or transformers' "sdpa"
     deterministic: bool = False              # torch.use_deterministic_algorithms: for output checks, not timing
     out_dir: str | Path = "benchmarks/results"
     name: str | None = None                  # file name stem (default bench_serve-<trace>-<device name>)
@@ -135,6 +136,8 @@ def check_options(options: BenchOptions, device_type: str) -> CheckedOptions:
         raise BenchInputError(f"--newcomer-order={options.newcomer_order!r}: expected arrival or shortest")
     if options.cache not in ("dynamic", "static"):
         raise BenchInputError(f"--cache={options.cache!r}: expected dynamic or static")
+    if options.attn not in ("aqua_sdpa", "sdpa"):
+        raise BenchInputError(f"--attn={options.attn!r}: expected aqua_sdpa or sdpa")
     if not isinstance(options.deterministic, bool):
         raise BenchInputError(f"--deterministic={options.deterministic!r}: expected True or False")
     if isinstance(options.rounds, bool) or not isinstance(options.rounds, int) or options.rounds < 1:

@@ -24,6 +24,7 @@ def test_each_cache_runs_plain_transformers_eager_and_static_beside_the_aqua_sys
         assert {"local", "static", "offloaded", "aqua-local", "aqua-host", "aqua-peer"} <= set(systems)
     assert "aqua-host-in-place" in dynamic and "aqua-host-in-place" not in static
     assert "offloaded-static" not in static   # it crashed the process on the H200: only when asked for
+    assert "static-sdpa" in static and "static-sdpa" not in dynamic  # transformers' default attention beside --attn's
     assert blp.choose_systems("static,offloaded-static", "static", ONE_WINDOW) == ["static", "offloaded-static"]
     assert blp.reference_system("dynamic") == "local" and blp.reference_system("static") == "static"
 

@@ -457,6 +457,7 @@ def test_static_cache_runs_and_the_plain_transformers_reference_steps(tmp_path):
     assert rows["hf-cb"]["notes"] == ["--cache static does not apply: continuous batching keeps its own paged cache"]
     steps = result.meta["reference_steps"]
     assert steps["eager_ms_per_step"] > 0 and steps["static_ms_per_step"] > 0
+    assert steps["attn"] == "aqua_sdpa" and steps["static_aqua_sdpa_ms_per_step"] > 0  # --attn's, beside sdpa's
     assert list(result.meta["static_warmup_s"]) == ["256"] and result.meta["static_warmup_s"]["256"] > 0
     assert result.meta["kernels"] == {"deterministic": False, "cache": "static"}
     assert any(line.startswith("kernels: as users run them (no deterministic mode); KV cache: static") for line in lines)

@@ -248,3 +248,46 @@ def test_the_decode_step_on_a_context_cache_traces_as_one_graph(models, fake):
     torch._dynamo.reset()
     assert torch.equal(results[True].argmax(-1), results[False].argmax(-1))
     torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-4)
+
+
+class OffDeviceMemory(FakeMemory):
+    """FakeMemory whose context tensors all report living on host (a spilled context)."""
+
+    def placement(self, tensor):
+        return {"gpu0": 0, "host": tensor.untyped_storage().nbytes()}
+
+
+def test_a_prefill_attends_over_a_copy_of_off_device_layers_and_decode_reads_in_place(models, monkeypatch):
+    """A layer whose bytes are off the GPU is read once per block of queries by a prefill's
+    attention: the cache hands attention one copy instead (decode steps, one query, read the
+    cache itself). Same tokens either way; the cache's own tensors keep the KV."""
+    memory = OffDeviceMemory()
+    monkeypatch.setattr(static_cache, "memory_for", lambda device: memory)
+    model = models["llama"]
+    cache = ContextStaticCache(model.config, max_cache_len=64, tag="spilled")
+    returned = []
+    real_update = ContextStaticCache.update
+
+    def recording_update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = real_update(self, key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        returned.append((key_states.shape[-2], keys.data_ptr() == layer.keys.data_ptr(),
+                         values.data_ptr() == layer.values.data_ptr(), torch.equal(keys, layer.keys)))
+        return keys, values
+
+    monkeypatch.setattr(ContextStaticCache, "update", recording_update)
+    out = model.generate(prompt_ids(6, 1), max_new_tokens=5, **cache_argument(cache), **GREEDY)
+    assert torch.equal(out, static_solo(model, prompt_ids(6, 1), 5))
+    layers = model.config.num_hidden_layers
+    assert returned[:layers] == [(6, False, False, True)] * layers      # prefill: a copy, equal to the cache
+    assert returned[layers:] == [(1, True, True, True)] * (4 * layers)  # decode: the cache itself
+    cache.release()
+
+
+def test_a_prefill_reads_layers_on_the_gpu_in_place(models, fake):
+    fake.placement = lambda tensor: {"gpu0": tensor.untyped_storage().nbytes(), "host": 0}
+    model = models["llama"]
+    cache = ContextStaticCache(model.config, max_cache_len=64, tag="home")
+    keys, values = cache.update(torch.ones(1, 2, 5, 16), torch.ones(1, 2, 5, 16), 0)
+    assert keys is cache.layers[0].keys and values is cache.layers[0].values
+    cache.release()

@@ -16,7 +16,7 @@ from typing import Any, ContextManager, Protocol
 
 import torch
 
-__all__ = ["ContextMemory", "AllocatorMemory", "is_enabled", "memory_for"]
+__all__ = ["ContextMemory", "AllocatorMemory", "home_tier", "is_enabled", "memory_for"]
 
 
 class ContextMemory(Protocol):
@@ -117,3 +117,8 @@ def memory_for(device: torch.device | str | None) -> ContextMemory | None:
     if device is None or torch.device(device).type != "cuda":
         return None
     return _enabled_memory()
+
+
+def home_tier(device: torch.device | str) -> str:
+    """aqua_alloc's name of a CUDA device's own tier (``where()`` keys): ``gpu<index>``."""
+    return f"gpu{torch.device(device).index or 0}"

@@ -45,7 +45,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from aqua_alloc.hf.cache_context import ContextOwner
-from aqua_alloc.hf.context_memory import ContextMemory, memory_for
+from aqua_alloc.hf.context_memory import ContextMemory, home_tier, memory_for
 from aqua_alloc.hf.read_ahead import DEFAULT_READ_AHEAD_BYTES, UNCHANGED, ReadAhead, StagedLayer
 
 log = logging.getLogger(__name__)
@@ -398,11 +398,6 @@ class ContextKVCache(ContextOwner, DynamicCache):
                 functools.partial(_placement_key, allocator, self.tag, device, self.read_ahead_peers))
 
 
-def _home_tier(device: torch.device | str) -> str:
-    """aqua_alloc's name of a CUDA device's own tier (``where()`` keys)."""
-    return f"gpu{torch.device(device).index or 0}"
-
-
 def _staged_tiers(placement: dict[str, int], home: str, peers: bool) -> int:
     """Bytes of ``placement`` on the tiers read-ahead stages: host, and peers if ``peers``."""
     return sum(n for tier, n in placement.items() if tier == "host" or (peers and tier != home))
@@ -416,7 +411,7 @@ def _to_stage(allocator: ContextMemory, peers: bool, chunk: torch.Tensor) -> boo
         placement = allocator.placement(chunk)
     except Exception:  # noqa: BLE001 - e.g. aqua_alloc disabled meanwhile
         return False
-    return _staged_tiers(placement, _home_tier(chunk.device), peers) > 0
+    return _staged_tiers(placement, home_tier(chunk.device), peers) > 0
 
 
 def _placement_key(allocator: ContextMemory, tag: str, device: torch.device, peers: bool) -> Any:
@@ -429,6 +424,6 @@ def _placement_key(allocator: ContextMemory, tag: str, device: torch.device, pee
         return None
     if where is None:
         return UNCHANGED
-    if not _staged_tiers(where, _home_tier(device), peers):
+    if not _staged_tiers(where, home_tier(device), peers):
         return None
     return tuple(sorted(where.items()))
