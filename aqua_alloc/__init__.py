@@ -42,7 +42,7 @@ __all__ = [
     "ConfigError", "ContextError", "CoreError", "CoreOutOfMemory", "MoveResult", "NoDeviceError", "ReclaimResult",
     "Settings", "Scheduler", "ContextKVCache", "ContextStaticCache", "context", "contexts", "current_context", "disable", "enable", "evict",
     "is_enabled", "lend", "move_profile", "move_spans", "park", "placement", "prefetch", "reclaim", "release",
-    "resume", "stats", "wait_on_stream", "where",
+    "resume", "stats", "use_grouped_attention", "wait_on_stream", "where",
 ]
 
 
@@ -60,4 +60,8 @@ def __getattr__(name: str):
         from aqua_alloc.hf.static_cache import ContextStaticCache
 
         return ContextStaticCache
+    if name == "use_grouped_attention":
+        from aqua_alloc.hf.grouped_attention import use_grouped_attention
+
+        return use_grouped_attention
     raise AttributeError(f"module 'aqua_alloc' has no attribute {name!r}")

@@ -123,3 +123,9 @@ def test_register_is_idempotent_and_a_non_model_is_refused():
     assert grouped_attention.register() == grouped_attention.register() == NAME
     with pytest.raises(TypeError, match="use_grouped_attention.*expected a transformers model.*got str"):
         use_grouped_attention("meta-llama/Llama-3.1-8B")
+
+
+def test_the_package_offers_it():
+    import aqua_alloc
+
+    assert aqua_alloc.use_grouped_attention is use_grouped_attention and "use_grouped_attention" in aqua_alloc.__all__
