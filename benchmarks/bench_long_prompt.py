@@ -8,7 +8,7 @@ the same run, on the same prompt:
 
 - ``local``: transformers' DynamicCache with no cap, eager: the ceiling users of plain
   transformers get by default (everything on the GPU);
-- ``static``: transformers' ``cache_implementation="static"`` with no cap; ``generate``
+- ``static``: transformers' ``StaticCache`` of the aqua systems' length, no cap; ``generate``
   compiles its decode step (CUDA graphs): the fastest plain transformers offers;
 - ``static-sdpa`` (``--cache static``, when ``--attn`` is not ``sdpa``): the same with
   transformers' default attention, what a user gets without choosing one;
@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import StaticCache
 
 import aqua_alloc as aq
 from aqua_alloc.hf import grouped_attention
@@ -200,6 +201,12 @@ def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Nam
         return {"skipped": f"needs a second GPU for the peer tier; this machine has {num_gpus}"}
     if system in PLAIN:
         implementation = PLAIN[system]
+        if implementation == "static":
+            # transformers' StaticCache of the aqua systems' length: generate's own would be one
+            # token shorter (max_length - 1), an odd length whose compiled step ran 1.5 times slower
+            # on the H200 (bench_long_prompt-static-oddlength-1gpu-h200.log).
+            cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + args.new_tokens)
+            return run_once(model, prompt, args.new_tokens, cache, None)
         kwargs = {} if implementation is None else {"cache_implementation": implementation}
         return run_once(model, prompt, args.new_tokens, None, None, **kwargs)
     # aqua systems: only the context's KV chunks count against the local budget.
