@@ -202,9 +202,10 @@ def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Nam
     if system in PLAIN:
         implementation = PLAIN[system]
         if implementation == "static":
-            # transformers' StaticCache of the aqua systems' length: generate's own would be one
-            # token shorter (max_length - 1), an odd length whose compiled step ran 1.5 times slower
-            # on the H200 (bench_long_prompt-static-oddlength-1gpu-h200.log).
+            # transformers' StaticCache of the aqua systems' length. generate's own is one token
+            # shorter (max_length - 1): in the H200 run where `static` had it, its compiled step took
+            # 15.5 ms against aqua-local's 9.5 to 10.6 ms and their tokens differed
+            # (bench_long_prompt-static-aqua_sdpa-1gpu-h200.log; cause not isolated).
             cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + args.new_tokens)
             return run_once(model, prompt, args.new_tokens, cache, None)
         kwargs = {} if implementation is None else {"cache_implementation": implementation}

@@ -2,7 +2,7 @@
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
 # Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
-#        serve_long serve_long_static coordinator reclaim_load cluster topology move_pairs
+#        serve_static serve_long serve_long_static coordinator reclaim_load cluster topology move_pairs
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -51,6 +51,10 @@ for step in "$@"; do
     coordinator) run coordinator_gpu 120 python3 benchmarks/coordinator_gpu_check.py --out "$OUT/coordinator_gpu-$tag.json" ;;
     demo) run demo 240 python3 -m aqua_alloc demo --out "$OUT/demo-$tag" ;;
     serve) run bench_serve 590 python3 benchmarks/bench_serve.py ${SERVE_ARGS:-} --out "$OUT" ;;
+    serve_static)  # the conv trace with a static cache and a compiled step (issue 19's serving target)
+      run bench_serve-conv-static-run 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
+        --trace conv --systems "${SERVE_SYSTEMS:-fcfs,aqua-host}" --loads 0.8 --cache static --switch-overhead 0.05 \
+        --budget-s "${SERVE_BUDGET_S:-60}" --name "bench_serve-conv-static-$tag" --out "$OUT" --verbose ${SERVE_FLAGS:-} ;;
     serve_long)  # long contexts in bursts: Mooncake's first 16 requests (10 at one instant), 8B, prompts up to 8192
       # tokens, a KV budget of about three contexts; traces from $TRACES_DIR (default shared/traces near the repo)
       run bench_serve-mooncake-8b-run 590 python3 benchmarks/bench_serve.py ${TRACES_DIR:+--traces-dir "$TRACES_DIR"} \
