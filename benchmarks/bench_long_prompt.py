@@ -166,6 +166,14 @@ def choose_systems(systems_arg: str | None, cache: str, windows: list[tuple[str,
     return systems
 
 
+def moved_bytes_gave_other_tokens(rows: list[dict[str, Any]], aqua_local_reproducible: bool) -> list[str]:
+    """The capped aqua systems whose tokens differ from aqua-local's (same kernels, the bytes
+    elsewhere: a failure), counted only where both reproduce their own tokens round after
+    round (kernels as users run them need not be deterministic)."""
+    return [row["system"] for row in rows if row.get("same_tokens_as_aqua_local") is False
+            and row.get("same_tokens_every_round") and aqua_local_reproducible]
+
+
 def run_once(model: Any, prompt: torch.Tensor, new_tokens: int, cache: Any, tag: str | None,
              **generate_kwargs: Any) -> dict[str, Any]:
     clock = StepClock(tag)
@@ -378,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{reference}-repeat: decode {results[f'{reference}-repeat']['decode_tok_s']:.2f} tok/s")
 
     reference_tokens = results.get(reference, {}).get("tokens")
+    local_tokens = results.get("aqua-local", {}).get("tokens")
     # Transformers' fastest offloading option in this run: the baseline of the ratios.
     offloaded_rates = {s: results[s]["decode_tok_s"] for s in OFFLOADED if "decode_tok_s" in results.get(s, {})}
     offloaded_best = max(offloaded_rates, key=offloaded_rates.get) if offloaded_rates else None
@@ -400,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_per_tier": bytes_per_tier, "decode_tok_s": r["decode_tok_s"],
             "decode_ms_per_token": r["decode_ms_per_token"], "rounds_tok_s": r.get("rounds_tok_s"),
             "decode_mean_ms_per_token": r["decode_mean_ms_per_token"], "prefill_s": r["prefill_s"],
+            "tokens": r["tokens"],
+            # A capped aqua system runs aqua-local's kernels on the same bytes, wherever they are:
+            # its tokens must equal aqua-local's.
+            "same_tokens_as_aqua_local": (r["tokens"] == local_tokens if is_capped(plain) and local_tokens is not None
+                                          else None),
             "same_tokens_as_reference": None if reference_tokens is None else r["tokens"] == reference_tokens,
             "reference": reference,
             "same_tokens_every_round": r.get("rounds_agree"),
@@ -427,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print(f"\nwrote {path}")
+    moved_wrong = moved_bytes_gave_other_tokens(rows, results.get("aqua-local", {}).get("rounds_agree", False))
+    if moved_wrong:
+        print(f"tokens differ from aqua-local's (same kernels, bytes elsewhere): {', '.join(moved_wrong)}",
+              file=sys.stderr)
+        return 1
     mismatched = [row["system"] for row in rows if row.get("same_tokens_as_reference") is False]
     if mismatched:
         print(f"tokens differ from {reference}: {', '.join(mismatched)}", file=sys.stderr)

@@ -51,3 +51,12 @@ def test_the_command_line_names_a_wrong_choice_before_it_needs_a_gpu():
                            "--systems", "aqua-host-in-place"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "--systems aqua-host-in-place: with --cache static" in done.stderr
+
+
+def test_a_capped_system_whose_tokens_differ_from_aqua_locals_fails_only_when_both_reproduce():
+    rows = [{"system": "aqua-host", "same_tokens_as_aqua_local": False, "same_tokens_every_round": True},
+            {"system": "aqua-peer", "same_tokens_as_aqua_local": False, "same_tokens_every_round": False},
+            {"system": "aqua-host-in-place", "same_tokens_as_aqua_local": True, "same_tokens_every_round": True},
+            {"system": "offloaded", "same_tokens_as_aqua_local": None, "same_tokens_every_round": False}]
+    assert blp.moved_bytes_gave_other_tokens(rows, aqua_local_reproducible=True) == ["aqua-host"]
+    assert blp.moved_bytes_gave_other_tokens(rows, aqua_local_reproducible=False) == []
