@@ -192,13 +192,14 @@ def test_trace_dump_with_memory_snapshot_shows_context_segments(gpu, tmp_path):
     assert aq.where(kv)["gpu0"] >= 32 * MiB
 
 
-def _tiny_llama_on_cuda(max_positions: int = 4096):
-    """A Llama of 4 layers with random weights (seed 0) on the GPU: 4 layers x 2 (K, V) x 4 KV
-    heads x 64 dims x 4 bytes = 8 KiB of fp32 KV per token."""
+def _tiny_llama_on_cuda(max_positions: int = 4096, kv_heads: int = 4):
+    """A Llama of 4 layers with random weights (seed 0) on the GPU: 4 layers x 2 (K, V) x
+    ``kv_heads`` KV heads (4 query heads) x 64 dims x 4 bytes = 8 KiB of fp32 KV per token
+    with 4 KV heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                          initializer_range=0.5, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).cuda().eval()
@@ -361,17 +362,23 @@ def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, move
     cache.release()
 
 
-def test_compiled_step_reads_a_static_cache_that_spilled_at_allocation(gpu):
+@pytest.mark.parametrize("attention", ["sdpa", "aqua_sdpa"])
+def test_compiled_step_reads_a_static_cache_that_spilled_at_allocation(gpu, attention):
     """A static cache larger than its context's local budget spills to host when it is
-    allocated; the compiled decode step reads the spilled layers in place: tokens equal the
-    same compiled call on plain memory."""
+    allocated; the prefill attends over GPU copies of the spilled layers, and the compiled
+    decode step reads them in place: tokens equal the same compiled call on plain memory,
+    with transformers' sdpa and with aqua_sdpa (2 KV heads for 4 query heads: its grouped
+    path)."""
     from aqua_alloc.hf.generate_hook import cache_argument
+    from aqua_alloc.hf.grouped_attention import use_grouped_attention
     from aqua_alloc.hf.static_cache import ContextStaticCache
 
-    model = _tiny_llama_on_cuda(max_positions=8192)
+    model = _tiny_llama_on_cuda(max_positions=8192, kv_heads=2)
+    if attention == "aqua_sdpa":
+        use_grouped_attention(model)
     prompt = torch.randint(1, 256, (1, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     greedy = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-    # 4096 tokens x 4 heads x 64 dims x 4 bytes = 4 MiB per tensor; 8 tensors = 32 MiB.
+    # 4096 tokens x 2 KV heads x 64 dims x 4 bytes = 2 MiB per tensor; 8 tensors = 16 MiB.
     aq.disable()
     reference = model.generate(prompt, **cache_argument(ContextStaticCache(model.config, max_cache_len=4096)), **greedy)
     aq.enable(backend="cuda", host_reserve="256MiB", local_budget="12MiB", lend=0)  # lend 0: host, not a peer
