@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--read-ahead: give at least one size")
         systems = choose_systems(args.systems, args.cache, windows)
         if args.attn == "sdpa" and "static-sdpa" in systems:
+            if args.systems is not None:
+                raise ValueError("--systems static-sdpa: with --attn sdpa it is `static` again; name static")
             systems.remove("static-sdpa")  # it would be `static` again
     except ValueError as e:
         parser.error(str(e))

@@ -88,6 +88,8 @@ from transformers.generation.streamers import BaseStreamer
 
 import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
+from transformers.cache_utils import StaticCache
+
 from aqua_alloc.hf.generate_hook import cache_argument
 from aqua_alloc.hf.grouped_attention import use_grouped_attention
 from aqua_alloc.hf.static_cache import ContextStaticCache, static_cache_length
@@ -1106,13 +1108,15 @@ class _StepTimes(StoppingCriteria):
 def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKENS) -> dict[str, Any]:
     """What a user of plain transformers gets for the same model and prompt (request ``i``),
     aqua_alloc off: ms per decode step with the default (dynamic) cache, and with
-    transformers' own static cache (``cache_implementation="static"``, compiled on a GPU; the
-    second call is timed) under its default attention (sdpa) and, if the run uses another
-    (``--attn``), under that one too."""
+    transformers' own ``StaticCache`` of the length the systems' caches get (compiled on a
+    GPU; the second call is timed) under its default attention (sdpa) and, if the run uses
+    another (``--attn``), under that one too."""
     prompt = bench.prompts[i]
     attn = bench.options.attn
     result: dict[str, Any] = {"request": bench.requests[i].id, "prompt_tokens": int(prompt.shape[-1]),
                               "new_tokens": new_tokens, "attn": attn}
+    length = static_cache_length(int(prompt.shape[-1]) + new_tokens)
+    result["static_cache_tokens"] = length
     variants = [("dynamic", "eager", attn), ("static", "static", "sdpa")]
     if attn != "sdpa":
         variants.append(("static", f"static_{attn}", attn))
@@ -1122,7 +1126,9 @@ def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKE
                 bench.model.set_attn_implementation(attention)
             for _ in range(2 if cache == "static" else 1):  # static: compiled and recorded by the second call
                 times = _StepTimes()
-                kwargs = _generate_kwargs(prompt, new_tokens, _TokenClock(threading.Event()), cache)
+                kwargs = _generate_kwargs(prompt, new_tokens, _TokenClock(threading.Event()))
+                if cache == "static":  # transformers' own class, of the systems' bucketed length
+                    kwargs.update(cache_argument(StaticCache(config=bench.model.config, max_cache_len=length)))
                 kwargs["stopping_criteria"].append(times)
                 bench.model.generate(**kwargs)
             result[f"{name}_ms_per_step"] = times.median_ms()
@@ -1133,7 +1139,7 @@ def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKE
     compiled = " (compiled step)" if bench.cuda else " (not compiled on CPU)"
     bench.log(f"plain transformers, same model, r{bench.requests[i].id}'s prompt ({prompt.shape[-1]} tokens), "
               f"aqua_alloc off, {mode}: {result['eager_ms_per_step']} ms per step eager (dynamic cache), "
-              f"{result['static_ms_per_step']} ms with its static cache and sdpa attention{compiled}"
+              f"{result['static_ms_per_step']} ms with its StaticCache of {length} tokens and sdpa attention{compiled}"
               + (f", {result[f'static_{attn}_ms_per_step']} ms with {attn}" if attn != "sdpa" else ""))
     return result
 

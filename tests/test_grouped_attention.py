@@ -22,6 +22,30 @@ from test_static_cache import fake  # noqa: F401 - the fixture
 from tiny_models import GREEDY, build, llama_config, mistral_config, prompt_ids
 
 
+def guard_sdpa(monkeypatch):
+    """Fails a test whose one-token masked grouped steps would reach transformers' sdpa (the
+    fallback reproduces sdpa exactly, so comparisons alone cannot tell which ran). Returns
+    the count of calls sdpa got."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    real = sdpa_module.sdpa_attention_forward
+    calls = {"sdpa": 0}
+
+    def guarded(module, query, key, value, attention_mask, *args, **kwargs):
+        assert not (query.shape[2] == 1 and attention_mask is not None and key.shape[1] < query.shape[1]), \
+            "a grouped one-token masked step went to sdpa"
+        calls["sdpa"] += 1
+        return real(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward", guarded)
+    return calls
+
+
+@pytest.fixture
+def grouped_path_runs(monkeypatch):
+    return guard_sdpa(monkeypatch)
+
+
 class Attention(torch.nn.Module):
     """What transformers' attention functions read off the module."""
 
@@ -43,7 +67,7 @@ def decode_inputs(batch=2, heads=8, kv_heads=2, length=40, dim=16, seed=0):
 
 
 @pytest.mark.parametrize("additive", [False, True])
-def test_grouped_decode_equals_sdpa_over_repeated_heads(additive):
+def test_grouped_decode_equals_sdpa_over_repeated_heads(additive, grouped_path_runs):
     q, k, v, mask = decode_inputs()
     groups = q.shape[1] // k.shape[1]
     attn_mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) if additive else mask
@@ -76,27 +100,35 @@ def test_everything_else_is_transformers_sdpa(case):
 
 @pytest.mark.parametrize("make", [llama_config, lambda: mistral_config(sliding_window=8)],
                          ids=["llama", "mistral-sliding"])
-def test_generate_on_a_static_cache_gives_sdpas_tokens(make, fake):  # noqa: F811 - the fixture
+def test_generate_on_a_static_cache_gives_sdpas_tokens(make, fake, monkeypatch):  # noqa: F811 - the fixture
     reference = build(make())
     model = use_grouped_attention(build(make()))
     assert model.config._attn_implementation == NAME
-    for ids, n in ((prompt_ids(9, 1), 12), (prompt_ids(7, 2, batch=3), 9)):
+    cases = [(prompt_ids(9, 1), 12), (prompt_ids(7, 2, batch=3), 9)]
+    plain, expected = [], []
+    for ids, n in cases:
         mask = torch.ones_like(ids)
         mask[0, :3] = 0  # a left-padded row in a batch
-        plain = dict(attention_mask=mask, max_new_tokens=n, cache_implementation="static", output_logits=True,
-                     return_dict_in_generate=True, **GREEDY)
-        expected, got = reference.generate(ids, **plain), model.generate(ids, **plain)
-        assert torch.equal(got.sequences, expected.sequences)
-        torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=1e-4, atol=1e-4)
-        expected = expected.sequences
+        kwargs = dict(attention_mask=mask, max_new_tokens=n, cache_implementation="static", output_logits=True,
+                      return_dict_in_generate=True, **GREEDY)
+        plain.append(kwargs)
+        expected.append(reference.generate(ids, **kwargs))
+    calls = guard_sdpa(monkeypatch)  # from here on, sdpa may see prefills only
+    for (ids, n), kwargs, want in zip(cases, plain, expected):
+        got = model.generate(ids, **kwargs)
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-4, atol=1e-4)
         cache = ContextStaticCache(model.config, max_cache_len=64, tag=f"grouped-{ids.shape[0]}")
-        in_context = model.generate(ids, attention_mask=mask, max_new_tokens=n, **cache_argument(cache), **GREEDY)
+        in_context = model.generate(ids, attention_mask=kwargs["attention_mask"], max_new_tokens=n,
+                                    **cache_argument(cache), **GREEDY)
         cache.release()
-        assert torch.equal(in_context, expected)
+        assert torch.equal(in_context, want.sequences)
     assert fake.inside["grouped-1"] > 0  # the cache's tensors were made in the context
+    # sdpa ran the 4 prefills of every layer and nothing else: the decode steps took the grouped path.
+    assert calls["sdpa"] == 4 * model.config.num_hidden_layers
 
 
-def test_the_compiled_decode_step_traces_as_one_graph():
+def test_the_compiled_decode_step_traces_as_one_graph(grouped_path_runs):
     """Under torch.compile (dynamo's eager backend, fullgraph: a graph break raises) the decode
     step with aqua_sdpa over a static cache picks the eager step's tokens."""
     model = use_grouped_attention(build(llama_config()))
@@ -120,7 +152,12 @@ def test_the_compiled_decode_step_traces_as_one_graph():
 
 
 def test_register_is_idempotent_and_a_non_model_is_refused():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     assert grouped_attention.register() == grouped_attention.register() == NAME
+    assert AttentionInterface._global_mapping[NAME] is grouped_attention_forward
+    assert ALL_MASK_ATTENTION_FUNCTIONS[NAME] is ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
     with pytest.raises(TypeError, match="use_grouped_attention.*expected a transformers model.*got str"):
         use_grouped_attention("meta-llama/Llama-3.1-8B")
 
@@ -129,3 +166,24 @@ def test_the_package_offers_it():
     import aqua_alloc
 
     assert aqua_alloc.use_grouped_attention is use_grouped_attention and "use_grouped_attention" in aqua_alloc.__all__
+
+
+@pytest.mark.parametrize("name", ["indices", "block_indices", "s_aux", "sinks"])
+def test_inputs_neither_it_nor_sdpa_would_use_are_refused(name):
+    q, k, v, mask = decode_inputs()
+    with pytest.raises(ValueError, match=f"aqua_sdpa.*cannot run this model's attention.*{name}.*use 'sdpa'"):
+        grouped_attention_forward(Attention(4), q, k, v, mask, **{name: torch.zeros(1)})
+
+
+def test_a_fully_hidden_row_gives_zeros_and_fp16_scores_do_not_overflow(grouped_path_runs):
+    q, k, v, mask = decode_inputs()
+    mask[1] = False  # the second sequence may see nothing
+    out, _ = grouped_attention_forward(Attention(4), q, k, v, mask, scaling=0.25)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out).all()
+    # fp16: q.k = 100 * 100 * 16 dims = 160,000, above fp16's largest (65,504); scaled by
+    # 1/4 first, 40,000: finite, as SDPA's result is.
+    q16, k16, v16 = torch.full_like(q, 100).half(), torch.full_like(k, 100).half(), v.half()
+    out16, _ = grouped_attention_forward(Attention(4), q16, k16, v16, mask.clone().fill_(True), scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q16.float(), repeat_kv(k16.float(), 4), repeat_kv(v16.float(), 4), scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out16.float(), expected, rtol=1e-2, atol=1e-2)

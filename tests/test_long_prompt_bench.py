@@ -51,6 +51,9 @@ def test_the_command_line_names_a_wrong_choice_before_it_needs_a_gpu():
                            "--systems", "aqua-host-in-place"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "--systems aqua-host-in-place: with --cache static" in done.stderr
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_long_prompt.py"), "--cache", "static",
+                           "--attn", "sdpa", "--systems", "static-sdpa"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--systems static-sdpa: with --attn sdpa it is `static` again" in done.stderr
 
 
 def test_a_capped_system_whose_tokens_differ_from_aqua_locals_fails_only_when_both_reproduce():

@@ -291,3 +291,21 @@ def test_a_prefill_reads_layers_on_the_gpu_in_place(models, fake):
     keys, values = cache.update(torch.ones(1, 2, 5, 16), torch.ones(1, 2, 5, 16), 0)
     assert keys is cache.layers[0].keys and values is cache.layers[0].values
     cache.release()
+
+
+def test_a_prefill_reads_in_place_when_the_gpu_has_no_room_for_the_copy(models, monkeypatch):
+    monkeypatch.setattr(static_cache, "memory_for", lambda device: OffDeviceMemory())
+    model = models["llama"]
+    cache = ContextStaticCache(model.config, max_cache_len=64, tag="full")
+    real_clone = torch.Tensor.clone
+
+    def no_room(self, *args, **kwargs):
+        if self.shape[-2] == 64:  # the cache's own tensors: their copy does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", no_room)
+    keys, values = cache.update(torch.ones(1, 2, 5, 16), torch.ones(1, 2, 5, 16), 0)
+    assert keys is cache.layers[0].keys and values is cache.layers[0].values
+    monkeypatch.undo()
+    cache.release()

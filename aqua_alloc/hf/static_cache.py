@@ -81,8 +81,8 @@ class ContextStaticCache(ContextOwner, StaticCache):
             # times (8B shape, 32k tokens, half on host: 23.5 s against 1.8 s). Attention reads
             # one copy on the GPU instead, a transient activation; the cache keeps its bytes where
             # they are. Decode steps (one query) read each element once: in place.
-            keys = keys.clone() if self._off_device(keys) else keys
-            values = values.clone() if self._off_device(values) else values
+            keys = _gpu_copy(keys) if self._off_device(keys) else keys
+            values = _gpu_copy(values) if self._off_device(values) else values
         return keys, values
 
     def _off_device(self, tensor: torch.Tensor) -> bool:
@@ -133,6 +133,15 @@ class ContextStaticCache(ContextOwner, StaticCache):
         for layer in self.layers:
             _drop_tensors(layer)
         self.release_context()
+
+
+def _gpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` on its GPU for a prefill's attention, or ``tensor`` itself (read in
+    place, slower) when the GPU has no room for it: it spilled because memory was short."""
+    try:
+        return tensor.clone()
+    except torch.OutOfMemoryError:
+        return tensor
 
 
 def _drop_tensors(layer: Any) -> None:
