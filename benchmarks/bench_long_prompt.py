@@ -166,6 +166,11 @@ def choose_systems(systems_arg: str | None, cache: str, windows: list[tuple[str,
     return systems
 
 
+def attention_of(system: str, attn: str) -> str:
+    """The attention ``system`` runs: ``--attn``'s, except static-sdpa's transformers' sdpa."""
+    return "sdpa" if system == "static-sdpa" else attn
+
+
 def moved_bytes_gave_other_tokens(rows: list[dict[str, Any]], aqua_local_reproducible: bool) -> list[str]:
     """The capped aqua systems whose tokens differ from aqua-local's (same kernels, the bytes
     elsewhere: a failure), counted only where both reproduce their own tokens round after
@@ -202,7 +207,7 @@ def run_once(model: Any, prompt: torch.Tensor, new_tokens: int, cache: Any, tag:
 def run_system(system: str, model: Any, prompt: torch.Tensor, args: argparse.Namespace, kv_bytes: int,
                local_kv: int) -> dict[str, Any]:
     num_gpus = torch.cuda.device_count()
-    attention = "sdpa" if system == "static-sdpa" else args.attn
+    attention = attention_of(system, args.attn)
     if model.config._attn_implementation != attention:
         model.set_attn_implementation(attention)  # a compiled step is compiled again for it (once: dynamo keeps both)
     if system == "aqua-peer" and num_gpus < 2:
@@ -423,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "offloaded_baseline": offloaded_best,
             "first_step_s": r["first_step_s"],
             "cache": args.cache if plain not in PLAIN else PLAIN[plain] or "dynamic",
-            "attention": "sdpa" if plain == "static-sdpa" else args.attn,
+            "attention": attention_of(plain, args.attn),
             "deterministic": args.deterministic,
             **({"read_ahead": r["read_ahead"]} if "read_ahead" in r else {}),
         })

@@ -80,16 +80,15 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import StaticCache
 from transformers.generation.streamers import BaseStreamer
 
 import aqua_alloc
 from aqua_alloc.hf.attention import cudnn_attention_enabled, use_decode_friendly_attention
-from transformers.cache_utils import StaticCache
-
 from aqua_alloc.hf.generate_hook import cache_argument
 from aqua_alloc.hf.grouped_attention import use_grouped_attention
 from aqua_alloc.hf.static_cache import ContextStaticCache, static_cache_length
@@ -1120,10 +1119,8 @@ def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKE
     variants = [("dynamic", "eager", attn), ("static", "static", "sdpa")]
     if attn != "sdpa":
         variants.append(("static", f"static_{attn}", attn))
-    try:
-        for cache, name, attention in variants:
-            if bench.model.config._attn_implementation != attention:
-                bench.model.set_attn_implementation(attention)
+    for cache, name, attention in variants:
+        with _model_attention(bench.model, attention):
             for _ in range(2 if cache == "static" else 1):  # static: compiled and recorded by the second call
                 times = _StepTimes()
                 kwargs = _generate_kwargs(prompt, new_tokens, _TokenClock(threading.Event()))
@@ -1131,10 +1128,7 @@ def _reference_steps(bench: _Bench, i: int, new_tokens: int = REFERENCE_NEW_TOKE
                     kwargs.update(cache_argument(StaticCache(config=bench.model.config, max_cache_len=length)))
                 kwargs["stopping_criteria"].append(times)
                 bench.model.generate(**kwargs)
-            result[f"{name}_ms_per_step"] = times.median_ms()
-    finally:
-        if bench.model.config._attn_implementation != attn:
-            bench.model.set_attn_implementation(attn)
+        result[f"{name}_ms_per_step"] = times.median_ms()
     mode = "deterministic mode" if bench.options.deterministic else "no deterministic mode"
     compiled = " (compiled step)" if bench.cuda else " (not compiled on CPU)"
     bench.log(f"plain transformers, same model, r{bench.requests[i].id}'s prompt ({prompt.shape[-1]} tokens), "
@@ -1359,19 +1353,23 @@ def _transformers_version() -> str:
 
 
 @contextmanager
-def _attention_of(bench: _Bench, system: System) -> Iterator[None]:
-    """The model's attention while ``system`` runs: --attn, except hf-cb's transformers' sdpa
-    (continuous batching takes only its own implementations; aqua_sdpa is sdpa anyway outside
-    a one-token step over a static cache, which continuous batching never runs)."""
-    wanted = "sdpa" if system is System.HF_CB else bench.options.attn
-    before = bench.model.config._attn_implementation
-    if before != wanted:
-        bench.model.set_attn_implementation(wanted)
+def _model_attention(model: torch.nn.Module, attention: str) -> Iterator[None]:
+    """``model`` runs ``attention`` inside; its attention before, after."""
+    before = model.config._attn_implementation
+    if before != attention:
+        model.set_attn_implementation(attention)
     try:
         yield
     finally:
-        if bench.model.config._attn_implementation != before:
-            bench.model.set_attn_implementation(before)
+        if model.config._attn_implementation != before:
+            model.set_attn_implementation(before)
+
+
+def _attention_of(bench: _Bench, system: System) -> ContextManager[None]:
+    """The model's attention while ``system`` runs: --attn, except hf-cb's transformers' sdpa
+    (continuous batching takes only its own implementations; aqua_sdpa is sdpa anyway outside
+    a one-token step over a static cache, which continuous batching never runs)."""
+    return _model_attention(bench.model, "sdpa" if system is System.HF_CB else bench.options.attn)
 
 
 def _run_one(bench: _Bench, system: System, load: float, arrivals: list[float], deadline: float, scale: float,

@@ -16,7 +16,8 @@ from typing import Any, ContextManager, Protocol
 
 import torch
 
-__all__ = ["ContextMemory", "AllocatorMemory", "home_tier", "is_enabled", "memory_for"]
+__all__ = ["ContextMemory", "AllocatorMemory", "home_tier", "is_enabled", "is_off_gpu", "memory_for",
+           "off_gpu_bytes"]
 
 
 class ContextMemory(Protocol):
@@ -122,3 +123,20 @@ def memory_for(device: torch.device | str | None) -> ContextMemory | None:
 def home_tier(device: torch.device | str) -> str:
     """aqua_alloc's name of a CUDA device's own tier (``where()`` keys): ``gpu<index>``."""
     return f"gpu{torch.device(device).index or 0}"
+
+
+def off_gpu_bytes(placement: dict[str, int], home: str, peers: bool = True) -> int:
+    """Bytes of ``placement`` (``where()`` / ``placement()``) in host memory, and on peer GPUs
+    (every tier but ``home``) if ``peers``."""
+    return sum(n for tier, n in placement.items() if tier == "host" or (peers and tier != home))
+
+
+def is_off_gpu(memory: ContextMemory, tensor: torch.Tensor, peers: bool = True) -> bool:
+    """Whether any byte of ``tensor`` (a context's) lives off its own GPU: in host memory, or
+    on a peer GPU if ``peers``. Unknown (aqua_alloc disabled meanwhile, not a context's
+    tensor): False, for callers that only speed reads up by copying."""
+    try:
+        placement = memory.placement(tensor)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return False
+    return off_gpu_bytes(placement, home_tier(tensor.device), peers) > 0

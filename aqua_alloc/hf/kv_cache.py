@@ -45,7 +45,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from aqua_alloc.hf.cache_context import ContextOwner
-from aqua_alloc.hf.context_memory import ContextMemory, home_tier, memory_for
+from aqua_alloc.hf.context_memory import ContextMemory, home_tier, is_off_gpu, memory_for, off_gpu_bytes
 from aqua_alloc.hf.read_ahead import DEFAULT_READ_AHEAD_BYTES, UNCHANGED, ReadAhead, StagedLayer
 
 log = logging.getLogger(__name__)
@@ -394,24 +394,8 @@ class ContextKVCache(ContextOwner, DynamicCache):
         """The context exists: read-ahead can ask it where chunks are (nothing to stage before)."""
         if self.read_ahead is None and self.read_ahead_bytes > 0:
             self.read_ahead = ReadAhead(
-                self.read_ahead_bytes, functools.partial(_to_stage, allocator, self.read_ahead_peers),
+                self.read_ahead_bytes, functools.partial(is_off_gpu, allocator, peers=self.read_ahead_peers),
                 functools.partial(_placement_key, allocator, self.tag, device, self.read_ahead_peers))
-
-
-def _staged_tiers(placement: dict[str, int], home: str, peers: bool) -> int:
-    """Bytes of ``placement`` on the tiers read-ahead stages: host, and peers if ``peers``."""
-    return sum(n for tier, n in placement.items() if tier == "host" or (peers and tier != home))
-
-
-def _to_stage(allocator: ContextMemory, peers: bool, chunk: torch.Tensor) -> bool:
-    """Whether any byte of ``chunk`` (a context's tensor) lives on a tier that read-ahead
-    stages (host; a peer GPU too with ``peers``). Unknown: False (read-ahead only speeds
-    reads up; a wrong False reads in place)."""
-    try:
-        placement = allocator.placement(chunk)
-    except Exception:  # noqa: BLE001 - e.g. aqua_alloc disabled meanwhile
-        return False
-    return _staged_tiers(placement, home_tier(chunk.device), peers) > 0
 
 
 def _placement_key(allocator: ContextMemory, tag: str, device: torch.device, peers: bool) -> Any:
@@ -424,6 +408,6 @@ def _placement_key(allocator: ContextMemory, tag: str, device: torch.device, pee
         return None
     if where is None:
         return UNCHANGED
-    if not _staged_tiers(where, home_tier(device), peers):
+    if not off_gpu_bytes(where, home_tier(device), peers):
         return None
     return tuple(sorted(where.items()))

@@ -37,7 +37,7 @@ import torch
 from transformers.cache_utils import StaticCache
 
 from aqua_alloc.hf.cache_context import ContextOwner
-from aqua_alloc.hf.context_memory import home_tier, memory_for
+from aqua_alloc.hf.context_memory import is_off_gpu, memory_for
 
 MIN_BUCKET_TOKENS = 256  # the smallest max_cache_len a bucket rounds to (tokens)
 
@@ -81,19 +81,9 @@ class ContextStaticCache(ContextOwner, StaticCache):
             # times (8B shape, 32k tokens, half on host: 23.5 s against 1.8 s). Attention reads
             # one copy on the GPU instead, a transient activation; the cache keeps its bytes where
             # they are. Decode steps (one query) read each element once: in place.
-            keys = _gpu_copy(keys) if self._off_device(keys) else keys
-            values = _gpu_copy(values) if self._off_device(values) else values
+            keys = _gpu_copy(keys) if is_off_gpu(self._allocator, keys) else keys
+            values = _gpu_copy(values) if is_off_gpu(self._allocator, values) else values
         return keys, values
-
-    def _off_device(self, tensor: torch.Tensor) -> bool:
-        """Whether any byte of ``tensor`` lives off its own GPU (host or a peer). Unknown:
-        False (the copy only speeds reads up; without it attention reads in place)."""
-        try:
-            placement = self._allocator.placement(tensor)
-        except Exception:  # noqa: BLE001 - e.g. aqua_alloc disabled meanwhile, or not a context tensor
-            return False
-        home = home_tier(tensor.device)
-        return any(nbytes for tier, nbytes in placement.items() if tier != home)
 
     def _initialize_in_context(self, layer: Any, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if self._released:
