@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H200 runs behind benchmarks/results/: build, then each step with its own time limit,
 # every log under $OUT (default benchmarks/results/). Usage: bash benchmarks/run_h200.sh STEP...
-# Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_sched soak sanitizer serve
+# Steps: build gpu_tests demo long_prompt long_prompt_static long_prompt_window move probe_park probe_host probe_rerecord probe_sched soak sanitizer serve
 #        serve_static serve_long serve_long_static coordinator reclaim_load cluster topology move_pairs
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -30,6 +30,9 @@ for step in "$@"; do
     probe_park) run probe_park_copy 120 python3 benchmarks/probe_park_copy.py --sizes 256M,1G,4G \
                   --out "$OUT/probe_park_copy-$tag.json" ;;
     probe_host) run probe_host_access 120 python3 benchmarks/probe_host_access.py --out "$OUT/probe_host_access-$tag.json" ;;
+    probe_rerecord)  # a new static cache per request against one reused: do the CUDA graphs last?
+      run probe_graph_rerecord 300 python3 benchmarks/probe_graph_rerecord.py --requests "${RERECORD_REQUESTS:-200}" \
+        --out "$OUT/probe_graph_rerecord-$tag.json" ;;
     probe_sched) run probe_sched_paired 400 python3 benchmarks/probe_sched_paired.py --rounds "${PROBE_ROUNDS:-6}" ;;
     move)  # DEVICE_KEEP=0,4GiB measures kept device backings against released ones in the same run
       run bench_move 400 python3 benchmarks/bench_move.py --sizes "${MOVE_SIZES:-64MiB,256MiB,1GiB,4GiB,8GiB}" \
