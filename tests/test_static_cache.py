@@ -138,12 +138,16 @@ def test_generate_hook_keeps_a_static_call_in_a_context(models, fake):
                * (model.config.hidden_size // model.config.num_attention_heads) for tag in fake.released)
 
 
-def test_scheduler_serves_static_calls_each_in_its_own_context(models, fake):
+def test_scheduler_serves_static_calls_each_in_its_own_context(models, fake, monkeypatch):
     """Several static-cache calls at once through sched.generate and sched.wrap: each gets
     its own cache in its own context (the model-held cache of transformers would be shared),
     tokens equal to each call alone."""
     model = models["llama"]
     sched = Scheduler(slice_steps=2, use_context_cache=True)
+    counts = []  # the token count each live_bytes call was given (None: read from the device)
+    live_bytes = ContextStaticCache.live_bytes
+    monkeypatch.setattr(ContextStaticCache, "live_bytes",
+                        lambda self, tokens=None: counts.append(tokens) or live_bytes(self, tokens))
     specs = [(prompt_ids(5 + 3 * i, 10 + i), 8 + 2 * i) for i in range(3)]
     callers = [Caller(lambda ids=ids, n=n: sched.generate(model, ids, max_new_tokens=n, cache_implementation="static",
                                                           **GREEDY)) for ids, n in specs]
@@ -153,6 +157,18 @@ def test_scheduler_serves_static_calls_each_in_its_own_context(models, fake):
         assert torch.equal(caller.result, static_solo(model, ids, n))
     assert sorted(fake.released) == sorted(p.tag for p in sched.stats().prompts)
     assert len(sched.stats().slices) > 3  # they were interleaved
+    # At each park the scheduler counts the cache's valid KV from the tokens it has seen (the
+    # device's count is not read): the prompt plus the tokens of every slice but the last, less
+    # the newest token, whose keys the next step writes.
+    per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads \
+        * (model.config.hidden_size // model.config.num_attention_heads) * 4  # K and V, fp32
+    assert counts and None not in counts
+    by_length = {prompt.num_tokens: prompt for prompt in sched.stats().prompts}  # specs' lengths differ
+    for ids, n in specs:
+        prompt = by_length[n]
+        steps = [s.num_steps for s in sched.stats().slices if s.tag == prompt.tag]
+        assert len(steps) > 1, prompt.tag  # parked at least once
+        assert prompt.parked_kv_bytes == per_token * (ids.shape[1] + sum(steps[:-1]) - 1), prompt.tag
     references = [static_solo(model, ids, n) for ids, n in specs]
     sched.wrap(model)
     try:
@@ -309,3 +325,22 @@ def test_a_prefill_reads_in_place_when_the_gpu_has_no_room_for_the_copy(models, 
     assert keys is cache.layers[0].keys and values is cache.layers[0].values
     monkeypatch.undo()
     cache.release()
+
+
+def test_live_bytes_from_a_token_count_the_host_knows_equals_the_devices(models, fake):
+    """``live_bytes(tokens)`` (the scheduler's count, no device read) equals ``live_bytes()``
+    (the cache's own count) for the tokens the cache holds, on full and sliding-window layers;
+    a count that is not a whole number of tokens is refused, naming it."""
+    for name, model in models.items():
+        ids = prompt_ids(6, 4)
+        cache = ContextStaticCache(model.config, max_cache_len=static_cache_length(6 + 12), tag=f"live-{name}")
+        try:
+            out = model.generate(ids, **cache_argument(cache), max_new_tokens=12, **GREEDY)
+            held = out.shape[1] - 1  # the last token's keys were never written
+            assert int(cache.get_seq_length()) == held
+            assert cache.live_bytes(tokens=held) == cache.live_bytes() > 0, name
+            for bad in (-1, True, 2.5, "3"):
+                with pytest.raises(ValueError, match="tokens="):
+                    cache.live_bytes(tokens=bad)
+        finally:
+            cache.release()

@@ -981,9 +981,20 @@ class Scheduler:
             prompt.memory.park(prompt.tag)
             prompt.parked_since = time.monotonic_ns()
             prompt.parked_context_bytes = sum(prompt.memory.where(prompt.tag).values())
-            prompt.parked_kv_bytes = prompt.cache.live_bytes()
+            prompt.parked_kv_bytes = self._live_kv_bytes(prompt)
             emit(EventKind.PARKED, context=prompt.tag, step=self._num_steps,
                  bytes=prompt.parked_context_bytes, kv_bytes=prompt.parked_kv_bytes)
+
+    @staticmethod
+    def _live_kv_bytes(prompt: _Prompt) -> int:
+        """Bytes of valid KV in the prompt's cache, read without waiting for the GPU: a static
+        cache's token count lives on the device (reading it would stall the switch until the
+        step in flight ends), so it is told the count the host knows: the sequence so far
+        (``base_len`` + ``num_tokens``) less the newest token, whose keys the next step writes."""
+        cache = prompt.cache
+        if isinstance(cache, ContextStaticCache) and prompt.base_len is not None:
+            return cache.live_bytes(tokens=prompt.base_len + prompt.num_tokens - 1)
+        return cache.live_bytes()
 
     def _resume(self, prompt: _Prompt) -> None:
         """Bring the context back (in the prompt's own thread, before its next step)."""

@@ -99,15 +99,20 @@ class ContextStaticCache(ContextOwner, StaticCache):
         return sum(t.numel() * t.element_size() for layer in self.layers
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
 
-    def live_bytes(self) -> int:
+    def live_bytes(self, tokens: int | None = None) -> int:
         """Bytes of valid KV tokens (keys and values, every layer; a sliding-window layer holds
-        at most its window). One read of the token count (a device sync for CUDA tensors)."""
+        at most its window). ``tokens``: the cache's token count where the caller knows it on
+        the host (the scheduler does: the sequence so far less its newest token), so nothing
+        waits for the GPU; None reads the count from the cache (a device sync for CUDA tensors)."""
         layers = [(layer.keys, layer.values) for layer in self.layers
                   if getattr(layer, "keys", None) is not None and getattr(layer, "values", None) is not None
                   and layer.keys.dim() >= 3]
         if not layers:
             return 0
-        tokens = int(self.get_seq_length())
+        if tokens is None:
+            tokens = int(self.get_seq_length())
+        elif isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens={tokens!r}: expected a whole number of cached tokens, at least 0, or None")
         total = 0
         for keys, values in layers:
             per_token = (keys.numel() // keys.shape[-2]) * keys.element_size() \
