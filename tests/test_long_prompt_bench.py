@@ -63,3 +63,31 @@ def test_a_capped_system_whose_tokens_differ_from_aqua_locals_fails_only_when_bo
             {"system": "offloaded", "same_tokens_as_aqua_local": None, "same_tokens_every_round": False}]
     assert blp.moved_bytes_gave_other_tokens(rows, aqua_local_reproducible=True) == ["aqua-host"]
     assert blp.moved_bytes_gave_other_tokens(rows, aqua_local_reproducible=False) == []
+
+
+def test_only_a_system_with_the_references_decode_step_fails_on_other_tokens():
+    """With a static cache, the aqua systems run the reference's compiled step: other tokens
+    fail them. Eager steps (local, offloaded) and another attention (static-sdpa) may pick
+    another token at a near tie: reported, not failed. A reference that disagrees with its
+    own repeat, or a system whose rounds disagree, fails nothing."""
+    assert blp.decode_step_of("aqua-host", "static", "aqua_sdpa") == blp.decode_step_of("static", "static", "aqua_sdpa")
+    assert blp.decode_step_of("static-sdpa", "static", "aqua_sdpa") == ("compiled", "sdpa")
+    assert blp.decode_step_of("offloaded", "static", "aqua_sdpa")[0] == "eager"
+    assert blp.decode_step_of("aqua-host-ra512MiB", "dynamic", "sdpa") == blp.decode_step_of("local", "dynamic", "sdpa")
+
+    def row(system, same, every_round=True):
+        return {"system": system, "same_tokens_as_reference": same, "same_tokens_every_round": every_round}
+
+    rows = [row("local", False), row("static", True), row("static-sdpa", False), row("aqua-local", True),
+            row("aqua-host", False), row("offloaded", False, every_round=False), row("static-repeat", True)]
+    assert blp.token_failures(rows, "static", "static", "aqua_sdpa") == ["aqua-host"]
+    rows[4] = row("aqua-host", True)
+    assert blp.token_failures(rows, "static", "static", "aqua_sdpa") == []  # the run of 2026-12-05
+    rows[4] = row("aqua-host", False, every_round=False)
+    assert blp.token_failures(rows, "static", "static", "aqua_sdpa") == []
+    rows[4] = row("aqua-host", False)
+    rows[-1] = row("static-repeat", False)
+    assert blp.token_failures(rows, "static", "static", "aqua_sdpa") == []
+    # dynamic cache: offloaded runs local's eager step, so it is held to local's tokens
+    dynamic = [row("local", True), row("offloaded", False), row("static", False), row("local-repeat", True)]
+    assert blp.token_failures(dynamic, "local", "dynamic", "sdpa") == ["offloaded"]
