@@ -318,14 +318,17 @@ def test_resume_without_waiting_orders_kernels_after_the_move_on_the_gpu(gpu):
     assert torch.equal(x.cpu(), (ref + 1) * 2)
 
 
-@pytest.mark.parametrize("moves", ["to-host-and-back", "read-on-host"])
-def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, moves):
+@pytest.mark.parametrize("tier", ["host", "gpu1"])
+@pytest.mark.parametrize("moves", ["away-and-back", "read-while-away"])
+def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, moves, tier):
     """generate with a static cache in a context compiles its decode step (CUDA graphs:
     transformers' default compile mode, reduce-overhead) on the cache's fixed pointers. The
-    context is parked and evicted to host between steps, then resumed at once
-    (to-host-and-back) or only eight steps later (read-on-host: the replayed graph reads the
-    KV in place over PCIe meanwhile): tokens equal the same compiled call on plain memory,
-    and no pointer of the cache changes."""
+    context is parked and evicted to host, or to a second GPU (skipped with one), between
+    steps, then resumed at once (away-and-back) or only eight steps later (read-while-away:
+    the replayed graph reads the KV in place over PCIe or NVLink meanwhile): tokens equal
+    the same compiled call on plain memory, and no pointer of the cache changes."""
+    if tier == "gpu1" and torch.cuda.device_count() < 2:
+        pytest.skip(f"evict to a peer GPU: torch.cuda.device_count() is {torch.cuda.device_count()}")
     from transformers import StoppingCriteriaList
 
     from aqua_alloc.hf.generate_hook import cache_argument
@@ -336,7 +339,7 @@ def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, move
     greedy = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     aq.disable()
     reference = model.generate(prompt, **cache_argument(ContextStaticCache(model.config, max_cache_len=256)), **greedy)
-    aq.enable(backend="cuda", host_reserve="256MiB")
+    aq.enable(backend="cuda", host_reserve="256MiB", **({"lend": 0} if tier == "host" else {}))
     cache = ContextStaticCache(model.config, max_cache_len=256, tag="graph", device=prompt.device)
     seen: list[dict[str, int]] = []
     pointers: list[list[int]] = []
@@ -344,7 +347,7 @@ def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, move
     def away():
         pointers.append([t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)])
         aq.park("graph")
-        aq.evict("graph", "host")
+        aq.evict("graph", tier)
         seen.append(aq.where("graph"))
 
     def home():
@@ -352,12 +355,12 @@ def test_compiled_step_on_a_static_cache_survives_moves_of_its_context(gpu, move
         seen.append(aq.where("graph"))
         pointers.append([t.data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)])
 
-    actions = {4: away, 5: home} if moves == "to-host-and-back" else {4: away, 12: home}
+    actions = {4: away, 5: home} if moves == "away-and-back" else {4: away, 12: home}
     out = model.generate(prompt, **cache_argument(cache), stopping_criteria=StoppingCriteriaList([_at_steps(actions)]),
                          **greedy)
     assert torch.equal(out, reference), "the compiled step on a moved static cache gave other tokens"
-    assert seen[0]["host"] >= cache.nbytes and seen[0]["gpu0"] == 0, seen  # whole segments: a little more
-    assert seen[1]["gpu0"] >= cache.nbytes and seen[1]["host"] == 0, seen
+    assert seen[0][tier] >= cache.nbytes and seen[0]["gpu0"] == 0, seen  # whole segments: a little more
+    assert seen[1]["gpu0"] >= cache.nbytes and seen[1][tier] == 0, seen
     assert pointers[0] == pointers[1]
     cache.release()
 
