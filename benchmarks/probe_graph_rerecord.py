@@ -31,24 +31,13 @@ from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aqua_alloc as aq  # noqa: E402
 from aqua_alloc.hf.static_cache import ContextStaticCache, static_cache_length  # noqa: E402
+from probe_static_attention import StepClock  # noqa: E402 - host time at each step, the device synchronised
 from serve_harness import build_model  # noqa: E402
-
-
-class StepClock(StoppingCriteria):
-    """Host time at each step's criteria, after the step's kernels finished (one sync per step)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def serve(model: Any, prompt: torch.Tensor, new: int, requests: int, mode: str) -> list[dict[str, Any]]:
