@@ -6,7 +6,8 @@ marks their addresses static), so a new cache, at new addresses, makes torch's C
 trees record a new graph; torch (``torch._inductor.config.triton.cudagraph_unexpected_rerecord_limit``,
 128) may stop recording after enough of them and run the step without graphs from then on.
 aqua_alloc's generate hook and ``Scheduler`` make one ``ContextStaticCache`` per request, so
-a long-running server would cross that limit. This probe serves ``--requests`` requests of the
+a long-running server could cross that limit, unless new caches land at the addresses of
+released ones. This probe serves ``--requests`` requests of the
 same bucket one after another, twice, on the llama-1b shape with aqua_alloc on:
 
 - ``new``: a new ``ContextStaticCache`` (own context) per request, as the hook makes them;
@@ -35,6 +36,7 @@ from transformers import StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aqua_alloc as aq  # noqa: E402
+from aqua_alloc.hf.generate_hook import cache_argument  # noqa: E402
 from aqua_alloc.hf.static_cache import ContextStaticCache, static_cache_length  # noqa: E402
 from probe_static_attention import StepClock  # noqa: E402 - host time at each step, the device synchronised
 from serve_harness import build_model  # noqa: E402
@@ -54,7 +56,7 @@ def serve(model: Any, prompt: torch.Tensor, new: int, requests: int, mode: str) 
                 shared.reset()
             clock = StepClock()
             try:
-                out = model.generate(prompt, past_key_values=cache, max_new_tokens=new, min_new_tokens=new,
+                out = model.generate(prompt, **cache_argument(cache), max_new_tokens=new, min_new_tokens=new,
                                      do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
             finally:
                 if shared is None:
@@ -84,7 +86,6 @@ def main() -> int:
     print(f"torch {torch.__version__}; cudagraph_unexpected_rerecord_limit {limit}", flush=True)
     aq.enable(lend="0")
     model = build_model("llama-1b", torch.device("cuda"))
-    model.generation_config.cache_implementation = None
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(0))
     result: dict[str, Any] = {"torch": torch.__version__, "rerecord_limit": limit, "requests": args.requests,
